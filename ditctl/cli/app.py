@@ -1,0 +1,48 @@
+"""The `ditctl` command: wires the command modules together, nothing else."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from ..console import quiet_libraries
+
+# Before the command modules import torch/diffusers: their import-time notices are noise here.
+quiet_libraries()
+
+from ._errors import reports_errors  # noqa: E402
+from . import init as init_cmd  # noqa: E402
+from . import status as status_cmd  # noqa: E402
+
+app = typer.Typer(
+    name="ditctl",
+    help="Fine-tune text-to-image Diffusion Transformers (F-Lite first) on your own images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ditctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Workspaces for fine-tuning DiTs: init, ingest, precompute, train, sample, eval, export."""
+
+
+def register(name: str, command, help: str) -> None:
+    app.command(name, help=help, short_help=help)(reports_errors(command))
+
+
+register("init", init_cmd.init, "Create a workspace (project.toml, prompts, model, example data).")
+register("status", status_cmd.status, "Show what the workspace holds and the next step.")

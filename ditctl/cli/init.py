@@ -1,0 +1,34 @@
+"""`ditctl init NAME`: scaffold a workspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import console
+from ..scaffold import init_workspace
+
+
+def init(
+    name: Annotated[Path, typer.Argument(help="Folder of the new workspace.")],
+    model: Annotated[str, typer.Option(
+        "--model", help="'tiny' (a tiny model built offline, for trying ditctl), 'tiny-random' "
+        "(random weights, for tests) or the path of a local F-Lite model folder.")] = "tiny",
+    example: Annotated[bool, typer.Option(
+        "--example", help="Add a small generated example dataset (train + validation).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Re-scaffold an existing workspace (runs, cache, exports are kept).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the tiny model and example data.")] = 0,
+) -> None:
+    with console.err.status(f"creating workspace {name} ..."):
+        result = init_workspace(name, model=model, example=example, force=force, seed=seed)
+    ws = result.workspace
+    console.print(f"[green]created[/] workspace {ws.root}")
+    console.print(f"  model   {result.model_path}")
+    if result.example:
+        console.print(f"  data    {result.example['train_csv']} ({result.example['n_train']} train, "
+                      f"{result.example['n_val']} validation images)")
+    console.print(f"  config  {ws.project_file}")
+    console.print(f"next: cd {name} && ditctl status")

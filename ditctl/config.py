@@ -1,0 +1,523 @@
+"""The workspace configuration: one frozen dataclass per `project.toml` section.
+
+Every key of the fine-tuning guide lives here once, with its default, its help text, its type
+and its allowed range. Everything else is derived from these definitions: the commented
+`templates/project.toml`, the command-line flags (`ditctl/cli/_options.py`), validation and
+`ditctl status --config`.
+
+Precedence: command-line flag > project.toml > default. Loading is strict: unknown keys (with
+the closest valid key suggested), wrong types and out-of-range values are all collected and
+reported together in one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    min_exclusive: bool = False,
+    check: Callable[[Any], str | None] | None = None,
+    aliases: tuple[str, ...] = (),
+    flag: bool = True,
+) -> Any:
+    """A config key: its default plus what the loader, the template and the CLI need to know.
+
+    `check` returns an error text for a bad value (or None). `aliases` are extra flag spellings
+    (the guide's names for the same thing). `flag=False` keeps a key out of the command line.
+    """
+    meta = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive,
+                check=check, aliases=aliases, flag=flag)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _multiple_of_16(value: int | None) -> str | None:
+    if value is not None and value % 16:
+        return f"must be a multiple of 16 (VAE 8x times patch 2); try {max(16, round(value / 16) * 16)}"
+    return None
+
+
+def _fractions(values: tuple[float, ...]) -> str | None:
+    if not values:
+        return "needs at least one value"
+    if any(not 0.0 < v < 1.0 for v in values):
+        return "every value must lie strictly between 0 and 1"
+    return None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: which base model to fine-tune."""
+
+    pretrained_model_path: str | None = opt(
+        None, "Folder of the base model (F-Lite layout: model_index.json, dit_model/, "
+        "text_encoder/, tokenizer/, vae/). Relative paths are relative to the workspace.")
+    family: str = opt("flite", "Model family of the base model.", choices=("flite",))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """[data]: where the images and captions are and how they become training tensors."""
+
+    train_data_path: str | None = opt(
+        None, "Training data: a CSV file (image path + caption columns) or a folder of images.",
+        aliases=("--data-path", "--data_path"))
+    val_data_path: str | None = opt(None, "Validation data: a CSV file or a folder of images.")
+    base_image_dir: str | None = opt(
+        None, "Folder that the CSV's image paths are relative to (default: the CSV's folder).")
+    image_column: str = opt("image_path", "CSV column holding the image paths.")
+    caption_column: str = opt("caption", "CSV column holding the captions.")
+    resolution: int | None = opt(
+        None, "Training resolution in pixels (side of a square of the same area). "
+        "Unset: native sizes, rounded down to multiples of 16.", min=16, check=_multiple_of_16)
+    center_crop: bool = opt(False, "Crop to the target size around the centre (else a random crop).")
+    random_flip: bool = opt(False, "Flip images horizontally at random (both versions are cached).")
+    use_resolution_buckets: bool = opt(
+        False, "Group images into aspect-ratio buckets instead of cropping everything square.")
+    max_upscale: float = opt(
+        2.0, "Largest factor an image may be enlarged by to reach its target size; "
+        "smaller images are reported as too small.", min=1.0)
+    max_native_pixels: int = opt(
+        1024 * 1024, "Largest area (pixels) of a native-size target when resolution is unset.",
+        min=256)
+    max_image_pixels: int = opt(
+        100_000_000, "Images with more pixels than this are refused (decompression-bomb guard).",
+        min=1)
+    keep_empty_captions: bool = opt(
+        False, "Keep images with an empty caption as unconditional samples (else skip them).")
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """[precompute]: the cache of VAE latents and text embeddings."""
+
+    output_dir: str = opt("cache", "Cache folder (relative to the workspace).")
+    mixed_precision: str = opt(
+        "no", "Precision of the encoders and of the stored tensors.", choices=PRECISIONS)
+    batch_size: int = opt(8, "Images per VAE batch (one bucket at a time).", min=1)
+    num_workers: int = opt(2, "Image-decoding worker processes (0: decode in the main process).",
+                           min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """[train]: the training run."""
+
+    output_dir: str = opt("runs", "Folder that holds the runs (relative to the workspace).")
+    run_name: str | None = opt(None, "Name of the run folder (default: run-<date>-<time>).")
+    train_batch_size: int = opt(1, "Images per step on each process.", min=1)
+    eval_batch_size: int = opt(1, "Images per batch during evaluation.", min=1)
+    num_epochs: int = opt(1, "Passes over the training data.", min=1)
+    max_steps: int | None = opt(
+        None, "Optimiser steps to train for; overrides num_epochs (and may go beyond it).", min=1)
+    gradient_accumulation_steps: int = opt(1, "Batches accumulated per optimiser step.", min=1)
+    learning_rate: float = opt(1e-4, "Peak learning rate.", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.01, "AdamW weight decay.", min=0.0)
+    lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up.",
+                            choices=("linear", "cosine", "constant"))
+    num_warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to learning_rate.", min=0)
+    use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit AdamW (smaller optimiser state).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.95, "AdamW beta2 (F-Lite uses 0.95).", min=0.0, max=1.0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
+                                              "to save memory.")
+    mixed_precision: str = opt("no", "Autocast precision; trained weights stay fp32.",
+                               choices=PRECISIONS)
+    seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0)
+    batch_multiplicity: int = opt(
+        1, "Repeat each sample this many times per batch, each with its own noise and timestep.",
+        min=1)
+    caption_dropout: float = opt(
+        0.01, "Fraction of captions replaced by the empty (all-zero) embedding.", min=0.0, max=1.0)
+    uniform_timestep_fraction: float = opt(
+        0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
+        min=0.0, max=1.0)
+    logit_normal_mean: float = opt(0.0, "Mean of the logit-normal timestep density.")
+    logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
+                                  min_exclusive=True)
+    resolution_shift: bool = opt(
+        True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
+    use_precomputed_data: bool = opt(
+        False, "Train from the precomputed cache without loading the VAE or text encoder.")
+    precomputed_data_dir: str | None = opt(
+        None, "Cache folder to train from (default: [precompute] output_dir).")
+    checkpoint_every: int = opt(500, "Save a checkpoint every N optimiser steps.", min=1,
+                                aliases=("--checkpointing-steps", "--checkpointing_steps"))
+    checkpoints_total_limit: int | None = opt(
+        None, "Keep at most this many checkpoints (oldest pruned after a new one is complete).",
+        min=1)
+    sample_every: int = opt(500, "Generate sample images every N steps (0: never).", min=0)
+    eval_every: int = opt(500, "Compute validation loss every N steps (0: never).", min=0)
+    sample_prompts_file: str | None = opt(
+        None, "Prompts for samples during training, one per line (default: prompts.txt).")
+    report_to: str = opt("tensorboard", "Where to log.",
+                         choices=("tensorboard", "wandb", "all", "none"))
+    project_name: str = opt("dit-finetune", "Project name for wandb.")
+    max_nonfinite_steps: int = opt(
+        5, "Stop after this many consecutive steps with a non-finite loss.", min=1)
+    num_processes: int = opt(1, "Training processes (data parallel) on this machine.", min=1)
+
+
+def _known_lora_targets(value: tuple[str, ...]) -> str | None:
+    return None if value else "needs at least one module name"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """[lora]: low-rank adapters."""
+
+    use_lora: bool = opt(False, "Add LoRA adapters to the DiT.")
+    train_only_lora: bool = opt(False, "Freeze the base model and train only the LoRA weights.")
+    lora_rank: int = opt(64, "Rank of the LoRA matrices.", min=1)
+    lora_alpha: float = opt(64, "LoRA scaling numerator (scale = alpha / rank).", min=0.0,
+                            min_exclusive=True)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
+    lora_target_modules: tuple[str, ...] = opt(
+        ("qkv", "q", "context_kv", "proj"), "Module names that get adapters (comma-separated).",
+        check=_known_lora_targets)
+    lora_checkpoint: str | None = opt(
+        None, "LoRA weights to start from (a checkpoint or an exported adapter folder).")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """[sample]: image generation (ditctl sample, and samples during training)."""
+
+    steps: int = opt(30, "Sampling steps.", min=1)
+    guidance_scale: float = opt(6.0, "Classifier-free guidance scale (1: no guidance).", min=0.0)
+    negative_prompt: str | None = opt(None, "Negative prompt (unset: the empty embedding).")
+    width: int | None = opt(None, "Image width (default: the training resolution, else 1024).",
+                            min=16, check=_multiple_of_16)
+    height: int | None = opt(None, "Image height (default: the training resolution, else 1024).",
+                             min=16, check=_multiple_of_16)
+    seed: int = opt(0, "Base seed; image k of prompt p always gets the same derived seed.", min=0)
+    num_images_per_prompt: int = opt(1, "Images per prompt.", min=1)
+    batch_size: int = opt(1, "Images generated together.", min=1)
+    apg: bool = opt(False, "Adaptive projected guidance instead of plain CFG.")
+    apg_threshold: float = opt(0.03, "APG: clamp the std of the orthogonal guidance to this.",
+                               min=0.0, min_exclusive=True)
+    shift: float | None = opt(None, "Resolution shift alpha (default: from the image size).",
+                              min=0.0, min_exclusive=True)
+    lora_scale: float = opt(1.0, "Strength of the LoRA when sampling a LoRA run.")
+    offload: bool = opt(False, "Free the text encoder before the DiT runs (less peak memory).")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """[eval]: validation loss and image metrics."""
+
+    timestep_quantiles: tuple[float, ...] = opt(
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        "Fixed timesteps at which validation loss is measured.", check=_fractions)
+    holdout_fraction: float = opt(
+        0.1, "Without a validation set: fraction of training data held out for evaluation.",
+        min=0.0, max=0.5)
+    clip_model_path: str | None = opt(
+        None, "Local CLIP model folder for the CLIP score (unset: CLIP score skipped).")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: writing models other tools load."""
+
+    dtype: str = opt("bf16", "Precision of the exported DiT weights.",
+                     choices=("fp32", "fp16", "bf16"))
+    merge_lora: bool = opt(False, "Merge the LoRA into the base DiT and write a full pipeline.")
+    format: str = opt("peft", "LoRA-only export format.", choices=("peft", "comfy"))
+    copy_encoders: bool = opt(
+        True, "Copy (hard-link where possible) vae/text_encoder/tokenizer into the export; "
+        "off: reference the base model's folders instead.")
+    verify: bool = opt(True, "Reload the export and check it predicts what the run predicts.")
+    max_shard_size: str = opt("5GB", "Largest safetensors shard of an exported DiT.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a workspace."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain dict (tuples as lists), keys with value None left out, as TOML would hold it."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, section in SECTIONS.items():
+            values = {}
+            for f in dataclasses.fields(section):
+                value = getattr(getattr(self, name), f.name)
+                if value is not None:
+                    values[f.name] = list(value) if isinstance(value, tuple) else value
+            out[name] = values
+        return out
+
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable fingerprint of (some sections of) the config, for runs and checkpoints."""
+        data = self.to_dict()
+        if sections is not None:
+            data = {k: data[k] for k in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, section: str, **changes: Any) -> "Config":
+        """A copy with some keys of one section changed (values are validated)."""
+        overrides = {f"{section}.{k}": v for k, v in changes.items()}
+        return build_config(self.to_dict(), overrides, source="(internal)")
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def key_spec(section: str, key: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}[key]
+
+
+# --- type checking and coercion ---------------------------------------------------------------
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) of a field annotation string/object."""
+    hint = annotation
+    optional = False
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    return hint, optional
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def field_type(section: str, key: str) -> tuple[Any, bool]:
+    cls = SECTIONS[section]
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _base_type(_HINTS[cls][key])
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def coerce(section: str, key: str, value: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type; raises ValueError with the expected type."""
+    hint, optional = field_type(section, key)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"expected {_type_name(hint)}, got nothing")
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected {_type_name(hint)}")
+        return tuple(_coerce_scalar(item, v) for v in value)
+    return _coerce_scalar(hint, value)
+
+
+def _coerce_scalar(hint: Any, value: Any) -> Any:
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ValueError(f"expected {_type_name(hint)}, got {type(value).__name__}")
+    return float(value) if hint is float else value
+
+
+def _range_error(spec: dataclasses.Field, value: Any) -> str | None:
+    meta = spec.metadata
+    if value is None:
+        return None
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return "must be one of " + ", ".join(repr(c) for c in meta["choices"])
+    low, high = meta["min"], meta["max"]
+    if low is not None and (value < low or (meta["min_exclusive"] and value == low)):
+        return f"must be {'>' if meta['min_exclusive'] else '>='} {low:g}"
+    if high is not None and value > high:
+        return f"must be <= {high:g}"
+    if meta["check"] is not None:
+        return meta["check"](value)
+    return None
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def _suggest(name: str, valid: list[str], noun: str = "keys") -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid {noun}: {', '.join(valid)}"
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None,
+                 source: str = "project.toml") -> Config:
+    """Validate a parsed project.toml plus flag overrides ("section.key" -> value) into a Config.
+
+    Every problem is collected; one ConfigError lists them all.
+    """
+    errors: list[str] = []
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            errors.append(f"{source}: unknown section [{section}]{_suggest(section, list(SECTIONS), 'sections')}")
+            continue
+        if not isinstance(table, dict):
+            errors.append(f"{source}: [{section}] must be a table")
+            continue
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key, value in table.items():
+            where = f"{source} [{section}] {key}"
+            if key not in valid:
+                errors.append(f"{source} [{section}]: unknown key '{key}'{_suggest(key, valid)}")
+                continue
+            _set(values, section, key, value, where, errors)
+
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        _set(values, section, key, value, f"--{key.replace('_', '-')}", errors)
+
+    _cross_checks(values, errors)
+    if errors:
+        noun = "problem" if len(errors) == 1 else "problems"
+        raise ConfigError(f"{len(errors)} configuration {noun}:\n  " + "\n  ".join(errors),
+                          hint="fix the keys above (ditctl status --config shows the resolved "
+                               "configuration)")
+    return Config(**{name: SECTIONS[name](**vals) for name, vals in values.items()})
+
+
+def _set(values: dict, section: str, key: str, value: Any, where: str, errors: list[str]) -> None:
+    try:
+        value = coerce(section, key, value)
+    except ValueError as exc:
+        errors.append(f"{where} = {value!r}: {exc}")
+        return
+    problem = _range_error(key_spec(section, key), value)
+    if problem:
+        errors.append(f"{where} = {value!r}: {problem}")
+        return
+    values[section][key] = value
+
+
+def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
+    lora = {**_defaults("lora"), **values["lora"]}
+    if lora["train_only_lora"] and not lora["use_lora"]:
+        errors.append("[lora] train_only_lora = true needs use_lora = true "
+                      "(or use `ditctl train --lora`, which sets both)")
+
+
+def _defaults(section: str) -> dict[str, Any]:
+    return {f.name: getattr(SECTIONS[section](), f.name) for f in dataclasses.fields(SECTIONS[section])}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file", hint="run `ditctl init NAME` to create a workspace")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})", hint="fix the syntax at that line")
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read project.toml (if any), apply flag overrides, validate everything at once."""
+    raw = read_toml(path) if path is not None else {}
+    return build_config(raw, overrides, source=str(path) if path else "defaults")
+
+
+# --- the commented template -------------------------------------------------------------------
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def render_template(set_values: dict[str, dict[str, Any]] | None = None) -> str:
+    """The commented project.toml: every key with its help and default.
+
+    Keys in `set_values` are written active; all others are commented out at their default, so
+    a user sees every option and what it does without anything being pinned.
+    """
+    set_values = set_values or {}
+    lines = [
+        "# ditctl workspace configuration.",
+        "# Every key is listed with its default; uncomment a line to change it.",
+        "# Precedence: command-line flag > this file > default.",
+        "# `ditctl status --config` prints the resolved configuration.",
+    ]
+    for name, cls in SECTIONS.items():
+        purpose = cls.__doc__.split(":", 1)[1].strip()
+        lines += ["", f"[{name}]", f"# {purpose[0].upper()}{purpose[1:]}"]
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            meta = f.metadata
+            help_text = meta["help"]
+            if meta["choices"]:
+                help_text += " One of: " + ", ".join(str(c) for c in meta["choices"]) + "."
+            lines.append(f"# {help_text}")
+            if f.name in set_values.get(name, {}):
+                lines.append(f"{f.name} = {_toml_value(set_values[name][f.name])}")
+            elif default is None:
+                lines.append(f"# {f.name} =            (default: unset)")
+            else:
+                lines.append(f"# {f.name} = {_toml_value(default)}")
+    return "\n".join(lines) + "\n"
+
+
+def activate_keys(template: str, values: dict[str, dict[str, Any]]) -> str:
+    """Set keys in a rendered template: `# key = default` in [section] becomes `key = value`."""
+    lines = template.splitlines()
+    section = None
+    pending = {s: dict(v) for s, v in values.items()}
+    for i, line in enumerate(lines):
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        for key, value in list(pending.get(section, {}).items()):
+            if line.startswith(f"# {key} ="):
+                lines[i] = f"{key} = {_toml_value(value)}"
+                del pending[section][key]
+    left = [f"[{s}] {k}" for s, keys in pending.items() for k in keys]
+    if left:
+        raise KeyError(f"template has no line for {', '.join(left)}")
+    return "\n".join(lines) + "\n"

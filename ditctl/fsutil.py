@@ -1,0 +1,123 @@
+"""Crash-safe file writes: nothing half-written is ever visible under its final name.
+
+Files are written to a temporary sibling, flushed, fsynced and renamed into place; folders are
+built under a temporary sibling name and renamed when complete. A kill at any moment leaves
+either the old content or the new, plus at worst a `.tmp-*` leftover that `clean_temp` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to `final`; rename it to `final` when the block succeeds.
+
+    With `replace`, an existing `final` is swapped out only after the new folder is complete.
+    On any error (or a kill) the temporary folder is removed or left as a `.tmp-*` leftover,
+    and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + final.name + ".", dir=final.parent))
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists() and replace:
+            old = final.with_name(TEMP_PREFIX + final.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)  # fails if final exists: never overwrite silently
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_temp(folder: Path) -> int:
+    """Remove `.tmp-*` leftovers of killed writes directly inside `folder`; returns how many."""
+    removed = 0
+    if not Path(folder).is_dir():
+        return 0
+    for entry in Path(folder).iterdir():
+        if entry.name.startswith(TEMP_PREFIX):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def folder_size(path: Path) -> int:
+    """Total bytes of the regular files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Raise before writing `needed` bytes into `folder` if the disk cannot hold them."""
+    from .errors import DitctlError
+
+    folder = Path(folder)
+    probe = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed * 1.1:
+        raise DitctlError(
+            f"not enough disk space for {what}: needs about {needed / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB free under {probe}",
+            hint="free some space (e.g. lower checkpoints_total_limit, `ditctl precompute --gc`)")

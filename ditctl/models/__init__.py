@@ -1,0 +1,1 @@
+"""Model families (behind the ModelFamily protocol) and the tiny offline pipelines."""

@@ -1,0 +1,238 @@
+"""The F-Lite family: reading and writing the F-Lite pipeline layout with ditctl's own classes.
+
+```
+model_index.json   {"_class_name": "FLitePipeline", "dit_model": ["f_lite.model", "DiT"], ...}
+dit_model/         config.json + diffusion_pytorch_model*.safetensors   -> flite_dit.DiT
+text_encoder/      T5 encoder; prompts use hidden_states[-8] + final_layer_norm, 512 tokens
+tokenizer/         T5 tokenizer
+vae/               AutoencoderKL, 16 channels, 8x; latents (z - shift_factor) * scaling_factor
+```
+The `f_lite` package is never imported: `dit_model` is loaded with ditctl's DiT, which has the
+same parameter names and math. Nothing is downloaded; only local folders are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .base import LatentDist, SamplingDefaults
+from .fingerprint import folder_fingerprint
+from .flite_dit import DiT
+
+COMPONENTS = ("dit_model", "text_encoder", "tokenizer", "vae")
+MODEL_INDEX = {
+    "_class_name": "FLitePipeline",
+    "_diffusers_version": "0.32.2",
+    "dit_model": ["f_lite.model", "DiT"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+TEXT_LAYER = -8  # hidden_states[-8]: output of layer 17 of 24 in T5-XXL (converges faster)
+MAX_TEXT_TOKENS = 512
+
+
+@dataclass
+class TextEncoder:
+    """The tokenizer and the T5 encoder, used together."""
+
+    tokenizer: Any
+    model: Any
+    max_length: int
+
+    def to(self, device: torch.device | str) -> "TextEncoder":
+        self.model.to(device)
+        return self
+
+
+def validate_folder(path: Path) -> dict:
+    """Check that `path` is a complete F-Lite-layout folder; returns its model_index.json."""
+    path = Path(path)
+    index_file = path / "model_index.json"
+    if not path.is_dir():
+        raise ModelError(f"model folder {path} does not exist",
+                         hint="pass the local folder of an F-Lite model (or --model tiny)")
+    if not index_file.is_file():
+        raise ModelError(f"{path} has no model_index.json, so it is not a pipeline folder",
+                         hint="point at the folder that holds model_index.json, dit_model/, "
+                              "text_encoder/, tokenizer/ and vae/")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{index_file} is not valid JSON ({exc})")
+    missing = [c for c in COMPONENTS if c not in index or not (path / c).is_dir()]
+    if missing:
+        raise ModelError(f"{path} lacks the component(s) {', '.join(missing)} "
+                         "(model_index.json entry and folder)",
+                         hint="an F-Lite folder needs dit_model/, text_encoder/, tokenizer/, vae/")
+    return index
+
+
+class FLiteFamily:
+    """The F-Lite model family bound to one local model folder."""
+
+    name = "flite"
+    lora_targets = ("qkv", "q", "context_kv", "proj")
+    lora_target_candidates = ("qkv", "q", "context_kv", "proj", "mlp.0", "mlp.2",
+                              "adaLN_modulation.1")
+    sampling_defaults = SamplingDefaults(steps=30, guidance_scale=6.0, resolution=1024)
+
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.index = validate_folder(self.path)
+
+    # --- loading ------------------------------------------------------------------------------
+    def dit_config(self) -> dict:
+        return json.loads((self.path / "dit_model" / "config.json").read_text())
+
+    def load_denoiser(self, dtype: torch.dtype = torch.float32) -> DiT:
+        try:
+            return DiT.from_pretrained(self.path / "dit_model", torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load {self.path / 'dit_model'}: {exc}") from exc
+
+    def load_text_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        try:
+            tokenizer = T5TokenizerFast.from_pretrained(self.path / "tokenizer")
+            model = T5EncoderModel.from_pretrained(self.path / "text_encoder", dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the text encoder of {self.path}: {exc}") from exc
+        model.eval().requires_grad_(False)
+        if model.config.num_layers < -TEXT_LAYER:
+            raise ModelError(f"{self.path / 'text_encoder'} has {model.config.num_layers} layers; "
+                             f"F-Lite reads hidden_states[{TEXT_LAYER}], so it needs at least "
+                             f"{-TEXT_LAYER}")
+        return TextEncoder(tokenizer, model, self.text_max_length(tokenizer))
+
+    def load_vae(self, dtype: torch.dtype = torch.float32) -> Any:
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load {self.path / 'vae'}: {exc}") from exc
+        return vae.eval().requires_grad_(False)
+
+    @staticmethod
+    def text_max_length(tokenizer: Any) -> int:
+        return int(min(tokenizer.model_max_length, MAX_TEXT_TOKENS))
+
+    # --- identities ---------------------------------------------------------------------------
+    def text_encoder_identity(self) -> str:
+        return "t5:{}:{}:L{}".format(folder_fingerprint(self.path / "text_encoder"),
+                                     folder_fingerprint(self.path / "tokenizer"), TEXT_LAYER)
+
+    def vae_identity(self) -> str:
+        return "vae:" + folder_fingerprint(self.path / "vae")
+
+    def denoiser_identity(self) -> str:
+        return "dit:" + folder_fingerprint(self.path / "dit_model")
+
+    # --- encoding -----------------------------------------------------------------------------
+    def tokenize(self, text_encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
+        tokens = text_encoder.tokenizer(prompts, padding="max_length", truncation=True,
+                                        max_length=text_encoder.max_length, return_tensors="pt")
+        return tokens.input_ids
+
+    def count_tokens(self, text_encoder: TextEncoder, prompt: str) -> int:
+        return len(text_encoder.tokenizer(prompt, truncation=False).input_ids)
+
+    @torch.no_grad()
+    def encode_prompts(self, text_encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
+        """[B, max_length, d_model] text states: hidden_states[-8], then the final layer norm."""
+        model = text_encoder.model
+        ids = self.tokenize(text_encoder, prompts).to(model.device)
+        out = model(input_ids=ids, output_hidden_states=True)  # no attention mask, as F-Lite
+        states = out.hidden_states[TEXT_LAYER]
+        states = model.encoder.dropout(model.encoder.final_layer_norm(states))
+        return states.float()
+
+    def empty_prompt_embedding(self, batch: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The unconditional embedding: all zeros (not the encoding of "")."""
+        if like is not None:
+            return torch.zeros((batch, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        config = self.dit_config()
+        return torch.zeros(batch, MAX_TEXT_TOKENS, config["cross_attn_input_size"])
+
+    @torch.no_grad()
+    def encode_images(self, vae: Any, images: torch.Tensor) -> LatentDist:
+        """images [B,3,H,W] in [-1,1] -> the posterior N(mean, std²), raw latent space, fp32."""
+        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        return LatentDist(mean=posterior.mean.float(), std=posterior.std.float())
+
+    def sample_latents(self, dist: LatentDist, generator: torch.Generator | None) -> torch.Tensor:
+        """Draw z ~ N(mean, std²) with the caller's RNG, then scale/shift as F-Lite does."""
+        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
+                          device=dist.mean.device)
+        z = dist.mean + dist.std * eps
+        shift, scale = self._latent_scale_shift()
+        return (z - shift) * scale
+
+    @torch.no_grad()
+    def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        shift, scale = self._latent_scale_shift()
+        z = latents.to(vae.device, vae.dtype) / scale + shift
+        return vae.decode(z).sample.float().clamp(-1, 1)
+
+    def _latent_scale_shift(self) -> tuple[float, float]:
+        if not hasattr(self, "_scale_shift"):
+            config = json.loads((self.path / "vae" / "config.json").read_text())
+            self._scale_shift = (float(config.get("shift_factor") or 0.0),
+                                 float(config.get("scaling_factor", 1.0)))
+        return self._scale_shift
+
+    # --- the denoiser's contract (rectified flow, t=1 is pure noise) --------------------------
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:
+        return denoiser(noisy, cond, t)
+
+    def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1, *([1] * (x0.dim() - 1)))
+        return (1 - t) * x0 + t * noise
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x0 - noise
+
+    def resolution_shift(self, latent_h: int, latent_w: int) -> float:
+        """alpha = 2*sqrt(h*w/4096) in latent pixels: 1 at 256 px, 2 at 512 px, 4 at 1024 px."""
+        return 2.0 * math.sqrt(latent_h * latent_w / 4096.0)
+
+    # --- writing the native layout ------------------------------------------------------------
+    def save_pipeline(self, denoiser: torch.nn.Module, out_dir: Path, *, copy_encoders: bool = True,
+                      dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "5GB") -> None:
+        """Write an F-Lite-layout folder: model_index.json, dit_model/, and the base encoders
+        (hard-linked or copied; with copy_encoders=False, symbolic links to the base's folders)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        denoiser.to(dtype).save_pretrained(out_dir / "dit_model", safe_serialization=True,
+                                           max_shard_size=max_shard_size)
+        index = dict(self.index)
+        for key, value in MODEL_INDEX.items():
+            if key != "_diffusers_version":
+                index[key] = value
+        (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for component in ("text_encoder", "tokenizer", "vae"):
+            source = (self.path / component).resolve()
+            target = out_dir / component
+            if copy_encoders:
+                shutil.copytree(source, target, copy_function=_link_or_copy)
+            else:
+                os.symlink(source, target, target_is_directory=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

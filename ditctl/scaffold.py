@@ -1,0 +1,101 @@
+"""Creating a workspace from `templates/`: project.toml, prompts.txt, .gitignore, model, data."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import activate_keys
+from .errors import WorkspaceError
+from .fsutil import atomic_write_text
+from .models.flite import validate_folder
+from .workspace import PROJECT_FILE, Workspace
+
+BUILTIN_MODELS = ("tiny", "tiny-random")
+
+
+def templates_dir() -> Path:
+    """`templates/` inside an installed wheel, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "project.toml").is_file():
+            return candidate
+    raise WorkspaceError("ditctl's templates/ folder is missing from this installation",
+                         hint="reinstall ditctl")
+
+
+@dataclass
+class InitResult:
+    workspace: Workspace
+    model_path: Path
+    example: dict[str, Any] | None = None
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
+                   force: bool = False, seed: int = 0) -> InitResult:
+    """Scaffold a workspace at `root`.
+
+    `model` is "tiny" / "tiny-random" (a tiny pipeline built inside the workspace) or the path of
+    a local F-Lite-layout folder (validated, referenced by absolute path, never copied).
+    """
+    root = Path(root).resolve()
+    if (root / PROJECT_FILE).exists() and not force:
+        raise WorkspaceError(f"{root} is already a workspace (it has {PROJECT_FILE})",
+                             hint="pick another name, or pass --force to re-scaffold it "
+                                  "(runs, cache and exports are kept)")
+    if root.exists() and not root.is_dir():
+        raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
+
+    if model not in BUILTIN_MODELS:
+        model_path = Path(model).expanduser().resolve()
+        validate_folder(model_path)
+    root.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(root)
+    settings: dict[str, dict[str, Any]] = {"model": {}}
+
+    if model in BUILTIN_MODELS:
+        model_path = root / "model"
+        _build_builtin_model(model, model_path, seed)
+        settings["model"]["pretrained_model_path"] = "model"
+    else:
+        settings["model"]["pretrained_model_path"] = str(model_path)
+
+    templates = templates_dir()
+    prompts = (templates / "prompts.txt").read_text()
+    result = InitResult(ws, model_path)
+    if example:
+        from .demo.scenes import example_prompts, write_example_dataset
+
+        result.example = write_example_dataset(root / "data" / "example", seed=seed)
+        settings["data"] = {"train_data_path": "data/example/train.csv",
+                            "val_data_path": "data/example/val.csv",
+                            "resolution": 64, "use_resolution_buckets": True}
+        prompts = _prompt_header(prompts) + "\n".join(example_prompts()) + "\n"
+
+    result.settings = settings
+    toml = activate_keys((templates / "project.toml").read_text(), settings)
+    atomic_write_text(root / "prompts.txt", prompts)
+    atomic_write_text(root / ".gitignore", (templates / "gitignore").read_text())
+    # project.toml last: its presence marks a complete workspace
+    atomic_write_text(root / PROJECT_FILE, toml)
+    ws.update_state("init", {"model": str(model_path), "example": bool(example)})
+    return result
+
+
+def _prompt_header(text: str) -> str:
+    return "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+
+
+def _build_builtin_model(kind: str, target: Path, seed: int) -> None:
+    """Build the tiny pipeline in a temporary folder and move it into place when complete."""
+    from .models.tiny import build_tiny_pipeline
+
+    tmp = target.with_name(".tmp-" + target.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_pipeline(tmp, seed=seed)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

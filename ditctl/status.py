@@ -1,0 +1,77 @@
+"""What a workspace holds, at a glance, and the next sensible command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import DitctlError
+from .fsutil import folder_size
+from .workspace import Workspace
+
+CHECKPOINT_MARKER = "checkpoint.json"  # present only in complete checkpoints
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (torn ones lack the marker and are skipped)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def list_runs(runs_dir: Path) -> list[Path]:
+    """Run folders, oldest first (by creation of their config)."""
+    if not runs_dir.is_dir():
+        return []
+    runs = [p for p in runs_dir.iterdir() if (p / "config.toml").is_file()]
+    return sorted(runs, key=lambda p: (p / "config.toml").stat().st_mtime)
+
+
+def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
+    state = ws.read_state()
+    summary: dict[str, Any] = {"workspace": str(ws.root)}
+
+    try:
+        from .models.registry import load_family
+        family = load_family(ws.model_path(config), config.model.family)
+        summary["model"] = {"path": str(family.path), "family": family.name, "ok": True}
+    except DitctlError as exc:
+        summary["model"] = {"path": config.model.pretrained_model_path, "ok": False,
+                            "problem": str(exc)}
+
+    summary["data"] = {"train_data_path": config.data.train_data_path,
+                       "val_data_path": config.data.val_data_path,
+                       "ingest": state.get("ingest")}
+    cache_dir = ws.cache_dir(config)
+    summary["cache"] = {"path": str(cache_dir), "precompute": state.get("precompute"),
+                        "bytes": folder_size(cache_dir) if cache_dir.is_dir() else 0}
+    runs = []
+    for run in list_runs(ws.runs_dir(config)):
+        checkpoints = list_checkpoints(run)
+        runs.append({"name": run.name, "path": str(run), "checkpoints": len(checkpoints),
+                     "latest": checkpoints[-1].name if checkpoints else None})
+    summary["runs"] = runs
+    exports = sorted(p.name for p in ws.exports_dir.iterdir() if p.is_dir()
+                     and not p.name.startswith(".")) if ws.exports_dir.is_dir() else []
+    summary["exports"] = exports
+    summary["next"] = next_step(summary)
+    return summary
+
+
+def next_step(summary: dict[str, Any]) -> str:
+    if not summary["model"]["ok"]:
+        return "set [model] pretrained_model_path in project.toml to a local F-Lite folder"
+    if not summary["data"]["train_data_path"]:
+        return "set [data] train_data_path in project.toml (a CSV or an image folder)"
+    if not summary["data"]["ingest"]:
+        return "ditctl ingest"
+    if not summary["runs"]:
+        return "ditctl precompute && ditctl train --lora"
+    if not any(r["checkpoints"] for r in summary["runs"]):
+        return "ditctl train --resume latest"
+    if not summary["exports"]:
+        return "ditctl sample --prompts prompts.txt, ditctl eval, then ditctl export --merge-lora"
+    return "ditctl sample --model exports/" + summary["exports"][-1]

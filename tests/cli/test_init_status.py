@@ -1,0 +1,74 @@
+import json
+import shutil
+
+import pytest
+
+from ditctl.config import load_config
+from ditctl.errors import WorkspaceError
+from ditctl.scaffold import init_workspace
+
+
+def test_init_scaffolds_a_workspace(tmp_path, cli, monkeypatch):
+    result = cli("init", tmp_path / "proj", "--model", "tiny-random")
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "proj"
+    for name in ("project.toml", "prompts.txt", ".gitignore", "model/model_index.json"):
+        assert (root / name).exists(), name
+    config = load_config(root / "project.toml")
+    assert config.model.pretrained_model_path == "model"
+    assert "cache/" in (root / ".gitignore").read_text()
+
+    monkeypatch.chdir(root)
+    status = cli("status", "--json")
+    summary = json.loads(status.stdout)
+    assert summary["model"]["ok"] and summary["model"]["family"] == "flite"
+    assert summary["runs"] == [] and "train_data_path" in summary["next"]
+
+
+def test_init_refuses_to_overwrite_unless_forced(tmp_path, cli):
+    root = tmp_path / "proj"
+    assert cli("init", root, "--model", "tiny-random").exit_code == 0
+    (root / "runs").mkdir()
+    (root / "runs" / "keep.txt").write_text("mine")
+    refused = cli("init", root, "--model", "tiny-random")
+    assert refused.exit_code == 1
+    assert "already a workspace" in refused.stderr and "--force" in refused.stderr
+    assert cli("init", root, "--model", "tiny-random", "--force").exit_code == 0
+    assert (root / "runs" / "keep.txt").read_text() == "mine"
+
+
+def test_init_with_a_local_model_path_validates_it(tmp_path, tiny_model_dir):
+    result = init_workspace(tmp_path / "p", model=str(tiny_model_dir))
+    config = load_config(result.workspace.project_file)
+    assert config.model.pretrained_model_path == str(tiny_model_dir.resolve())
+    assert not (tmp_path / "p" / "model").exists()  # referenced, never copied
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model_index.json").unlink()
+    with pytest.raises(Exception, match="no model_index.json"):
+        init_workspace(tmp_path / "q", model=str(broken))
+    assert not (tmp_path / "q").exists()
+
+
+def test_status_config_shows_flags_and_file(tmp_path, cli, monkeypatch):
+    assert cli("init", tmp_path / "proj", "--model", "tiny-random").exit_code == 0
+    monkeypatch.chdir(tmp_path / "proj")
+    (tmp_path / "proj" / "project.toml").write_text(
+        (tmp_path / "proj" / "project.toml").read_text().replace(
+            "# learning_rate = 0.0001", "learning_rate = 3e-05"))
+    out = json.loads(cli("status", "--config", "--json").stdout)
+    assert out["train"]["learning_rate"] == 3e-05 and out["model"]["pretrained_model_path"] == "model"
+
+
+def test_errors_are_one_line_with_a_next_step(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("status")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0].startswith("error: no workspace here")
+    assert "next: run `ditctl init NAME`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_only_working_commands(cli):
+    out = cli("--help").stdout
+    assert "init" in out and "status" in out

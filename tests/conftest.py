@@ -36,3 +36,69 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, **kwargs)
 
     return invoke
+
+
+def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, rank: int = 4,
+                          seed: int = 0, targets=("qkv", "q", "context_kv", "proj")) -> Path:
+    """A complete checkpoint folder as training writes it, with random trained weights:
+    LoRA (adapter_config.json + lora.safetensors) or full (trainable.safetensors)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ditctl.config import build_config
+    from ditctl.engine.lora import add_lora, adapter_config_dict, peft_config, peft_state_dict
+    from ditctl.models.flite import FLiteFamily
+    from ditctl.status import CHECKPOINT_MARKER
+
+    family = FLiteFamily(model_dir)
+    dit = family.load_denoiser()
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    if lora:
+        settings = build_config({"lora": {"use_lora": True, "lora_rank": rank, "lora_alpha": rank,
+                                          "lora_target_modules": list(targets)}}).lora
+        add_lora(dit, peft_config(settings, family.lora_target_candidates))
+        with torch.no_grad():
+            for name, p in dit.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        save_file(peft_state_dict(dit), folder / "lora.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps(adapter_config_dict(dit)))
+    else:
+        with torch.no_grad():
+            state = {n: p + torch.randn(p.shape, generator=gen) * 0.01
+                     for n, p in dit.named_parameters()}
+        save_file({k: v.contiguous() for k, v in state.items()}, folder / "trainable.safetensors")
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(
+        {"step": 10, "base_identity": family.denoiser_identity(), "lora": lora}))
+    return folder
+
+
+def make_workspace(root: Path, model_dir: Path, *, n_train: int = 8, n_val: int = 2,
+                   seed: int = 0, sizes=((32, 32),), data: dict | None = None,
+                   train: dict | None = None, lora: dict | None = None) -> "Workspace":
+    """A workspace on `model_dir` with a small generated dataset (scenes at `sizes`) and the
+    given [data]/[train]/[lora] settings written to project.toml."""
+    import tomli_w
+
+    from ditctl.demo.scenes import random_scenes, write_dataset
+    from ditctl.workspace import Workspace
+
+    root.mkdir(parents=True)
+    scenes = random_scenes(n_train + n_val, seed, sizes=sizes)
+    write_dataset(root / "data", scenes[:n_train], csv_name="train.csv")
+    if n_val:
+        write_dataset(root / "data", scenes[n_train:], csv_name="val.csv")
+    settings = {
+        "model": {"pretrained_model_path": str(model_dir)},
+        "data": {"train_data_path": "data/train.csv", "resolution": sizes[0][0],
+                 **({"val_data_path": "data/val.csv"} if n_val else {}), **(data or {})},
+        "train": {"sample_every": 0, "eval_every": 0, "report_to": "none", "seed": 7,
+                  **(train or {})},
+        "lora": lora or {},
+    }
+    (root / "project.toml").write_text(tomli_w.dumps(settings))
+    (root / "prompts.txt").write_text("a red circle on a white background\n")
+    return Workspace(root)

@@ -61,7 +61,7 @@ def config_flags(*sections: str, skip: tuple[str, ...] = ()) -> Callable:
                 flag_type = _flag_type(section, spec.name)
                 is_bool = flag_type is Optional[bool]
                 option = typer.Option(*_declarations(spec, is_bool), help=spec.metadata["help"],
-                                      rich_help_panel=f"[{section}] settings",
+                                      rich_help_panel=f"{section} settings (project.toml)",
                                       show_default=False)
                 generated[spec.name] = f"{section}.{spec.name}"
                 params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,

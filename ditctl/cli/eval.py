@@ -1,0 +1,80 @@
+"""`ditctl eval`: validation loss by timestep, before/after images, scores, an HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..console import console
+from ..errors import DitctlError
+from ..oneshot import absolute_paths
+from ..workspace import Workspace
+from ._options import JsonOption, WorkspaceOption, config_flags
+
+
+@config_flags("model", "eval", "sample")
+def eval_command(
+    workspace: WorkspaceOption = None,
+    run: Annotated[Optional[str], typer.Option(
+        "--run", help="Evaluate this run (default: the latest run).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="Evaluate this checkpoint folder (default: the run's latest).")] = None,
+    base: Annotated[bool, typer.Option(
+        "--base", help="Evaluate the base model alone.")] = False,
+    all_checkpoints: Annotated[bool, typer.Option(
+        "--all-checkpoints", help="Evaluate every checkpoint of the run (the loss curve).")] = False,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Put two evaluated runs side by side: --compare RUN_A RUN_B.")] = False,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Output folder (default: runs/<run>/eval, or eval/base).")] = None,
+    runs: Annotated[Optional[list[str]], typer.Argument(
+        help="The two runs of --compare.", show_default=False)] = None,
+    json_output: JsonOption = False,
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    from ..evaluation import compare_runs, metrics_rows, plan_eval, run_eval
+
+    ws = Workspace.find(workspace)
+    config = ws.config(absolute_paths(overrides))
+    if compare or runs:
+        runs = list(runs or [])
+        if not compare or len(runs) != 2:
+            raise DitctlError(f"--compare needs exactly two runs, got {len(runs)}"
+                              if compare else f"unexpected argument(s) {' '.join(runs)}",
+                              hint="ditctl eval --compare RUN_A RUN_B")
+        table, page = compare_runs(ws, config, runs[0], runs[1], out)
+        if json_output:
+            console.print(json.dumps({"table": table, "report": str(page)}, indent=2), markup=False)
+            return
+        console.print(_table(["metric", *runs], table))
+        console.print(f"report {page}")
+        return
+
+    plan = plan_eval(ws, config, run=run, checkpoint=checkpoint, base=base,
+                     all_checkpoints=all_checkpoints, out_dir=out)
+    metrics = run_eval(ws, config, plan)
+    if json_output:
+        console.print(json.dumps(metrics, indent=2), markup=False)
+        return
+    console.print(f"validation: {metrics['validation']['description']}, "
+                  f"{metrics['validation']['inputs']}")
+    console.print(_table(["model", "step", "val loss", "CLIP", "concept"], metrics_rows(metrics)))
+    clip = metrics["clip"]
+    if clip["status"] != "computed":
+        console.print(f"CLIP score skipped: {clip['reason']}" +
+                      (f" ({clip['hint']})" if clip.get("hint") else ""), markup=False)
+    console.print(f"[green]wrote[/] {plan.out_dir / 'report.html'}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> Table:
+    table = Table()
+    for name in header:
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -1,0 +1,31 @@
+"""`ditctl ingest`: validate the training data and write the manifest."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..data.ingest import StrictIngestError, print_bad_rows, print_summary, run_ingest
+from ..workspace import Workspace
+from ._options import WorkspaceOption, config_flags
+
+
+@config_flags("data")
+def ingest(
+    workspace: WorkspaceOption = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Fail (exit 1, manifest unchanged) if any row is bad, instead of "
+                         "skipping bad rows with a warning.")] = False,
+    *,
+    overrides,
+) -> None:
+    ws = Workspace.find(workspace)
+    config = ws.config(overrides)
+    with ws.lock("ingest"):
+        try:
+            summary = run_ingest(ws, config, strict=strict)
+        except StrictIngestError as exc:
+            print_bad_rows(exc.summary)
+            raise
+    print_summary(summary)

@@ -1,0 +1,74 @@
+"""`ditctl train`: fine-tune the workspace's model (full or LoRA)."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..console import console
+from ..oneshot import command_workspace
+from ..train import run_training
+from ._options import JsonOption, WorkspaceOption, config_flags
+from .launch import CHILD_ENV, launch_processes
+
+
+@config_flags("model", "data", "train", "lora")
+def train(
+    workspace: WorkspaceOption = None,
+    lora: Annotated[bool, typer.Option(
+        "--lora", help="Shorthand for --use-lora --train-only-lora (train only LoRA adapters).")] = False,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue a run exactly: 'latest', a run folder or a checkpoint folder.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Resume even though the config or data changed.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (steps, batches, parameters, memory) and exit.")] = False,
+    json_output: JsonOption = False,
+    *,
+    overrides: dict[str, Any],
+) -> None:
+    if lora:
+        overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
+    ws, overrides = command_workspace(workspace, overrides)
+    config = ws.config(overrides)
+    if launch_processes(ws, config, overrides, resume=resume, force=force, dry_run=dry_run):
+        return
+    launched_child = bool(os.environ.get(CHILD_ENV))  # the launching parent holds the lock
+    with ws.lock("train") if not (dry_run or launched_child) else nullcontext():
+        outcome = run_training(ws, config, resume=resume, force=force, dry_run=dry_run)
+    if dry_run:
+        if json_output:
+            console.print(json.dumps(outcome.plan, indent=2), markup=False)
+        else:
+            _print_plan(outcome.plan)
+        return
+    result, run = outcome.result, outcome.run
+    if result.interrupted:
+        console.print(f"stopped at step {result.steps}; checkpoint {result.checkpoint}")
+        console.print("next: ditctl train --resume latest")
+        return
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    console.print(f"[green]trained[/] {run.name}: {result.steps} steps, final loss {loss}"
+                  + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
+    console.print(f"  checkpoint {result.checkpoint}")
+    console.print("next: ditctl sample, ditctl eval, ditctl export"
+                  + (" --merge-lora" if config.lora.use_lora else ""))
+
+
+def _print_plan(plan: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="training plan (nothing was trained)", show_header=False)
+    for key in ("processes", "steps_per_epoch", "total_steps", "epochs",
+                "effective_batch", "trainable_parameters", "frozen_parameters"):
+        value = plan[key]
+        table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+    table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
+    memory = plan["memory_estimate_bytes"]
+    for key in ("weights", "gradients", "optimizer", "activations", "total"):
+        table.add_row(f"memory: {key} (estimate)", f"{memory[key] / 2**20:,.1f} MiB")
+    console.print(table)

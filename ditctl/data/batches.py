@@ -1,0 +1,193 @@
+"""What training sees: per-sample decisions, the epoch plan, and the sources of latents/embeddings.
+
+Randomness that changes the *pixels* of a sample (crop, flip) is decided here from fixed seeds,
+never drawn from the training RNG, so that precompute can cache every variant a training run
+can ask for:
+
+- crop: centred, or a random offset drawn once from the image's content hash (the same in
+  every epoch, so one latent per image covers it);
+- flip: a fair coin per (seed, epoch, row index); precompute caches both variants.
+
+A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption into a text
+embedding. `CachedSource` reads the precompute cache and never loads an encoder;
+`OnTheFlySource` runs the one transform and the encoders. With fp32 encoders and fp32 storage
+both give bit-identical tensors, because precompute encodes every image exactly as
+`OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import torch
+
+from ..config import DataConfig
+from ..errors import DataError
+from ..models.base import LatentDist, ModelFamily
+from .manifest import ManifestRow
+from .transforms import Crop, crop_offset_range, load_training_image
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+
+# --- per-sample decisions ---------------------------------------------------------------------
+
+def crop_for(row: ManifestRow, center_crop: bool) -> Crop:
+    """"center", or a random (left, top) offset that is fixed per image content."""
+    if center_crop:
+        return "center"
+    max_left, max_top = crop_offset_range(row.width, row.height, row.bucket_w, row.bucket_h)
+    rng = random.Random(int(row.sha256[:16], 16))
+    left = rng.randint(0, max_left)
+    top = rng.randint(0, max_top)
+    return left, top
+
+
+def flip_for(seed: int, epoch: int, index: int, enabled: bool) -> bool:
+    """Whether row `index` is mirrored in `epoch`: a fair coin, independent of everything else."""
+    if not enabled:
+        return False
+    return random.Random(f"{seed}:{epoch}:{index}").random() < 0.5
+
+
+def sample_variants(row: ManifestRow, random_flip: bool) -> tuple[bool, ...]:
+    """The flip values training can ask for: both with random_flip (train split only; evaluation
+    always uses the unflipped image)."""
+    return (False, True) if random_flip and row.split == "train" else (False,)
+
+
+# --- the epoch plan ---------------------------------------------------------------------------
+
+def epoch_batches(rows: Sequence[ManifestRow], global_batch_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """The batches of one epoch, as lists of row indices; every index exactly once.
+
+    Rows are grouped by bucket (a batch has one image size), each bucket is shuffled and cut
+    into batches of `global_batch_size` (the last partial batch is kept, never dropped), and
+    the batches are shuffled. Only (seed, epoch) drive the order, so it is the same for any
+    number of processes; each process then takes its share with `rank_share`.
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be >= 1, not {global_batch_size}")
+    rng = random.Random(f"{seed}:{epoch}:order")
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, row in enumerate(rows):
+        by_bucket.setdefault(row.bucket, []).append(index)
+    batches: list[list[int]] = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
+        rng.shuffle(members)
+        batches += [members[k:k + global_batch_size]
+                    for k in range(0, len(members), global_batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def rank_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The part of a global batch that process `rank` of `world_size` trains on."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    return list(batch[rank::world_size])
+
+
+# --- pixels -----------------------------------------------------------------------------------
+
+def load_row_pixels(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int) -> torch.Tensor:
+    """The training tensor [3, bucket_h, bucket_w] of a manifest row, via the one transform.
+
+    The row's content hash names its cache entries, so a file edited after ingest must not be
+    encoded under the old hash: its size and mtime are checked against the manifest first
+    (the same test ingest uses to decide what to re-read).
+    """
+    try:
+        stat = os.stat(row.path)
+    except FileNotFoundError:
+        raise DataError(f"{row.path}: file not found (it was there at ingest)",
+                        hint="run `ditctl ingest` to update the manifest") from None
+    if stat.st_size != row.size_bytes or stat.st_mtime_ns != row.mtime_ns:
+        raise DataError(f"{row.path}: changed since ingest (size or modification time differ)",
+                        hint="run `ditctl ingest` to update the manifest")
+    return load_training_image(row.path, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
+                               max_pixels=max_pixels)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+class SampleSource(Protocol):
+    """Per-sample training inputs, however they are obtained."""
+
+    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
+        """The VAE posterior of the row's image: mean and std [1, C, h, w], fp32."""
+        ...
+
+    def text_embedding(self, caption: str) -> torch.Tensor:
+        """The caption's text embedding [1, L, D], fp32."""
+        ...
+
+
+class CachedSource:
+    """Reads the precompute cache. Loads no encoder: keys need only the models' identities."""
+
+    def __init__(self, cache: "Cache"):
+        self.cache = cache
+
+    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
+        return self.cache.read_latents(row, flip)
+
+    def text_embedding(self, caption: str) -> torch.Tensor:
+        return self.cache.read_text(caption)
+
+
+class OnTheFlySource:
+    """Runs the transform and the encoders for every request (fp32 unless the models are not).
+
+    Images are encoded one per forward pass, as precompute does for fp32 caches: convolution
+    kernels may pick different algorithms for different batch sizes, and only the same call
+    guarantees the same bits.
+    """
+
+    def __init__(self, family: ModelFamily, vae: Any, text_encoder: Any, data_config: DataConfig):
+        self.family = family
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.data = data_config
+
+    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
+        pixels = load_row_pixels(row, crop_for(row, self.data.center_crop), flip,
+                                 self.data.max_image_pixels)
+        return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
+
+    def text_embedding(self, caption: str) -> torch.Tensor:
+        return self.family.encode_prompts(self.text_encoder, [caption])  # [1, L, D]
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Batch:
+    """One (micro-)batch of training inputs. `indices` are the manifest row indices."""
+
+    dist: LatentDist      # mean, std [B, C, h, w] fp32
+    text: torch.Tensor    # [B, L, D] fp32
+    indices: tuple[int, ...]
+
+
+def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence[int],
+            flips: Sequence[bool]) -> Batch:
+    """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index)."""
+    if len(indices) != len(flips):
+        raise ValueError(f"{len(indices)} indices but {len(flips)} flips")
+    if not indices:
+        raise ValueError("a batch needs at least one index")
+    buckets = {rows[i].bucket for i in indices}
+    if len(buckets) != 1:
+        raise ValueError(f"a batch must hold one image size, got {sorted(buckets)}")
+    dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
+    mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
+    std = torch.cat([d.std for d in dists])
+    text = torch.cat([source.text_embedding(rows[i].caption) for i in indices])  # [B, L, D]
+    return Batch(LatentDist(mean, std), text, tuple(int(i) for i in indices))

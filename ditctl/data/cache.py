@@ -1,0 +1,458 @@
+"""The precompute cache: content-addressed VAE posteriors and text embeddings.
+
+```
+cache_dir/
+  index.sqlite                          which entries are complete (WAL, one commit per batch)
+  latents/<k[:2]>/<k>.safetensors       "mean", "std" [C, h, w] of one image variant
+  text/<k[:2]>/<k>.safetensors          "embedding" [L, D] of one caption
+```
+A key is the SHA-256 of everything the stored tensor depends on, and nothing else:
+
+- latent: the image's content hash, its bucket size, the crop offsets, the flip, the VAE's
+  identity, the storage dtype (and the transform's version);
+- text: the caption, the text encoder's identity (weights, tokenizer, layer), the token length,
+  the storage dtype.
+
+So changing an image, a caption, the resolution, the crop or a model changes exactly the keys of
+the affected entries; moving the data folder or changing training settings changes none.
+
+Crash safety: an entry's file is written atomically (temporary file, fsync, rename) *before*
+its index row is committed, and readers trust only the index. A kill at any moment leaves at
+worst a file without a row (invisible, re-encoded and replaced on the next run) or a `.tmp-*`
+leftover (removed by the next run).
+
+Reading needs the models' identities (fingerprints of their files) but never their weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from ..config import Config
+from ..errors import CacheError, DataError
+from ..models.base import LatentDist, ModelFamily
+from ..workspace import Workspace
+from .batches import crop_for, sample_variants
+from .manifest import ManifestRow
+from .transforms import center_crop_offset
+
+SCHEMA_VERSION = 1
+# Bump when `load_training_image` changes its output for the same arguments (resize filter,
+# normalisation, ...): every latent key changes with it.
+TRANSFORM_VERSION = 1
+INDEX_NAME = "index.sqlite"
+KINDS = ("latent", "text")
+FOLDERS = {"latent": "latents", "text": "text"}
+
+# [precompute] mixed_precision -> the dtype the encoders run in and the tensors are stored in.
+STORAGE_DTYPES: dict[str, tuple[str, torch.dtype]] = {
+    "no": ("fp32", torch.float32),
+    "bf16": ("bf16", torch.bfloat16),
+    "fp16": ("fp16", torch.float16),
+}
+_DTYPE_BY_NAME = {name: dtype for name, dtype in STORAGE_DTYPES.values()}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('latent', 'text')),
+    shape TEXT NOT NULL,      -- JSON [C, h, w] or [L, D]
+    dtype TEXT NOT NULL,      -- fp32 | bf16 | fp16
+    bytes INTEGER NOT NULL,   -- size of the file
+    flip INTEGER NOT NULL,    -- 1 for the mirrored variant of an image
+    source TEXT NOT NULL,     -- image path or caption, for people (not part of the key)
+    created REAL NOT NULL
+);
+"""
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+def _digest(parts: dict) -> str:
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def latent_key(*, image_sha256: str, bucket: tuple[int, int], crop: tuple[int, int], flip: bool,
+               vae_identity: str, dtype: str) -> str:
+    """Key of one image variant's posterior. `crop` is the (left, top) offset actually used."""
+    return _digest({"kind": "latent", "format": SCHEMA_VERSION, "transform": TRANSFORM_VERSION,
+                    "image": image_sha256, "bucket": list(bucket), "crop": list(crop),
+                    "flip": bool(flip), "vae": vae_identity, "dtype": dtype})
+
+
+def text_key(*, caption: str, text_identity: str, max_length: int | None, dtype: str) -> str:
+    """Key of one caption's embedding (max_length None: unknown yet, matches no entry)."""
+    return _digest({"kind": "text", "format": SCHEMA_VERSION, "caption": caption,
+                    "encoder": text_identity, "max_length": max_length, "dtype": dtype})
+
+
+def crop_offsets(row: ManifestRow, center_crop: bool) -> tuple[int, int]:
+    """The crop offset the transform will use ("center" resolved to numbers, so that a centred
+    crop and the same explicit offset share one entry)."""
+    crop = crop_for(row, center_crop)
+    if crop == "center":
+        return center_crop_offset(row.width, row.height, row.bucket_w, row.bucket_h)
+    return crop
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """Everything besides the sample itself that the cache keys depend on."""
+
+    vae_identity: str
+    text_identity: str
+    text_max_length: int | None
+    dtype: str            # storage dtype name: fp32 | bf16 | fp16
+    center_crop: bool
+
+    @classmethod
+    def for_config(cls, config: Config, family: ModelFamily,
+                   text_max_length: int | None) -> "KeySpec":
+        return cls(vae_identity=family.vae_identity(),
+                   text_identity=family.text_encoder_identity(),
+                   text_max_length=text_max_length,
+                   dtype=STORAGE_DTYPES[config.precompute.mixed_precision][0],
+                   center_crop=config.data.center_crop)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPE_BY_NAME[self.dtype]
+
+    def latent_key(self, row: ManifestRow, flip: bool) -> str:
+        return latent_key(image_sha256=row.sha256, bucket=row.bucket,
+                          crop=crop_offsets(row, self.center_crop), flip=flip,
+                          vae_identity=self.vae_identity, dtype=self.dtype)
+
+    def text_key(self, caption: str) -> str:
+        return text_key(caption=caption, text_identity=self.text_identity,
+                        max_length=self.text_max_length, dtype=self.dtype)
+
+
+# --- the plan: which entries a manifest + config needs ---------------------------------------
+
+@dataclass(frozen=True)
+class LatentJob:
+    """One image variant to cache (the first row with this key stands for all duplicates)."""
+
+    key: str
+    row: ManifestRow
+    flip: bool
+
+
+@dataclass
+class CachePlan:
+    latents: dict[str, LatentJob]     # key -> job, in manifest order
+    texts: dict[str, str]             # key -> caption
+    variants: int                     # (row, flip) pairs asked for, duplicates included
+    flipped: set[str] = field(default_factory=set)  # keys of mirrored variants
+
+    def keys(self) -> set[str]:
+        return set(self.latents) | set(self.texts)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes exactly when the set of entries training needs changes."""
+        return cache_plan_fingerprint(self.keys())
+
+
+def cache_plan_fingerprint(keys: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *, random_flip: bool,
+                 captions: Sequence[str] = ()) -> CachePlan:
+    """The entries needed for `rows` (both flips of train rows with random_flip), their
+    captions, and the extra `captions` (sample prompts)."""
+    latents: dict[str, LatentJob] = {}
+    flipped: set[str] = set()
+    variants = 0
+    for row in rows:
+        for flip in sample_variants(row, random_flip):
+            key = spec.latent_key(row, flip)
+            latents.setdefault(key, LatentJob(key, row, flip))
+            variants += 1
+            if flip:
+                flipped.add(key)
+    texts = {}
+    for caption in [row.caption for row in rows] + list(captions):
+        texts.setdefault(spec.text_key(caption), caption)
+    return CachePlan(latents, texts, variants, flipped)
+
+
+def prompts_to_cache(ws: Workspace, config: Config) -> list[str]:
+    """Sample prompts (the prompts file, blank and # lines skipped) and the negative prompt,
+    cached so that training from the cache can sample without the text encoder."""
+    named = config.train.sample_prompts_file
+    path = ws.resolve(named or "prompts.txt")
+    prompts: list[str] = []
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not valid UTF-8",
+                            hint="save the prompts file as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines()
+                   if line.strip() and not line.strip().startswith("#")]
+    elif named:
+        raise DataError(f"{path}: no such file ([train] sample_prompts_file)",
+                        hint="create it (one prompt per line) or unset sample_prompts_file")
+    if config.sample.negative_prompt:
+        prompts.append(config.sample.negative_prompt)
+    return list(dict.fromkeys(prompts))
+
+
+# --- the index --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexEntry:
+    key: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    flip: bool
+    source: str
+
+
+class CacheIndex:
+    """The SQLite index of complete entries. One connection; not shared between processes."""
+
+    def __init__(self, path: Path, *, create: bool = True):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise CacheError(f"no cache index at {self.path}", hint="run `ditctl precompute`")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # The precompute writer thread commits while the main thread encodes; the caller
+            # serialises access, so the connection may cross threads.
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL survives a killed process; a power loss may lose the last commits,
+            # which only makes finished files invisible (they are re-encoded).
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            with self.db:
+                self.db.executescript(_SCHEMA)
+                version = self.get_meta("schema_version")
+                if version is None:
+                    self.set_meta("schema_version", SCHEMA_VERSION, commit=False)
+                elif version != SCHEMA_VERSION:
+                    raise CacheError(f"{self.path}: cache schema {version}, this ditctl uses "
+                                     f"{SCHEMA_VERSION}",
+                                     hint=f"delete {self.path.parent} and run `ditctl precompute`")
+        except sqlite3.DatabaseError as exc:
+            raise CacheError(f"{self.path}: unreadable cache index ({exc})",
+                             hint=f"delete {self.path} and run `ditctl precompute --gc` "
+                                  "(entries are re-encoded)") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> "CacheIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # meta: the schema version, and the token length each text encoder identity produces
+    def get_meta(self, key: str):
+        found = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(found[0]) if found else None
+
+    def set_meta(self, key: str, value, *, commit: bool = True) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        if commit:
+            self.db.commit()
+
+    def text_max_length(self, text_identity: str) -> int | None:
+        return self.get_meta(f"text_max_length:{text_identity}")
+
+    def record_text_max_length(self, text_identity: str, max_length: int) -> None:
+        self.set_meta(f"text_max_length:{text_identity}", int(max_length))
+
+    # entries
+    def keys(self, kind: str | None = None) -> set[str]:
+        if kind is None:
+            return {k for (k,) in self.db.execute("SELECT key FROM entries")}
+        return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE kind = ?", (kind,))}
+
+    def entries(self) -> Iterator[IndexEntry]:
+        for key, kind, shape, dtype, size, flip, source in self.db.execute(
+                "SELECT key, kind, shape, dtype, bytes, flip, source FROM entries ORDER BY key"):
+            yield IndexEntry(key, kind, tuple(json.loads(shape)), dtype, size, bool(flip), source)
+
+    def bytes_of(self, keys: Iterable[str]) -> int:
+        wanted = set(keys)
+        return sum(size for key, size in self.db.execute("SELECT key, bytes FROM entries")
+                   if key in wanted)
+
+    def add(self, entries: Sequence[IndexEntry]) -> None:
+        """Record complete entries (their files are already in place), in one transaction."""
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
+                  e.source, now) for e in entries))
+
+    def remove(self, keys: Iterable[str]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM entries WHERE key = ?", ((k,) for k in keys))
+
+
+# --- the cache folder -------------------------------------------------------------------------
+
+class Cache:
+    """One cache folder read through the keys of one model and data config."""
+
+    def __init__(self, root: Path, spec: KeySpec):
+        self.root = Path(root)
+        self.spec = spec
+
+    @classmethod
+    def open(cls, ws: Workspace, config: Config, family: ModelFamily) -> "Cache":
+        """The workspace's cache for `config` and `family` (identities only, no weights).
+
+        The text token length is the one precompute recorded for this text encoder; without
+        it no caption key can match (every caption counts as missing).
+        """
+        root = ws.cache_dir(config)
+        max_length = None
+        if (root / INDEX_NAME).is_file():
+            with CacheIndex(root / INDEX_NAME) as index:
+                max_length = index.text_max_length(family.text_encoder_identity())
+        return cls(root, KeySpec.for_config(config, family, max_length))
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_NAME
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / FOLDERS[kind] / key[:2] / f"{key}.safetensors"
+
+    def plan(self, rows: Sequence[ManifestRow], *, random_flip: bool,
+             captions: Sequence[str] = ()) -> CachePlan:
+        return plan_entries(self.spec, rows, random_flip=random_flip, captions=captions)
+
+    # reading (training)
+    def read_latents(self, row: ManifestRow, flip: bool) -> LatentDist:
+        """The cached posterior of a row's image: mean, std [1, C, h, w] fp32."""
+        key = self.spec.latent_key(row, flip)
+        tensors = self._load(self.path("latent", key), f"the latents of {row.path}"
+                             + (" (flipped)" if flip else ""), ("mean", "std"))
+        return LatentDist(mean=tensors["mean"].float().unsqueeze(0),
+                          std=tensors["std"].float().unsqueeze(0))
+
+    def read_text(self, caption: str) -> torch.Tensor:
+        """The cached embedding of a caption or prompt: [1, L, D] fp32."""
+        key = self.spec.text_key(caption)
+        tensors = self._load(self.path("text", key), f"the text embedding of {caption!r}",
+                             ("embedding",))
+        return tensors["embedding"].float().unsqueeze(0)
+
+    def _load(self, path: Path, what: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        try:
+            tensors = read_entry_file(path)
+        except FileNotFoundError:
+            raise CacheError(f"{what} is not in the cache {self.root} (no {path.name})",
+                             hint="run `ditctl precompute`") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CacheError(f"{path}: unreadable cache entry for {what} ({exc})",
+                             hint="run `ditctl precompute --verify`") from None
+        if set(names) - set(tensors):
+            raise CacheError(f"{path}: cache entry for {what} lacks {', '.join(names)}",
+                             hint="run `ditctl precompute --verify`")
+        return tensors
+
+
+# --- entry files ------------------------------------------------------------------------------
+
+def read_entry_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an entry file, in memory of their own. (`load_file` would map the file:
+    its tensors would change if the file were overwritten in place, and pin the mapping.)"""
+    return load(Path(path).read_bytes())
+
+
+def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """The safetensors bytes of one posterior ([C, h, w] each), stored in `dtype`."""
+    return save({"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()},
+                metadata={"format": "ditctl-cache", "kind": "latent"})
+
+
+def text_file_bytes(embedding: torch.Tensor, dtype: torch.dtype) -> bytes:
+    """The safetensors bytes of one caption embedding [L, D], stored in `dtype`."""
+    return save({"embedding": embedding.to(dtype).contiguous()},
+                metadata={"format": "ditctl-cache", "kind": "text"})
+
+
+def check_entry(path: Path, entry: IndexEntry) -> str | None:
+    """Why an entry's file is bad (unreadable, wrong tensors/shape/dtype, non-finite), or None."""
+    names = ("mean", "std") if entry.kind == "latent" else ("embedding",)
+    try:
+        tensors = read_entry_file(path)
+    except FileNotFoundError:
+        return "file missing"
+    except (SafetensorError, OSError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    if set(tensors) != set(names):
+        return f"holds {sorted(tensors)}, expected {list(names)}"
+    for name in names:
+        tensor = tensors[name]
+        if tuple(tensor.shape) != entry.shape:
+            return f"{name} has shape {list(tensor.shape)}, expected {list(entry.shape)}"
+        if tensor.dtype != _DTYPE_BY_NAME.get(entry.dtype):
+            return f"{name} is {tensor.dtype}, expected {entry.dtype}"
+        if not torch.isfinite(tensor).all():
+            return f"{name} holds non-finite values"
+    return None
+
+
+# --- what training checks before it starts ---------------------------------------------------
+
+def present_keys(cache: Cache, index: CacheIndex, plan: CachePlan) -> set[str]:
+    """Keys of the plan that the index records and whose files exist."""
+    recorded = index.keys() & plan.keys()
+    kinds = {**{k: "latent" for k in plan.latents}, **{k: "text" for k in plan.texts}}
+    return {k for k in recorded if cache.path(kinds[k], k).is_file()}
+
+
+def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,
+                         rows: Sequence[ManifestRow], *,
+                         prompts: Sequence[str] | None = None) -> None:
+    """Raise CacheError unless every entry `rows` need under `config` is cached.
+
+    `prompts`: extra texts that must be cached too; None means the workspace's sample prompts
+    (and negative prompt) when training samples (`sample_every` > 0). Loads no weights.
+    """
+    cache = Cache.open(ws, config, family)
+    if prompts is None:
+        prompts = prompts_to_cache(ws, config) if config.train.sample_every > 0 else []
+    plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
+    if cache.index_path.is_file():
+        with CacheIndex(cache.index_path) as index:
+            present = present_keys(cache, index, plan)
+    else:
+        present = set()
+    missing_latents = sum(k not in present for k in plan.latents)
+    missing_texts = sum(k not in present for k in plan.texts)
+    if missing_latents or missing_texts:
+        raise CacheError(
+            f"{missing_latents} of {len(plan.latents)} latents and {missing_texts} of "
+            f"{len(plan.texts)} captions are missing or stale for the current config "
+            f"(cache {cache.root})",
+            hint="run `ditctl precompute`")
+

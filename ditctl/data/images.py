@@ -1,0 +1,205 @@
+"""Safe image decoding: one way to turn a file's bytes into an upright RGB image.
+
+Validation (`probe_file`, run by `ingest` for every image) and training
+(`transforms.load_training_image`) both go through `decode_rgb`, so an image that passed
+ingest decodes the same way at train time. Torch-free on purpose: ingest's worker processes
+import this module and nothing heavier.
+
+What "safe" means here:
+- only raster formats PIL decodes itself are tried (never EPS/PDF, which call Ghostscript);
+- the pixel count is checked from the header before any pixel is decoded (decompression bombs);
+- the whole image is decoded (truncated files fail here, not in the middle of training);
+- EXIF orientation is applied; colour modes are converted without silent damage: transparency
+  is composited on white, 16-bit samples are scaled to 8 bits (PIL's own conversion clips
+  them), CMYK and palette images are converted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The only decoders PIL may try (its JPEG decoder also opens multi-picture camera JPEGs).
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_ORIENTATION_TAG = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageProblem(Exception):
+    """Why one image cannot be used: a short `code` (for reports) and a readable message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What validating one file learned. Width and height are after EXIF orientation."""
+
+    path: str
+    size_bytes: int
+    mtime_ns: int
+    sha256: str
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One file's outcome: `facts` when it decoded, else the problem's code and message."""
+
+    path: str
+    facts: ImageFacts | None
+    code: str = ""
+    message: str = ""
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """`Image.open` (reads the header only) with PIL's bomb guard set to our limit.
+
+    PIL warns above its global `Image.MAX_IMAGE_PIXELS` and refuses above twice that; left at
+    its default it would refuse images that a larger `max_image_pixels` allows. PIL offers only
+    the global, so it is swapped for the (cheap) header read under a lock, which keeps threaded
+    callers from restoring each other's values; the pixel decode runs outside the lock.
+    """
+    with _PIL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return Image.open(io.BytesIO(data), formats=_FORMATS)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def pixel_limit_problem(width: int, height: int, max_pixels: int) -> ImageProblem:
+    return ImageProblem(
+        "too_many_pixels",
+        f"{width}x{height} = {width * height:,} pixels, more than max_image_pixels "
+        f"({max_pixels:,}; decompression-bomb guard)")
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise pixel_limit_problem(width, height, max_pixels)
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Fully decode image bytes into an upright RGB image; raises ImageProblem if unusable."""
+    if not data:
+        raise ImageProblem("empty_file", "file is empty (0 bytes)")
+    try:
+        image = _open_header(data, max_pixels)
+    except UnidentifiedImageError:
+        raise ImageProblem("not_image", "not an image (ditctl reads JPEG, PNG, WebP, BMP, "
+                           "TIFF, GIF)") from None
+    except Image.DecompressionBombError:
+        raise ImageProblem("too_many_pixels", f"more than max_image_pixels ({max_pixels:,}; "
+                           "decompression-bomb guard)") from None
+    except Exception as exc:  # a damaged header: PIL raises many types here
+        raise ImageProblem("corrupt", f"corrupt image header ({exc})") from None
+    check_pixel_count(image.width, image.height, max_pixels)  # before any pixel is decoded
+    try:
+        image.load()
+        image = apply_exif_orientation(image)
+        return to_rgb(image)
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says (cameras store pixels sideways)."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # an unreadable EXIF block does not make the pixels unusable
+        return image
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without clipping, inverting or black backgrounds."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _SIXTEEN_BIT_MODES:
+        # PIL's I;16 -> L conversion clips everything above 255 to white; scale instead.
+        samples = np.asarray(image).astype(np.float32)
+        gray = np.clip(samples, 0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(np.rint(gray).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        samples = np.asarray(image).astype(np.float32)
+        if samples.size and float(np.nanmax(samples)) <= 1.0:
+            samples = samples * 255.0  # float images in [0, 1]
+        gray = np.nan_to_num(np.clip(samples, 0, 255))
+        return Image.fromarray(np.rint(gray).astype(np.uint8)).convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        # Transparent pixels carry arbitrary colour (often black): composite on white.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
+    """Read a file once, hash its bytes and fully decode them; raises ImageProblem if bad."""
+    try:
+        with open(path, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            data = fh.read()
+    except FileNotFoundError:
+        raise ImageProblem("missing", "file not found") from None
+    except IsADirectoryError:
+        raise ImageProblem("not_image", "is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageProblem("unreadable", f"cannot read the file ({exc.strerror or exc})") from None
+    image = decode_rgb(data, max_pixels=max_pixels)
+    return ImageFacts(path=path, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                      sha256=hashlib.sha256(data).hexdigest(), width=image.width,
+                      height=image.height, format=_format_name(data))
+
+
+def _format_name(data: bytes) -> str:
+    # The decoded image no longer carries `format` after conversion; sniff the signature.
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[:4] == b"GIF8":
+        return "GIF"
+    return "?"
+
+
+def probe_chunk(paths: Sequence[str], max_pixels: int) -> list[ProbeResult]:
+    """Probe several files (one unit of work for a pool process); never raises for bad files."""
+    results = []
+    for path in paths:
+        try:
+            results.append(ProbeResult(path, probe_file(path, max_pixels=max_pixels)))
+        except ImageProblem as problem:
+            results.append(ProbeResult(path, None, problem.code, problem.message))
+    return results

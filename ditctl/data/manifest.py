@@ -1,0 +1,233 @@
+"""The manifest: every usable sample of the workspace, in SQLite at `.ditctl/manifest.sqlite`.
+
+Tables:
+  samples  one row per good sample: split, source row, path, caption, content hash, file size
+           and mtime, oriented width/height, format, and its target (bucket) size;
+  files    what validation learned per file (size, mtime, hash, size in pixels), so a re-ingest
+           re-reads only files whose size or mtime changed;
+  meta     schema version, the [data] config used, batch sizes planned for, the fingerprint.
+
+The file is never modified in place: `write_manifest` builds a new database in a temporary
+file and renames it over the old one, so a killed ingest leaves the previous manifest intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ..errors import DataError, WorkspaceError
+from ..fsutil import TEMP_PREFIX, fsync_dir
+from ..workspace import Workspace
+from .images import ImageFacts
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE samples (
+    id INTEGER PRIMARY KEY,
+    split TEXT NOT NULL CHECK (split IN ('train', 'val')),
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    caption TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    bucket_w INTEGER NOT NULL,
+    bucket_h INTEGER NOT NULL
+);
+CREATE INDEX samples_split ON samples (split, id);
+CREATE TABLE files (
+    path TEXT PRIMARY KEY,
+    size_bytes INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL
+);
+"""
+_SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
+                   "width", "height", "format", "bucket_w", "bucket_h")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One good sample. `width`/`height` are the image's (EXIF-oriented) size; the bucket is
+    the size it trains at."""
+
+    split: str
+    source: str
+    path: Path
+    caption: str
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+    width: int
+    height: int
+    format: str
+    bucket_w: int
+    bucket_h: int
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.bucket_w, self.bucket_h
+
+    def values(self) -> tuple:
+        """The row in the column order of the samples table."""
+        return (self.split, self.source, str(self.path), self.caption, self.sha256,
+                self.size_bytes, self.mtime_ns, self.width, self.height, self.format,
+                self.bucket_w, self.bucket_h)
+
+
+def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
+    """Changes when any sample, caption, image content or bucket changes (not with paths, so
+    moving the data folder keeps it)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row.split, row.source, row.caption, row.sha256, row.width,
+                                  row.height, row.bucket_w, row.bucket_h]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFacts],
+                   meta: dict[str, Any]) -> str:
+    """Replace the manifest at `path` atomically; returns the fingerprint it records."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = compute_fingerprint(rows)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        with contextlib.closing(sqlite3.connect(tmp)) as db:
+            # No journal and no syncs while building: a crash leaves only this temporary file,
+            # which is never used; the whole file is fsynced once before the rename.
+            db.execute("PRAGMA journal_mode = OFF")
+            db.execute("PRAGMA synchronous = OFF")
+            db.executescript(_SCHEMA)
+            with db:  # one transaction
+                _insert_samples(db, rows)
+                db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                               ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
+                                 f.format) for f in files))
+                all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
+                db.executemany("INSERT INTO meta VALUES (?, ?)",
+                               ((k, json.dumps(v)) for k, v in all_meta.items()))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return fingerprint
+
+
+def _insert_samples(db: sqlite3.Connection, rows: list[ManifestRow]) -> None:
+    placeholders = ", ".join("?" * len(_SAMPLE_COLUMNS))
+    db.executemany(f"INSERT INTO samples ({', '.join(_SAMPLE_COLUMNS)}) VALUES ({placeholders})",
+                   (row.values() for row in rows))
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _open(ws: Workspace) -> Iterator[sqlite3.Connection]:
+    path = ws.manifest_db
+    if not path.is_file():
+        raise WorkspaceError(f"no manifest in {ws.root}: the data has not been ingested",
+                             hint="run `ditctl ingest`")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            version = _meta_value(db, "schema_version")
+            if version != SCHEMA_VERSION:
+                raise DataError(f"{path}: manifest schema {version}, this ditctl reads "
+                                f"{SCHEMA_VERSION}", hint="run `ditctl ingest` to rebuild it")
+            yield db
+    except sqlite3.DatabaseError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})",
+                        hint="run `ditctl ingest` to rebuild it") from None
+
+
+def _meta_value(db: sqlite3.Connection, key: str) -> Any:
+    found = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return json.loads(found[0]) if found else None
+
+
+def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
+    """The good samples of one split, in source order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    with _open(ws) as db:
+        found = db.execute(f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM samples "
+                           "WHERE split = ? ORDER BY id", (split,)).fetchall()
+    return [_row(values) for values in found]
+
+
+def _row(values: tuple) -> ManifestRow:
+    fields = dict(zip(_SAMPLE_COLUMNS, values))
+    fields["path"] = Path(fields["path"])
+    return ManifestRow(**fields)
+
+
+def manifest_fingerprint(ws: Workspace) -> str:
+    """The fingerprint of the current manifest (training checkpoints record it)."""
+    with _open(ws) as db:
+        return _meta_value(db, "fingerprint")
+
+
+def manifest_meta(ws: Workspace) -> dict[str, Any]:
+    """Everything in the meta table (data_config, batch sizes, counts, fingerprint, ...)."""
+    with _open(ws) as db:
+        return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+
+
+# (split, path, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest changed
+SampleKey = tuple[str, str, str, str, int, int]
+
+
+def sample_key(row: ManifestRow) -> SampleKey:
+    return (row.split, str(row.path), row.sha256, row.caption, row.bucket_w, row.bucket_h)
+
+
+@dataclass(frozen=True)
+class PreviousManifest:
+    """What the last ingest recorded, for incremental re-ingest (empty when there is none)."""
+
+    files: dict[str, ImageFacts]
+    samples: list[SampleKey]
+    problem: str | None = None
+
+
+def read_previous(path: Path) -> PreviousManifest:
+    """The previous manifest at `path`; an unreadable one counts as none (with the reason)."""
+    path = Path(path)
+    if not path.is_file():
+        return PreviousManifest({}, [])
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            if _meta_value(db, "schema_version") != SCHEMA_VERSION:
+                return PreviousManifest({}, [], "written by another ditctl version")
+            files = {values[0]: ImageFacts(*values) for values in db.execute(
+                "SELECT path, size_bytes, mtime_ns, sha256, width, height, format FROM files")}
+            samples = db.execute("SELECT split, path, sha256, caption, bucket_w, bucket_h "
+                                 "FROM samples ORDER BY id").fetchall()
+        return PreviousManifest(files, samples)
+    except sqlite3.DatabaseError as exc:
+        return PreviousManifest({}, [], f"unreadable ({exc})")

@@ -1,0 +1,173 @@
+"""Reading a data source into rows of (image path, caption): a CSV file or a folder of images.
+
+CSV: the image column holds paths relative to `base_image_dir` (default: the CSV's folder) or
+absolute paths; the caption column holds the caption. The file must be UTF-8 (a BOM is fine);
+quoted fields may hold commas and newlines.
+
+Folder: every image below it (recursively, hidden files and folders skipped), in sorted order.
+The caption is the file name without its extension, `_` and `-` read as spaces
+(`beautiful_sunset.jpg` -> "beautiful sunset"); a sidecar `NAME.txt` beside the image wins.
+
+Problems with the whole source (missing file, not UTF-8, missing column) raise DataError;
+problems with one row are attached to that row so ingest can report them all together.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from .images import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    """One (image, caption) pair as the source lists it.
+
+    `source` names the row in its source: "line 12" of a CSV, or the image's path relative to
+    the folder. `listed_path` is the path as written (for messages); `path` is the absolute,
+    normalised path (a str: ingest handles many thousands of them and only needs strings).
+    `problem` is a (code, message) found while reading the source itself.
+    """
+
+    split: str
+    source: str
+    listed_path: str
+    path: str
+    caption: str
+    problem: tuple[str, str] | None = None
+
+
+def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
+                image_column: str = "image_path",
+                caption_column: str = "caption") -> list[SourceRow]:
+    """The rows of a CSV file or image folder (see the module docstring)."""
+    data_path = Path(os.path.abspath(data_path))
+    if data_path.is_dir():
+        return read_folder(data_path, split=split)
+    if data_path.is_file():
+        return read_csv(data_path, split=split, base_image_dir=base_image_dir,
+                        image_column=image_column, caption_column=caption_column)
+    key = "train_data_path" if split == "train" else "val_data_path"
+    raise DataError(f"{data_path}: no such file or folder ([data] {key})",
+                    hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV file or a "
+                         "folder of images")
+
+
+# --- CSV --------------------------------------------------------------------------------------
+
+def _decode_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:offset].count(b"\n") + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        raise DataError(
+            f"{path}: line {line}, column {column}: not valid UTF-8 "
+            f"(byte 0x{data[offset]:02x})",
+            hint=f"save the CSV as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+                 f"{path.stem}-utf8.csv`") from None
+
+
+def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_column: str,
+             caption_column: str) -> list[SourceRow]:
+    text = _decode_utf8(path)
+    base = os.path.abspath(base_image_dir if base_image_dir is not None else path.parent)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: the CSV is empty (no header line)",
+                            hint=f"write a header line: {image_column},{caption_column}")
+        header = [name.strip() for name in header]
+        missing = [c for c in (image_column, caption_column) if c not in header]
+        if missing:
+            raise DataError(
+                f"{path}: no column {', '.join(repr(c) for c in missing)}; "
+                f"the columns are: {', '.join(repr(c) for c in header)}",
+                hint="name the right columns with [data] image_column / caption_column "
+                     "(--image-column, --caption-column)")
+        image_at, caption_at = header.index(image_column), header.index(caption_column)
+        rows: list[SourceRow] = []
+        line = reader.line_num + 1  # first physical line of the next record
+        for record in reader:
+            start, line = line, reader.line_num + 1
+            if not any(field.strip() for field in record):
+                continue  # blank lines
+            rows.append(_csv_row(record, image_at, caption_at, base, split, start))
+        return rows
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({exc})",
+                        hint="fix the quoting on that line") from None
+
+
+def _csv_row(record: list[str], image_at: int, caption_at: int, base: str, split: str,
+             line: int) -> SourceRow:
+    listed = record[image_at].strip() if image_at < len(record) else ""
+    caption = record[caption_at].strip() if caption_at < len(record) else ""
+    source = f"line {line}"
+    if not listed:
+        return SourceRow(split, source, "", base, caption, ("no_path", "the image path is empty"))
+    # join() keeps an absolute listed path as it is
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(listed)))
+    return SourceRow(split, source, listed, path, caption)
+
+
+# --- folder -----------------------------------------------------------------------------------
+
+def caption_from_name(stem: str) -> str:
+    """`beautiful_sunset-2` -> "beautiful sunset 2"."""
+    return re.sub(r"\s+", " ", stem.replace("_", " ").replace("-", " ")).strip()
+
+
+def _images_below(folder: Path) -> list[tuple[str, str, bool]]:
+    """(relative posix path, path, has a sidecar .txt) of every image below `folder`, sorted.
+
+    os.scandir rather than Path.rglob: re-ingest of an unchanged folder is dominated by this
+    walk, and the directory listing already answers whether each sidecar exists.
+    """
+    found = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of visited folders: symlink loops
+    pending = [("", os.path.abspath(folder))]
+    while pending:
+        prefix, directory = pending.pop()
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(directory) as listing:
+            # hidden entries are skipped: .ditctl, .git, editor temp files, ...
+            entries = [entry for entry in listing if not entry.name.startswith(".")]
+        names = {entry.name for entry in entries}
+        for entry in entries:
+            stem, suffix = os.path.splitext(entry.name)
+            if entry.is_dir():
+                pending.append((prefix + entry.name + "/", entry.path))
+            elif suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                found.append((prefix + entry.name, entry.path, stem + ".txt" in names))
+    found.sort()
+    return found
+
+
+def read_folder(folder: Path, *, split: str) -> list[SourceRow]:
+    rows = []
+    for relative, path, has_sidecar in _images_below(folder):
+        stem = os.path.splitext(os.path.basename(relative))[0]
+        caption, problem = caption_from_name(stem), None
+        if has_sidecar:
+            sidecar = os.path.splitext(path)[0] + ".txt"
+            try:
+                with open(sidecar, encoding="utf-8-sig") as fh:
+                    caption = fh.read().strip()
+            except (UnicodeDecodeError, OSError) as exc:
+                reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+                problem = ("bad_caption_file", f"caption file {stem}.txt: {reason}")
+        rows.append(SourceRow(split, relative, relative, path, caption, problem))
+    return rows

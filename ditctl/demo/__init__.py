@@ -1,0 +1,2 @@
+"""A self-contained demo world: procedurally drawn scenes (`scenes`) and a pixel-space
+classifier that scores generated images of them (`concepts`)."""

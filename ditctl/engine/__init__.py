@@ -1,0 +1,1 @@
+"""The training engine: objective, loop, checkpoints, LoRA, and the one checkpoint loader."""

@@ -1,0 +1,98 @@
+"""The one way to get a denoiser for inference: base, base + LoRA, or fine-tuned weights.
+
+`sample`, `eval`, `export` and samples during training all load through here, so a checkpoint
+means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import Config
+from ..errors import CheckpointError
+from ..models.base import ModelFamily
+from ..status import CHECKPOINT_MARKER, list_checkpoints, list_runs
+from ..workspace import Workspace
+from .lora import adapter_from_config_dict, add_lora, load_adapter_weights, set_lora_scale
+
+TRAINABLE_FILE = "trainable.safetensors"  # non-LoRA trained weights (full fine-tuning)
+
+
+def read_checkpoint_meta(checkpoint: Path) -> dict:
+    marker = Path(checkpoint) / CHECKPOINT_MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{checkpoint} is not a complete ditctl checkpoint (no {CHECKPOINT_MARKER})",
+                              hint="pick another checkpoint (ditctl status lists them)")
+    return json.loads(marker.read_text())
+
+
+def resolve_run(ws: Workspace, config: Config, run: str | None = None) -> Path:
+    runs_dir = ws.runs_dir(config)
+    if run:
+        path = runs_dir / run if not Path(run).is_absolute() else Path(run)
+        if not (path / "config.toml").is_file():
+            names = ", ".join(p.name for p in list_runs(runs_dir)) or "none"
+            raise CheckpointError(f"no run named {run!r} in {runs_dir}", hint=f"runs: {names}")
+        return path
+    runs = list_runs(runs_dir)
+    if not runs:
+        raise CheckpointError(f"no training runs in {runs_dir}", hint="run `ditctl train` first, "
+                              "or use --base for the base model")
+    return runs[-1]
+
+
+def resolve_checkpoint(ws: Workspace, config: Config, run: str | None = None,
+                       checkpoint: str | Path | None = None) -> Path:
+    """An explicit checkpoint folder, or the latest complete checkpoint of a (the latest) run."""
+    if checkpoint:
+        path = Path(checkpoint)
+        read_checkpoint_meta(path)
+        return path
+    run_dir = resolve_run(ws, config, run)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise CheckpointError(f"run {run_dir.name} has no complete checkpoint yet",
+                              hint="let training reach checkpoint_every steps or finish, "
+                                   "or resume it with `ditctl train --resume latest`")
+    return checkpoints[-1]
+
+
+def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_scale: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The base denoiser with a checkpoint's trained weights applied (LoRA and/or full)."""
+    denoiser = family.load_denoiser(torch.float32)
+    if checkpoint is not None:
+        apply_checkpoint(family, denoiser, Path(checkpoint))
+        set_lora_scale(denoiser, lora_scale)
+    return denoiser.to(dtype).eval().requires_grad_(False)
+
+
+def apply_checkpoint(family: ModelFamily, denoiser: torch.nn.Module, checkpoint: Path) -> dict:
+    """Load a checkpoint's trained weights into a freshly loaded base denoiser; returns its meta."""
+    meta = read_checkpoint_meta(checkpoint)
+    base = meta.get("base_identity")
+    if base and base != family.denoiser_identity():
+        raise CheckpointError(f"{checkpoint} was trained on another base model ({base}), "
+                              f"not {family.path} ({family.denoiser_identity()})",
+                              hint="use the workspace whose model it was trained on, or set "
+                                   "[model] pretrained_model_path to that model")
+    if (checkpoint / "adapter_config.json").is_file():
+        saved = json.loads((checkpoint / "adapter_config.json").read_text())
+        add_lora(denoiser, adapter_from_config_dict(saved))
+        load_adapter_weights(denoiser, checkpoint)
+    trainable = checkpoint / TRAINABLE_FILE
+    if trainable.is_file():
+        state = load_file(trainable)
+        own = dict(denoiser.named_parameters())
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise CheckpointError(f"{trainable} has weights this model lacks: {unknown[:3]}",
+                                  hint="it was trained on another model configuration")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+    return meta

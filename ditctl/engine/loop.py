@@ -1,0 +1,185 @@
+"""The training loop: one loop for every model family, full or LoRA, one or many processes.
+
+Reads top to bottom as the algorithm: take the next global batch, keep this process's share,
+noise it (counter-based randomness, see objective.py), predict, MSE, accumulate, clip, step,
+schedule; then log, sample, evaluate and checkpoint on their cadences. Everything a resume needs
+is in the checkpoint, so k steps + resume + (N - k) steps equals N steps bit for bit.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..console import console
+from ..errors import TrainingError
+from ..models.base import LatentDist
+from .checkpoint import Position, load_checkpoint, save_checkpoint
+from .monitor import Monitor
+from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
+from .optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    checkpoint: object
+    interrupted: bool
+    skipped_steps: int
+
+
+def batch_stream(data, position: Position) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batch index, the step's batch of row indices) from `position` on, epoch after
+    epoch (so max_steps can run past num_epochs)."""
+    epoch, index = position.epoch, position.batch_index
+    while True:
+        batches = data.epoch_batches(epoch)
+        for i in range(index, len(batches)):
+            yield epoch, i, batches[i]
+        epoch, index = epoch + 1, 0
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict]:
+    """SIGTERM and the first Ctrl-C ask the loop to checkpoint and stop after the current step."""
+    flag = {"stop": False}
+    previous = {}
+
+    def request(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        console.warn("stopping after this step: a checkpoint will be saved (Ctrl-C again to abort)")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, request)
+        except ValueError:  # not the main thread (e.g. in some test runners)
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_loop(ctx, resume_from=None) -> TrainResult:
+    """Run training as set up in `ctx` (a `TrainingContext` from ditctl.train)."""
+    acc, family, config, data, run = ctx.accelerator, ctx.family, ctx.config, ctx.data, ctx.run
+    train, schedule = config.train, ctx.schedule
+    density = TimestepDensity.from_config(train)
+    rank, world = acc.process_index, acc.num_processes
+
+    trainable = [p for p in ctx.denoiser.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, train)
+    scheduler = build_scheduler(optimizer, train, schedule.total_steps)
+    position = Position(0, 0, 0)
+    if resume_from is not None:
+        position, _ = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
+        console.info(f"resumed from {resume_from} at step {position.step}")
+    model, optimizer = acc.prepare(ctx.denoiser, optimizer)
+    monitor = Monitor(ctx, start_step=position.step)
+
+    stream = batch_stream(data, position)
+    consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
+    with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar:
+        for step in range(position.step + 1, schedule.total_steps + 1):
+            t0 = time.perf_counter()
+            data_time, losses, timesteps, finite = 0.0, [], [], True
+            # 1. the step's planned batch; micro-batch m is its m-th slice, and this process
+            #    takes every world-th sample of it (j: the sample's position in the step batch)
+            epoch, batch_index, indices = next(stream)
+            for micro in range(schedule.accumulation):
+                tick = time.perf_counter()
+                first = micro * schedule.micro_batch
+                mine = list(range(first + rank, first + schedule.micro_batch, world))
+                rows = [indices[j] for j in mine]
+                batch = data.load(rows, epoch)
+                # 2. repeat each sample batch_multiplicity times, each with its own randomness
+                reps = train.batch_multiplicity
+                dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
+                                  batch.dist.std.repeat_interleave(reps, 0))
+                text = batch.text.repeat_interleave(reps, 0)
+                seeds = [sample_seed(ctx.seed, epoch, batch_index, j, r)
+                         for j in mine for r in range(reps)]
+                noised = noised_batch(family, dist, text, seeds, density, train.caption_dropout,
+                                      train.resolution_shift)
+                device = acc.device
+                data_time += time.perf_counter() - tick
+                # 3. predict and compare; gradients sync across processes on the last micro-batch
+                sync = micro == schedule.accumulation - 1
+                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                    prediction = family.predict(model, noised.noisy.to(device), noised.t.to(device),
+                                                noised.text.to(device))
+                    per_sample = per_sample_mse(prediction, noised.target.to(device))
+                    loss = per_sample.mean()
+                finite &= bool(torch.isfinite(loss))
+                if finite:
+                    acc.backward(loss / schedule.accumulation)
+                losses.append(per_sample.detach())
+                timesteps.append(noised.t)
+            # 4. clip, step, schedule — unless something was non-finite
+            grad_norm = acc.clip_grad_norm_(trainable, train.max_grad_norm) \
+                if finite and train.max_grad_norm > 0 else None
+            if grad_norm is not None and not torch.isfinite(grad_norm):
+                finite = False
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                consecutive_bad = 0
+            else:
+                skipped += 1
+                consecutive_bad += 1
+                if consecutive_bad >= train.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                        f"(step {step}); nothing was saved from them",
+                        hint="lower the learning rate, use --mixed-precision bf16 instead of fp16, "
+                             "or resume from the last checkpoint (ditctl train --resume latest)")
+            optimizer.zero_grad(set_to_none=True)
+            # 5. log, sample, evaluate, checkpoint
+            all_losses = acc.gather(torch.cat(losses).to(acc.device)).float().cpu()
+            all_t = acc.gather(torch.cat(timesteps).to(acc.device)).float().cpu()
+            last_loss = float(all_losses.mean()) if finite else float("nan")
+            monitor.log_step(step, all_losses, all_t, scheduler.get_last_lr()[0],
+                             float(grad_norm) if grad_norm is not None else None,
+                             data_time, time.perf_counter() - t0, skipped=not finite)
+            bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
+            next_epoch, next_index = _next_position(data, epoch, batch_index)
+            here = Position(step, next_epoch, next_index)
+            final = step == schedule.total_steps or stop["stop"]
+            if train.sample_every and step % train.sample_every == 0:
+                monitor.sample(model, step)
+            if train.eval_every and step % train.eval_every == 0:
+                monitor.evaluate(model, step)
+            if finite and (step % train.checkpoint_every == 0 or final):
+                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler)
+            if stop["stop"]:
+                break
+    monitor.close()
+    return TrainResult(step if schedule.total_steps > position.step else position.step,
+                       last_loss, checkpoint, stop["stop"], skipped)
+
+
+def _next_position(data, epoch: int, batch_index: int) -> tuple[int, int]:
+    if batch_index + 1 < len(data.epoch_batches(epoch)):
+        return epoch, batch_index + 1
+    return epoch + 1, 0
+
+
+def _checkpoint(ctx, position: Position, model, optimizer, scheduler):
+    acc = ctx.accelerator
+    acc.wait_for_everyone()
+    folder = None
+    if acc.is_main_process:
+        folder = save_checkpoint(ctx.run.folder, position, acc.unwrap_model(model), optimizer,
+                                 scheduler, ctx.checkpoint_meta(),
+                                 keep=ctx.config.train.checkpoints_total_limit)
+    acc.wait_for_everyone()
+    return folder

@@ -1,0 +1,122 @@
+"""LoRA adapters on the denoiser, through peft.
+
+ditctl adds adapters the way F-Lite's trainer does (peft `LoraConfig`, gaussian init, adapter
+name "default") so that what it saves is plain PEFT: `adapter_config.json` plus a safetensors
+state dict with keys like `blocks.0.self_attn.qkv.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import LoraConfig as LoraSettings
+from ..errors import CheckpointError, ConfigError
+
+ADAPTER = "default"
+
+
+def peft_config(settings: LoraSettings, candidates: tuple[str, ...]):
+    """The peft LoraConfig for our [lora] settings; unknown target names are a config error."""
+    from peft import LoraConfig
+
+    unknown = [t for t in settings.lora_target_modules if t not in candidates]
+    if unknown:
+        raise ConfigError(f"[lora] lora_target_modules: unknown module(s) {', '.join(unknown)}",
+                          hint=f"valid names: {', '.join(candidates)}")
+    return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,
+                      lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.lora_target_modules),
+                      init_lora_weights="gaussian")
+
+
+def add_lora(denoiser: torch.nn.Module, config) -> None:
+    """Inject adapters (peft LoraConfig `config`) into `denoiser` in place."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, denoiser, adapter_name=ADAPTER)
+    denoiser.peft_config = {ADAPTER: config}  # as peft/diffusers record it on the model
+
+
+def has_lora(denoiser: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in denoiser.named_parameters())
+
+
+def freeze_base(denoiser: torch.nn.Module) -> None:
+    """Train only the adapters: every non-LoRA parameter stops requiring gradients."""
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def peft_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in PEFT's saved format (adapter name removed from the keys)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone().contiguous()
+            for k, v in get_peft_model_state_dict(denoiser, adapter_name=ADAPTER).items()}
+
+
+def adapter_config_dict(denoiser: torch.nn.Module) -> dict:
+    config = denoiser.peft_config[ADAPTER].to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config, PEFT state dict) from a folder holding adapter_config.json and
+    adapter_model.safetensors (an export) or lora.safetensors (a checkpoint)."""
+    folder = Path(folder)
+    config_file = folder / "adapter_config.json"
+    weights = next((folder / n for n in ("adapter_model.safetensors", "lora.safetensors")
+                    if (folder / n).is_file()), None)
+    if not config_file.is_file() or weights is None:
+        raise CheckpointError(f"{folder} holds no LoRA adapter (adapter_config.json + "
+                              "adapter_model.safetensors)",
+                              hint="pass a ditctl checkpoint folder or a PEFT adapter folder")
+    return json.loads(config_file.read_text()), load_file(weights)
+
+
+def load_adapter_weights(denoiser: torch.nn.Module, folder: Path, settings: LoraSettings | None = None) -> None:
+    """Load saved LoRA weights into a denoiser that already has matching adapters."""
+    from peft import set_peft_model_state_dict
+
+    saved_config, state = read_adapter(folder)
+    live = denoiser.peft_config[ADAPTER]
+    mismatch = []
+    if int(saved_config.get("r", -1)) != live.r:
+        mismatch.append(f"rank {saved_config.get('r')} vs {live.r}")
+    if sorted(saved_config.get("target_modules") or []) != sorted(live.target_modules):
+        mismatch.append(f"targets {sorted(saved_config.get('target_modules') or [])} vs "
+                        f"{sorted(live.target_modules)}")
+    if mismatch:
+        raise CheckpointError(f"LoRA in {folder} does not fit this run: " + "; ".join(mismatch),
+                              hint="set [lora] lora_rank / lora_target_modules to the saved "
+                                   "adapter's values")
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise CheckpointError(f"LoRA in {folder} has weights for modules this model lacks: "
+                              f"{unexpected[:3]}", hint="it was trained on another model")
+
+
+def adapter_from_config_dict(saved: dict):
+    """A peft LoraConfig rebuilt from a saved adapter_config.json."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=int(saved["r"]), lora_alpha=saved["lora_alpha"],
+                      lora_dropout=saved.get("lora_dropout", 0.0),
+                      target_modules=list(saved["target_modules"]),
+                      init_lora_weights=saved.get("init_lora_weights", "gaussian"))
+
+
+def set_lora_scale(denoiser: torch.nn.Module, scale: float) -> None:
+    """Scale every adapter's contribution (1.0: as trained)."""
+    from peft.tuners.lora import LoraLayer
+
+    if scale == 1.0:
+        return
+    for module in denoiser.modules():
+        if isinstance(module, LoraLayer):
+            module.scale_layer(scale)

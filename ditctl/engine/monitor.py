@@ -1,0 +1,122 @@
+"""What training reports while it runs: progress, logs, sample images, validation loss.
+
+Only the main process writes; the others return at once. Logs go through accelerate's trackers
+(tensorboard by default, wandb when chosen), so a metric is logged once for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..console import console
+
+TIMESTEP_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+class _Bar:
+    def __init__(self, task) -> None:
+        self.task = task
+
+    def advance(self, loss: float, lr: float) -> None:
+        if self.task is not None:
+            self.task.set_postfix(f"loss {loss:.4f} lr {lr:.2e}")
+            self.task.advance()
+
+
+class Monitor:
+    def __init__(self, ctx, start_step: int) -> None:
+        self.ctx = ctx
+        self.main = ctx.accelerator.is_main_process
+        self.smoothed: float | None = None
+        self.samples_seen = 0
+        self.start_step = start_step
+        if self.main and ctx.accelerator.log_with:
+            ctx.accelerator.init_trackers(ctx.config.train.project_name,
+                                          config=_flat_config(ctx.config.to_dict()))
+
+    @contextmanager
+    def progress(self, total: int, done: int) -> Iterator[_Bar]:
+        if not self.main:
+            yield _Bar(None)
+            return
+        with console.progress("training", total, unit="step") as task:
+            task.done = done
+            yield _Bar(task)
+
+    def log_step(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, lr: float,
+                 grad_norm: float | None, data_time: float, step_time: float, skipped: bool) -> None:
+        if not self.main:
+            return
+        self.samples_seen += len(losses)
+        values: dict[str, float] = {"lr": lr, "time/step_s": step_time, "time/data_s": data_time,
+                                    "time/compute_s": step_time - data_time,
+                                    "throughput/samples_per_s": len(losses) / max(step_time, 1e-9),
+                                    "memory/peak_mb": peak_memory_mb(),
+                                    "train/skipped_step": float(skipped)}
+        if not skipped:
+            loss = float(losses.mean())
+            self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
+            values.update({"train/loss": loss, "train/loss_smoothed": self.smoothed})
+            for low, high in zip(TIMESTEP_BINS, TIMESTEP_BINS[1:]):
+                in_bin = (timesteps >= low) & (timesteps < high if high < 1 else timesteps <= high)
+                if in_bin.any():
+                    values[f"loss_by_t/{low:.2f}-{high:.2f}"] = float(losses[in_bin].mean())
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm
+        if self.ctx.accelerator.log_with:
+            self.ctx.accelerator.log(values, step=step)
+        with open(self.ctx.run.folder / "train_log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if not console.err.is_terminal and step % 10 == 0:
+            console.info(f"step {step}: loss {values.get('train/loss', float('nan')):.4f} "
+                         f"lr {lr:.2e} {values['throughput/samples_per_s']:.1f} samples/s")
+
+    def sample(self, model, step: int) -> None:
+        if self.main and self.ctx.sampler is not None:
+            with self.ctx.accelerator.autocast():  # a bf16-held frozen base needs autocast
+                grid = self.ctx.sampler(self.ctx.accelerator.unwrap_model(model), step)
+            if grid is not None:
+                self._log_image("samples", grid, step)
+        self.ctx.accelerator.wait_for_everyone()
+
+    def evaluate(self, model, step: int) -> None:
+        if self.main and self.ctx.evaluator is not None:
+            with self.ctx.accelerator.autocast():
+                metrics = self.ctx.evaluator(self.ctx.accelerator.unwrap_model(model), step)
+            if metrics and self.ctx.accelerator.log_with:
+                self.ctx.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        self.ctx.accelerator.wait_for_everyone()
+
+    def _log_image(self, name: str, image, step: int) -> None:
+        array = np.asarray(image.convert("RGB"))
+        for tracker in self.ctx.accelerator.trackers:
+            tracker.log_images({name: array[None]}, step=step, dataformats="NHWC") \
+                if tracker.name == "tensorboard" else tracker.log_images({name: [image]}, step=step)
+
+    def close(self) -> None:
+        if self.main and self.ctx.accelerator.log_with:
+            self.ctx.accelerator.end_training()
+
+
+def _flat_config(config: dict) -> dict:
+    """Tracker hyper-parameters: flat keys, scalar values."""
+    flat = {}
+    for section, values in config.items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat

@@ -1,0 +1,92 @@
+"""The rectified-flow training objective: pure functions, no state.
+
+z_t = (1 - t)·x0 + t·ε with t = 1 pure noise; the model predicts the target the family names
+(F-Lite: x0 - ε); the loss is the MSE in fp32, averaged per sample, then over the batch.
+
+Randomness is counter-based: every sample of every step gets its own generator, seeded from
+(seed, epoch, batch index, position in the global batch, repeat). So a sample's noise does not
+depend on how the batch is split across processes or accumulation steps, a resumed run draws
+exactly what an uninterrupted run draws, and cached and on-the-fly training see the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainConfig
+from ..models.base import LatentDist, ModelFamily
+
+
+def shift_timesteps(t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Resolution shift t' = α·t / (1 + (α - 1)·t): α > 1 moves timesteps towards noise."""
+    return alpha * t / (1 + (alpha - 1) * t)
+
+
+def sample_seed(seed: int, *counters: int) -> int:
+    """A 63-bit seed for one sample, from the run seed and its position counters."""
+    digest = hashlib.blake2b(":".join(map(str, (seed, *counters))).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class TimestepDensity:
+    """Logit-normal timesteps, a uniform fraction, and the resolution shift (F-Lite defaults)."""
+
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    uniform_fraction: float = 0.1
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> "TimestepDensity":
+        return cls(train.logit_normal_mean, train.logit_normal_std, train.uniform_timestep_fraction)
+
+
+@dataclass
+class NoisedBatch:
+    noisy: torch.Tensor  # [B, C, h, w] model input z_t
+    t: torch.Tensor  # [B] timesteps in [0, 1]
+    text: torch.Tensor  # [B, L, D] text states, dropped-out rows zeroed
+    target: torch.Tensor  # [B, C, h, w] what the model should predict
+
+
+def draw_sample(family: ModelFamily, dist: LatentDist, text: torch.Tensor, generator: torch.Generator,
+                density: TimestepDensity, alpha: float, caption_dropout: float):
+    """Everything random about one training sample, drawn from its own generator in a fixed
+    order: posterior ε, diffusion noise, logit-normal draw, uniform draw, uniform switch,
+    caption dropout. Returns (noisy, t, text, target) for a batch of one."""
+    x0 = family.sample_latents(dist, generator)  # [1, C, h, w]
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+    logit = torch.randn(1, generator=generator) * density.logit_std + density.logit_mean
+    uniform_t = torch.rand(1, generator=generator)
+    use_uniform = torch.rand(1, generator=generator) < density.uniform_fraction
+    drop_caption = torch.rand(1, generator=generator) < caption_dropout
+
+    t = torch.where(use_uniform, uniform_t, shift_timesteps(torch.sigmoid(logit), alpha))
+    if drop_caption:
+        text = family.empty_prompt_embedding(1, like=text)
+    noisy = family.noisy_latents(x0, noise, t)
+    return noisy, t, text, family.training_target(x0, noise)
+
+
+def noised_batch(family: ModelFamily, dist: LatentDist, text: torch.Tensor, seeds: list[int],
+                 density: TimestepDensity, caption_dropout: float, shift: bool) -> NoisedBatch:
+    """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`)."""
+    h, w = dist.mean.shape[-2:]
+    alpha = family.resolution_shift(h, w) if shift else 1.0
+    parts = []
+    for i, seed in enumerate(seeds):
+        one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
+        generator = torch.Generator().manual_seed(seed)
+        parts.append(draw_sample(family, one, text[i:i + 1], generator, density, alpha,
+                                 caption_dropout))
+    noisy, t, texts, target = (torch.cat(x) for x in zip(*parts))
+    return NoisedBatch(noisy, t, texts, target)
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error of each sample, computed in fp32."""
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)

@@ -1,0 +1,116 @@
+"""Building what a training run needs: the accelerator, the model (with LoRA), the data source.
+
+Kept apart from the loop so the loop reads as the training algorithm and nothing else.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError, DataError
+from ..models.base import ModelFamily
+from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_accelerator(config: Config, project_dir=None):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = config.train.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("[train] mixed_precision = 'fp16' needs a CUDA GPU",
+                          hint="use --mixed-precision bf16 on a CPU (or 'no')")
+    log_with = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+                "none": []}[config.train.report_to]
+    project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) \
+        if project_dir else None
+    return Accelerator(mixed_precision=precision, log_with=log_with or None,
+                       project_config=project)
+
+
+def resolve_seed(config: Config) -> int:
+    """The run's seed: the configured one, else drawn once (and recorded by the caller)."""
+    return config.train.seed if config.train.seed is not None else secrets.randbelow(2**31)
+
+
+def build_denoiser(family: ModelFamily, config: Config) -> torch.nn.Module:
+    """The denoiser as it trains: fp32 trainable weights, LoRA injected, base frozen if asked.
+
+    With train_only_lora and bf16/fp16, the frozen base is held in the compute dtype (half the
+    memory); everything that trains stays fp32 (master weights)."""
+    denoiser = family.load_denoiser(torch.float32)
+    lora = config.lora
+    if lora.use_lora:
+        add_lora(denoiser, peft_config(lora, family.lora_target_candidates))
+        if lora.lora_checkpoint:
+            load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint))
+        if not lora.train_only_lora:  # the guide's --use_lora alone: base and LoRA both train
+            denoiser.requires_grad_(True)  # (peft froze the base when injecting)
+        else:
+            freeze_base(denoiser)
+            compute = DTYPES[config.train.mixed_precision]
+            if compute != torch.float32:
+                for name, param in denoiser.named_parameters():
+                    if not param.requires_grad:
+                        param.data = param.data.to(compute)
+    elif lora.lora_checkpoint:
+        raise ConfigError("[lora] lora_checkpoint is set but use_lora is false",
+                          hint="add --use-lora (or --lora)")
+    if config.train.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    return denoiser
+
+
+def _adapter_folder(path: str):
+    from pathlib import Path
+
+    folder = Path(path)
+    return folder if folder.is_dir() else folder.parent
+
+
+def count_parameters(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a run is cut into optimiser steps.
+
+    One optimiser step trains on one planned batch of `step_batch` samples (train_batch_size x
+    processes x accumulation steps), as `accumulation` micro-batches of `micro_batch` samples
+    split across the processes. Planning the whole step's batch up front is what makes
+    accumulation and multi-process training equal to one big batch.
+    """
+
+    micro_batch: int  # samples per micro-batch across all processes
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def step_batch(self) -> int:
+        return self.micro_batch * self.accumulation
+
+
+def step_batch_size(config: Config, world_size: int) -> int:
+    train = config.train
+    return train.train_batch_size * world_size * train.gradient_accumulation_steps
+
+
+def plan_schedule(config: Config, steps_per_epoch: int, world_size: int) -> Schedule:
+    train = config.train
+    if steps_per_epoch == 0:
+        raise DataError("the training set is empty", hint="run `ditctl ingest` and check its report")
+    total = train.max_steps or steps_per_epoch * train.num_epochs
+    return Schedule(train.train_batch_size * world_size, train.gradient_accumulation_steps,
+                    steps_per_epoch, total)

@@ -1,0 +1,213 @@
+"""`export_checkpoint`: one checkpoint of a run -> a folder other tools load, checked on disk.
+
+Steps:
+1. Plan (plan.py): checkpoint, kind (merged / full / lora), name, output folder; refuse early.
+2. Load the run's denoiser with the one loader (`load_denoiser`, fp32) and, with `verify`,
+   record its output on fixed inputs: the reference.
+3. Write into a temporary sibling of the output folder (`atomic_dir`): a pipeline (LoRA merged
+   in fp32, then cast) or the adapter alone (PEFT folder or comfy file).
+4. Free the run's model, reload the export from disk the way its users will, and compare
+   (parity.py); a mismatch raises and the temporary folder is deleted.
+5. Write the model card, rename the folder into place, record the export in the state file.
+An interrupted or failed export leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..console import console
+from ..engine.loading import load_denoiser
+from ..engine.lora import adapter_config_dict, has_lora, peft_state_dict
+from ..fsutil import atomic_dir, atomic_write_json, check_free_space, folder_size
+from ..models.base import ModelFamily
+from ..models.registry import load_family
+from ..workspace import Workspace
+from . import lora_formats, merge, parity
+from .model_card import dataset_size, write_model_card
+from .plan import ExportPlan, plan_export, read_run_info
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ENCODERS = ("text_encoder", "tokenizer", "vae")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    name: str
+    kind: str  # "merged" | "full" | "lora"
+    format: str  # "pipeline" | "peft" | "comfy"
+    dtype: str
+    run: str
+    checkpoint: Path
+    step: int
+    files: list[str]
+    parity: parity.ParityReport | None
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "name": self.name, "kind": self.kind,
+                "format": self.format, "dtype": self.dtype, "run": self.run,
+                "checkpoint": str(self.checkpoint), "step": self.step, "files": self.files,
+                "parity": self.parity.to_dict() if self.parity else None}
+
+
+def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
+                      checkpoint: str | Path | None = None, name: str | None = None,
+                      out: str | Path | None = None, force: bool = False,
+                      lora_only: bool | None = None) -> ExportResult:
+    """Export a checkpoint (default: the latest of the latest run) as [export] configures.
+
+    The caller holds the workspace lock. Raises ExportError (nothing written) when the export
+    cannot be made or fails its parity check.
+    """
+    plan = plan_export(ws, config, run=run, checkpoint=checkpoint, name=name, out=out,
+                       force=force, lora_only=lora_only)
+    family = load_family(plan.model_path, plan.family)
+    console.info(f"loading {plan.run_name}/{plan.checkpoint.name} on {family.path.name}")
+    denoiser = load_denoiser(family, plan.checkpoint)  # fp32: merge before any rounding
+    inputs = parity.fixed_inputs(denoiser)
+    reference = parity.predict(family, denoiser, inputs) if plan.verify else None
+    lora = lora_summary(denoiser)
+    base_identity = family.denoiser_identity()
+    images = dataset_size(read_run_info(plan.run_dir), ws.read_state().get("ingest"))
+    check_free_space(plan.out_dir.parent, _estimated_bytes(plan, family, denoiser), "the export")
+
+    report = None
+    with atomic_dir(plan.out_dir, replace=plan.replace) as tmp:
+        console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
+        if plan.kind == "lora":
+            metadata = lora_metadata(plan, base_identity, lora, images)
+            files = write_adapter(tmp, plan, denoiser, metadata)
+        else:
+            files = write_pipeline(tmp, plan, family, denoiser)
+        # One fp32 copy of the model at a time: the reload below would double the memory.
+        del denoiser
+        gc.collect()
+        if plan.verify:
+            console.info("checking the export against the run (reloaded from disk)")
+            reloaded = reload_export(tmp, plan, family)
+            report = parity.compare(reference, parity.predict(family, reloaded, inputs),
+                                    plan.dtype)
+            del reloaded
+            parity.require_parity(report, f"the export of {plan.run_name}/{plan.checkpoint.name}")
+        write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
+                         files=files, dataset_images=images)
+
+    result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
+                          dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
+                          step=plan.step, files=files, parity=report)
+    ws.update_state("export", {k: v for k, v in result.to_dict().items() if k != "files"})
+    return result
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def write_pipeline(folder: Path, plan: ExportPlan, family: ModelFamily,
+                   denoiser: torch.nn.Module) -> list[str]:
+    """The family's native pipeline layout with the trained (LoRA-merged) DiT."""
+    merge.merge_lora(denoiser)
+    family.save_pipeline(denoiser, folder, copy_encoders=plan.copy_encoders,
+                         dtype=DTYPES[plan.dtype], max_shard_size=plan.max_shard_size)
+    drop_local_path(folder / "dit_model" / "config.json")
+    return _listing(folder)
+
+
+def drop_local_path(config_file: Path) -> None:
+    """diffusers records where the weights were loaded from (`_name_or_path`) in config.json;
+    an export must not carry the exporting machine's paths, and F-Lite's config has no such key."""
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        atomic_write_json(config_file, config)
+
+
+def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
+                  metadata: dict[str, str]) -> list[str]:
+    """The LoRA alone, in the export dtype: a PEFT folder or one comfy file."""
+    dtype = DTYPES[plan.dtype]
+    state = {k: v.to(dtype) for k, v in peft_state_dict(denoiser).items()}
+    if plan.format == "comfy":
+        comfy = lora_formats.peft_to_comfy(state, lora_formats.comfy_alphas(denoiser))
+        lora = lora_summary(denoiser)
+        kohya = {"ss_network_dim": str(lora["rank"]), "ss_network_alpha": f"{lora['alpha']:g}"}
+        lora_formats.write_comfy(folder / f"{plan.name}.safetensors", comfy,
+                                 {**metadata, **kohya, "format": "comfy"})
+    else:
+        config = {**adapter_config_dict(denoiser), "base_model_name_or_path": str(plan.model_path),
+                  "inference_mode": True}
+        lora_formats.write_peft(folder, state, config, metadata)
+    return _listing(folder)
+
+
+def lora_summary(denoiser: torch.nn.Module) -> dict | None:
+    """rank, alpha and target module names of the model's adapter (None without one)."""
+    if not has_lora(denoiser):
+        return None
+    config = adapter_config_dict(denoiser)
+    return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
+            "targets": sorted(config["target_modules"])}
+
+
+def lora_metadata(plan: ExportPlan, base_identity: str, lora: dict,
+                  dataset_images: int | None) -> dict[str, str]:
+    """The str→str safetensors metadata of an exported adapter file."""
+    return {"ditctl_version": __version__, "family": plan.family,
+            "base_model": str(plan.model_path), "base_model_identity": base_identity,
+            "rank": str(lora["rank"]), "alpha": f"{lora['alpha']:g}",
+            "target_modules": ",".join(lora["targets"]), "steps": str(plan.step),
+            "dataset_size": str(dataset_images) if dataset_images is not None else "unknown",
+            "run": plan.run_name, "checkpoint": plan.checkpoint.name, "dtype": plan.dtype}
+
+
+# --- reading back --------------------------------------------------------------------------------
+
+def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.nn.Module:
+    """The export loaded fresh from disk, as its users load it, in fp32 for the comparison."""
+    from peft import LoraConfig
+
+    if plan.kind != "lora":
+        return load_family(folder, plan.family).load_denoiser(torch.float32)
+    base = family.load_denoiser(torch.float32)
+    if plan.format == "comfy":
+        config, state = lora_formats.comfy_to_peft(
+            lora_formats.read_comfy(folder / f"{plan.name}.safetensors"))
+        lora_formats.inject_adapter(base, config, state)
+    else:
+        _, state = lora_formats.read_peft(folder)
+        lora_formats.inject_adapter(base, LoraConfig.from_pretrained(str(folder)), state)
+    return base.eval().requires_grad_(False)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _listing(folder: Path) -> list[str]:
+    """The export's files; encoder folders (copies or links of the base's) as one entry each."""
+    entries = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.name in ENCODERS:
+            entries.append(path.name + "/" + (" -> " + os.readlink(path) if path.is_symlink()
+                                              else ""))
+        elif path.is_dir():
+            entries += [f"{path.name}/{p.name}" for p in sorted(path.iterdir())]
+        else:
+            entries.append(path.name)
+    return entries
+
+
+def _estimated_bytes(plan: ExportPlan, family: ModelFamily, denoiser: torch.nn.Module) -> int:
+    itemsize = DTYPES[plan.dtype].itemsize
+    lora_params = sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" in n)
+    if plan.kind == "lora":
+        return lora_params * itemsize
+    size = (sum(p.numel() for p in denoiser.parameters()) - lora_params) * itemsize
+    target = next(p for p in (plan.out_dir.parent, *plan.out_dir.parents) if p.exists())
+    if plan.copy_encoders and os.stat(target).st_dev != os.stat(family.path).st_dev:
+        size += sum(folder_size(family.path / c) for c in ENCODERS)  # no hard links across disks
+    return size

@@ -1,0 +1,323 @@
+"""The export's README.md: what it is, what it was trained on, how well, under which licence,
+and how to load it.
+
+Everything comes from files that already exist: the run's config.toml and run.json, the
+checkpoint, runs/<run>/eval/metrics.json, the latest sample grid (copied in as samples.png) and
+the base model folder's README front matter or LICENSE file (copied in, so the licence's use
+restrictions travel with the weights). Absent files are stated as absent, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .parity import ParityReport
+from .plan import ExportPlan, read_run_info
+
+LICENCE_FILES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt")
+# The licence each family's released weights carry, when the base folder does not say.
+FAMILY_LICENCES = {"flite": ("creativeml-openrail-m", "CreativeML Open RAIL-M")}
+LICENCE_NAMES = {"creativeml-openrail-m": "CreativeML Open RAIL-M", "openrail": "OpenRAIL",
+                 "openrail++": "OpenRAIL++", "apache-2.0": "Apache 2.0", "mit": "MIT"}
+SAMPLES_FILE = "samples.png"
+KIND_TITLES = {"merged": "A pipeline with the LoRA merged into its DiT",
+               "full": "A fully fine-tuned pipeline",
+               "lora": "A LoRA adapter"}
+
+
+@dataclass(frozen=True)
+class Licence:
+    id: str  # the Hugging Face licence id, e.g. "creativeml-openrail-m"
+    name: str
+    source: str  # where it was read from
+    file: Path | None  # licence text to carry into the export
+
+
+def find_licence(model_path: Path, family: str) -> Licence:
+    """The base model's licence: README front matter, else a LICENSE file, else the family's."""
+    model_path = Path(model_path)
+    text_file = next((model_path / n for n in LICENCE_FILES if (model_path / n).is_file()), None)
+    front = _front_matter(model_path / "README.md")
+    if front.get("license"):
+        lid = front["license"]
+        name = front.get("license_name") or LICENCE_NAMES.get(lid, lid)
+        return Licence(lid, name, f"{model_path / 'README.md'}", text_file)
+    if text_file is not None:
+        first = next((line.strip("# \t") for line in text_file.read_text(errors="replace")
+                      .splitlines() if line.strip()), text_file.name)
+        return Licence("other", first, str(text_file), text_file)
+    lid, name = FAMILY_LICENCES.get(family, ("unknown", "unknown (check the base model's terms)"))
+    return Licence(lid, name, f"the {family} family's released weights", None)
+
+
+def _front_matter(readme: Path) -> dict[str, str]:
+    """`key: value` lines of a README's leading `---` block (no YAML library needed for these)."""
+    if not readme.is_file():
+        return {}
+    lines = readme.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return {}
+    found = {}
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        match = re.match(r"^([A-Za-z_]+):\s*(\S.*?)\s*$", line)
+        if match:
+            found[match[1]] = match[2].strip("'\"")
+    return found
+
+
+def hub_id(model_path: Path) -> str | None:
+    """"owner/name" when the base model sits in the Hugging Face cache
+    (.../models--owner--name/snapshots/<hash>); a local folder has no hub id."""
+    match = re.search(r"models--([^/]+)--([^/]+)/snapshots/", Path(model_path).as_posix() + "/")
+    return f"{match[1]}/{match[2]}" if match else None
+
+
+def find_sample_grid(run_dir: Path | None, step: int) -> Path | None:
+    """runs/<run>/samples/<label>/grid.png for this step if one exists, else the newest grid."""
+    if run_dir is None or not (run_dir / "samples").is_dir():
+        return None
+    grids = [g for g in (run_dir / "samples").glob("*/grid.png") if g.is_file()]
+    for grid in grids:
+        numbers = [int(n) for n in re.findall(r"\d+", grid.parent.name)]
+        if step in numbers:
+            return grid
+    return max(grids, key=lambda g: g.stat().st_mtime, default=None)
+
+
+def read_metrics(run_dir: Path | None) -> dict | None:
+    file = run_dir / "eval" / "metrics.json" if run_dir else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return None  # a metrics file being rewritten is not a reason to fail an export
+
+
+def dataset_summary(run_info: dict) -> dict[str, Any]:
+    """The training-data part of run.json (training writes `train_images`, `val_images`,
+    `buckets`): its `dataset`/`data` table if it has one, else the image/count/bucket keys."""
+    for key in ("dataset", "data"):
+        if isinstance(run_info.get(key), dict):
+            return run_info[key]
+    return {k: v for k, v in run_info.items()
+            if any(word in k for word in ("images", "count", "bucket")) or k == "dataset_size"}
+
+
+def dataset_size(run_info: dict, ingest_state: dict | None = None) -> int | None:
+    """Training images: from run.json if it says, else the workspace's last ingest."""
+    summary = dataset_summary(run_info)
+    for key in ("train_images", "train_count", "num_train_images", "num_images", "dataset_size",
+                "count", "size", "train"):
+        if isinstance(summary.get(key), int) and not isinstance(summary.get(key), bool):
+            return summary[key]
+    if ingest_state and isinstance(ingest_state.get("train_count"), int):
+        return ingest_state["train_count"]
+    return None
+
+
+def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
+                     lora: dict | None, parity: ParityReport | None,
+                     files: list[str], dataset_images: int | None) -> Path:
+    """Write README.md (plus samples.png and the licence file when they exist) into `folder`."""
+    folder = Path(folder)
+    licence = find_licence(plan.model_path, plan.family)
+    if licence.file is not None:
+        shutil.copy2(licence.file, folder / licence.file.name)
+    grid = find_sample_grid(plan.run_dir, plan.step)
+    if grid is not None:
+        shutil.copy2(grid, folder / SAMPLES_FILE)
+    text = render_model_card(plan, base_identity=base_identity, lora=lora, parity=parity,
+                             files=files, licence=licence,
+                             samples_label=grid.parent.name if grid else None,
+                             dataset_images=dataset_images)
+    (folder / "README.md").write_text(text)
+    return folder / "README.md"
+
+
+def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None,
+                      parity: ParityReport | None, files: list[str], licence: Licence,
+                      samples_label: str | None, dataset_images: int | None) -> str:
+    run_info = read_run_info(plan.run_dir)
+    tags = ["ditctl", plan.family, "text-to-image"] + (["lora"] if plan.kind == "lora" else [])
+    lines = ["---", f"license: {licence.id}"]
+    if licence.id == "other":
+        lines.append(f"license_name: {json.dumps(licence.name)}")
+    repo = hub_id(plan.model_path)
+    lines += ([f"base_model: {repo}"] if repo else []) + ["tags:"]
+    lines += [f"- {t}" for t in tags] + ["---", ""]
+
+    lines += [f"# {plan.name}", "",
+              f"{KIND_TITLES[plan.kind]} ({plan.family}), exported by ditctl {__version__} on "
+              f"{time.strftime('%Y-%m-%d')} from run `{plan.run_name}`, checkpoint "
+              f"`{plan.checkpoint.name}` (step {plan.step}).", ""]
+
+    lines += ["## Base model", "",
+              f"- folder: `{plan.model_path}`",
+              f"- family: {plan.family}",
+              f"- denoiser identity: `{base_identity}`"]
+    if plan.kind != "lora":
+        how = ("copied (hard links where possible)" if plan.copy_encoders else
+               "symbolic links to the base model's folders: keep the base model where it is")
+        lines.append(f"- text_encoder, tokenizer, vae: {how}")
+    lines.append("")
+
+    lines += ["## What was exported", ""]
+    lines += [f"- `{f}`" for f in files] + ["- `README.md` (this card)"]
+    lines += [f"- weights stored as {plan.dtype}"]
+    if lora:
+        lines += [f"- LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, target modules: "
+                  f"{', '.join(lora['targets'])}"
+                  + (" (merged into the DiT weights)" if plan.kind == "merged" else "")]
+    lines.append("")
+
+    lines += ["## Training data", ""]
+    summary = dataset_summary(run_info)
+    if summary:
+        lines += _render_mapping(summary)
+    elif dataset_images is not None:
+        lines.append(f"- training images: {dataset_images} (the workspace's last ingest; "
+                     "the run recorded no counts)")
+    else:
+        lines.append("Not recorded (the run has no run.json).")
+    lines.append("")
+
+    lines += ["## Training configuration", ""]
+    config_file = plan.run_dir / "config.toml" if plan.run_dir else None
+    if config_file is not None and config_file.is_file():
+        lines += [f"The run's resolved configuration (`{plan.run_name}/config.toml`):", "",
+                  "```toml", config_file.read_text().rstrip(), "```"]
+    else:
+        lines.append("Not available (the checkpoint is not inside a run folder).")
+    lines.append("")
+
+    lines += ["## Evaluation", ""]
+    metrics = read_metrics(plan.run_dir)
+    if metrics:
+        lines += ["From the run's `eval/metrics.json`:", ""] + _metrics_lines(metrics, plan.step)
+    else:
+        lines.append("No evaluation metrics (run `ditctl eval` before exporting to include them).")
+    if parity is not None:
+        lines += ["", f"Export check: the exported weights, reloaded from disk, predict the "
+                  f"run's output within {parity.max_abs_diff:.3g} (relative "
+                  f"{parity.relative_diff:.3g}; allowed {parity.tolerance:g} for {parity.dtype})."]
+    lines.append("")
+
+    if samples_label:
+        lines += ["## Samples", "", f"Generated during training (`samples/{samples_label}`):", "",
+                  f"![samples {samples_label}]({SAMPLES_FILE})", ""]
+
+    lines += ["## Licence", "",
+              f"{licence.name} (`{licence.id}`), carried over from the base model "
+              f"(source: {licence.source})."]
+    if licence.file is not None:
+        lines.append(f"The licence text is included as `{licence.file.name}`.")
+    lines += ["Its use restrictions apply to this derivative as well.", ""]
+
+    lines += ["## How to load it", ""] + _usage(plan)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _usage(plan: ExportPlan) -> list[str]:
+    folder = str(plan.out_dir)
+    if plan.kind != "lora":
+        return [
+            "With ditctl:", "", "```sh", f"ditctl sample --model {folder} --prompts prompts.txt",
+            "```", "",
+            "In Python (ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` "
+            "reads the same folder):", "", "```python",
+            "from ditctl.models.registry import load_family",
+            f"family = load_family({folder!r})",
+            "dit = family.load_denoiser()  # the fine-tuned DiT",
+            "```"]
+    base = str(plan.model_path)
+    if plan.format == "comfy":
+        return [
+            f"`{plan.name}.safetensors` uses the `diffusion_model.<module>.lora_down/lora_up/alpha` "
+            "key naming of community UIs. Back to PEFT in Python:", "", "```python",
+            "from safetensors.torch import load_file",
+            "from ditctl.export.lora_formats import comfy_to_peft, inject_adapter",
+            "from ditctl.models.registry import load_family",
+            f"dit = load_family({base!r}).load_denoiser()",
+            f"config, state = comfy_to_peft(load_file({folder + '/' + plan.name + '.safetensors'!r}))",
+            "inject_adapter(dit, config, state)", "```"]
+    load_base = ["from ditctl.models.registry import load_family",
+                 f"dit = load_family({base!r}).load_denoiser()  # the base DiT"]
+    return [
+        "With diffusers (the DiT class inherits `PeftAdapterMixin`; the keys have no prefix):",
+        "", "```python", *load_base,
+        f"dit.load_lora_adapter({folder!r}, weight_name=\"adapter_model.safetensors\", "
+        "prefix=None)", "```", "",
+        "With peft directly:", "", "```python",
+        "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict",
+        "from safetensors.torch import load_file", *load_base,
+        f"inject_adapter_in_model(LoraConfig.from_pretrained({folder!r}), dit)",
+        f"set_peft_model_state_dict(dit, load_file({folder + '/adapter_model.safetensors'!r}))",
+        "```", "",
+        "(`PeftModel.from_pretrained` expects keys prefixed `base_model.model.`; use one of the "
+        "two ways above.)", "",
+        "With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
+        f"\"{folder}\"` in project.toml. For `ditctl sample --model`, export the run with "
+        "`--merge-lora`."]
+
+
+def _metrics_lines(metrics: dict, step: int) -> list[str]:
+    """`ditctl eval` metrics: validation loss (and CLIP score, when computed) of the base model
+    and of the evaluated checkpoints; any other JSON: its scalar values."""
+    models = metrics.get("models")
+    if not (isinstance(models, list) and models and all(isinstance(m, dict) for m in models)):
+        rows = [(k, v) for k, v in _flatten(metrics) if not isinstance(v, (list, dict))]
+        return ["| metric | value |", "|---|---|"] + [f"| {k} | {_format(v)} |" for k, v in rows]
+    clip = (metrics.get("clip") or {}).get("columns") or {}
+    lines = ["| model | step | validation loss |" + (" CLIP score |" if clip else ""),
+             "|---|---|---|" + ("---|" if clip else "")]
+    for model in models:
+        label = model.get("label", "?")
+        mark = " (this export)" if model.get("step") == step else ""
+        row = f"| {label}{mark} | {model.get('step', '?')} | {_format(model.get('val_loss'))} |"
+        lines.append(row + (f" {_format(clip.get(label, '-'))} |" if clip else ""))
+    validation = metrics.get("validation") or {}
+    if validation.get("description"):
+        lines += ["", f"Validation data: {validation['description']}"
+                  + (f" ({validation['images']} images)." if validation.get("images") else ".")]
+    return lines
+
+
+def _render_mapping(mapping: dict) -> list[str]:
+    lines = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value and all(not isinstance(v, (dict, list))
+                                                     for v in value.values()):
+            lines.append(f"- {key}:")
+            lines += [f"  - {k}: {_format(v)}" for k, v in value.items()]
+        else:
+            lines.append(f"- {key}: {_format(value)}")
+    return lines
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, name + ".")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return "`" + json.dumps(value) + "`"
+    return str(value)

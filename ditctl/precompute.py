@@ -1,0 +1,483 @@
+"""`precompute`: put every VAE posterior and text embedding that training needs into the cache.
+
+    manifest (train + val); re-ingested first when missing or built from other [data] settings
+    plan: a key per image variant (both flips of train images with random_flip), per unique
+          caption, per sample prompt and the negative prompt (see ditctl.data.cache)
+    --verify  re-read every entry; delete bad ones (the steps below re-encode them)
+    captions  the missing ones only, unique, through the text encoder
+    images    the missing ones only, one bucket per batch: DataLoader workers decode (the one
+              transform) while the VAE encodes; a writer thread writes the files and commits
+              their index rows batch by batch
+    --gc      delete entries and stray files the plan no longer references
+    state     [precompute] entries, bytes, cache_plan_fingerprint
+
+Exactness vs. batching: the same image encoded alone and inside a batch does not always give
+the same bits (measured on CPU: a batch of one takes another convolution algorithm than larger
+batches for 3-channel inputs, and at 256x256 every batch size differed). Training on the fly
+encodes one image per forward pass, so with fp32 storage (mixed_precision "no", the exact mode)
+precompute does the same and the two are bit-identical. With bf16/fp16 storage the rounding
+dwarfs those differences, so the VAE and text encoder run on whole batches there.
+
+The caller holds the workspace lock (`ditctl precompute` does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc as garbage
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich.markup import escape
+
+from .config import Config
+from .console import console
+from .data.batches import crop_for, load_row_pixels
+from .data.cache import (INDEX_NAME, Cache, CacheIndex, CachePlan, IndexEntry, KeySpec, LatentJob,
+                         check_entry, latent_file_bytes, present_keys, prompts_to_cache,
+                         text_file_bytes)
+from .data.images import ImageProblem
+from .data.manifest import ManifestRow, manifest_fingerprint, manifest_meta, read_manifest
+from .errors import DataError
+from .fsutil import atomic_write_bytes, check_free_space, clean_temp, folder_size
+from .models.base import ModelFamily
+from .models.registry import load_family
+from .workspace import Workspace
+
+# [data] keys that only change how training reads images, not what ingest writes.
+NOT_INGEST_KEYS = ("center_crop", "random_flip")
+MAX_PENDING_WRITES = 3  # batches whose files are still being written (bounds memory)
+
+
+@dataclass
+class EntryCounts:
+    total: int = 0     # entries the current manifest + config need
+    added: int = 0     # encoded by this run
+    reused: int = 0    # already complete
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PrecomputeSummary:
+    cache_dir: Path
+    dtype: str
+    images: int                  # manifest samples (train + val)
+    variants: int                # image variants training can ask for (flips included)
+    latents: EntryCounts
+    texts: EntryCounts
+    prompts: int                 # of the texts: sample prompts and the negative prompt
+    removed: int = 0             # entries deleted by --gc
+    stray_files: int = 0         # files without an index row deleted by --gc
+    verified: int = 0            # entries re-checked by --verify
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (what, why), deleted + re-encoded
+    latent_bytes: int = 0        # the entries this config uses
+    flip_bytes: int = 0          # of which the mirrored variants
+    text_bytes: int = 0
+    cache_bytes: int = 0         # the whole cache folder (other configs' entries included)
+    source_bytes: int = 0        # the image files (each distinct content once)
+    unique_images: int = 0
+    encode_s: float = 0.0        # time spent in the image-encoding loop
+    elapsed_s: float = 0.0
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.latents.added / self.encode_s if self.encode_s > 0 else 0.0
+
+    @property
+    def latent_bytes_per_image(self) -> float:
+        return self.latent_bytes / self.unique_images if self.unique_images else 0.0
+
+    @property
+    def source_bytes_per_image(self) -> float:
+        return self.source_bytes / self.unique_images if self.unique_images else 0.0
+
+    def counters(self) -> dict[str, Any]:
+        """Plain JSON for the state file and --json."""
+        return {"cache_dir": str(self.cache_dir), "dtype": self.dtype, "images": self.images,
+                "variants": self.variants, "latents": self.latents.as_dict(),
+                "texts": self.texts.as_dict(), "prompts": self.prompts,
+                "entries": self.latents.total + self.texts.total,
+                "added": self.latents.added + self.texts.added,
+                "reused": self.latents.reused + self.texts.reused,
+                "removed": self.removed, "stray_files": self.stray_files,
+                "verified": self.verified, "bad": [list(b) for b in self.bad],
+                "bytes": self.latent_bytes + self.text_bytes, "latent_bytes": self.latent_bytes,
+                "flip_bytes": self.flip_bytes, "text_bytes": self.text_bytes,
+                "cache_bytes": self.cache_bytes, "source_bytes": self.source_bytes,
+                "latent_bytes_per_image": round(self.latent_bytes_per_image, 1),
+                "source_bytes_per_image": round(self.source_bytes_per_image, 1),
+                "images_per_s": round(self.images_per_s, 2), "encode_s": round(self.encode_s, 3),
+                "elapsed_s": round(self.elapsed_s, 3),
+                "cache_plan_fingerprint": self.fingerprint, "notes": list(self.notes)}
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: bool = False,
+                   device: str | torch.device | None = None) -> PrecomputeSummary:
+    """Bring the cache up to date with the manifest and config (see the module docstring)."""
+    started = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    notes: list[str] = []
+    family = load_family(ws.model_path(config), config.model.family)
+    rows = _manifest_rows(ws, config, notes)
+    prompts = prompts_to_cache(ws, config)
+    cache_root = ws.cache_dir(config)
+    _clean_leftovers(cache_root)
+    dtype_name = KeySpec.for_config(config, family, None).dtype
+
+    with CacheIndex(cache_root / INDEX_NAME) as index:
+        text_identity = family.text_encoder_identity()
+        max_length = index.text_max_length(text_identity)
+        text_encoder = None
+        if max_length is None:  # nothing cached for this text encoder yet: ask it
+            text_encoder = _load_text_encoder(family, config, device)
+            max_length = int(text_encoder.max_length)
+            index.record_text_max_length(text_identity, max_length)
+        cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
+        plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
+        summary = PrecomputeSummary(
+            cache_dir=cache_root, dtype=dtype_name, images=len(rows), variants=plan.variants,
+            latents=EntryCounts(total=len(plan.latents)), texts=EntryCounts(total=len(plan.texts)),
+            prompts=len(set(prompts) - {row.caption for row in rows}),
+            fingerprint=plan.fingerprint, notes=notes)
+
+        if verify:
+            summary.verified, summary.bad = _verify(cache, index)
+        present = present_keys(cache, index, plan)
+        missing_texts = [(k, c) for k, c in plan.texts.items() if k not in present]
+        missing_latents = [job for k, job in plan.latents.items() if k not in present]
+        summary.texts.reused = len(plan.texts) - len(missing_texts)
+        summary.latents.reused = len(plan.latents) - len(missing_latents)
+
+        if missing_texts:
+            text_encoder = text_encoder or _load_text_encoder(family, config, device)
+            summary.texts.added = _encode_texts(family, text_encoder, cache, index, missing_texts,
+                                                config.precompute.batch_size)
+        del text_encoder
+        _free_memory(device)
+        if missing_latents:
+            encode_started = time.perf_counter()
+            summary.latents.added = _encode_latents(family, cache, index, missing_latents,
+                                                    config, device)
+            summary.encode_s = time.perf_counter() - encode_started
+        if gc:
+            summary.removed, summary.stray_files = _collect_garbage(cache, index, plan.keys())
+
+        _measure_disk(summary, index, plan, rows)
+    summary.elapsed_s = time.perf_counter() - started
+    ws.update_state("precompute", {**summary.counters(),
+                                   "manifest_fingerprint": manifest_fingerprint(ws)})
+    return summary
+
+
+def _manifest_rows(ws: Workspace, config: Config, notes: list[str]) -> list[ManifestRow]:
+    """Train + val rows of a manifest that matches config.data (ingesting first if needed)."""
+    reason = _stale_manifest_reason(ws, config)
+    if reason:
+        from .data.ingest import run_ingest
+
+        console.info(f"ingesting first: {reason}")
+        result = run_ingest(ws, config)
+        notes.append(f"ingested first ({reason}): {result.counts.get('train', 0)} train + "
+                     f"{result.counts.get('val', 0)} val images, {len(result.bad)} bad row(s) "
+                     f"skipped (report: {result.report_path})")
+    return read_manifest(ws, "train") + read_manifest(ws, "val")
+
+
+def _stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
+    if not ws.manifest_db.is_file():
+        return "the data has not been ingested yet"
+    recorded = manifest_meta(ws).get("data_config") or {}
+    # Through JSON, as the manifest stored it, so that tuples and lists compare equal.
+    current = json.loads(json.dumps(dataclasses.asdict(config.data)))
+    changed = [f"{key} = {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
+               if key not in NOT_INGEST_KEYS and recorded.get(key) != value]
+    if changed:
+        return "the manifest was built with other [data] settings (" + "; ".join(changed) + ")"
+    return None
+
+
+def _clean_leftovers(cache_root: Path) -> None:
+    """Remove `.tmp-*` files of writes that a kill interrupted."""
+    for folder in ("latents", "text"):
+        top = cache_root / folder
+        if top.is_dir():
+            for shard in top.iterdir():
+                clean_temp(shard)
+
+
+def _load_text_encoder(family: ModelFamily, config: Config, device: torch.device) -> Any:
+    dtype = KeySpec.for_config(config, family, None).torch_dtype
+    with console.err.status("loading the text encoder ..."):
+        return family.load_text_encoder(dtype).to(device)
+
+
+def _free_memory(device: torch.device) -> None:
+    garbage.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _encode_chunk(spec: KeySpec, batch_size: int) -> int:
+    """Items per encoder forward pass: one in the exact (fp32) mode, see the module docstring."""
+    return 1 if spec.dtype == "fp32" else batch_size
+
+
+# --- writing entries --------------------------------------------------------------------------
+
+class _EntryWriter:
+    """Writes entry files, then commits their index rows, batch by batch, on one background
+    thread, so that fsync latency overlaps with encoding. Files first, rows second: a kill in
+    between leaves only files the index does not know (invisible, replaced on the next run)."""
+
+    def __init__(self, index: CacheIndex):
+        self.index = index
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self.pending: list[Future] = []
+        self.written = 0  # bytes
+
+    def submit(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
+        while len(self.pending) >= MAX_PENDING_WRITES:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(self._write, files, entries))
+
+    def _write(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
+        for path, data in files:
+            atomic_write_bytes(path, data)
+            self.written += len(data)
+        self.index.add(entries)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> "_EntryWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            # On an error the batches already queued still finish: each is complete on its own.
+            self.pool.shutdown(wait=True)
+
+
+# --- captions ---------------------------------------------------------------------------------
+
+def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: CacheIndex,
+                  missing: list[tuple[str, str]], batch_size: int) -> int:
+    chunk = _encode_chunk(cache.spec, batch_size)
+    with _EntryWriter(index) as writer, \
+            console.progress("encoding captions", total=len(missing), unit="captions") as bar:
+        for start in range(0, len(missing), chunk):
+            part = missing[start:start + chunk]
+            embeddings = family.encode_prompts(text_encoder, [c for _, c in part])  # [B, L, D]
+            files, entries = [], []
+            for (key, caption), embedding in zip(part, embeddings.cpu()):
+                data = text_file_bytes(embedding, cache.spec.torch_dtype)
+                files.append((cache.path("text", key), data))
+                entries.append(IndexEntry(key, "text", tuple(embedding.shape), cache.spec.dtype,
+                                          len(data), False, caption))
+            writer.submit(files, entries)
+            bar.advance(len(part))
+    return len(missing)
+
+
+# --- images -----------------------------------------------------------------------------------
+
+class _ImageJobs(torch.utils.data.Dataset):
+    """Decodes one image variant per item (in DataLoader workers) with the one transform.
+
+    Problems come back as values rather than exceptions, so that the main process can raise
+    them as DataError with the file's name (a worker's exception arrives as a traceback text).
+    """
+
+    def __init__(self, jobs: Sequence[LatentJob], center_crop: bool, max_pixels: int):
+        self.jobs, self.center_crop, self.max_pixels = list(jobs), center_crop, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        row, flip = self.jobs[i].row, self.jobs[i].flip
+        try:
+            pixels = load_row_pixels(row, crop_for(row, self.center_crop), flip, self.max_pixels)
+            return i, pixels, None
+        except DataError as exc:
+            return i, None, (exc.message, exc.hint)
+        except (ImageProblem, OSError) as exc:
+            return i, None, (f"{row.path}: {exc} (it was readable at ingest)",
+                             "run `ditctl ingest` to update the manifest")
+
+
+def _keep_items(items: list) -> list:
+    return items
+
+
+def bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> list[list[int]]:
+    """Job indices cut into batches of at most `batch_size`, one bucket per batch."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_bucket.setdefault(job.row.bucket, []).append(i)
+    return [members[k:k + batch_size] for bucket in sorted(by_bucket)
+            for members in [by_bucket[bucket]] for k in range(0, len(members), batch_size)]
+
+
+def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
+                    jobs: list[LatentJob], config: Config, device: torch.device) -> int:
+    settings = config.precompute
+    workers = settings.num_workers
+    loader = torch.utils.data.DataLoader(
+        _ImageJobs(jobs, config.data.center_crop, config.data.max_image_pixels),
+        batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
+        collate_fn=_keep_items, persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+    with console.err.status("loading the VAE ..."):
+        vae = family.load_vae(cache.spec.torch_dtype).to(device)
+    chunk = _encode_chunk(cache.spec, settings.batch_size)
+    done = 0
+    try:
+        with _EntryWriter(index) as writer, \
+                console.progress("encoding images", total=len(jobs), unit="images") as bar:
+            for items in loader:
+                written = _encode_batch(family, vae, cache, [jobs[i] for i, _, _ in items],
+                                        items, chunk, device, writer)
+                if done == 0:  # the first batch tells how large an entry is
+                    per_entry = written / len(items)
+                    check_free_space(cache.root, int(per_entry * (len(jobs) - len(items))),
+                                     "the latent cache")
+                done += len(items)
+                bar.advance(len(items))
+    finally:
+        del loader, vae  # stops the decoding workers even when an error unwinds
+    return done
+
+
+def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[LatentJob],
+                  items: list, chunk: int, device: torch.device, writer: _EntryWriter) -> int:
+    """Encode one bucket batch and hand its files to the writer; returns the bytes queued."""
+    for _, _, problem in items:
+        if problem is not None:
+            raise DataError(problem[0], hint=problem[1])
+    pixels = torch.stack([pixels for _, pixels, _ in items])  # [B, 3, H, W]
+    means, stds = [], []
+    for start in range(0, len(items), chunk):
+        dist = family.encode_images(vae, pixels[start:start + chunk].to(device))
+        means.append(dist.mean.cpu())  # [b, C, h, w]
+        stds.append(dist.std.cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    files, entries = [], []
+    for job, job_mean, job_std in zip(jobs, mean, std):
+        data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype)
+        files.append((cache.path("latent", job.key), data))
+        entries.append(IndexEntry(job.key, "latent", tuple(job_mean.shape), cache.spec.dtype,
+                                  len(data), job.flip, str(job.row.path)))
+    writer.submit(files, entries)
+    return sum(len(data) for _, data in files)
+
+
+# --- verify, gc, disk -------------------------------------------------------------------------
+
+def _verify(cache: Cache, index: CacheIndex) -> tuple[int, list[tuple[str, str]]]:
+    """Re-check every entry; delete bad ones (file and row). Returns (checked, bad)."""
+    entries = list(index.entries())
+    bad: list[tuple[IndexEntry, str]] = []
+    with console.progress("verifying cache", total=len(entries), unit="entries") as bar:
+        for entry in entries:
+            problem = check_entry(cache.path(entry.kind, entry.key), entry)
+            if problem:
+                bad.append((entry, problem))
+            bar.advance()
+    for entry, problem in bad:
+        console.warn(f"bad cache entry for {entry.source}: {problem}; re-encoding it")
+        cache.path(entry.kind, entry.key).unlink(missing_ok=True)
+    index.remove(entry.key for entry, _ in bad)
+    return len(entries), [(entry.source, problem) for entry, problem in bad]
+
+
+def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[int, int]:
+    """Delete entries outside `keep`, and files the index does not know. Returns the counts."""
+    unused = [entry for entry in index.entries() if entry.key not in keep]
+    index.remove(entry.key for entry in unused)  # rows first: a kill leaves only stray files
+    for entry in unused:
+        cache.path(entry.kind, entry.key).unlink(missing_ok=True)
+    known = index.keys()
+    strays = 0
+    for folder in ("latents", "text"):
+        for path in sorted((cache.root / folder).glob("*/*.safetensors")):
+            if path.stem not in known:
+                path.unlink(missing_ok=True)
+                strays += 1
+        for shard in (cache.root / folder).glob("*"):
+            if shard.is_dir() and not any(shard.iterdir()):
+                shard.rmdir()
+    return len(unused), strays
+
+
+def _measure_disk(summary: PrecomputeSummary, index: CacheIndex, plan: CachePlan,
+                  rows: Sequence[ManifestRow]) -> None:
+    sizes = {entry.key: entry.bytes for entry in index.entries()}
+    summary.latent_bytes = sum(sizes.get(k, 0) for k in plan.latents)
+    summary.flip_bytes = sum(sizes.get(k, 0) for k in plan.flipped)
+    summary.text_bytes = sum(sizes.get(k, 0) for k in plan.texts)
+    sources = {row.sha256: row.size_bytes for row in rows}
+    summary.unique_images = len(sources)
+    summary.source_bytes = sum(sources.values())
+    summary.cache_bytes = folder_size(summary.cache_dir)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def print_summary(summary: PrecomputeSummary) -> None:
+    """What was encoded, reused, removed and repaired, and what the cache costs on disk."""
+    for note in summary.notes:
+        console.info(f"note: {note}")
+    if summary.verified:
+        console.print(f"verified {summary.verified} entries: "
+                      + (f"[red]{len(summary.bad)} bad[/] (deleted and re-encoded)"
+                         if summary.bad else "all good"))
+        for what, why in summary.bad[:10]:
+            console.print(f"  bad: {escape(what)}: {escape(why)}")
+    lat, txt = summary.latents, summary.texts
+    flips = summary.variants - summary.images
+    console.print(
+        f"latents   {lat.total} ({summary.images} images"
+        + (f" + {flips} flipped variants" if flips else "") + f"): {lat.added} added, "
+        f"{lat.reused} reused")
+    console.print(f"captions  {txt.total} (of which {summary.prompts} sample/negative prompts): "
+                  f"{txt.added} added, {txt.reused} reused")
+    if summary.removed or summary.stray_files:
+        console.print(f"removed   {summary.removed} unused entries, {summary.stray_files} "
+                      "stray files")
+    ratio = summary.latent_bytes / summary.source_bytes if summary.source_bytes else 0.0
+    console.print(
+        f"disk      {_size(summary.latent_bytes + summary.text_bytes)} for this config "
+        f"({summary.dtype}): latents {_size(summary.latent_bytes)} = "
+        f"{_size(summary.latent_bytes_per_image)} per image vs. "
+        f"{_size(summary.source_bytes_per_image)} per source image ({ratio:.2f}x)"
+        + (f", of which flipped variants {_size(summary.flip_bytes)}" if summary.flip_bytes else "")
+        + f"; captions {_size(summary.text_bytes)}; whole cache folder "
+        f"{_size(summary.cache_bytes)}")
+    speed = (f"{lat.added} images in {summary.encode_s:.1f} s ({summary.images_per_s:.1f} "
+             "images/s)" if lat.added else "nothing to encode")
+    console.print(f"time      {summary.elapsed_s:.1f} s; {speed}")
+    console.print(f"[green]cache ready[/] in {escape(str(summary.cache_dir))}")

@@ -1,0 +1,526 @@
+"""The one sampler: Euler steps of the rectified flow with CFG or APG, shared by samples during
+training, `ditctl sample` and `ditctl eval`.
+
+From pure math to files:
+  time_grid / cfg / apg / euler_sample   the math, on plain tensors (unit-tested by hand)
+  sample_latents                         noise -> latents with a denoiser (what the bench times)
+  generate                               prompts -> PIL images (encode, denoise, decode)
+  write_samples                          PNGs with their settings as metadata, grid.png, index.json
+  choose_model / run_sample              what `ditctl sample` runs: which denoiser, which folder
+
+Reproducibility: image k of prompt p always starts from the noise of its own seed
+`derive_seed(seed, p, k)`, drawn on the CPU from its own `torch.Generator`, whatever else is
+generated alongside it. Batched matrix products are not batch-invariant (a 1-row GEMM takes
+another kernel than a 6-row one, on CPUs and GPUs alike), so by default each image is also
+denoised and decoded in forwards of its own ([negative, positive] for CFG): an image is then
+bit-identical whatever `batch_size` it was generated with, e.g. the same during training and in
+`ditctl sample`. `batch_invariant=False` runs one forward per batch instead (faster for small
+images on a GPU; images equal up to float rounding). Nothing here touches the global RNG, so
+sampling during training does not change the training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .config import Config
+from .console import console
+from .errors import DitctlError, WorkspaceError
+from .fsutil import atomic_write_bytes, atomic_write_json
+from .grids import image_grid, png_bytes
+from .models.base import ModelFamily
+from .workspace import Workspace
+
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+LATENT_CHANNELS = 16
+SIDE_MULTIPLE = 16  # VAE 8x times patch 2
+ENCODE_CHUNK = 8  # prompts per text-encoder forward
+
+
+# --- seeds and the time grid ------------------------------------------------------------------
+
+def derive_seed(base_seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image `image_index` of prompt `prompt_index`: a hash, so that no two
+    (base, prompt, image) triples share noise by arithmetic accident (base 1 is not base 0
+    shifted by one image)."""
+    digest = hashlib.sha256(f"{base_seed}:{prompt_index}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**31
+
+
+def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """Standard normal noise of one image, drawn on the CPU (same values on every device)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def warp_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The resolution shift t' = a*t / (1 + (a-1)*t): more time near pure noise when a > 1."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(steps: int, shift: float) -> torch.Tensor:
+    """[steps + 1] times from 1 (pure noise) down to 0: t_i = i/N for i = N..0, warped (float64)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+    return warp_time(t, float(shift))
+
+
+sigma_schedule = time_grid  # the name the module contracts use
+
+
+# --- guidance -----------------------------------------------------------------------------------
+
+def cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, g: float) -> torch.Tensor:
+    """Classifier-free guidance: v_u + g (v_c - v_u)."""
+    return v_uncond + g * (v_cond - v_uncond)
+
+
+def apg(v_uncond: torch.Tensor, v_cond: torch.Tensor, g: float, threshold: float) -> torch.Tensor:
+    """Adaptive projected guidance, per sample.
+
+    d = v_c - v_u is split into its projection on v_c and the orthogonal rest (dot products over
+    all non-batch dims of each sample); the rest is scaled down where its std exceeds
+    `threshold`; v = v_c + (g - 1) * orth. (F-Lite's reference projects over the whole batch,
+    which lets one image's guidance depend on the others.)
+    """
+    dims = tuple(range(1, v_cond.dim()))
+    diff = v_cond - v_uncond
+    dot = (diff * v_cond).sum(dims, keepdim=True)
+    norm2 = (v_cond * v_cond).sum(dims, keepdim=True).clamp_min(torch.finfo(v_cond.dtype).tiny)
+    orth = diff - dot / norm2 * v_cond
+    std = orth.std(dim=dims, keepdim=True)
+    orth = orth * (threshold / std).clamp(max=1.0)  # std 0 gives inf, clamped to 1: unchanged
+    return v_cond + (g - 1) * orth
+
+
+@dataclass(frozen=True)
+class Guidance:
+    scale: float
+    use_apg: bool = False
+    apg_threshold: float = 0.03
+
+
+def euler_sample(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor,
+                 on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Integrate from grid[0] to grid[-1]: x += (t - t_next) * v(x, t) (t = 1 is noise)."""
+    for i in range(len(grid) - 1):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        x = x + (t - t_next) * velocity(x, t)
+        if on_step is not None:
+            on_step()
+    return x
+
+
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Tensor, t: float,
+                    cond: torch.Tensor, uncond: torch.Tensor | None,
+                    guidance: Guidance) -> torch.Tensor:
+    """The guided velocity at time t (fp32): one forward on [uncond; cond] (or on cond alone
+    when the scale is 1). `uncond` None means the family's empty (all-zero) embedding."""
+    dtype = _param_dtype(denoiser)
+    t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    if guidance.scale == 1.0:
+        return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype)).float()
+    if uncond is None:
+        uncond = family.empty_prompt_embedding(cond.shape[0], like=cond)
+    both = family.predict(denoiser, torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]),
+                          torch.cat([uncond, cond]).to(dtype)).float()
+    v_uncond, v_cond = both.chunk(2)
+    if guidance.use_apg:
+        return apg(v_uncond, v_cond, guidance.scale, guidance.apg_threshold)
+    return cfg(v_uncond, v_cond, guidance.scale)
+
+
+@contextlib.contextmanager
+def _inference(module: torch.nn.Module) -> Iterator[None]:
+    """eval() and no_grad for the duration; a training denoiser gets its mode back."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.Tensor,
+                   cond: torch.Tensor, uncond: torch.Tensor | None, *, steps: int,
+                   guidance: Guidance, shift: float, batch_invariant: bool = True,
+                   on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """Denoise `noise` [B,C,h,w] (fp32, on the denoiser's device) to latents [B,C,h,w].
+
+    `cond` [B,L,D]; `uncond` [B,L,D] or None (zeros). With `batch_invariant` each image runs
+    alone (see module doc); `on_step` is called after every step of every forward.
+    """
+    grid = time_grid(steps, shift)
+    if uncond is None and guidance.scale != 1.0:
+        uncond = family.empty_prompt_embedding(cond.shape[0], like=cond)
+    with _inference(denoiser):
+        if not batch_invariant:
+            return euler_sample(lambda x, t: guided_velocity(family, denoiser, x, t, cond, uncond,
+                                                             guidance), noise, grid, on_step)
+        out = []
+        for i in range(noise.shape[0]):
+            c, u = cond[i:i + 1], None if uncond is None else uncond[i:i + 1]
+            out.append(euler_sample(
+                lambda x, t, c=c, u=u: guided_velocity(family, denoiser, x, t, c, u, guidance),
+                noise[i:i + 1], grid, on_step))
+        return torch.cat(out)
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DitctlError(f"prompts file {path} does not exist",
+                          hint="write one prompt per line into it, or pass --prompt TEXT") from None
+    except UnicodeDecodeError:
+        raise DitctlError(f"prompts file {path} is not valid UTF-8",
+                          hint="save it as UTF-8 text, one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DitctlError(f"prompts file {path} holds no prompts (only blank lines or # comments)",
+                          hint="write one prompt per line into it, or pass --prompt TEXT")
+    return prompts
+
+
+def default_prompts_file(ws: Workspace, config: Config) -> Path:
+    return ws.resolve(config.train.sample_prompts_file or "prompts.txt")
+
+
+@dataclass
+class PromptEmbeddings:
+    """Encoded prompts [P,L,D] and the negative prompt [1,L,D] (None: the empty embedding)."""
+
+    cond: torch.Tensor
+    negative: torch.Tensor | None = None
+
+
+def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str],
+                   negative_prompt: str | None = None) -> PromptEmbeddings:
+    """Encode prompts (warning about any the text encoder truncates) and the negative prompt."""
+    count = getattr(family, "count_tokens", None)
+    limit = getattr(text_encoder, "max_length", None)
+    if count is not None and limit:
+        for i, prompt in enumerate(prompts):
+            n = count(text_encoder, prompt)
+            if n > limit:
+                console.warn(f"prompt {i + 1} has {n} tokens; the text encoder reads only the "
+                             f"first {limit}, the rest is ignored: {prompt[:60]!r}...")
+    chunks = [family.encode_prompts(text_encoder, list(prompts[i:i + ENCODE_CHUNK]))
+              for i in range(0, len(prompts), ENCODE_CHUNK)]
+    negative = family.encode_prompts(text_encoder, [negative_prompt]) if negative_prompt else None
+    return PromptEmbeddings(torch.cat(chunks).cpu(), None if negative is None else negative.cpu())
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageJob:
+    prompt_index: int
+    image_index: int
+    seed: int
+
+
+def plan_images(n_prompts: int, images_per_prompt: int, base_seed: int) -> list[ImageJob]:
+    """Every image to generate, prompt-major (all images of prompt 0 first)."""
+    return [ImageJob(p, k, derive_seed(base_seed, p, k))
+            for p in range(n_prompts) for k in range(images_per_prompt)]
+
+
+def check_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value < SIDE_MULTIPLE or value % SIDE_MULTIPLE:
+            raise DitctlError(f"[sample] {name} = {value} is not a multiple of {SIDE_MULTIPLE}",
+                              hint=f"pass --{name} {max(SIDE_MULTIPLE, round(value / 16) * 16)}")
+
+
+def sample_size(config: Config, family: ModelFamily) -> tuple[int, int]:
+    """(width, height): [sample] width/height, else the training resolution, else the family's."""
+    default = config.data.resolution or family.sampling_defaults.resolution
+    width, height = config.sample.width or default, config.sample.height or default
+    check_size(width, height)
+    return width, height
+
+
+def resolve_shift(family: ModelFamily, settings: Any, width: int, height: int) -> float:
+    shift = getattr(settings, "shift", None)
+    return float(shift) if shift else family.resolution_shift(height // 8, width // 8)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B,3,H,W] in [-1,1] -> RGB images."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy(), "RGB") for p in pixels]
+
+
+def _free_accelerator_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: Sequence[str],
+             settings: Any, *, width: int, height: int, text_encoder: Any = None,
+             embeddings: PromptEmbeddings | None = None, batch_invariant: bool = True,
+             show_progress: bool = True) -> list[Image.Image]:
+    """Images for `prompts` (prompt-major: num_images_per_prompt per prompt) as PIL images.
+
+    `settings` is a SampleConfig (or anything with its fields). Give either a text encoder
+    (prompts and the negative prompt are encoded first; with `settings.offload` it is then moved
+    off the accelerator before the denoiser runs) or precomputed `embeddings`. The denoiser and
+    VAE must already sit on their device.
+    """
+    check_size(width, height)
+    if embeddings is None:
+        if text_encoder is None:
+            raise ValueError("generate needs a text encoder or precomputed embeddings")
+        embeddings = encode_prompts(family, text_encoder, prompts, settings.negative_prompt)
+        if settings.offload:
+            text_encoder.to("cpu")
+            _free_accelerator_memory()
+    if embeddings.cond.shape[0] != len(prompts):
+        raise ValueError(f"{embeddings.cond.shape[0]} embeddings for {len(prompts)} prompts")
+
+    device = next(denoiser.parameters()).device
+    guidance = Guidance(settings.guidance_scale, settings.apg, settings.apg_threshold)
+    shift = resolve_shift(family, settings, width, height)
+    jobs = plan_images(len(prompts), settings.num_images_per_prompt, settings.seed)
+    latent_shape = (LATENT_CHANNELS, height // 8, width // 8)
+    cond_all = embeddings.cond.to(device)
+    negative = None if embeddings.negative is None else embeddings.negative.to(device)
+
+    images: list[Image.Image] = []
+    batches = [jobs[i:i + settings.batch_size] for i in range(0, len(jobs), settings.batch_size)]
+    for number, batch in enumerate(batches, 1):
+        noise = torch.stack([initial_noise(job.seed, latent_shape) for job in batch]).to(device)
+        cond = cond_all[[job.prompt_index for job in batch]]
+        uncond = None if negative is None else negative.expand(len(batch), *negative.shape[1:])
+        label = f"sampling batch {number}/{len(batches)}"
+        with (console.progress(label, settings.steps * len(batch), unit="step")
+              if show_progress else contextlib.nullcontext()) as task:
+            latents = sample_latents(family, denoiser, noise, cond, uncond, steps=settings.steps,
+                                     guidance=guidance, shift=shift,
+                                     batch_invariant=batch_invariant,
+                                     on_step=task.advance if task is not None else None)
+        with torch.no_grad():
+            if batch_invariant:
+                pixels = torch.cat([family.decode_latents(vae, latents[i:i + 1])
+                                    for i in range(len(batch))])
+            else:
+                pixels = family.decode_latents(vae, latents)
+        images += to_pil(pixels)
+    return images
+
+
+# --- writing samples ----------------------------------------------------------------------------
+
+def settings_dict(settings: Any, **resolved: Any) -> dict[str, Any]:
+    """The sample settings as plain JSON values, plus resolved values (size, shift)."""
+    values = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(vars(settings))
+    return {**values, **resolved}
+
+
+def image_file_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}-s{seed}.png"
+
+
+def write_samples(images: Sequence[Image.Image], prompts: Sequence[str], seeds: Sequence[int],
+                  settings: dict[str, Any], out_dir: Path, *,
+                  metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write one PNG per image (prompt and settings in its text chunks), grid.png and index.json.
+
+    `images` and `seeds` are prompt-major, the same number per prompt. Each file is written
+    atomically and index.json last, so an index only ever lists files that are complete.
+    Returns the index.
+    """
+    if not prompts or len(images) % len(prompts) or len(seeds) != len(images):
+        raise ValueError(f"{len(images)} images, {len(seeds)} seeds for {len(prompts)} prompts")
+    out_dir = Path(out_dir)
+    per_prompt = len(images) // len(prompts)
+    metadata = metadata or {}
+    settings_json = json.dumps(settings, sort_keys=True)
+    entries = []
+    for i, (image, seed) in enumerate(zip(images, seeds)):
+        p, k = divmod(i, per_prompt)
+        name = image_file_name(p, seed)
+        text = {"prompt": prompts[p], "seed": str(seed), "settings": settings_json,
+                "software": f"ditctl {__version__}",
+                **{key: str(value) for key, value in metadata.items()}}
+        if settings.get("negative_prompt"):
+            text["negative_prompt"] = settings["negative_prompt"]
+        atomic_write_bytes(out_dir / name, png_bytes(image, text))
+        entries.append({"file": name, "prompt_index": p, "image_index": k, "prompt": prompts[p],
+                        "seed": seed})
+    rows = [list(images[p * per_prompt:(p + 1) * per_prompt]) for p in range(len(prompts))]
+    grid = image_grid(rows, row_labels=[f"{p}: {text}" for p, text in enumerate(prompts)])
+    atomic_write_bytes(out_dir / "grid.png", png_bytes(grid, {"software": f"ditctl {__version__}"}))
+    index = {"prompts": list(prompts), "images": entries, "grid": "grid.png",
+             "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **metadata}
+    atomic_write_json(out_dir / "index.json", index)
+    return index
+
+
+def sample_during_training(family: ModelFamily, denoiser: torch.nn.Module, vae: Any,
+                           prompts: Sequence[str], out_dir: Path, settings: Any, *,
+                           width: int, height: int, embeddings: PromptEmbeddings | None = None,
+                           text_encoder: Any = None,
+                           metadata: dict[str, Any] | None = None) -> Path:
+    """Samples of a training step into `out_dir`; returns the grid's path.
+
+    The denoiser's train/eval mode and the global RNG are left as they were.
+    """
+    images = generate(family, denoiser, vae, prompts, settings, width=width, height=height,
+                      text_encoder=text_encoder, embeddings=embeddings)
+    seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
+                                             settings.seed)]
+    resolved = dict(width=width, height=height, shift=resolve_shift(family, settings, width, height))
+    write_samples(images, prompts, seeds, settings_dict(settings, **resolved), out_dir,
+                  metadata=metadata)
+    return Path(out_dir) / "grid.png"
+
+
+# --- which model (ditctl sample / eval) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What to sample from: a family (base model folder) and optionally a checkpoint of a run."""
+
+    family: ModelFamily
+    checkpoint: Path | None
+    run_dir: Path | None
+    label: str  # step-000100, base, or the exported model's folder name
+
+    def describe(self) -> str:
+        if self.checkpoint is not None:
+            return f"run {self.run_dir.name if self.run_dir else '?'}, checkpoint {self.checkpoint.name}"
+        return f"base model {self.family.path}" if self.label == "base" else f"model {self.family.path}"
+
+
+def checkpoint_label(checkpoint: Path) -> str:
+    return Path(checkpoint).name
+
+
+def run_of_checkpoint(checkpoint: Path) -> Path | None:
+    """runs/<run>/checkpoints/step-N -> runs/<run> (None for a folder elsewhere)."""
+    parent = Path(checkpoint).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
+def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None,
+                 checkpoint: str | Path | None = None, base: bool = False,
+                 model: str | Path | None = None) -> ModelChoice:
+    """The model `ditctl sample` / `eval` use: --model, --base, --checkpoint, --run, or the latest
+    checkpoint of the latest run."""
+    from .engine.loading import resolve_checkpoint, resolve_run
+    from .models.registry import load_family
+
+    given = [name for name, value in (("--model", model), ("--base", base),
+                                      ("--checkpoint", checkpoint)) if value]
+    if len(given) > 1 or (run and (model or base)):
+        flags = given + (["--run"] if run else [])
+        raise DitctlError(f"{' and '.join(flags)} pick different models; give one of them",
+                          hint="--base (no fine-tuning), --checkpoint PATH, --run NAME "
+                               "(its latest checkpoint) or --model PATH (an exported pipeline)")
+    if model:
+        path = Path(model).expanduser()
+        if ws is not None and not path.is_absolute() and not path.exists():
+            path = ws.resolve(path)
+        family = load_family(path)
+        return ModelChoice(family, None, None, family.path.name)
+    if ws is None:
+        raise WorkspaceError("no workspace here, and no --model given",
+                             hint="cd into a workspace, pass --workspace PATH, or sample an "
+                                  "exported model with --model PATH")
+    family = load_family(ws.model_path(config), config.model.family)
+    if base:
+        return ModelChoice(family, None, None, "base")
+    found = resolve_checkpoint(ws, config, run=run, checkpoint=checkpoint)
+    run_dir = run_of_checkpoint(found) if checkpoint else resolve_run(ws, config, run)
+    return ModelChoice(family, Path(found), run_dir, checkpoint_label(found))
+
+
+def default_out_dir(ws: Workspace | None, choice: ModelChoice) -> Path:
+    """runs/<run>/samples/<checkpoint>-sample for a checkpoint (training's own samples are in
+    samples/<checkpoint>, made with the run's settings: never overwritten), else
+    <workspace>/samples/base or <workspace>/samples/sample-<model>-<time>."""
+    if choice.run_dir is not None:
+        return choice.run_dir / "samples" / f"{choice.label}-sample"
+    root = ws.root if ws is not None else Path.cwd()
+    label = choice.label if choice.label == "base" else \
+        f"sample-{choice.label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return root / "samples" / label
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it (as F-Lite's pipeline runs), fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_for_sampling(choice: ModelChoice, settings: Any, prompts: Sequence[str],
+                      device: torch.device) -> tuple[torch.nn.Module, Any, PromptEmbeddings]:
+    """(denoiser, vae, embeddings) on `device`. With `settings.offload` the text encoder is
+    loaded, used and freed before the denoiser is loaded; otherwise all three are resident."""
+    from .engine.loading import load_denoiser
+
+    dtype = inference_dtype(device)
+    text_encoder = choice.family.load_text_encoder(dtype).to(device)
+    if settings.offload:
+        embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
+        del text_encoder
+        _free_accelerator_memory()
+    denoiser = load_denoiser(choice.family, choice.checkpoint, lora_scale=settings.lora_scale,
+                             dtype=dtype).to(device)
+    vae = choice.family.load_vae(torch.float32).to(device)
+    if not settings.offload:
+        embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
+        del text_encoder
+    return denoiser, vae, embeddings
+
+
+def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_dir: Path,
+               device: torch.device | None = None) -> dict[str, Any]:
+    """Generate and write the samples of `ditctl sample`; returns the index (plus "dir")."""
+    device = device or inference_device()
+    settings = config.sample
+    width, height = sample_size(config, choice.family)
+    denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)
+    images = generate(choice.family, denoiser, vae, prompts, settings, width=width, height=height,
+                      embeddings=embeddings)
+    seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
+                                             settings.seed)]
+    resolved = dict(width=width, height=height,
+                    shift=resolve_shift(choice.family, settings, width, height))
+    metadata = {"model": str(choice.family.path), "source": choice.describe()}
+    if choice.checkpoint is not None:
+        metadata["checkpoint"] = str(choice.checkpoint)
+    index = write_samples(images, prompts, seeds, settings_dict(settings, **resolved), out_dir,
+                          metadata=metadata)
+    return {**index, "dir": str(out_dir)}

@@ -1,0 +1,93 @@
+import torch
+
+from ditctl.engine.objective import (TimestepDensity, noised_batch, per_sample_mse, sample_seed,
+                                     shift_timesteps)
+from ditctl.models.base import LatentDist
+
+
+class FakeFamily:
+    """Just the math the objective needs: F-Lite's rectified flow with identity latents."""
+
+    def sample_latents(self, dist, generator):
+        eps = torch.randn(dist.mean.shape, generator=generator)
+        return dist.mean + dist.std * eps
+
+    def empty_prompt_embedding(self, batch, like=None):
+        return torch.zeros((batch, *like.shape[1:]))
+
+    def noisy_latents(self, x0, noise, t):
+        return (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+
+    def training_target(self, x0, noise):
+        return x0 - noise
+
+    def resolution_shift(self, h, w):
+        return 2.0 * (h * w / 4096) ** 0.5
+
+
+def test_shift_matches_flite_formula():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.equal(shift_timesteps(t, 1.0), t)
+    torch.testing.assert_close(shift_timesteps(t, 4.0), 4 * t / (1 + 3 * t))
+    assert shift_timesteps(torch.tensor([0.5]), 2.0) > 0.5  # towards noise
+
+
+def test_sample_seed_depends_on_every_counter():
+    seeds = {sample_seed(1, e, b, j, r) for e in range(2) for b in range(3) for j in range(4)
+             for r in range(2)}
+    assert len(seeds) == 48
+    assert sample_seed(1, 0, 0, 0, 0) == sample_seed(1, 0, 0, 0, 0) != sample_seed(2, 0, 0, 0, 0)
+
+
+def test_noised_batch_follows_the_rectified_flow_by_hand():
+    family = FakeFamily()
+    mean = torch.randn(2, 16, 4, 4)
+    dist = LatentDist(mean, torch.full_like(mean, 0.1))
+    text = torch.randn(2, 5, 8)
+    density = TimestepDensity(0.0, 1.0, 0.0)
+    batch = noised_batch(family, dist, text, [11, 12], density, caption_dropout=0.0, shift=True)
+    # sample 1 by hand from its own generator, in the documented draw order
+    g = torch.Generator().manual_seed(12)
+    x0 = mean[1:2] + 0.1 * torch.randn(1, 16, 4, 4, generator=g)
+    noise = torch.randn(1, 16, 4, 4, generator=g)
+    logit = torch.randn(1, generator=g)
+    t = shift_timesteps(torch.sigmoid(logit), 2.0 * (16 / 4096) ** 0.5)
+    torch.testing.assert_close(batch.t[1:2], t)
+    torch.testing.assert_close(batch.noisy[1:2], (1 - t) * x0 + t * noise)
+    torch.testing.assert_close(batch.target[1:2], x0 - noise)
+    assert torch.equal(batch.text, text)
+
+
+def test_batch_split_does_not_change_a_samples_randomness():
+    family = FakeFamily()
+    mean = torch.randn(3, 16, 2, 2)
+    dist = LatentDist(mean, torch.ones_like(mean))
+    text = torch.randn(3, 4, 8)
+    density = TimestepDensity()
+    whole = noised_batch(family, dist, text, [5, 6, 7], density, 0.5, True)
+    last = noised_batch(family, LatentDist(mean[2:], torch.ones_like(mean[2:])), text[2:], [7],
+                        density, 0.5, True)
+    assert torch.equal(whole.noisy[2:], last.noisy) and torch.equal(whole.t[2:], last.t)
+
+
+def test_uniform_fraction_and_caption_dropout_rates():
+    family = FakeFamily()
+    n = 4000
+    mean = torch.zeros(n, 1, 1, 1)
+    dist = LatentDist(mean, torch.ones_like(mean))
+    text = torch.ones(n, 2, 2)
+    batch = noised_batch(family, dist, text, list(range(n)), TimestepDensity(0, 1, 0.0), 0.25, False)
+    dropped = (batch.text.flatten(1).abs().sum(1) == 0).float().mean()
+    assert 0.22 < dropped < 0.28
+    # logit-normal: few timesteps near the ends; uniform: many
+    logit_normal = ((batch.t < 0.05) | (batch.t > 0.95)).float().mean()
+    uniform = noised_batch(family, dist, text, list(range(n)), TimestepDensity(0, 1, 1.0), 0, False)
+    assert logit_normal < 0.02 and ((uniform.t < 0.05) | (uniform.t > 0.95)).float().mean() > 0.07
+
+
+def test_per_sample_mse_is_fp32_mean_per_sample():
+    pred = torch.ones(2, 3, 2, 2, dtype=torch.bfloat16)
+    target = torch.zeros(2, 3, 2, 2)
+    target[1] = 3
+    loss = per_sample_mse(pred, target)
+    assert loss.dtype == torch.float32 and torch.equal(loss, torch.tensor([1.0, 4.0]))

@@ -1,0 +1,178 @@
+"""Exactness of the training engine: resume, accumulation, LoRA freezing, sources, NaN guard."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_workspace  # noqa: E402
+
+from ditctl.errors import CheckpointError, TrainingError  # noqa: E402
+from ditctl.status import list_checkpoints  # noqa: E402
+from ditctl.train import run_training  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(ws, **overrides):
+    resume = overrides.pop("resume", None)
+    force = overrides.pop("force", False)
+    config = ws.config({k if "." in k else f"train.{k}": v for k, v in overrides.items()})
+    return run_training(ws, config, resume=resume, force=force)
+
+
+def _losses(run_dir):
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return {d["step"]: d.get("train/loss") for d in map(json.loads, lines)}
+
+
+def _weights(checkpoint):
+    out = {}
+    for name in ("lora.safetensors", "trainable.safetensors"):
+        if (checkpoint / name).is_file():
+            out.update(load_file(checkpoint / name))
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
+
+
+def stop_after(step, monkeypatch):
+    """Send this process SIGTERM while logging `step`, as a scheduler stopping a job would."""
+    import os
+    import signal
+
+    from ditctl.engine.monitor import Monitor
+
+    original = Monitor.log_step
+
+    def log_step(self, at, *args, **kwargs):
+        original(self, at, *args, **kwargs)
+        if at == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_step", log_step)
+
+
+def test_resume_is_bit_identical_mid_epoch_with_accumulation(tmp_path, tiny_model_dir, monkeypatch):
+    settings = dict(train={"train_batch_size": 2, "gradient_accumulation_steps": 2,
+                           "learning_rate": 1e-3, "lr_scheduler": "cosine", "num_warmup_steps": 1},
+                    lora=LORA, data={"random_flip": True})
+    straight = make_workspace(tmp_path / "a", tiny_model_dir, n_train=10, **settings)
+    full = _train(straight, max_steps=5, checkpoint_every=100, run_name="r")
+    split = make_workspace(tmp_path / "b", tiny_model_dir, n_train=10, **settings)
+    stop_after(2, monkeypatch)  # SIGTERM during step 2: checkpoint, then stop (mid-epoch 1)
+    stopped = _train(split, max_steps=5, checkpoint_every=100, run_name="r")
+    assert stopped.result.interrupted and stopped.result.steps == 2
+    monkeypatch.undo()
+    resumed = _train(split, max_steps=5, checkpoint_every=100, resume="latest")
+    assert resumed.run.name == "r" and resumed.result.steps == 5
+    _assert_same(_weights(full.result.checkpoint), _weights(resumed.result.checkpoint))
+    assert _losses(straight.root / "runs" / "r") == _losses(split.root / "runs" / "r")
+    a = json.loads((full.result.checkpoint / "checkpoint.json").read_text())
+    b = json.loads((resumed.result.checkpoint / "checkpoint.json").read_text())
+    assert (a["epoch"], a["batch_index"]) == (b["epoch"], b["batch_index"])
+
+
+def test_resume_with_changed_config_is_refused_unless_forced(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, lora=LORA)
+    _train(ws, max_steps=1, run_name="r")
+    with pytest.raises(CheckpointError, match=r"\[train\] learning_rate 0.0001 -> 0.01"):
+        _train(ws, max_steps=2, learning_rate=1e-2, resume="latest")
+    assert _train(ws, max_steps=2, learning_rate=1e-2, resume="latest", force=True).result.steps == 2
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir):
+    common = dict(lora=LORA, n_train=8)
+    big = make_workspace(tmp_path / "big", tiny_model_dir, train={"train_batch_size": 4}, **common)
+    small = make_workspace(tmp_path / "small", tiny_model_dir,
+                           train={"train_batch_size": 2, "gradient_accumulation_steps": 2}, **common)
+    # batches are planned per global batch: same samples, same per-sample noise
+    a = _train(big, max_steps=2, learning_rate=1e-3)
+    b = _train(small, max_steps=2, learning_rate=1e-3)
+    wa, wb = _weights(a.result.checkpoint), _weights(b.result.checkpoint)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_train_only_lora_freezes_the_base_and_use_lora_trains_both(tmp_path, tiny_model_dir):
+    from ditctl.engine.loading import load_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    family = FLiteFamily(tiny_model_dir)
+    base = {k: v.clone() for k, v in family.load_denoiser().state_dict().items()}
+    only = make_workspace(tmp_path / "only", tiny_model_dir, lora=LORA)
+    out = _train(only, max_steps=2, learning_rate=1e-2)
+    assert not (out.result.checkpoint / "trainable.safetensors").exists()
+    both = make_workspace(tmp_path / "both", tiny_model_dir,
+                          lora={"use_lora": True, "lora_rank": 4, "lora_alpha": 4})
+    out2 = _train(both, max_steps=2, learning_rate=1e-2)
+    trained_base = load_file(out2.result.checkpoint / "trainable.safetensors")
+    changed = [k for k, v in trained_base.items() if "base_layer" not in k and k in base
+               and not torch.equal(v, base[k])]
+    assert changed, "use_lora without train_only_lora must train the base too"
+    # the LoRA-only run's merged model still holds the untouched base weights
+    model = load_denoiser(family, out.result.checkpoint)
+    for name, value in model.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in base:
+            assert torch.equal(value, base[key]), name
+
+
+def test_cached_and_on_the_fly_training_are_identical(tmp_path, tiny_model_dir):
+    from ditctl.precompute import run_precompute
+
+    settings = dict(lora=LORA, data={"random_flip": True, "center_crop": False},
+                    sizes=((32, 32), (48, 32)), n_train=6)
+    fly = make_workspace(tmp_path / "fly", tiny_model_dir, **settings)
+    a = _train(fly, max_steps=3, train_batch_size=2, learning_rate=1e-3)
+    cached = make_workspace(tmp_path / "cached", tiny_model_dir, **settings)
+    config = cached.config()
+    from ditctl.train import ensure_manifest
+    ensure_manifest(cached, config)
+    run_precompute(cached, config)
+    b = _train(cached, max_steps=3, train_batch_size=2, learning_rate=1e-3,
+               use_precomputed_data=True)
+    _assert_same(_weights(a.result.checkpoint), _weights(b.result.checkpoint))
+
+
+def test_nonfinite_loss_steps_are_skipped_then_training_stops(tmp_path, tiny_model_dir, monkeypatch):
+    from ditctl.models.flite import FLiteFamily
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, lora=LORA)
+    monkeypatch.setattr(FLiteFamily, "predict",
+                        lambda self, model, x, t, c: model(x, c, t) * float("nan"))
+    with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
+        _train(ws, max_steps=10, max_nonfinite_steps=3, checkpoint_every=1, run_name="nan")
+    assert list_checkpoints(ws.root / "runs" / "nan") == []
+
+
+def test_eight_bit_adam_and_full_finetuning_run(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir)
+    out = _train(ws, max_steps=2, use_8bit_adam=True, learning_rate=1e-3)
+    state = json.loads((out.result.checkpoint / "optimizer.json").read_text())
+    assert "state1" in json.dumps(state)  # bitsandbytes' quantised moments were saved
+    assert (out.result.checkpoint / "trainable.safetensors").is_file()
+
+
+def test_max_steps_extends_beyond_num_epochs(tmp_path, tiny_model_dir):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=4, lora=LORA)
+    out = _train(ws, max_steps=5, train_batch_size=2, num_epochs=1)
+    meta = json.loads((out.result.checkpoint / "checkpoint.json").read_text())
+    assert out.result.steps == 5 and meta["epoch"] == 2 and meta["batch_index"] == 1

@@ -74,7 +74,7 @@ def run(quick: bool) -> dict:
     prompts = ["a red circle on a white background", "a blue square on a black background"]
     settings = SampleConfig(steps=steps, guidance_scale=6.0, seed=0, num_images_per_prompt=2,
                             batch_size=4)
-    repeats = 2 if quick else 3
+    repeats = 3 if quick else 5
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         folder = build_tiny_pipeline(Path(tmp) / "model", dit_hidden=hidden, dit_depth=depth)
         family = FLiteFamily(folder)

@@ -27,10 +27,10 @@ from .errors import CacheError, CheckpointError, ConfigError, DataError, DitctlE
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .grids import image_grid, line_chart, png_bytes
 from .models.base import LatentDist, ModelFamily
-from .sampling import (PromptEmbeddings, _free_accelerator_memory, _inference, _param_dtype,
-                       default_prompts_file, encode_prompts, generate, inference_device,
-                       inference_dtype, plan_images, read_prompts, resolve_shift, run_of_checkpoint,
-                       sample_size, settings_dict)
+from .sampling import (PromptEmbeddings, default_prompts_file, encode_prompts,
+                       free_accelerator_memory, generate, inference_context, inference_device,
+                       inference_dtype, locate_checkpoint, param_dtype, plan_images, read_prompts,
+                       resolve_shift, run_of_checkpoint, sample_size, settings_dict)
 from .status import list_checkpoints
 from .workspace import Workspace
 
@@ -145,7 +145,7 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
         raise DataError("validation loss needs at least one image", hint="add validation data")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device, dtype = next(denoiser.parameters()).device, _param_dtype(denoiser)
+    device, dtype = next(denoiser.parameters()).device, param_dtype(denoiser)
     losses: dict[float, list[torch.Tensor]] = {float(q): [] for q in quantiles}
     inputs = [_validation_inputs(family, source, row, seed, i, len(quantiles))
               for i, row in enumerate(rows)]
@@ -153,7 +153,7 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
     for i, (x0, _, _) in enumerate(inputs):
         groups.setdefault(tuple(x0.shape), []).append(i)
 
-    with _inference(denoiser):
+    with inference_context(denoiser):
         for shape, members in groups.items():
             alpha = family.resolution_shift(shape[-2], shape[-1]) if resolution_shift else 1.0
             for start in range(0, len(members), batch_size):
@@ -322,7 +322,7 @@ def plan_eval(ws: Workspace, config: Config, *, run: str | None = None,
     if base:
         return EvalPlan(family, None, [], Path(out_dir or ws.root / "eval" / "base"))
     if checkpoint:
-        path = Path(checkpoint)
+        path = locate_checkpoint(ws, config, run, checkpoint)
         read_checkpoint_meta(path)
         run_dir = run_of_checkpoint(path)
         checkpoints = [path]
@@ -371,7 +371,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     elif prompts:
         embeddings = encode_prompts(family, text_encoder, prompts, settings.negative_prompt)
     del source, text_source, text_encoder
-    _free_accelerator_memory()
+    free_accelerator_memory()
 
     models = [Evaluated("base", 0, None)] + [
         Evaluated(c.name, checkpoint_step(c), c) for c in plan.checkpoints]
@@ -387,7 +387,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
             model.images = generate(family, denoiser, vae, prompts, settings, width=width,
                                     height=height, embeddings=embeddings)
         del denoiser
-        _free_accelerator_memory()
+        free_accelerator_memory()
 
     per_prompt = settings.num_images_per_prompt
     seeds = [job.seed for job in plan_images(len(prompts), per_prompt, settings.seed)]
@@ -480,7 +480,7 @@ def _write_outputs(plan: EvalPlan, config: Config, metrics: dict[str, Any],
     config_text = _run_config_text(plan, config)
     atomic_write_json(out / METRICS_FILE, metrics)
     atomic_write_text(out / REPORT_FILE, render_report(metrics, images, config_text))
-    if plan.run_dir is not None:
+    if plan.run_dir is not None and config.train.report_to != "none":
         log_scalars(plan.run_dir / "logs", metrics)
 
 

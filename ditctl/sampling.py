@@ -124,7 +124,7 @@ def euler_sample(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor,
     return x
 
 
-def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+def param_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
@@ -133,7 +133,7 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
                     guidance: Guidance) -> torch.Tensor:
     """The guided velocity at time t (fp32): one forward on [uncond; cond] (or on cond alone
     when the scale is 1). `uncond` None means the family's empty (all-zero) embedding."""
-    dtype = _param_dtype(denoiser)
+    dtype = param_dtype(denoiser)
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
     if guidance.scale == 1.0:
         return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype)).float()
@@ -148,7 +148,7 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
 
 
 @contextlib.contextmanager
-def _inference(module: torch.nn.Module) -> Iterator[None]:
+def inference_context(module: torch.nn.Module) -> Iterator[None]:
     """eval() and no_grad for the duration; a training denoiser gets its mode back."""
     was_training = module.training
     module.eval()
@@ -171,7 +171,7 @@ def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.
     grid = time_grid(steps, shift)
     if uncond is None and guidance.scale != 1.0:
         uncond = family.empty_prompt_embedding(cond.shape[0], like=cond)
-    with _inference(denoiser):
+    with inference_context(denoiser):
         if not batch_invariant:
             return euler_sample(lambda x, t: guided_velocity(family, denoiser, x, t, cond, uncond,
                                                              guidance), noise, grid, on_step)
@@ -275,7 +275,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy(), "RGB") for p in pixels]
 
 
-def _free_accelerator_memory() -> None:
+def free_accelerator_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -299,7 +299,7 @@ def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: 
         embeddings = encode_prompts(family, text_encoder, prompts, settings.negative_prompt)
         if settings.offload:
             text_encoder.to("cpu")
-            _free_accelerator_memory()
+            free_accelerator_memory()
     if embeddings.cond.shape[0] != len(prompts):
         raise ValueError(f"{embeddings.cond.shape[0]} embeddings for {len(prompts)} prompts")
 
@@ -428,6 +428,18 @@ def run_of_checkpoint(checkpoint: Path) -> Path | None:
     return parent.parent if parent.name == "checkpoints" else None
 
 
+def locate_checkpoint(ws: Workspace, config: Config, run: str | None,
+                      checkpoint: str | Path) -> Path:
+    """A checkpoint folder as given, or by name inside --run's checkpoints/ (`--run r1
+    --checkpoint step-000100`)."""
+    from .engine.loading import resolve_run
+
+    path = Path(checkpoint).expanduser()
+    if run and not path.exists() and len(path.parts) == 1:
+        path = resolve_run(ws, config, run) / "checkpoints" / path.name
+    return path
+
+
 def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None,
                  checkpoint: str | Path | None = None, base: bool = False,
                  model: str | Path | None = None) -> ModelChoice:
@@ -438,7 +450,7 @@ def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None
 
     given = [name for name, value in (("--model", model), ("--base", base),
                                       ("--checkpoint", checkpoint)) if value]
-    if len(given) > 1 or (run and (model or base)):
+    if len(given) > 1 or (run and (model or base)):  # --run with --checkpoint names one
         flags = given + (["--run"] if run else [])
         raise DitctlError(f"{' and '.join(flags)} pick different models; give one of them",
                           hint="--base (no fine-tuning), --checkpoint PATH, --run NAME "
@@ -456,6 +468,8 @@ def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None
     family = load_family(ws.model_path(config), config.model.family)
     if base:
         return ModelChoice(family, None, None, "base")
+    if checkpoint:
+        checkpoint = locate_checkpoint(ws, config, run, checkpoint)
     found = resolve_checkpoint(ws, config, run=run, checkpoint=checkpoint)
     run_dir = run_of_checkpoint(found) if checkpoint else resolve_run(ws, config, run)
     return ModelChoice(family, Path(found), run_dir, checkpoint_label(found))
@@ -495,7 +509,7 @@ def load_for_sampling(choice: ModelChoice, settings: Any, prompts: Sequence[str]
     if settings.offload:
         embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
         del text_encoder
-        _free_accelerator_memory()
+        free_accelerator_memory()
     denoiser = load_denoiser(choice.family, choice.checkpoint, lora_scale=settings.lora_scale,
                              dtype=dtype).to(device)
     vae = choice.family.load_vae(torch.float32).to(device)

@@ -152,20 +152,19 @@ class TrainOutcome:
 def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
                  force: bool = False, dry_run: bool = False) -> TrainOutcome:
     """Train as configured (or only plan it, with `dry_run`)."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
     from .engine.loop import train_loop
     from .engine.plan import memory_advice, training_plan
     from .engine.run import find_resume_checkpoint, new_run, open_run_for_resume
-    from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, resolve_seed,
-                               step_batch_size)
+    from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, process_state,
+                               resolve_seed, step_batch_size)
     from .errors import TrainingError
 
     family = load_family(ws.model_path(config), config.model.family)
     runs_dir = ws.runs_dir(config)
     checkpoint = find_resume_checkpoint(runs_dir, resume) if resume else None
-    state = PartialState()  # process layout; the Accelerator comes once the run folder exists
+    state = process_state()  # process layout; the Accelerator comes once the run folder exists
     console.quiet = not state.is_main_process  # one process reports
     if state.is_main_process:
         ensure_manifest(ws, config)

@@ -124,6 +124,41 @@ def test_pipeline_layout_is_exactly_flite(lora_ws, tiny_model_dir):
         "README.md", "dit_model", "model_index.json", "text_encoder", "tokenizer", "vae"]
 
 
+def test_pipeline_loads_through_diffusers_as_the_reference_pipeline_does(lora_ws, tiny_model_dir,
+                                                                        monkeypatch):
+    """F-Lite's FLitePipeline is a plain DiffusionPipeline: from_pretrained reads model_index.json
+    and loads dit_model with `f_lite.model.DiT`. Here a stand-in `f_lite.model` module serves
+    ditctl's DiT (same class name and config keys), as the reference package would."""
+    import sys
+    import types
+
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from ditctl.models.flite_dit import DiT
+
+    ws, checkpoint = lora_ws
+    result = export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "fp32",
+                                              "export.max_shard_size": "100KB"}))
+    f_lite, f_lite_model = types.ModuleType("f_lite"), types.ModuleType("f_lite.model")
+    f_lite_model.ModelMixin, f_lite_model.DiT, f_lite.model = ModelMixin, DiT, f_lite_model
+    monkeypatch.setitem(sys.modules, "f_lite", f_lite)
+    monkeypatch.setitem(sys.modules, "f_lite.model", f_lite_model)
+
+    class FLitePipeline(DiffusionPipeline):
+        def __init__(self, dit_model, vae, text_encoder, tokenizer):
+            super().__init__()
+            self.register_modules(dit_model=dit_model, vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer)
+
+    pipeline = FLitePipeline.from_pretrained(str(result.path))
+    assert type(pipeline.dit_model) is DiT
+    assert type(pipeline.vae).__name__ == "AutoencoderKL"
+    assert type(pipeline.text_encoder).__name__ == "T5EncoderModel"
+    expected = run_model(load_denoiser(load_family(tiny_model_dir), checkpoint))
+    assert relative_error(run_model(pipeline.dit_model), expected) < 1e-5
+
+
 def test_sharded_export_without_encoder_copies_loads(lora_ws, tiny_model_dir):
     ws, checkpoint = lora_ws
     result = export_checkpoint(ws, ws.config({
@@ -131,7 +166,8 @@ def test_sharded_export_without_encoder_copies_loads(lora_ws, tiny_model_dir):
         "export.copy_encoders": False}))
     dit_dir = result.path / "dit_model"
     shards = sorted(dit_dir.glob("diffusion_pytorch_model-*-of-*.safetensors"))
-    assert len(shards) > 5 and (dit_dir / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(shards) > 5
+    assert (dit_dir / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert all(p.stat().st_size <= 60_000 or len(load_file(p)) == 1 for p in shards)
     for component in ("text_encoder", "tokenizer", "vae"):
         link = result.path / component

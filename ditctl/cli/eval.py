@@ -1,4 +1,8 @@
-"""`ditctl eval`: validation loss by timestep, before/after images, scores, an HTML report."""
+"""`ditctl eval`: validation loss by timestep, before/after images, scores, an HTML report.
+
+Like `sample`, it reads checkpoints and writes only under the run's eval/ (or eval/ of the
+workspace), so it takes no workspace lock and can run beside training.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..console import console
 from ..errors import DitctlError
@@ -52,7 +58,7 @@ def eval_command(
             console.print(json.dumps({"table": table, "report": str(page)}, indent=2), markup=False)
             return
         console.print(_table(["metric", *runs], table))
-        console.print(f"report {page}")
+        console.print(f"report {page}", markup=False)
         return
 
     plan = plan_eval(ws, config, run=run, checkpoint=checkpoint, base=base,
@@ -62,13 +68,13 @@ def eval_command(
         console.print(json.dumps(metrics, indent=2), markup=False)
         return
     console.print(f"validation: {metrics['validation']['description']}, "
-                  f"{metrics['validation']['inputs']}")
+                  f"{metrics['validation']['inputs']}", markup=False)
     console.print(_table(["model", "step", "val loss", "CLIP", "concept"], metrics_rows(metrics)))
     clip = metrics["clip"]
     if clip["status"] != "computed":
         console.print(f"CLIP score skipped: {clip['reason']}" +
                       (f" ({clip['hint']})" if clip.get("hint") else ""), markup=False)
-    console.print(f"[green]wrote[/] {plan.out_dir / 'report.html'}")
+    console.print(f"[green]wrote[/] {escape(str(plan.out_dir / 'report.html'))}")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> Table:
@@ -76,5 +82,5 @@ def _table(header: list[str], rows: list[list[str]]) -> Table:
     for name in header:
         table.add_column(name, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     return table

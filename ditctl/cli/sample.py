@@ -1,4 +1,8 @@
-"""`ditctl sample`: images from a checkpoint, the base model or an exported pipeline."""
+"""`ditctl sample`: images from a checkpoint, the base model or an exported pipeline.
+
+It only reads the workspace (and writes its own output folder), so it takes no workspace lock:
+samples of a finished checkpoint can be made while training goes on.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from ..config import load_config
 from ..console import console
@@ -63,8 +68,8 @@ def sample(
     if json_output:
         console.print(json.dumps(index, indent=2), markup=False)
         return
-    console.print(f"[green]wrote[/] {len(index['images'])} image(s) to {out_dir}")
-    console.print(f"  grid {Path(out_dir) / index['grid']}")
+    console.print(f"[green]wrote[/] {len(index['images'])} image(s) to {escape(str(out_dir))}")
+    console.print(f"  grid {Path(out_dir) / index['grid']}", markup=False)
 
 
 def _workspace(workspace: Path | None, model: Path | None) -> Workspace | None:

@@ -31,7 +31,15 @@ def make_accelerator(config: Config, project_dir=None):
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) \
         if project_dir else None
     return Accelerator(mixed_precision=precision, log_with=log_with or None,
-                       project_config=project)
+                       project_config=project, cpu=not torch.cuda.is_available())
+
+
+def process_state():
+    """The process layout (rank, world size) before an Accelerator exists; on a machine without
+    a GPU, processes started by torchrun form a gloo group (accelerate needs `cpu=True`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def resolve_seed(config: Config) -> int:

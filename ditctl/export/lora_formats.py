@@ -13,11 +13,13 @@ checkpoints, peft's `get_peft_model_state_dict(dit)` and diffusers' `save_lora_a
 
 Comfy layout (one safetensors file, the naming community UIs use for LoRA):
 
-| PEFT key (+ adapter_config.json)          | comfy key                                                  |
-|-------------------------------------------|------------------------------------------------------------|
-| `{module}.lora_A.weight`  [r, in]         | `diffusion_model.{module}.lora_down.weight`  [r, in]       |
-| `{module}.lora_B.weight`  [out, r]        | `diffusion_model.{module}.lora_up.weight`    [out, r]      |
-| `lora_alpha` (one value in the config)    | `diffusion_model.{module}.alpha`  0-dim fp32 tensor        |
+| PEFT (+ adapter_config.json)      | comfy                                              |
+|-----------------------------------|----------------------------------------------------|
+| `{module}.lora_A.weight` [r, in]  | `diffusion_model.{module}.lora_down.weight` [r, in] |
+| `{module}.lora_B.weight` [out, r] | `diffusion_model.{module}.lora_up.weight` [out, r]  |
+| `lora_alpha` (in the config)      | `diffusion_model.{module}.alpha` (0-dim fp32)       |
+For example `blocks.0.self_attn.qkv.lora_A.weight` is
+`diffusion_model.blocks.0.self_attn.qkv.lora_down.weight`.
 
 Both mean the same update of the base weight: `W' = W + (alpha / r) · up @ down`. A PEFT adapter
 trained with `use_rslora` (scale alpha/sqrt(r)) is written with the alpha that gives the same
@@ -80,7 +82,7 @@ def adapter_modules(state: dict[str, torch.Tensor]) -> list[str]:
 
 def write_peft(folder: Path, state: dict[str, torch.Tensor], adapter_config: dict,
                metadata: dict[str, str]) -> list[Path]:
-    """Write `adapter_config.json` + `adapter_model.safetensors` into `folder`; returns the files."""
+    """Write adapter_config.json + adapter_model.safetensors into `folder`; returns the files."""
     folder = Path(folder)
     lora_config = {k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS if k in adapter_config}
     full_metadata = {"format": "pt", **metadata,
@@ -104,7 +106,8 @@ def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # --- comfy ---------------------------------------------------------------------------------------
 
-def peft_to_comfy(state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
+def peft_to_comfy(state: dict[str, torch.Tensor],
+                  alphas: dict[str, float]) -> dict[str, torch.Tensor]:
     """PEFT state dict -> comfy state dict; `alphas[module]` is the comfy alpha (scale · rank)."""
     out: dict[str, torch.Tensor] = {}
     for module in adapter_modules(state):
@@ -125,8 +128,8 @@ def comfy_to_peft(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch
     for key, value in state.items():
         match = _COMFY_KEY.match(key)
         if match is None:
-            raise ExportError(f"{key!r} is not a comfy LoRA key "
-                              "(diffusion_model.<module>.lora_down.weight / .lora_up.weight / .alpha)",
+            raise ExportError(f"{key!r} is not a comfy LoRA key (diffusion_model.<module>"
+                              ".lora_down.weight / .lora_up.weight / .alpha)",
                               hint="only LoRA files for the diffusion model can be read")
         module, part = match["module"], match["part"]
         if part == "alpha":

@@ -147,84 +147,103 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
 def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None,
                       parity: ParityReport | None, files: list[str], licence: Licence,
                       samples_label: str | None, dataset_images: int | None) -> str:
-    run_info = read_run_info(plan.run_dir)
-    tags = ["ditctl", plan.family, "text-to-image"] + (["lora"] if plan.kind == "lora" else [])
+    sections = [
+        _front_matter_block(plan, licence),
+        [f"# {plan.name}", "",
+         f"{KIND_TITLES[plan.kind]} ({plan.family}), exported by ditctl {__version__} on "
+         f"{time.strftime('%Y-%m-%d')} from run `{plan.run_name}`, checkpoint "
+         f"`{plan.checkpoint.name}` (step {plan.step})."],
+        _base_section(plan, base_identity),
+        _contents_section(plan, lora, files),
+        _data_section(read_run_info(plan.run_dir), dataset_images),
+        _config_section(plan),
+        _evaluation_section(plan, parity),
+        _samples_section(samples_label),
+        _licence_section(licence),
+        ["## How to load it", "", *_usage(plan)],
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _front_matter_block(plan: ExportPlan, licence: Licence) -> list[str]:
+    """Hugging Face card metadata; base_model only when it is a hub id, never a local path."""
     lines = ["---", f"license: {licence.id}"]
     if licence.id == "other":
         lines.append(f"license_name: {json.dumps(licence.name)}")
     repo = hub_id(plan.model_path)
-    lines += ([f"base_model: {repo}"] if repo else []) + ["tags:"]
-    lines += [f"- {t}" for t in tags] + ["---", ""]
+    if repo:
+        lines.append(f"base_model: {repo}")
+    tags = ["ditctl", plan.family, "text-to-image"] + (["lora"] if plan.kind == "lora" else [])
+    return lines + ["tags:"] + [f"- {t}" for t in tags] + ["---"]
 
-    lines += [f"# {plan.name}", "",
-              f"{KIND_TITLES[plan.kind]} ({plan.family}), exported by ditctl {__version__} on "
-              f"{time.strftime('%Y-%m-%d')} from run `{plan.run_name}`, checkpoint "
-              f"`{plan.checkpoint.name}` (step {plan.step}).", ""]
 
-    lines += ["## Base model", "",
-              f"- folder: `{plan.model_path}`",
-              f"- family: {plan.family}",
-              f"- denoiser identity: `{base_identity}`"]
+def _base_section(plan: ExportPlan, base_identity: str) -> list[str]:
+    lines = ["## Base model", "", f"- folder: `{plan.model_path}`", f"- family: {plan.family}",
+             f"- denoiser identity: `{base_identity}`"]
     if plan.kind != "lora":
         how = ("copied (hard links where possible)" if plan.copy_encoders else
                "symbolic links to the base model's folders: keep the base model where it is")
         lines.append(f"- text_encoder, tokenizer, vae: {how}")
-    lines.append("")
+    return lines
 
-    lines += ["## What was exported", ""]
-    lines += [f"- `{f}`" for f in files] + ["- `README.md` (this card)"]
-    lines += [f"- weights stored as {plan.dtype}"]
+
+def _contents_section(plan: ExportPlan, lora: dict | None, files: list[str]) -> list[str]:
+    lines = ["## What was exported", ""] + [f"- `{f}`" for f in files]
+    lines += ["- `README.md` (this card)", f"- weights stored as {plan.dtype}"]
     if lora:
-        lines += [f"- LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, target modules: "
-                  f"{', '.join(lora['targets'])}"
-                  + (" (merged into the DiT weights)" if plan.kind == "merged" else "")]
-    lines.append("")
+        lines.append(f"- LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, target modules: "
+                     f"{', '.join(lora['targets'])}"
+                     + (" (merged into the DiT weights)" if plan.kind == "merged" else ""))
+    return lines
 
-    lines += ["## Training data", ""]
+
+def _data_section(run_info: dict, dataset_images: int | None) -> list[str]:
     summary = dataset_summary(run_info)
     if summary:
-        lines += _render_mapping(summary)
-    elif dataset_images is not None:
-        lines.append(f"- training images: {dataset_images} (the workspace's last ingest; "
-                     "the run recorded no counts)")
-    else:
-        lines.append("Not recorded (the run has no run.json).")
-    lines.append("")
+        return ["## Training data", "", *_render_mapping(summary)]
+    if dataset_images is not None:
+        return ["## Training data", "", f"- training images: {dataset_images} (the workspace's "
+                "last ingest; the run recorded no counts)"]
+    return ["## Training data", "", "Not recorded (the run has no run.json)."]
 
-    lines += ["## Training configuration", ""]
+
+def _config_section(plan: ExportPlan) -> list[str]:
     config_file = plan.run_dir / "config.toml" if plan.run_dir else None
-    if config_file is not None and config_file.is_file():
-        lines += [f"The run's resolved configuration (`{plan.run_name}/config.toml`):", "",
-                  "```toml", config_file.read_text().rstrip(), "```"]
-    else:
-        lines.append("Not available (the checkpoint is not inside a run folder).")
-    lines.append("")
+    if config_file is None or not config_file.is_file():
+        return ["## Training configuration", "",
+                "Not available (the checkpoint is not inside a run folder)."]
+    return ["## Training configuration", "",
+            f"The run's resolved configuration (`{plan.run_name}/config.toml`):", "",
+            "```toml", config_file.read_text().rstrip(), "```"]
 
-    lines += ["## Evaluation", ""]
+
+def _evaluation_section(plan: ExportPlan, parity: ParityReport | None) -> list[str]:
+    lines = ["## Evaluation", ""]
     metrics = read_metrics(plan.run_dir)
     if metrics:
-        lines += ["From the run's `eval/metrics.json`:", ""] + _metrics_lines(metrics, plan.step)
+        lines += ["From the run's `eval/metrics.json`:", "", *_metrics_lines(metrics, plan.step)]
     else:
         lines.append("No evaluation metrics (run `ditctl eval` before exporting to include them).")
     if parity is not None:
         lines += ["", f"Export check: the exported weights, reloaded from disk, predict the "
                   f"run's output within {parity.max_abs_diff:.3g} (relative "
                   f"{parity.relative_diff:.3g}; allowed {parity.tolerance:g} for {parity.dtype})."]
-    lines.append("")
+    return lines
 
-    if samples_label:
-        lines += ["## Samples", "", f"Generated during training (`samples/{samples_label}`):", "",
-                  f"![samples {samples_label}]({SAMPLES_FILE})", ""]
 
-    lines += ["## Licence", "",
-              f"{licence.name} (`{licence.id}`), carried over from the base model "
-              f"(source: {licence.source})."]
+def _samples_section(samples_label: str | None) -> list[str]:
+    if not samples_label:
+        return []
+    return ["## Samples", "", f"Generated during training (`samples/{samples_label}`):", "",
+            f"![samples {samples_label}]({SAMPLES_FILE})"]
+
+
+def _licence_section(licence: Licence) -> list[str]:
+    lines = ["## Licence", "", f"{licence.name} (`{licence.id}`), carried over from the base "
+             f"model (source: {licence.source})."]
     if licence.file is not None:
         lines.append(f"The licence text is included as `{licence.file.name}`.")
-    lines += ["Its use restrictions apply to this derivative as well.", ""]
-
-    lines += ["## How to load it", ""] + _usage(plan)
-    return "\n".join(lines).rstrip() + "\n"
+    return lines + ["Its use restrictions apply to this derivative as well."]
 
 
 def _usage(plan: ExportPlan) -> list[str]:
@@ -242,13 +261,14 @@ def _usage(plan: ExportPlan) -> list[str]:
     base = str(plan.model_path)
     if plan.format == "comfy":
         return [
-            f"`{plan.name}.safetensors` uses the `diffusion_model.<module>.lora_down/lora_up/alpha` "
-            "key naming of community UIs. Back to PEFT in Python:", "", "```python",
+            f"`{plan.name}.safetensors` uses the key naming of community UIs "
+            "(`diffusion_model.<module>.lora_down/lora_up/alpha`). Back to PEFT in Python:",
+            "", "```python",
             "from safetensors.torch import load_file",
             "from ditctl.export.lora_formats import comfy_to_peft, inject_adapter",
             "from ditctl.models.registry import load_family",
             f"dit = load_family({base!r}).load_denoiser()",
-            f"config, state = comfy_to_peft(load_file({folder + '/' + plan.name + '.safetensors'!r}))",
+            f"config, state = comfy_to_peft(load_file({f'{folder}/{plan.name}.safetensors'!r}))",
             "inject_adapter(dit, config, state)", "```"]
     load_base = ["from ditctl.models.registry import load_family",
                  f"dit = load_family({base!r}).load_denoiser()  # the base DiT"]

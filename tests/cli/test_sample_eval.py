@@ -105,10 +105,10 @@ def test_sample_a_checkpoint_into_a_chosen_folder(cli, workspace, tmp_path):
     assert cli("sample", "-w", workspace, "--base", "--out", base, *args).exit_code == 0
     assert (base / name).is_file()
     assert not np.array_equal(_pixels(out / name), _pixels(base / name))
-    # and sampling again reproduces the image bit for bit
+    # sampling again (the checkpoint named within its run) reproduces the image bit for bit
     again = tmp_path / "again"
-    assert cli("sample", "-w", workspace, "--checkpoint", checkpoint, "--out", again, *args,
-               "--batch-size", "4").exit_code == 0
+    assert cli("sample", "-w", workspace, "--run", "r1", "--checkpoint", "step-000010",
+               "--out", again, *args, "--batch-size", "4").exit_code == 0
     assert np.array_equal(_pixels(out / name), _pixels(again / name))
 
 

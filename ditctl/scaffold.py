@@ -10,7 +10,6 @@ from typing import Any
 from .config import activate_keys
 from .errors import WorkspaceError
 from .fsutil import atomic_write_text
-from .models.flite import validate_folder
 from .workspace import PROJECT_FILE, Workspace
 
 BUILTIN_MODELS = ("tiny", "tiny-random")
@@ -50,6 +49,8 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
 
     if model not in BUILTIN_MODELS:
+        from .models.flite import validate_folder
+
         model_path = Path(model).expanduser().resolve()
         validate_folder(model_path)
     root.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from ..console import console
-from ..scaffold import init_workspace
 
 
 def init(
@@ -22,6 +21,8 @@ def init(
         "--force", help="Re-scaffold an existing workspace (runs, cache, exports are kept).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the tiny model and example data.")] = 0,
 ) -> None:
+    from ..scaffold import init_workspace  # imports torch: only when the command runs
+
     with console.err.status(f"creating workspace {name} ..."):
         result = init_workspace(name, model=model, example=example, force=force, seed=seed)
     ws = result.workspace

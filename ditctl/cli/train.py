@@ -11,7 +11,6 @@ import typer
 
 from ..console import console
 from ..oneshot import command_workspace
-from ..train import run_training
 from ._options import JsonOption, WorkspaceOption, config_flags
 from .launch import CHILD_ENV, launch_processes
 
@@ -31,6 +30,8 @@ def train(
     *,
     overrides: dict[str, Any],
 ) -> None:
+    from .. import train as training  # imports torch: only when the command runs
+
     if lora:
         overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
     ws, overrides = command_workspace(workspace, overrides)
@@ -39,7 +40,7 @@ def train(
         return
     launched_child = bool(os.environ.get(CHILD_ENV))  # the launching parent holds the lock
     with ws.lock("train") if not (dry_run or launched_child) else nullcontext():
-        outcome = run_training(ws, config, resume=resume, force=force, dry_run=dry_run)
+        outcome = training.run_training(ws, config, resume=resume, force=force, dry_run=dry_run)
     if dry_run:
         if json_output:
             console.print(json.dumps(outcome.plan, indent=2), markup=False)

@@ -15,7 +15,6 @@ An interrupted or failed export leaves nothing under the final name.
 from __future__ import annotations
 
 import gc
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..config import Config
 from ..console import console
 from ..engine.loading import load_denoiser
 from ..engine.lora import adapter_config_dict, has_lora, peft_state_dict
-from ..fsutil import atomic_dir, atomic_write_json, check_free_space, folder_size
+from ..fsutil import atomic_dir, check_free_space, clean_temp, folder_size
 from ..models.base import ModelFamily
 from ..models.registry import load_family
 from ..workspace import Workspace
@@ -81,6 +80,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     check_free_space(plan.out_dir.parent, _estimated_bytes(plan, family, denoiser), "the export")
 
     report = None
+    clean_temp(ws.exports_dir)  # leftovers of killed exports (we hold the lock: none is live)
     with atomic_dir(plan.out_dir, replace=plan.replace) as tmp:
         console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
         if plan.kind == "lora":
@@ -116,16 +116,7 @@ def write_pipeline(folder: Path, plan: ExportPlan, family: ModelFamily,
     merge.merge_lora(denoiser)
     family.save_pipeline(denoiser, folder, copy_encoders=plan.copy_encoders,
                          dtype=DTYPES[plan.dtype], max_shard_size=plan.max_shard_size)
-    drop_local_path(folder / "dit_model" / "config.json")
     return _listing(folder)
-
-
-def drop_local_path(config_file: Path) -> None:
-    """diffusers records where the weights were loaded from (`_name_or_path`) in config.json;
-    an export must not carry the exporting machine's paths, and F-Lite's config has no such key."""
-    config = json.loads(config_file.read_text())
-    if config.pop("_name_or_path", None) is not None:
-        atomic_write_json(config_file, config)
 
 
 def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,

@@ -217,6 +217,12 @@ class FLiteFamily:
         out_dir.mkdir(parents=True, exist_ok=True)
         denoiser.to(dtype).save_pretrained(out_dir / "dit_model", safe_serialization=True,
                                            max_shard_size=max_shard_size)
+        # diffusers records where the weights came from (`_name_or_path`); an export must not
+        # carry this machine's paths, and F-Lite's config.json has no such key
+        config_file = out_dir / "dit_model" / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         index = dict(self.index)
         for key, value in MODEL_INDEX.items():
             if key != "_diffusers_version":

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_workspace  # noqa: E402
 
-import ditctl.cli.train as train_cli  # noqa: E402
+import ditctl.train as training  # noqa: E402
 
 # (guide flag, value on the command line, config section, expected value)
 GUIDE_FLAGS = [
@@ -67,7 +67,7 @@ def captured(monkeypatch):
         seen["config"] = config
         raise SystemExit(0)
 
-    monkeypatch.setattr(train_cli, "run_training", fake_run_training)
+    monkeypatch.setattr(training, "run_training", fake_run_training)
     return seen
 
 

@@ -51,20 +51,32 @@ class ValidationSet:
     description: str
 
 
+def split_holdout(train: Sequence[ManifestRow], fraction: float) -> tuple[list[ManifestRow],
+                                                                         list[ManifestRow]]:
+    """(rows to train on, held-out rows): the last round(len * fraction) rows are held out.
+
+    Training must use the first part when the workspace has no validation split, or the
+    "held-out" loss is measured on images the model has trained on.
+    """
+    count = round(len(train) * fraction)
+    return list(train[:len(train) - count]), list(train[len(train) - count:])
+
+
 def validation_set(ws: Workspace, config: Config) -> ValidationSet:
     """The manifest's val split; without one, the last `holdout_fraction` of the train rows."""
     val = read_manifest(ws, "val")
     if val:
         return ValidationSet(val, "val", f"validation split ({len(val)} images)")
     train = read_manifest(ws, "train")
-    count = round(len(train) * config.eval.holdout_fraction)
+    held = split_holdout(train, config.eval.holdout_fraction)[1]
+    count = len(held)
     if not train or count == 0:
         raise DataError("no validation data: the manifest has no val split and [eval] "
                         f"holdout_fraction = {config.eval.holdout_fraction:g} of "
                         f"{len(train)} training images is none",
                         hint="set [data] val_data_path and run `ditctl ingest`, or raise "
                              "[eval] holdout_fraction")
-    return ValidationSet(train[-count:], "holdout",
+    return ValidationSet(held, "holdout",
                          f"held-out slice of training data (last {count} of {len(train)} "
                          "training images)")
 
@@ -503,8 +515,8 @@ def log_scalars(log_dir: Path, metrics: dict[str, Any]) -> None:
         for model in metrics["models"]:
             step, label = model["step"], model["label"]
             writer.add_scalar("eval/val_loss", model["val_loss"], step)
-            for q, value in model["val_loss_by_t"].items():
-                writer.add_scalar(f"eval/val_loss_t{q}", value, step)
+            for q, value in model["val_loss_by_t"].items():  # tags as training logs them
+                writer.add_scalar(f"eval/val_loss_t{float(q):.2f}", value, step)
             if label in clip:
                 writer.add_scalar("eval/clip_score", clip[label], step)
             if label in concept:
@@ -526,18 +538,19 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 def comparison_table(metrics: dict[str, dict[str, Any]]) -> list[list[str]]:
     """Rows [metric, value per run] for the latest checkpoint of each run."""
     latest = {name: m["models"][-1] for name, m in metrics.items()}
-    rows = [["checkpoint"] + [l["label"] for l in latest.values()],
-            ["validation loss"] + [f"{l['val_loss']:.5f}" for l in latest.values()]]
-    quantiles = list(dict.fromkeys(q for l in latest.values() for q in l["val_loss_by_t"]))
+    rows = [["checkpoint"] + [model["label"] for model in latest.values()],
+            ["validation loss"] + [f"{model['val_loss']:.5f}" for model in latest.values()]]
+    quantiles = list(dict.fromkeys(q for model in latest.values() for q in model["val_loss_by_t"]))
     for q in quantiles:
-        rows.append([f"  at t = {q}"] + [f"{l['val_loss_by_t'][q]:.5f}" if q in l["val_loss_by_t"]
-                                         else "-" for l in latest.values()])
+        rows.append([f"  at t = {q}"] + [
+            f"{model['val_loss_by_t'][q]:.5f}" if q in model["val_loss_by_t"] else "-"
+            for model in latest.values()])
     rows.append(["base validation loss"] + [f"{m['models'][0]['val_loss']:.5f}"
                                             for m in metrics.values()])
     for key, name in (("clip", "CLIP score"), ("concept", "concept match (colour+shape)")):
         values = []
-        for m, l in zip(metrics.values(), latest.values()):
-            column = (m.get(key) or {}).get("columns", {}).get(l["label"])
+        for run_metrics, model in zip(metrics.values(), latest.values()):
+            column = (run_metrics.get(key) or {}).get("columns", {}).get(model["label"])
             value = column.get("both") if isinstance(column, dict) else column
             values.append("-" if value is None else f"{value:.3f}")
         if any(v != "-" for v in values):

@@ -318,7 +318,8 @@ def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: 
         cond = cond_all[[job.prompt_index for job in batch]]
         uncond = None if negative is None else negative.expand(len(batch), *negative.shape[1:])
         label = f"sampling batch {number}/{len(batches)}"
-        with (console.progress(label, settings.steps * len(batch), unit="step")
+        forwards = settings.steps * (len(batch) if batch_invariant else 1)
+        with (console.progress(label, forwards, unit="step")
               if show_progress else contextlib.nullcontext()) as task:
             latents = sample_latents(family, denoiser, noise, cond, uncond, steps=settings.steps,
                                      guidance=guidance, shift=shift,

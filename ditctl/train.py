@@ -114,6 +114,23 @@ def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
     return rows
 
 
+def training_rows(ws: Workspace, config: Config, rows: list[ManifestRow]) -> list[ManifestRow]:
+    """Without a validation split, the last [eval] holdout_fraction of the images is held out
+    for validation (so `ditctl eval` measures images the model never trained on)."""
+    from .evaluation import split_holdout
+
+    if read_manifest(ws, "val") or config.eval.holdout_fraction == 0:
+        return rows
+    train, held = split_holdout(rows, config.eval.holdout_fraction)
+    if not train:
+        raise DataError(f"all {len(rows)} training images would be held out for validation",
+                        hint="add a validation set ([data] val_data_path) or set [eval] "
+                             "holdout_fraction = 0")
+    console.info(f"no validation split: training on {len(train)} images, {len(held)} held out "
+                 "for validation ([eval] holdout_fraction; 0 trains on all)")
+    return train
+
+
 def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow]):
     """The precomputed cache when asked for (verified complete), else on-the-fly encoding."""
     from .data.batches import CachedSource, OnTheFlySource
@@ -169,7 +186,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     if state.is_main_process:
         ensure_manifest(ws, config)
     state.wait_for_everyone()
-    rows = read_manifest(ws, "train")
+    rows = training_rows(ws, config, read_manifest(ws, "train"))
 
     seed = resolve_seed(config)
     if checkpoint is not None:

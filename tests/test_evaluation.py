@@ -118,7 +118,10 @@ def test_without_a_val_split_the_last_training_rows_are_held_out(tmp_path, tiny_
     assert held.kind == "holdout" and len(held.rows) == 5  # round(48 * 0.1)
     assert held.description == "held-out slice of training data (last 5 of 48 training images)"
     from ditctl.data.manifest import read_manifest
-    assert held.rows == read_manifest(ws, "train")[-5:]
+    from ditctl.evaluation import split_holdout
+    train = read_manifest(ws, "train")
+    assert held.rows == train[-5:]
+    assert split_holdout(train, 0.1) == (train[:-5], train[-5:])
 
     with pytest.raises(Exception, match="no validation data"):
         validation_set(ws, ws.config({"eval.holdout_fraction": 0.0}))

@@ -1,0 +1,290 @@
+"""Peak memory of the memory-saving options, each configuration in its own process.
+
+    python -m bench memory [--quick]
+
+Every number is the peak resident set size above the RSS right after the imports, of a fresh
+process that runs only that configuration (see bench.common.run_isolated). Measured:
+
+1. optimiser and LoRA (small F-Lite, 94.6 M parameters, batch 1, 32x32 latents, 2 steps, fp32):
+   full fine-tuning with AdamW, with 8-bit AdamW (bitsandbytes), and LoRA only (rank 64 on the
+   default targets, base frozen), plus LoRA with the frozen base held in bf16 (bf16 autocast,
+   as the engine does). The optimiser state is also counted directly from its state tensors.
+   Targets (issue 5): LoRA peak <= 40% of full; 8-bit AdamW state <= 30% of AdamW's.
+2. gradient checkpointing: activation memory of one forward + backward at batch 8 (mid-size
+   F-Lite, 23.7 M parameters, 32x32 latents): the peak RSS during the second pass above the
+   RSS before it (the first pass allocates the gradients). Target (issue 5): >= 40% less.
+3. precomputed vs on-the-fly: `run_training` (LoRA rank 16, base frozen, fp32) on a small F-Lite
+   pipeline whose text encoder (45.6 M, 0.48 x the DiT) and VAE (0.76 M, 0.8%) keep the released
+   model's proportions. Targets (issue 4): training from the cache peaks lower by >= 90% of the
+   encoders' weight bytes, and its steps are faster.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `ditctl` importable
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (MID_FLITE, SMALL_FLITE, SMALL_T5, SMALL_VAE, TEXT_TOKENS, TINY_FLITE,
+                          TINY_T5, TINY_VAE, DitShape, build_bench_pipeline, component_parameters,
+                          make_bench_workspace, mb, offline_environment, optimizer_state_bytes,
+                          peak_rss_bytes, quiet_console, random_dit, read_train_log,
+                          reset_peak_rss, rss_bytes, run_isolated, tensor_bytes)
+
+FULL = dict(optim_shape=SMALL_FLITE, optim_latent=32, optim_batch=1, optim_steps=2,
+            act_shape=MID_FLITE, act_latent=32, act_batch=8,
+            pipe=(SMALL_FLITE, SMALL_T5, SMALL_VAE), pipe_size=256, pipe_images=8,
+            train_steps=4, train_warmup=1)
+QUICK = dict(optim_shape=TINY_FLITE, optim_latent=8, optim_batch=1, optim_steps=2,
+             act_shape=TINY_FLITE, act_latent=8, act_batch=8,
+             pipe=(TINY_FLITE, TINY_T5, TINY_VAE), pipe_size=64, pipe_images=4,
+             train_steps=2, train_warmup=1)
+LORA_RANK = 64
+PIPELINE_LORA_RANK = 16
+
+
+# --- measured in child processes ---------------------------------------------------------------
+
+def _inputs(shape: DitShape, latent: int, batch: int):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 16, latent, latent, generator=generator)
+    text = torch.randn(batch, TEXT_TOKENS, shape.text_dim, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    return x, text, t
+
+
+def training_memory(shape: dict, latent: int, batch: int, steps: int, lora: bool,
+                    use_8bit_adam: bool, precision: str = "no") -> dict[str, Any]:
+    """Train a random DiT for `steps` steps as the engine would (its LoRA and optimiser code)."""
+    from ditctl.config import build_config
+    from ditctl.engine.lora import add_lora, freeze_base, peft_config
+    from ditctl.engine.optim import build_optimizer
+    from ditctl.models.flite import FLiteFamily
+
+    dit_shape = DitShape(**shape)
+    settings = build_config({"train": {"use_8bit_adam": use_8bit_adam,
+                                       "mixed_precision": precision},
+                             "lora": {"use_lora": lora, "train_only_lora": lora,
+                                      "lora_rank": LORA_RANK, "lora_alpha": LORA_RANK}})
+    model = random_dit(dit_shape).train()
+    if lora:
+        add_lora(model, peft_config(settings.lora, FLiteFamily.lora_target_candidates))
+        freeze_base(model)
+        if precision == "bf16":  # as ditctl.engine.setup.build_denoiser: frozen base in bf16
+            for param in model.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, settings.train)
+    x, text, t = _inputs(dit_shape, latent, batch)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, text, t)
+        loss = (out.float() - x).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return {"trainable_params": sum(p.numel() for p in trainable),
+            "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "weight_bytes": tensor_bytes(model.parameters()),
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "step_s": times[-1]}
+
+
+def activation_memory(shape: dict, latent: int, batch: int, checkpointing: bool) -> dict[str, Any]:
+    """Peak RSS of a second forward + backward above the RSS before it; and the bytes autograd
+    saves for backward outside checkpointed blocks (parameters excluded)."""
+    dit_shape = DitShape(**shape)
+    model = random_dit(dit_shape).train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    x, text, t = _inputs(dit_shape, latent, batch)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def one_pass() -> float:
+        started = time.perf_counter()
+        loss = (model(x, text, t) - x).pow(2).mean()
+        loss.backward()
+        return time.perf_counter() - started
+
+    first_s = one_pass()  # allocates every .grad; the second pass accumulates into them
+    gc.collect()
+    before = rss_bytes()
+    first_peak = peak_rss_bytes()
+    reset_peak_rss()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        second_s = one_pass()
+    peak = peak_rss_bytes()
+    return {"activation_bytes": peak - before, "autograd_saved_bytes": sum(saved.values()),
+            "grad_bytes": tensor_bytes(p.grad for p in model.parameters()),
+            "first_pass_peak_above_before_bytes": first_peak - before,
+            "pass_s": second_s, "first_pass_s": first_s}
+
+
+def engine_training(workspace: str, precomputed: bool, steps: int, warmup: int) -> dict[str, Any]:
+    """`run_training` (LoRA, base frozen) from the cache or encoding on the fly."""
+    from ditctl.train import run_training
+    from ditctl.workspace import Workspace
+
+    ws = Workspace(Path(workspace))
+    name = "cached" if precomputed else "on-the-fly"
+    config = ws.config({"train.use_precomputed_data": precomputed, "train.max_steps": steps,
+                        "train.run_name": name, "train.checkpoint_every": steps,
+                        "lora.use_lora": True, "lora.train_only_lora": True,
+                        "lora.lora_rank": PIPELINE_LORA_RANK,
+                        "lora.lora_alpha": PIPELINE_LORA_RANK})
+    with quiet_console():
+        run_training(ws, config)
+    log = read_train_log(ws.runs_dir(config) / name)[warmup:]
+    return {"step_s": statistics.median(e["time/step_s"] for e in log),
+            "data_s": statistics.median(e["time/data_s"] for e in log)}
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+def _peak(result: dict) -> int:
+    return result["memory"]["peak_above_baseline_bytes"]
+
+
+def optimiser_and_lora(settings: dict) -> tuple[list[dict], dict]:
+    shape = vars(settings["optim_shape"])
+    common = dict(shape=shape, latent=settings["optim_latent"], batch=settings["optim_batch"],
+                  steps=settings["optim_steps"])
+    configs = {
+        "full, AdamW": dict(lora=False, use_8bit_adam=False),
+        "full, 8-bit AdamW": dict(lora=False, use_8bit_adam=True),
+        f"LoRA r{LORA_RANK}, AdamW": dict(lora=True, use_8bit_adam=False),
+        f"LoRA r{LORA_RANK}, base bf16": dict(lora=True, use_8bit_adam=False, precision="bf16"),
+    }
+    results = {name: run_isolated("bench.bench_memory:training_memory", **common, **kwargs)
+               for name, kwargs in configs.items()}
+    rows = [{"configuration": name, "peak_above_baseline_mb": mb(_peak(r)),
+             "trainable_params": r["trainable_params"], "weights_mb": mb(r["weight_bytes"]),
+             "optimizer_state_mb": mb(r["optimizer_state_bytes"]), "step_s": round(r["step_s"], 3)}
+            for name, r in results.items()]
+    full, eight = results["full, AdamW"], results["full, 8-bit AdamW"]
+    lora = results[f"LoRA r{LORA_RANK}, AdamW"]
+    ratios = {
+        "lora_vs_full_peak": round(_peak(lora) / _peak(full), 3),
+        "lora_bf16_base_vs_full_peak": round(
+            _peak(results[f"LoRA r{LORA_RANK}, base bf16"]) / _peak(full), 3),
+        "adamw8bit_vs_adamw_state": round(eight["optimizer_state_bytes"]
+                                          / full["optimizer_state_bytes"], 3),
+        "adamw8bit_vs_adamw_peak": round(_peak(eight) / _peak(full), 3),
+        "adamw_state_bytes_per_trainable_param": round(
+            full["optimizer_state_bytes"] / full["trainable_params"], 2),
+        "adamw8bit_state_bytes_per_trainable_param": round(
+            eight["optimizer_state_bytes"] / eight["trainable_params"], 2),
+    }
+    return rows, ratios
+
+
+def checkpointing(settings: dict) -> tuple[list[dict], dict]:
+    common = dict(shape=vars(settings["act_shape"]), latent=settings["act_latent"],
+                  batch=settings["act_batch"])
+    off = run_isolated("bench.bench_memory:activation_memory", **common, checkpointing=False)
+    on = run_isolated("bench.bench_memory:activation_memory", **common, checkpointing=True)
+    rows = [{"configuration": f"batch {settings['act_batch']}, checkpointing {label}",
+             "activation_mb": mb(r["activation_bytes"]),
+             "autograd_saved_mb": mb(r["autograd_saved_bytes"]),
+             "fwd_bwd_s": round(r["pass_s"], 3)}
+            for label, r in (("off", off), ("on", on))]
+    shape = settings["act_shape"]
+    tokens = (settings["act_latent"] // 2) ** 2 + 16
+    per_unit = off["activation_bytes"] / (tokens * shape.hidden * shape.depth
+                                          * settings["act_batch"])
+    ratios = {
+        "checkpointing_activation_cut_pct": round(
+            100 * (1 - on["activation_bytes"] / off["activation_bytes"]), 1),
+        "checkpointing_time_cost_pct": round(100 * (on["pass_s"] / off["pass_s"] - 1), 1),
+        "activation_bytes_per_token_hidden_layer_fp32": round(per_unit, 1),
+        "second_pass_raised_peak": (off["first_pass_peak_above_before_bytes"]
+                                    <= off["activation_bytes"]),
+    }
+    return rows, ratios
+
+
+def cached_vs_on_the_fly(settings: dict, root: Path) -> tuple[list[dict], dict]:
+    from ditctl.precompute import run_precompute
+
+    dit, t5, vae = settings["pipe"]
+    model = build_bench_pipeline(root / "model", dit, t5, vae)
+    counts = component_parameters(model)
+    ws = make_bench_workspace(root / "ws", model, images=settings["pipe_images"],
+                              size=settings["pipe_size"])
+    with quiet_console():
+        summary = run_precompute(ws, ws.config())
+    common = dict(workspace=str(ws.root), steps=settings["train_steps"],
+                  warmup=settings["train_warmup"])
+    cached = run_isolated("bench.bench_memory:engine_training", precomputed=True, **common)
+    fly = run_isolated("bench.bench_memory:engine_training", precomputed=False, **common)
+    encoder_bytes = 4 * (counts["text_encoder"] + counts["vae"])
+    saved = _peak(fly) - _peak(cached)
+    rows = [{"configuration": f"LoRA r{PIPELINE_LORA_RANK}, {label}",
+             "peak_above_baseline_mb": mb(_peak(r)), "step_s": round(r["step_s"], 3),
+             "data_s": round(r["data_s"], 4)}
+            for label, r in (("from the cache", cached), ("on the fly", fly))]
+    ratios = {
+        "dit_params": counts["dit_model"], "text_encoder_params": counts["text_encoder"],
+        "vae_params": counts["vae"],
+        "text_encoder_vs_dit": round(counts["text_encoder"] / counts["dit_model"], 3),
+        "vae_vs_dit": round(counts["vae"] / counts["dit_model"], 4),
+        "encoder_weight_mb": mb(encoder_bytes),
+        "peak_saved_mb": mb(saved),
+        "peak_saved_vs_encoder_weights": round(saved / encoder_bytes, 3),
+        "cached_vs_on_the_fly_step": round(cached["step_s"] / fly["step_s"], 3),
+        "cache_bytes_per_image": round(summary.latent_bytes_per_image),
+        "source_bytes_per_image": round(summary.source_bytes_per_image),
+        "text_bytes_per_caption": round(summary.text_bytes / max(1, summary.texts.total)),
+    }
+    return rows, ratios
+
+
+def run(quick: bool) -> dict[str, Any]:
+    offline_environment()
+    settings = QUICK if quick else FULL
+    optim_rows, optim = optimiser_and_lora(settings)
+    ckpt_rows, ckpt = checkpointing(settings)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        cache_rows, cache = cached_vs_on_the_fly(settings, Path(tmp))
+    return {
+        "table": optim_rows + ckpt_rows + cache_rows,
+        "optimiser_and_lora": {"model": settings["optim_shape"].label(),
+                               "latent": settings["optim_latent"], **optim},
+        "checkpointing": {"model": settings["act_shape"].label(),
+                          "latent": settings["act_latent"], **ckpt},
+        "precomputed": {"image": settings["pipe_size"], **cache},
+        "target_lora_le_40pct_of_full": optim["lora_vs_full_peak"] <= 0.40,
+        "target_8bit_state_le_30pct": optim["adamw8bit_vs_adamw_state"] <= 0.30,
+        "target_checkpointing_cuts_ge_40pct": ckpt["checkpointing_activation_cut_pct"] >= 40,
+        "target_cache_saves_ge_90pct_of_encoders": cache["peak_saved_vs_encoder_weights"] >= 0.9,
+        "target_cache_steps_faster": cache["cached_vs_on_the_fly_step"] < 1.0,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

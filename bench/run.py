@@ -1,0 +1,105 @@
+"""The one entry point of the benchmarks.
+
+    python -m bench [NAMES...] [--quick] [--results PATH | --no-record] [--json PATH]
+
+Runs the named benchmarks (default: all, in the order below), prints each one's table, and
+appends a dated, machine-stamped block per benchmark to bench/RESULTS.md. `--quick` runs
+CI-sized smoke versions: they prove the benchmarks still work; their timings mean little.
+A benchmark that fails (or does not exist yet) is reported and the others still run; the exit
+status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import RESULTS_FILE, append_results, machine_stamp, offline_environment, \
+    results_block
+
+BENCHMARKS = {
+    "ingest": ("bench.bench_ingest", "ingest images/s vs a bare decode + sha256 loop"),
+    "precompute": ("bench.bench_precompute", "precompute images/s vs a bare VAE loop"),
+    "sampling": ("bench.bench_sampling", "sampling s/image vs a bare DiT loop"),
+    "training": ("bench.bench_training", "engine step vs a plain PyTorch loop; MFU"),
+    "memory": ("bench.bench_memory", "peak memory: LoRA, 8-bit AdamW, checkpointing, cache"),
+    "scaling": ("bench.bench_scaling", "step time and memory vs resolution and LoRA rank"),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[1])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="CI-sized smoke runs")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE,
+                        help=f"markdown file to append to (default: {RESULTS_FILE})")
+    parser.add_argument("--no-record", action="store_true", help="append nothing anywhere")
+    parser.add_argument("--json", type=Path, help="also write every result as JSON here")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join(BENCHMARKS)}")
+    return args
+
+
+def run_one(name: str, quick: bool) -> dict:
+    """{"status": "ok", "results": ..., "elapsed_s": ...} or a failed/missing status."""
+    module_name = BENCHMARKS[name][0]
+    started = time.perf_counter()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return {"status": "missing", "error": f"{module_name} does not exist yet"}
+        raise
+    if not callable(getattr(module, "run", None)):
+        return {"status": "missing", "error": f"{module_name} has no run(quick) function yet"}
+    try:
+        results = module.run(quick)
+    except Exception:  # one broken benchmark must not hide the others' numbers
+        return {"status": "failed", "error": traceback.format_exc(),
+                "elapsed_s": round(time.perf_counter() - started, 1)}
+    return {"status": "ok", "results": results,
+            "elapsed_s": round(time.perf_counter() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, (module, what) in BENCHMARKS.items():
+            print(f"{name:<11} {what}  ({module})")
+        return 0
+    offline_environment()
+    names = args.names or list(BENCHMARKS)
+    report = {"quick": args.quick, "stamp": machine_stamp(), "benchmarks": {}}
+    for name in names:
+        print(f"== {name}: {BENCHMARKS[name][1]}{' (quick)' if args.quick else ''}",
+              file=sys.stderr, flush=True)
+        outcome = run_one(name, args.quick)
+        report["benchmarks"][name] = outcome
+        if outcome["status"] != "ok":
+            print(f"{name}: {outcome['status']}: {outcome['error']}", file=sys.stderr, flush=True)
+            continue
+        block = results_block(name, args.quick, machine_stamp(), outcome["results"],
+                              outcome["elapsed_s"])
+        print(block, flush=True)
+        if not args.no_record:
+            append_results(args.results, block)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    failed = [n for n, o in report["benchmarks"].items() if o["status"] != "ok"]
+    if failed:
+        print(f"not completed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

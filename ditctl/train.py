@@ -218,14 +218,23 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     ctx.evaluator = make_evaluator(ws, config, family, run, data.source)
     try:
         result = train_loop(ctx, resume_from=checkpoint)
-    except torch.OutOfMemoryError as exc:
-        raise TrainingError("out of memory: " + str(exc).splitlines()[0],
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise TrainingError("out of memory (nothing was saved from the failed step): "
+                            + str(exc).splitlines()[0],
                             hint="try " + "; ".join(memory_advice(config))) from exc
     if accelerator.is_main_process:
         ws.update_state("train", {"run": run.name, "step": result.steps,
                                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                                   "final_loss": result.final_loss, "interrupted": result.interrupted})
     return TrainOutcome(run=run, result=result)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text \
+        or "can't allocate memory" in text
 
 
 def _json(path: Path) -> dict:

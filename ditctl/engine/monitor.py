@@ -82,9 +82,6 @@ class Monitor:
             self.ctx.accelerator.log(values, step=step)
         with open(self.ctx.run.folder / "train_log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
-        if not console.err.is_terminal and step % 10 == 0:
-            console.info(f"step {step}: loss {values.get('train/loss', float('nan')):.4f} "
-                         f"lr {lr:.2e} {values['throughput/samples_per_s']:.1f} samples/s")
 
     def sample(self, model, step: int) -> None:
         if self.main and self.ctx.sampler is not None:

@@ -28,6 +28,13 @@ def make_accelerator(config: Config, project_dir=None):
                           hint="use --mixed-precision bf16 on a CPU (or 'no')")
     log_with = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
                 "none": []}[config.train.report_to]
+    if "wandb" in log_with:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"[train] report_to = '{config.train.report_to}' needs the wandb "
+                              "package", hint="pip install 'ditctl[wandb]' (WANDB_MODE=offline "
+                              "logs without an account), or --report-to tensorboard") from None
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) \
         if project_dir else None
     return Accelerator(mixed_precision=precision, log_with=log_with or None,

@@ -176,3 +176,23 @@ def test_max_steps_extends_beyond_num_epochs(tmp_path, tiny_model_dir):
     out = _train(ws, max_steps=5, train_batch_size=2, num_epochs=1)
     meta = json.loads((out.result.checkpoint / "checkpoint.json").read_text())
     assert out.result.steps == 5 and meta["epoch"] == 2 and meta["batch_index"] == 1
+
+
+def test_out_of_memory_saves_nothing_and_lists_the_options_not_in_use(tmp_path, tiny_model_dir,
+                                                                      monkeypatch):
+    from ditctl.models.flite import FLiteFamily
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, train={"train_batch_size": 2})
+
+    def oom(self, model, x, t, c):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FLiteFamily, "predict", oom)
+    with pytest.raises(TrainingError, match="out of memory") as err:
+        _train(ws, max_steps=3, checkpoint_every=1, run_name="oom", gradient_checkpointing=True)
+    hint = err.value.hint
+    for flag in ("--train-batch-size 1", "--gradient-accumulation-steps 2", "--use-8bit-adam",
+                 "--mixed-precision bf16", "--lora", "--use-precomputed-data"):
+        assert flag in hint, flag
+    assert "--gradient-checkpointing" not in hint  # already in use
+    assert list_checkpoints(ws.root / "runs" / "oom") == []

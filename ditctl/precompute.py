@@ -6,8 +6,8 @@
     --verify  re-read every entry; delete bad ones (the steps below re-encode them)
     captions  the missing ones only, unique, through the text encoder
     images    the missing ones only, one bucket per batch: DataLoader workers decode (the one
-              transform) while the VAE encodes; a writer thread writes the files and commits
-              their index rows batch by batch
+              transform) while the VAE loads and encodes; a writer thread writes the files
+              and commits their index rows batch by batch
     --gc      delete entries and stray files the plan no longer references
     state     [precompute] entries, bytes, cache_plan_fingerprint
 
@@ -38,9 +38,9 @@ from rich.markup import escape
 from .config import Config
 from .console import console
 from .data.batches import crop_for, load_row_pixels
-from .data.cache import (INDEX_NAME, Cache, CacheIndex, CachePlan, IndexEntry, KeySpec, LatentJob,
-                         check_entry, latent_file_bytes, present_keys, prompts_to_cache,
-                         text_file_bytes)
+from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan, IndexEntry,
+                         KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
+                         prompts_to_cache, text_file_bytes)
 from .data.images import ImageProblem
 from .data.manifest import ManifestRow, manifest_fingerprint, manifest_meta, read_manifest
 from .errors import DataError
@@ -83,7 +83,7 @@ class PrecomputeSummary:
     cache_bytes: int = 0         # the whole cache folder (other configs' entries included)
     source_bytes: int = 0        # the image files (each distinct content once)
     unique_images: int = 0
-    encode_s: float = 0.0        # time spent in the image-encoding loop
+    encode_s: float = 0.0        # the image-encoding loop (decode, encode, write; no loading)
     elapsed_s: float = 0.0
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
@@ -133,7 +133,6 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
     prompts = prompts_to_cache(ws, config)
     cache_root = ws.cache_dir(config)
     _clean_leftovers(cache_root)
-    dtype_name = KeySpec.for_config(config, family, None).dtype
 
     with CacheIndex(cache_root / INDEX_NAME) as index:
         text_identity = family.text_encoder_identity()
@@ -146,7 +145,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
         cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
         plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
         summary = PrecomputeSummary(
-            cache_dir=cache_root, dtype=dtype_name, images=len(rows), variants=plan.variants,
+            cache_dir=cache_root, dtype=cache.spec.dtype, images=len(rows), variants=plan.variants,
             latents=EntryCounts(total=len(plan.latents)), texts=EntryCounts(total=len(plan.texts)),
             prompts=len(set(prompts) - {row.caption for row in rows}),
             fingerprint=plan.fingerprint, notes=notes)
@@ -160,16 +159,16 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
         summary.latents.reused = len(plan.latents) - len(missing_latents)
 
         if missing_texts:
-            text_encoder = text_encoder or _load_text_encoder(family, config, device)
+            if text_encoder is None:
+                text_encoder = _load_text_encoder(family, config, device)
             summary.texts.added = _encode_texts(family, text_encoder, cache, index, missing_texts,
                                                 config.precompute.batch_size)
-        del text_encoder
-        _free_memory(device)
+        if text_encoder is not None:  # free it before the VAE loads
+            text_encoder = None
+            _free_memory(device)
         if missing_latents:
-            encode_started = time.perf_counter()
-            summary.latents.added = _encode_latents(family, cache, index, missing_latents,
-                                                    config, device)
-            summary.encode_s = time.perf_counter() - encode_started
+            summary.latents.added, summary.encode_s = _encode_latents(
+                family, cache, index, missing_latents, config, device)
         if gc:
             summary.removed, summary.stray_files = _collect_garbage(cache, index, plan.keys())
 
@@ -217,7 +216,7 @@ def _clean_leftovers(cache_root: Path) -> None:
 
 
 def _load_text_encoder(family: ModelFamily, config: Config, device: torch.device) -> Any:
-    dtype = KeySpec.for_config(config, family, None).torch_dtype
+    _, dtype = STORAGE_DTYPES[config.precompute.mixed_precision]
     with console.err.status("loading the text encoder ..."):
         return family.load_text_encoder(dtype).to(device)
 
@@ -244,7 +243,6 @@ class _EntryWriter:
         self.index = index
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self.pending: list[Future] = []
-        self.written = 0  # bytes
 
     def submit(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
         while len(self.pending) >= MAX_PENDING_WRITES:
@@ -254,7 +252,6 @@ class _EntryWriter:
     def _write(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
         for path, data in files:
             atomic_write_bytes(path, data)
-            self.written += len(data)
         self.index.add(entries)
 
     def drain(self) -> None:
@@ -321,8 +318,14 @@ class _ImageJobs(torch.utils.data.Dataset):
                              "run `ditctl ingest` to update the manifest")
 
 
-def _keep_items(items: list) -> list:
-    return items
+def _stack_batch(items: list) -> tuple[list[int], torch.Tensor | None, tuple[str, str] | None]:
+    """(job indices, pixels [B, 3, H, W], first problem). Runs in the worker, so that one
+    tensor per batch crosses to the main process rather than one per image."""
+    indices = [i for i, _, _ in items]
+    problems = [problem for _, _, problem in items if problem is not None]
+    if problems:
+        return indices, None, problems[0]
+    return indices, torch.stack([pixels for _, pixels, _ in items]), None
 
 
 def bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> list[list[int]]:
@@ -335,44 +338,49 @@ def bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> list[list[int]
 
 
 def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
-                    jobs: list[LatentJob], config: Config, device: torch.device) -> int:
+                    jobs: list[LatentJob], config: Config,
+                    device: torch.device) -> tuple[int, float]:
+    """Encode and store `jobs`; returns (images encoded, seconds of the encoding loop, from
+    the VAE being ready to the last commit)."""
     settings = config.precompute
     workers = settings.num_workers
     loader = torch.utils.data.DataLoader(
         _ImageJobs(jobs, config.data.center_crop, config.data.max_image_pixels),
         batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
-        collate_fn=_keep_items, persistent_workers=workers > 0,
+        collate_fn=_stack_batch, persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    with console.err.status("loading the VAE ..."):
-        vae = family.load_vae(cache.spec.torch_dtype).to(device)
-    chunk = _encode_chunk(cache.spec, settings.batch_size)
-    done = 0
+    batches = iter(loader)  # workers start, and decode ahead, while the VAE loads
     try:
+        with console.err.status("loading the VAE ..."):
+            vae = family.load_vae(cache.spec.torch_dtype).to(device)
+        chunk = _encode_chunk(cache.spec, settings.batch_size)
+        done = 0
+        started = time.perf_counter()
         with _EntryWriter(index) as writer, \
                 console.progress("encoding images", total=len(jobs), unit="images") as bar:
-            for items in loader:
-                written = _encode_batch(family, vae, cache, [jobs[i] for i, _, _ in items],
-                                        items, chunk, device, writer)
+            for indices, pixels, problem in batches:
+                if problem is not None:
+                    raise DataError(problem[0], hint=problem[1])
+                written = _encode_batch(family, vae, cache, [jobs[i] for i in indices], pixels,
+                                        chunk, device, writer)
                 if done == 0:  # the first batch tells how large an entry is
-                    per_entry = written / len(items)
-                    check_free_space(cache.root, int(per_entry * (len(jobs) - len(items))),
+                    per_entry = written / len(indices)
+                    check_free_space(cache.root, int(per_entry * (len(jobs) - len(indices))),
                                      "the latent cache")
-                done += len(items)
-                bar.advance(len(items))
+                done += len(indices)
+                bar.advance(len(indices))
+        return done, time.perf_counter() - started  # the writer has drained: all committed
     finally:
-        del loader, vae  # stops the decoding workers even when an error unwinds
-    return done
+        del batches, loader  # stops the decoding workers now, also when an error unwinds
 
 
 def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[LatentJob],
-                  items: list, chunk: int, device: torch.device, writer: _EntryWriter) -> int:
-    """Encode one bucket batch and hand its files to the writer; returns the bytes queued."""
-    for _, _, problem in items:
-        if problem is not None:
-            raise DataError(problem[0], hint=problem[1])
-    pixels = torch.stack([pixels for _, pixels, _ in items])  # [B, 3, H, W]
+                  pixels: torch.Tensor, chunk: int, device: torch.device,
+                  writer: _EntryWriter) -> int:
+    """Encode one bucket batch (pixels [B, 3, H, W]) and hand its files to the writer;
+    returns the bytes queued."""
     means, stds = [], []
-    for start in range(0, len(items), chunk):
+    for start in range(0, len(jobs), chunk):
         dist = family.encode_images(vae, pixels[start:start + chunk].to(device))
         means.append(dist.mean.cpu())  # [b, C, h, w]
         stds.append(dist.std.cpu())

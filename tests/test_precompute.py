@@ -38,6 +38,16 @@ from ditctl.workspace import Workspace
 SIZES = ((64, 64), (80, 48), (48, 80))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP
+    threads that wait for each other make every small convolution many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_workspace(root: Path, model_dir: Path, *, n: int = 6, n_val: int = 0, seed: int = 0,
                    data: dict | None = None, precompute: dict | None = None,
                    prompts: str | None = None, sample: dict | None = None,
@@ -273,7 +283,7 @@ def test_changed_caption_resolution_and_model(tmp_path, tiny_model_dir, monkeypa
 # --- exactness, and training that never loads an encoder ---------------------------------------
 
 def test_cached_batches_equal_on_the_fly_batches(tmp_path, tiny_model_dir, monkeypatch):
-    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=10, n_val=2,
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=8, n_val=1,
                         data={"random_flip": True, "use_resolution_buckets": True},
                         precompute={"num_workers": 2, "batch_size": 3},
                         sizes=((64, 64), (96, 64), (64, 96), (80, 48), (112, 48)))
@@ -387,7 +397,8 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
     script = tmp_path / "slow.py"
     script.write_text(SLOW_PRECOMPUTE)
     index_path = ws.cache_dir(ws.config()) / "index.sqlite"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(script), str(ws.root)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -549,10 +560,15 @@ def test_bucket_batches_group_by_bucket():
 
 def test_cli_precompute(tmp_path, tiny_model_dir, cli):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=4, prompts="a red star\n")
-    result = cli("precompute", "-w", ws.root, "--mixed_precision", "bf16",
-                 "--output_dir", "precomputed_data", "--random-flip")
+    # the guide's precompute_embeddings.py flags, spelled as the guide spells them
+    result = cli("precompute", "-w", ws.root, "--pretrained_model_path", tiny_model_dir,
+                 "--data_path", "data/train.csv", "--base_image_dir", "data",
+                 "--output_dir", "precomputed_data", "--resolution", "64",
+                 "--mixed_precision", "bf16", "--random-flip")
     assert result.exit_code == 0, result.output
     out = result.stdout
+    # base_image_dir differs from what ingest used: the manifest is rebuilt first, and said so
+    assert "ingesting first" in result.stderr and "base_image_dir" in result.stderr
     assert "latents   8 (4 images + 4 flipped variants): 8 added, 0 reused" in out
     assert "of which 1 sample/negative prompts" in out
     assert "per image vs." in out and "per source image" in out and "flipped variants" in out
@@ -561,7 +577,8 @@ def test_cli_precompute(tmp_path, tiny_model_dir, cli):
     assert not (ws.root / "cache").exists()
 
     again = cli("precompute", "-w", ws.root, "--mixed-precision", "bf16",
-                "--output-dir", "precomputed_data", "--random-flip", "--json", "--verify")
+                "--base-image-dir", "data", "--output-dir", "precomputed_data", "--random-flip",
+                "--json", "--verify")
     assert again.exit_code == 0, again.output
     counters = json.loads(again.stdout)
     assert counters["added"] == 0 and counters["reused"] == counters["entries"]

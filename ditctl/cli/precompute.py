@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from ..console import console
-from ..precompute import print_summary, run_precompute
-from ..workspace import Workspace
+from ..oneshot import command_workspace
 from ._options import JsonOption, WorkspaceOption, config_flags
 
 
@@ -25,7 +24,9 @@ def precompute(
     *,
     overrides,
 ) -> None:
-    ws = Workspace.find(workspace)
+    from ..precompute import print_summary, run_precompute  # imports torch: only when run
+
+    ws, overrides = command_workspace(workspace, overrides)
     if "precompute.output_dir" in overrides:
         # An explicit --output-dir names the cache this run fills, even where project.toml points
         # training at another one ([train] precomputed_data_dir decides ws.cache_dir otherwise).

@@ -295,11 +295,6 @@ class CacheIndex:
                 "SELECT key, kind, shape, dtype, bytes, flip, source FROM entries ORDER BY key"):
             yield IndexEntry(key, kind, tuple(json.loads(shape)), dtype, size, bool(flip), source)
 
-    def bytes_of(self, keys: Iterable[str]) -> int:
-        wanted = set(keys)
-        return sum(size for key, size in self.db.execute("SELECT key, bytes FROM entries")
-                   if key in wanted)
-
     def add(self, entries: Sequence[IndexEntry]) -> None:
         """Record complete entries (their files are already in place), in one transaction."""
         now = time.time()

@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -199,38 +199,63 @@ CHILD_PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "bi
                  "ditctl.models.flite")
 
 
+def measure_isolated(calls: dict[str, tuple[str, dict[str, Any]]], *, share_process: bool = False,
+                     timeout: float = 900) -> dict[str, dict[str, Any]]:
+    """Run each call `label: ("module:function", kwargs)` in a fresh Python process and return
+    its result dict plus `memory`: the RSS after the imports (baseline), the peak RSS, and the
+    peak above the baseline (bytes).
+
+    `share_process` (quick smoke runs): one child runs all the calls one after the other, each
+    measured from the RSS left by the previous one; it saves a process start (~5 s of imports)
+    per call, and the numbers are less clean."""
+    groups = [list(calls.items())] if share_process else [[item] for item in calls.items()]
+    results: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        outputs = _run_child([call for _, call in group], timeout)
+        results.update(zip((label for label, _ in group), outputs))
+    return results
+
+
 def run_isolated(target: str, timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
-    """Call `module:function(**kwargs)` in a fresh Python process and return its dict, plus
-    `memory`: baseline RSS after imports, peak RSS, and the peak above the baseline (bytes)."""
+    """One call of `module:function(**kwargs)` in a fresh process (see measure_isolated)."""
+    return _run_child([(target, kwargs)], timeout)[0]
+
+
+def _run_child(calls: list[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
     env = {**os.environ, **CHILD_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "bench.common", target, json.dumps(kwargs)]
+    command = [sys.executable, "-m", "bench.common", json.dumps(calls)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(CHILD_MARKER):
             return json.loads(line[len(CHILD_MARKER):])
     tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-    raise RuntimeError(f"isolated run of {target}({kwargs}) failed (exit {done.returncode}):\n"
-                       f"{tail}")
+    raise RuntimeError(f"isolated run of {calls} failed (exit {done.returncode}):\n{tail}")
 
 
-def _child_main(target: str, kwargs_json: str) -> None:
+def _child_main(calls_json: str) -> None:
+    import gc
     import importlib
 
     offline_environment()
     for name in CHILD_PRELOAD:
         importlib.import_module(name)
-    module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
-    baseline = rss_bytes()
-    reset_peak_rss()
-    result = function(**json.loads(kwargs_json))
-    peak = peak_rss_bytes()
-    result.setdefault("memory", {}).update({
-        "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
-        "peak_above_baseline_bytes": peak - baseline})
-    print(CHILD_MARKER + json.dumps(result), flush=True)
+    results = []
+    for target, kwargs in json.loads(calls_json):
+        module_name, function_name = target.split(":")
+        function = getattr(importlib.import_module(module_name), function_name)
+        gc.collect()
+        baseline = rss_bytes()
+        reset_peak_rss()
+        result = function(**kwargs)
+        peak = peak_rss_bytes()
+        result.setdefault("memory", {}).update({
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": peak,
+            "peak_above_baseline_bytes": peak - baseline})
+        results.append(result)
+        del result
+    print(CHILD_MARKER + json.dumps(results), flush=True)
 
 
 # --- model shapes and FLOPs -----------------------------------------------------------------------
@@ -475,15 +500,21 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
 
 
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    """Row dicts (one per measured configuration) as one markdown table."""
+    headers = list(dict.fromkeys(k for row in rows for k in row))
+    return markdown_table(headers, [[row.get(h, "") for h in headers] for row in rows])
+
+
 def render_results(results: dict[str, Any]) -> str:
-    """A benchmark's results as markdown: its `table` (a list of row dicts, one per measured
-    configuration) if it has one, then every other number as a metric | value table."""
+    """A benchmark's results as markdown: its `table` (row dicts, one per measured
+    configuration) or its titled `tables`, then every other number as a metric | value table."""
     parts = []
-    table = results.get("table")
-    if table:
-        headers = list(dict.fromkeys(k for row in table for k in row))
-        parts.append(markdown_table(headers, [[row.get(h, "") for h in headers] for row in table]))
-    rest = {k: v for k, v in results.items() if k != "table"}
+    if results.get("table"):
+        parts.append(rows_table(results["table"]))
+    for title, rows in (results.get("tables") or {}).items():
+        parts.append(f"{title}:\n\n{rows_table(rows)}")
+    rest = {k: v for k, v in results.items() if k not in ("table", "tables")}
     if rest:
         parts.append(markdown_table(["metric", "value"], [list(r) for r in flatten(rest)]))
     return "\n\n".join(parts)
@@ -514,4 +545,4 @@ def mb(n_bytes: float) -> float:
 
 
 if __name__ == "__main__":
-    _child_main(*sys.argv[1:3])
+    _child_main(sys.argv[1])

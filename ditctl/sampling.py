@@ -393,7 +393,8 @@ def sample_during_training(family: ModelFamily, denoiser: torch.nn.Module, vae: 
     The denoiser's train/eval mode and the global RNG are left as they were.
     """
     images = generate(family, denoiser, vae, prompts, settings, width=width, height=height,
-                      text_encoder=text_encoder, embeddings=embeddings)
+                      text_encoder=text_encoder, embeddings=embeddings,
+                      show_progress=False)  # training's own bar stays the only one
     seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
                                              settings.seed)]
     resolved = dict(width=width, height=height, shift=resolve_shift(family, settings, width, height))

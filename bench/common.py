@@ -1,15 +1,16 @@
 """What every benchmark shares: the machine stamp, timing, isolated memory measurement, model
 shapes and their FLOP counts, benchmark pipelines/workspaces, and the results file.
 
-Memory is measured in a fresh child process per configuration (`run_isolated`), as the peak
+Memory is measured in a fresh child process per configuration (`measure_isolated`), as the peak
 resident set size above the RSS right after the imports. The peak is the kernel's per-process
 high-water mark `VmHWM` from /proc/self/status, which is what `resource.getrusage` reports for
 a process that was started normally; getrusage is not used because Linux carries `ru_maxrss`
 over `exec`, so a child started by a large parent reports the parent's size (measured: a child
 of a 1.5 GB parent reports 1.5 GB). `VmHWM` can also be reset (`reset_peak_rss`), which lets a
 child measure one phase, e.g. the activations of one backward pass. Children run with glibc's
-mmap threshold fixed at 64 KiB, so every freed tensor is returned to the kernel at once and RSS
-follows the live tensors instead of malloc's free lists.
+mmap threshold fixed at 64 KiB (unless asked not to), so every freed tensor is returned to the
+kernel at once and RSS follows the live tensors instead of malloc's free lists; that makes
+allocations slower, so step times that matter are measured without it or in-process.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def offline_environment() -> None:
     quiet_libraries()
 
 
-# --- the machine stamp --------------------------------------------------------------------------
+# --- the machine stamp ------------------------------------------------------------------------
 
 def cpu_model() -> str:
     try:
@@ -96,7 +97,7 @@ def stamp_line(stamp: dict[str, Any]) -> str:
             f"ditctl {stamp['ditctl']} @ {stamp['commit']} · load avg {stamp['load_avg_1m']}")
 
 
-# --- timing ---------------------------------------------------------------------------------------
+# --- timing -----------------------------------------------------------------------------------
 
 @dataclass
 class Timing:
@@ -111,10 +112,6 @@ class Timing:
     @property
     def best(self) -> float:
         return min(self.values)
-
-    def summary(self) -> dict[str, float]:
-        return {"median_s": round(self.median, 4), "min_s": round(min(self.values), 4),
-                "max_s": round(max(self.values), 4), "repeats": len(self.values)}
 
 
 def time_repeats(work: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
@@ -148,7 +145,7 @@ def matmul_peak_flops(dtype_name: str, size: int = 4096, repeats: int = 5) -> fl
     return 2 * size ** 3 / time_repeats(work, repeats).best
 
 
-# --- memory ---------------------------------------------------------------------------------------
+# --- memory -----------------------------------------------------------------------------------
 
 def _status_kb(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -189,8 +186,8 @@ def optimizer_state_bytes(optimizer) -> int:
                         if isinstance(v, torch.Tensor))
 
 
-CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
-             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+CHILD_ENV = {**MALLOC_ENV, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 # Imported before a child's baseline, so that what a configuration imports lazily does not
 # count as its memory.
 CHILD_PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes",
@@ -200,29 +197,34 @@ CHILD_PRELOAD = ("torch", "diffusers", "transformers", "peft", "accelerate", "bi
 
 
 def measure_isolated(calls: dict[str, tuple[str, dict[str, Any]]], *, share_process: bool = False,
-                     timeout: float = 900) -> dict[str, dict[str, Any]]:
+                     malloc_tuning: bool = True, timeout: float = 900) -> dict[str, dict[str, Any]]:
     """Run each call `label: ("module:function", kwargs)` in a fresh Python process and return
     its result dict plus `memory`: the RSS after the imports (baseline), the peak RSS, and the
     peak above the baseline (bytes).
 
     `share_process` (quick smoke runs): one child runs all the calls one after the other, each
     measured from the RSS left by the previous one; it saves a process start (~5 s of imports)
-    per call, and the numbers are less clean."""
+    per call, and the numbers are less clean. `malloc_tuning=False` runs the child with glibc's
+    defaults, as a user's `ditctl train` runs: use it where the child's step times count (the
+    fixed mmap threshold makes every tensor allocation a fresh mapping, which slows steps).
+    """
     groups = [list(calls.items())] if share_process else [[item] for item in calls.items()]
     results: dict[str, dict[str, Any]] = {}
     for group in groups:
-        outputs = _run_child([call for _, call in group], timeout)
+        outputs = _run_child([call for _, call in group], timeout, malloc_tuning)
         results.update(zip((label for label, _ in group), outputs))
     return results
 
 
-def run_isolated(target: str, timeout: float = 900, **kwargs: Any) -> dict[str, Any]:
-    """One call of `module:function(**kwargs)` in a fresh process (see measure_isolated)."""
-    return _run_child([(target, kwargs)], timeout)[0]
+def _run_child(calls: list[tuple[str, dict[str, Any]]], timeout: float,
+               malloc_tuning: bool) -> list[dict[str, Any]]:
+    import torch
 
-
-def _run_child(calls: list[tuple[str, dict[str, Any]]], timeout: float) -> list[dict[str, Any]]:
     env = {**os.environ, **CHILD_ENV}
+    if not malloc_tuning:
+        for name in MALLOC_ENV:
+            env.pop(name, None)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())  # as many threads as this process
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "bench.common", json.dumps(calls)]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -349,7 +351,7 @@ def training_flops(shape: DitShape, latent_hw: tuple[int, int], batch: int,
     return batch * (linear + text_kv + self_attn + cross_attn)
 
 
-# --- pipelines and workspaces ----------------------------------------------------------------------
+# --- pipelines and workspaces -----------------------------------------------------------------
 
 def random_dit(shape: DitShape, seed: int = 0):
     """A DiT of `shape` with random weights, initialised as ditctl's tiny pipelines are (small
@@ -464,7 +466,7 @@ def read_train_log(run_dir: Path) -> list[dict[str, Any]]:
             .splitlines() if line.strip()]
 
 
-# --- results ---------------------------------------------------------------------------------------
+# --- results ----------------------------------------------------------------------------------
 
 def _format(value: Any) -> str:
     if isinstance(value, bool):

@@ -1,10 +1,13 @@
 """The one entry point of the benchmarks.
 
-    python -m bench [NAMES...] [--quick] [--results PATH | --no-record] [--json PATH]
+    python -m bench [NAMES...] [--quick] [--threads N] [--results PATH | --no-record] [--json PATH]
 
 Runs the named benchmarks (default: all, in the order below), prints each one's table, and
 appends a dated, machine-stamped block per benchmark to bench/RESULTS.md. `--quick` runs
 CI-sized smoke versions: they prove the benchmarks still work; their timings mean little.
+Every benchmark starts with the same torch thread count (`--threads`, default torch's own),
+which its child processes inherit; on a shared machine one thread per benchmark avoids
+OpenMP oversubscription and gives far steadier timings.
 A benchmark that fails (or does not exist yet) is reported and the others still run; the exit
 status is then 1.
 """
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"markdown file to append to (default: {RESULTS_FILE})")
     parser.add_argument("--no-record", action="store_true", help="append nothing anywhere")
     parser.add_argument("--json", type=Path, help="also write every result as JSON here")
+    parser.add_argument("--threads", type=int, help="torch threads for every benchmark "
+                        "(default: torch's default, usually one per core)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
@@ -78,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<11} {what}  ({module})")
         return 0
     offline_environment()
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
     names = args.names or list(BENCHMARKS)
     report = {"quick": args.quick, "stamp": machine_stamp(), "benchmarks": {}}
     for name in names:
         print(f"== {name}: {BENCHMARKS[name][1]}{' (quick)' if args.quick else ''}",
               file=sys.stderr, flush=True)
+        torch.set_num_threads(threads)  # a benchmark may change it; the next starts afresh
         outcome = run_one(name, args.quick)
         report["benchmarks"][name] = outcome
         if outcome["status"] != "ok":

@@ -21,9 +21,20 @@ TIMESTEP_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on a CPU."""
+    """Peak GPU memory allocated, or this process's peak resident set size on a CPU.
+
+    On Linux the peak comes from /proc/self/status (VmHWM): getrusage's ru_maxrss survives
+    exec, so a process started by a large parent would report the parent's peak.
+    """
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 

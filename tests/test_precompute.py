@@ -558,8 +558,9 @@ def test_bucket_batches_group_by_bucket():
 
 # --- the command ------------------------------------------------------------------------------
 
-def test_cli_precompute(tmp_path, tiny_model_dir, cli):
+def test_cli_precompute(tmp_path, tiny_model_dir, cli, monkeypatch):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=4, prompts="a red star\n")
+    monkeypatch.chdir(ws.root)  # paths given as flags are relative to the current folder
     # the guide's precompute_embeddings.py flags, spelled as the guide spells them
     result = cli("precompute", "-w", ws.root, "--pretrained_model_path", tiny_model_dir,
                  "--data_path", "data/train.csv", "--base_image_dir", "data",

@@ -73,6 +73,9 @@ class Recipe:
     dit_lr: float = 1e-3
     dit_warmup: int = 100
     caption_dropout: float = 0.1
+    # F-Lite shifts timesteps by alpha = 2*sqrt(h*w/4096) latent pixels: 0.25 at 64x64, which
+    # puts nearly all training and sampling steps at low noise, where a 64 px scene's layout is
+    # no longer decided. False trains (and samples, shift 1) on the unshifted schedule.
     resolution_shift: bool = True
     eval_steps: int = 20
     eval_guidance: float = 5.0
@@ -259,7 +262,8 @@ def measure(model_dir: Path, recipe: Recipe) -> dict[str, Any]:
     denoiser = family.load_denoiser(torch.float32).eval()
     vae, text_encoder = family.load_vae(), family.load_text_encoder()
     settings = sample_settings(steps=recipe.eval_steps, guidance_scale=recipe.eval_guidance,
-                               images_per_prompt=recipe.eval_images_per_prompt)
+                               images_per_prompt=recipe.eval_images_per_prompt,
+                               shift=None if recipe.resolution_shift else 1.0)
     out: dict[str, Any] = {}
     for name, prompts in (("trained", trained_prompts()), ("held_out", held_out_prompts())):
         result = concept_scores(family, denoiser, vae, text_encoder, prompts, settings)

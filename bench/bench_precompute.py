@@ -2,8 +2,10 @@
 
     python bench/bench_precompute.py [--quick] [--threads N]
 
-A tiny F-Lite-layout pipeline with a wider VAE (so that encoding dominates, as it does with a
-real model) and generated 128x128 images. For each storage precision:
+A tiny F-Lite-layout pipeline whose VAE has the released model's architecture (the FLUX.1
+AutoencoderKL: channels 128/256/512/512, two layers per block, 16 latent channels; random
+weights, nothing is downloaded), so that encoding costs what it costs for real users relative
+to decoding the images; generated 128x128 images. For each storage precision:
 
 - bare loop: the images already decoded into tensors, `family.encode_images` over them in
   chunks of the size precompute's encoder sees, nothing else (the floor);
@@ -54,18 +56,28 @@ from ditctl.models.tiny import build_tiny_pipeline  # noqa: E402
 from ditctl.precompute import run_precompute  # noqa: E402
 from ditctl.workspace import Workspace  # noqa: E402
 
-VAE_CHANNELS = (32, 64, 64, 64)
-SIZE = 128
+# The FLUX.1 VAE that F-Lite ships (flite-format.md), as diffusers configures it.
+RELEASED_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+    use_quant_conv=False, use_post_quant_conv=False, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159)
+SIZE, QUICK_SIZE = 128, 64
 BATCH_SIZE = 8
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 
 
-def _workspace(root: Path, n: int) -> Workspace:
-    model = build_tiny_pipeline(root / "model", seed=0, vae_channels=VAE_CHANNELS)
-    write_dataset(root / "data", random_scenes(n, 0, sizes=((SIZE, SIZE),)), csv_name="train.csv")
+def _workspace(root: Path, n: int, size: int) -> Workspace:
+    from diffusers import AutoencoderKL
+
+    model = build_tiny_pipeline(root / "model", seed=0)
+    torch.manual_seed(0)
+    AutoencoderKL(**RELEASED_VAE).save_pretrained(model / "vae")  # replaces the tiny one
+    write_dataset(root / "data", random_scenes(n, 0, sizes=((size, size),)), csv_name="train.csv")
     (root / "project.toml").write_text(
         f'[model]\npretrained_model_path = "{model}"\n'
-        f'[data]\ntrain_data_path = "data/train.csv"\nresolution = {SIZE}\n'
+        f'[data]\ntrain_data_path = "data/train.csv"\nresolution = {size}\n'
         f'[precompute]\nbatch_size = {BATCH_SIZE}\nnum_workers = 2\n')
     (root / "prompts.txt").write_text("")
     ws = Workspace(root)
@@ -140,20 +152,20 @@ def _measure(ws: Workspace, family, images: torch.Tensor, precision: str, repeat
 def run(quick: bool, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    n = 32 if quick else 200
-    repeats = 1 if quick else 3  # quick: a smoke run that proves the benchmark works
+    # quick: a smoke run that proves the benchmark works
+    n, size, repeats = (8, QUICK_SIZE, 1) if quick else (48, SIZE, 2)
     console.quiet = True
     try:
         with tempfile.TemporaryDirectory(prefix="bench-precompute-") as tmp:
-            ws = _workspace(Path(tmp), n)
+            ws = _workspace(Path(tmp), n, size)
             family = load_family(ws.model_path(ws.config()))
             data = ws.config().data
             images = torch.stack([load_row_pixels(r, crop_for(r, data.center_crop), False,
                                                   data.max_image_pixels)
                                   for r in read_manifest(ws, "train")])
-            return {"images": n, "size": f"{SIZE}x{SIZE}", "batch_size": BATCH_SIZE,
+            return {"images": n, "size": f"{size}x{size}", "batch_size": BATCH_SIZE,
                     "num_workers": ws.config().precompute.num_workers,
-                    "vae_channels": list(VAE_CHANNELS), "repeats": repeats,
+                    "vae": "FLUX.1 architecture (random weights)", "repeats": repeats,
                     "torch_threads": torch.get_num_threads(), "machine": platform.node(),
                     "cpu": platform.processor() or platform.machine(),
                     "modes": {p: _measure(ws, family, images, p, repeats) for p in DTYPES}}
@@ -163,7 +175,7 @@ def run(quick: bool, threads: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32 images instead of 200")
+    parser.add_argument("--quick", action="store_true", help="8 images of 64x64, one repeat (a smoke run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
     python bench/train_tiny_base.py [--out DIR] [--work DIR] [--seed N] [--threads N] [--quick]
 
-Reproducible from the seed, on a CPU, in minutes. Four stages:
+Reproducible from the seed, on a CPU (about 35 minutes on 2 cores). Four stages:
 
 1. VAE: a 16-channel 8x diffusers `AutoencoderKL` (the F-Lite latent layout), trained by a plain
    PyTorch loop to reconstruct procedural scenes (`ditctl.demo.scenes`, every colour: the VAE
@@ -11,10 +11,10 @@ Reproducible from the seed, on a CPU, in minutes. Four stages:
    scaled latents have mean 0 and std 1.
 2. Text encoder: an 8-layer T5 with random weights and the locally built tokenizer of
    `ditctl.models.tiny` (random features still tell the words apart; nothing is downloaded).
-3. DiT: `ditctl.models.flite_dit.DiT` with F-Lite's own init (zero-initialised output and
-   modulation), fully fine-tuned by ditctl's engine itself: a workspace, `run_ingest`,
+3. DiT: `ditctl.models.flite_dit.DiT` (patch size 1, see DIT_SHAPE) with F-Lite's own init
+   (zero-initialised output and modulation), fully fine-tuned by ditctl's engine itself: a workspace, `run_ingest`,
    `run_precompute`, then `run_training` from the cache. Its data leave out the held-out
-   concept (`HELD_OUT`, purple), which is what `ditctl init --example` later teaches a LoRA.
+   concept (`HELD_OUT`, green), which is what `ditctl init --example` later teaches a LoRA.
 4. Ship and measure: the DiT is stored in fp16 (loaders cast to fp32), the folder is written
    atomically to --out, and the shipped files are scored with `ditctl.demo.concept_check`
    (fixed prompts and seeds). The numbers go to --out/TRAINING.md and bench/RESULTS.md.
@@ -54,7 +54,9 @@ VAE_CONFIG = dict(
     # group the flat colours of these scenes (a per-channel mean) would be normalised away.
     norm_num_groups=1, mid_block_add_attention=False, sample_size=64)
 T5_DIM = 64
-DIT_SHAPE = dict(hidden=128, depth=4, heads=4)
+# Patch size 1: 64 tokens for a 64x64 image (8x8 latent pixels, each 8x8 image pixels). With
+# F-Lite's patch 2 there are only 16 tokens, and a tiny model draws blobs rather than shapes.
+DIT_SHAPE = dict(hidden=128, depth=4, heads=4, patch_size=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +70,18 @@ class Recipe:
     vae_kl_weight: float = 1e-5
     vae_images: int = 4000
     scenes: int = 6000
-    dit_steps: int = 2500
-    dit_batch: int = 64
+    # Square only: the model is measured (and the demo samples) at 64x64, and every training
+    # step at that size goes to what is measured. Other sizes still work through the buckets.
+    scene_sizes: tuple[tuple[int, int], ...] = ((64, 64),)
+    dit_steps: int = 8000
+    dit_batch: int = 32
     dit_lr: float = 1e-3
     dit_warmup: int = 100
     caption_dropout: float = 0.1
     # F-Lite shifts timesteps by alpha = 2*sqrt(h*w/4096) latent pixels: 0.25 at 64x64, which
     # puts nearly all training and sampling steps at low noise, where a 64 px scene's layout is
     # no longer decided. False trains (and samples, shift 1) on the unshifted schedule.
-    resolution_shift: bool = True
+    resolution_shift: bool = False
     eval_steps: int = 20
     eval_guidance: float = 5.0
     eval_images_per_prompt: int = 4
@@ -188,7 +193,8 @@ def base_workspace(root: Path, pipeline: Path, recipe: Recipe, threads: int) -> 
     from ditctl.workspace import Workspace
 
     root.mkdir(parents=True)
-    write_dataset(root / "data", base_training_scenes(recipe.scenes, recipe.seed + 3),
+    write_dataset(root / "data", base_training_scenes(recipe.scenes, recipe.seed + 3,
+                                                      sizes=recipe.scene_sizes),
                   csv_name="train.csv")
     settings = {
         "model": {"pretrained_model_path": str(pipeline)},
@@ -301,11 +307,14 @@ def training_md(recipe: Recipe, results: dict[str, Any], command: str) -> str:
         f"| text_encoder | T5 encoder, 8 layers, d_model {T5_DIM}, random weights | not trained |",
         "| tokenizer | T5 unigram tokenizer built from a word list | - |",
         f"| dit_model | F-Lite DiT, hidden {DIT_SHAPE['hidden']}, depth {DIT_SHAPE['depth']}, "
-        f"{DIT_SHAPE['heads']} heads, stored fp16 | ditctl's engine, full fine-tuning from the "
+        f"{DIT_SHAPE['heads']} heads, patch {DIT_SHAPE['patch_size']}, stored fp16 | ditctl's engine, full fine-tuning from the "
         f"precompute cache: {recipe.dit_steps} steps, batch {recipe.dit_batch}, lr "
         f"{recipe.dit_lr:g} (cosine), caption dropout {recipe.caption_dropout:g}, "
         f"{recipe.scenes} scenes without {results['held_out']} |",
         "",
+        *([f"Stage 1 (the VAE) was skipped: `--vae` reused the VAE of an earlier run of this "
+           f"script with the same seed and recipe; run without `--vae` to retrain it.", ""]
+          if results.get("vae_reused") else []),
         f"Seed {recipe.seed}. Latent scaling_factor {results['latents']['scaling_factor']}, "
         f"shift_factor {results['latents']['shift_factor']}.",
         "",
@@ -342,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder (default: a temporary folder, deleted after)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--vae", type=Path, default=None,
+                        help="skip stage 1 and use this VAE folder (the vae/ of an earlier run's "
+                             "--work pipeline made with the same seed)")
     parser.add_argument("--quick", action="store_true",
                         help="a seconds-long smoke run (writes to --out; records nothing)")
     args = parser.parse_args(argv)
@@ -350,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     recipe = Recipe.quick(args.seed) if args.quick else Recipe(seed=args.seed)
-    command = "python bench/train_tiny_base.py" + (f" --seed {args.seed}" if args.seed else "")
+    command = "python bench/train_tiny_base.py" + (f" --seed {args.seed}" if args.seed else "") \
+        + (f" --vae {args.vae}" if args.vae else "")
     stamp = machine_stamp()
     started = time.perf_counter()
 
@@ -365,10 +378,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is not None and work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        vae = train_vae(recipe, log)
+        if args.vae:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+            log(f"vae: reused {args.vae} (stage 1 skipped)")
+        else:
+            vae = train_vae(recipe, log)
         vae_quality = vae_report(vae, recipe.seed, n=200 if not args.quick else 10)
         log(f"vae reconstructions: {vae_quality}")
-        stats_scenes = base_training_scenes(min(recipe.scenes, 1000), recipe.seed + 3)
+        stats_scenes = base_training_scenes(min(recipe.scenes, 1000), recipe.seed + 3,
+                                            sizes=recipe.scene_sizes)
         latents = set_latent_statistics(vae, stats_scenes)
         log(f"latent statistics: {latents}")
         pipeline = assemble_pipeline(work / "pipeline", vae, recipe.seed)
@@ -384,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"date": stamp["date"], "machine": f"{stamp['cpu']}, {stamp['cores']} cores, "
                f"{stamp['torch_threads']} torch threads", "held_out": HELD_OUT[1],
                "total_seconds": total, "recipe": dataclasses.asdict(recipe), "vae": vae_quality,
-               "latents": latents, "dit": dit, "metrics": metrics,
+               "latents": latents, "dit": dit, "metrics": metrics, "vae_reused": bool(args.vae),
                "sizes_bytes": folder_bytes(args.out)}
     if args.quick:
         log("quick run: nothing recorded")

@@ -15,6 +15,27 @@ from .workspace import PROJECT_FILE, Workspace
 BUILTIN_MODELS = ("tiny", "tiny-random")
 
 
+# `--model tiny`: how the shipped base model was trained and measured (bench/train_tiny_base.py):
+# without F-Lite's resolution shift, which at 64x64 (alpha 0.25) would put nearly every step
+# at low noise, where a small scene's layout is already decided; 20 Euler steps, CFG 5.
+TINY_MODEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "train": {"resolution_shift": False},
+    "sample": {"shift": 1.0, "steps": 20, "guidance_scale": 5.0},
+}
+
+# `--example` settings: `ditctl train --lora` teaches the tiny base model the held-out colour
+# in under 2 minutes on 2 CPU cores (measured: tests/demo/test_tiny_base.py), with samples,
+# validation loss and checkpoints every 250 steps. Rank 16 at 2e-3 learns the colour within
+# 500 steps; the example data's prior-preservation scenes keep the other colours intact.
+EXAMPLE_SETTINGS: dict[str, dict[str, Any]] = {
+    "train": {"train_batch_size": 8, "max_steps": 1000, "learning_rate": 2e-3,
+              "lr_scheduler": "constant", "num_warmup_steps": 20, "seed": 0,
+              "sample_every": 250, "eval_every": 250, "checkpoint_every": 250,
+              "checkpoints_total_limit": 4},
+    "lora": {"lora_rank": 16, "lora_alpha": 16},
+}
+
+
 def templates_dir() -> Path:
     """`templates/` inside an installed wheel, or at the top of a source checkout."""
     here = Path(__file__).resolve().parent
@@ -37,8 +58,9 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
                    force: bool = False, seed: int = 0) -> InitResult:
     """Scaffold a workspace at `root`.
 
-    `model` is "tiny" / "tiny-random" (a tiny pipeline built inside the workspace) or the path of
-    a local F-Lite-layout folder (validated, referenced by absolute path, never copied).
+    `model` is "tiny" (the shipped trained tiny model, copied into the workspace), "tiny-random"
+    (a random tiny pipeline built inside the workspace) or the path of a local F-Lite-layout
+    folder (validated, referenced by absolute path, never copied).
     """
     root = Path(root).resolve()
     if (root / PROJECT_FILE).exists() and not force:
@@ -61,6 +83,8 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         model_path = root / "model"
         _build_builtin_model(model, model_path, seed)
         settings["model"]["pretrained_model_path"] = "model"
+        if model == "tiny":
+            settings.update({k: dict(v) for k, v in TINY_MODEL_SETTINGS.items()})
     else:
         settings["model"]["pretrained_model_path"] = str(model_path)
 
@@ -74,6 +98,8 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         settings["data"] = {"train_data_path": "data/example/train.csv",
                             "val_data_path": "data/example/val.csv",
                             "resolution": 64, "use_resolution_buckets": True}
+        for section, values in EXAMPLE_SETTINGS.items():
+            settings.setdefault(section, {}).update(values)
         prompts = _prompt_header(prompts) + "\n".join(example_prompts()) + "\n"
 
     result.settings = settings
@@ -90,13 +116,26 @@ def _prompt_header(text: str) -> str:
     return "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
 
 
+def shipped_tiny_model() -> Path:
+    """The trained tiny base model that ships inside the package (bench/train_tiny_base.py)."""
+    folder = Path(__file__).resolve().parent / "assets" / "tiny-flite"
+    if not (folder / "model_index.json").is_file():
+        raise WorkspaceError(f"ditctl's tiny base model is missing from this installation ({folder})",
+                             hint="reinstall ditctl, or use --model tiny-random")
+    return folder
+
+
 def _build_builtin_model(kind: str, target: Path, seed: int) -> None:
-    """Build the tiny pipeline in a temporary folder and move it into place when complete."""
+    """Put the tiny pipeline in a temporary folder and move it into place when complete:
+    "tiny" copies the shipped trained model, "tiny-random" builds random weights from `seed`."""
     from .models.tiny import build_tiny_pipeline
 
     tmp = target.with_name(".tmp-" + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_pipeline(tmp, seed=seed)
+    if kind == "tiny":
+        shutil.copytree(shipped_tiny_model(), tmp)  # a copy: the workspace may change its model
+    else:
+        build_tiny_pipeline(tmp, seed=seed)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -115,13 +115,13 @@ def test_without_a_val_split_the_last_training_rows_are_held_out(tmp_path, tiny_
     assert config.data.val_data_path is None
     run_ingest(ws, config)
     held = validation_set(ws, config)
-    assert held.kind == "holdout" and len(held.rows) == 5  # round(48 * 0.1)
-    assert held.description == "held-out slice of training data (last 5 of 48 training images)"
+    assert held.kind == "holdout" and len(held.rows) == 14  # round(144 * 0.1)
+    assert held.description == "held-out slice of training data (last 14 of 144 training images)"
     from ditctl.data.manifest import read_manifest
     from ditctl.evaluation import split_holdout
     train = read_manifest(ws, "train")
-    assert held.rows == train[-5:]
-    assert split_holdout(train, 0.1) == (train[:-5], train[-5:])
+    assert held.rows == train[-14:]
+    assert split_holdout(train, 0.1) == (train[:-14], train[-14:])
 
     with pytest.raises(Exception, match="no validation data"):
         validation_set(ws, ws.config({"eval.holdout_fraction": 0.0}))
@@ -227,13 +227,13 @@ def test_concept_metric_scores_each_column(tmp_path):
     from ditctl.demo.scenes import Scene, render
     from ditctl.evaluation import concept_metrics
 
-    prompts = ["a purple circle on a white background", "a red square on a black background"]
-    truth = [render(Scene("circle", "purple", "white", size=0.6)),
+    prompts = ["a green circle on a white background", "a red square on a black background"]
+    truth = [render(Scene("circle", "green", "white", size=0.6)),
              render(Scene("square", "red", "black", size=0.6))]
     swapped = [render(Scene("square", "red", "white", size=0.6)),
                render(Scene("square", "red", "black", size=0.6))]
     metrics = concept_metrics(prompts, {"truth": truth, "swapped": swapped}, per_prompt=1)
-    assert metrics["held_out_concept"] == "colour purple"
+    assert metrics["held_out_concept"] == "colour green"
     assert metrics["columns"]["truth"]["both"] == 1.0
     assert metrics["columns"]["truth"]["held_out"] == {"n": 1, "colour": 1.0, "shape": 1.0,
                                                        "both": 1.0}

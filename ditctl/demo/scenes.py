@@ -21,8 +21,7 @@ from PIL import Image, ImageDraw
 from ..errors import DataError
 from ..fsutil import atomic_write_bytes, atomic_write_text
 
-# Foreground colours, chosen far apart in RGB: the closest pair (orange/yellow) is ~80 apart,
-# the held-out purple is >= 118 from every other colour and >= 108 from every background.
+# Foreground colours, chosen far apart in RGB: the closest pair (orange/yellow) is ~80 apart.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -41,12 +40,19 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 
 # The concept the base model never sees. A colour rather than a shape: a colour is one RGB
-# value over the whole shape, which a few hundred LoRA steps can teach a tiny model, and which
-# the pixel classifier reads without ambiguity. Purple in particular is not a mix the base
-# model could stumble on (it is far from red and blue), so any purple it draws was learnt.
-HELD_OUT = ("colour", "purple")
+# value over the whole shape, which a short LoRA run can teach a tiny model, and which the pixel
+# classifier reads without ambiguity. Green in particular is a corner of the colour set: no mix
+# of the other colours comes within the classifier's reach of it (the closest is >= 100 away),
+# so a base model that blends known colours for an unknown word still draws no green. (Purple,
+# the obvious first choice, is a red-blue mix, and the base model drew it without being taught.)
+HELD_OUT = ("colour", "green")
 
-SIZE_RANGE = (0.35, 0.70)  # side of the shape's bounding square, as a fraction of the short side
+# Side of the shape's bounding square as a fraction of the short side, and how far the centre
+# strays from the middle (a fraction of width / height). Large shapes near the middle: at 64 px
+# a shape spans 4-6 latent pixels, enough for a tiny model to draw it crisply, and the spread
+# still varies size and position.
+SIZE_RANGE = (0.5, 0.75)
+CENTRE_SPREAD = 0.12
 ASPECT_SIZES = ((64, 64), (80, 48), (48, 80))
 # Draw at 4x and average each 4x4 block (BOX): every pixel gets its exact coverage. LANCZOS
 # would be a little sharper but rings up to 3 px outside the shape and overshoots.
@@ -154,10 +160,15 @@ def random_scenes(n: int, seed: int, *, sizes: Iterable[tuple[int, int]] = ((64,
         half = size * min(width, height) / 2 + MARGIN_PX
         scenes.append(Scene(
             shape=rng.choice(shapes), colour=colour, background=rng.choice(choices),
-            cx=rng.uniform(half / width, 1 - half / width),
-            cy=rng.uniform(half / height, 1 - half / height),
+            cx=_centre(rng, half / width), cy=_centre(rng, half / height),
             size=size, width=width, height=height))
     return scenes
+
+
+def _centre(rng: random.Random, reach: float) -> float:
+    """A centre coordinate near the middle that keeps a shape of half-extent `reach` inside."""
+    low, high = max(reach, 0.5 - CENTRE_SPREAD), min(1 - reach, 0.5 + CENTRE_SPREAD)
+    return rng.uniform(low, high) if low < high else 0.5
 
 
 def _held_out_split(held_out: bool) -> dict[str, list[str]]:
@@ -203,17 +214,22 @@ def write_dataset(folder: Path, scenes: Sequence[Scene], *, csv_name: str = "tra
     return csv_path
 
 
-def write_example_dataset(folder: Path, *, seed: int = 0, n_train: int = 48,
-                          n_val: int = 8) -> dict:
-    """The `ditctl init --example` data: held-out-concept scenes, train.csv and val.csv.
+def write_example_dataset(folder: Path, *, seed: int = 0, n_train: int = 48, n_val: int = 8,
+                          n_prior: int = 96) -> dict:
+    """The `ditctl init --example` data: train.csv and val.csv.
 
-    The validation scenes come from another seed (`seed + 1`), so they are new images.
+    Training holds `n_train` scenes of the held-out concept plus `n_prior` scenes of concepts
+    the base model knows (prior preservation, as in DreamBooth): trained on the new concept
+    alone, a LoRA learns "everything is green" and the base model's other colours are lost.
+    Validation holds only new held-out scenes (another seed, `seed + 1`).
     """
     folder = Path(folder)
-    train = write_dataset(folder, held_out_scenes(n_train, seed), csv_name="train.csv")
+    scenes = held_out_scenes(n_train, seed) + base_training_scenes(n_prior, seed + 2)
+    random.Random(seed).shuffle(scenes)
+    train = write_dataset(folder, scenes, csv_name="train.csv")
     val = write_dataset(folder, held_out_scenes(n_val, seed + 1), csv_name="val.csv")
     return {"train_csv": train, "val_csv": val, "image_dir": folder / "images",
-            "n_train": n_train, "n_val": n_val, "concept": HELD_OUT[1]}
+            "n_train": n_train, "n_prior": n_prior, "n_val": n_val, "concept": HELD_OUT[1]}
 
 
 def example_prompts() -> list[str]:
@@ -227,5 +243,5 @@ def example_prompts() -> list[str]:
         "a red circle on a white background",
         "a blue square on a black background",
         "a yellow star on a gray background",
-        "a green triangle on a white background",
+        "a purple triangle on a white background",
     ]

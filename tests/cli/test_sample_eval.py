@@ -55,7 +55,7 @@ def workspace(tmp_path_factory, tiny_model_dir) -> Path:
     _small_settings(root)
     prompts = (root / "prompts.txt").read_text().splitlines()
     kept = [p for p in prompts if p.startswith("#")] + [p for p in prompts if p.startswith("a ")][3:6]
-    (root / "prompts.txt").write_text("\n".join(kept) + "\n")  # 1 purple + 2 trained colours
+    (root / "prompts.txt").write_text("\n".join(kept) + "\n")  # 1 held-out (green) + 2 trained colours
     run_ingest(ws, ws.config())
     _make_run(root, tiny_model_dir, "r1", (10, 20))
     return root
@@ -117,7 +117,7 @@ def test_sample_defaults_to_the_latest_checkpoint_and_the_workspace_prompts(cli,
     assert result.exit_code == 0, result.output
     out = workspace / "runs" / "r1" / "samples" / "step-000020-sample"
     index = json.loads((out / "index.json").read_text())
-    assert index["prompts"] == ["a purple triangle on a white background",
+    assert index["prompts"] == ["a green triangle on a white background",
                                 "a red circle on a white background",
                                 "a blue square on a black background"]
     assert index["source"] == "run r1, checkpoint step-000020"

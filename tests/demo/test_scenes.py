@@ -69,6 +69,10 @@ def test_random_scenes_respect_ranges():
         half = scene.half_side_px
         assert half + 1 - 1e-6 <= scene.cx * scene.width <= scene.width - half - 1 + 1e-6
         assert half + 1 - 1e-6 <= scene.cy * scene.height <= scene.height - half - 1 + 1e-6
+        assert abs(scene.cx - 0.5) <= S.CENTRE_SPREAD and abs(scene.cy - 0.5) <= S.CENTRE_SPREAD
+    # ... and they do vary
+    scenes = random_scenes(300, 5, sizes=SIZES)
+    assert len({round(s.cx, 2) for s in scenes}) > 10 and len({round(s.size, 2) for s in scenes}) > 10
 
 
 def test_random_scenes_are_deterministic_per_seed():
@@ -103,7 +107,7 @@ def test_invalid_scenes_are_refused(kwargs):
 
 def test_held_out_concept_split():
     kind, value = HELD_OUT
-    assert (kind, value) == ("colour", "purple")
+    assert (kind, value) == ("colour", "green")
     base = base_training_scenes(600, 0)
     assert all(s.colour != value and value not in s.caption for s in base)
     assert {s.colour for s in base} == set(COLOURS) - {value}
@@ -142,22 +146,30 @@ def test_write_dataset_rows_point_at_the_right_images(tmp_path, subfolders):
 
 
 def test_write_example_dataset(tmp_path):
-    info = write_example_dataset(tmp_path / "data", seed=3, n_train=20, n_val=5)
+    info = write_example_dataset(tmp_path / "data", seed=3, n_train=20, n_val=5, n_prior=10)
     folder = tmp_path / "data"
     assert info["train_csv"] == folder / "train.csv" and info["val_csv"] == folder / "val.csv"
-    assert (info["n_train"], info["n_val"], info["concept"]) == (20, 5, "purple")
-    seen_sizes, images = set(), set()
-    for csv_path, count in ((info["train_csv"], 20), (info["val_csv"], 5)):
+    assert (info["n_train"], info["n_prior"], info["n_val"], info["concept"]) == \
+        (20, 10, 5, "green")
+    seen_sizes, images, train_colours = set(), set(), []
+    for csv_path, count in ((info["train_csv"], 30), (info["val_csv"], 5)):
         header, rows = read_csv(csv_path)
         assert header == ["image_path", "caption"] and len(rows) == count
         for relative, caption in rows:
             colour, shape, _ = parse_caption(caption)
-            assert colour == "purple" and relative.startswith(f"images/{shape}/")
+            assert relative.startswith(f"images/{shape}/")
+            if csv_path == info["val_csv"]:
+                assert colour == "green"  # validation: only the new concept
+            else:
+                train_colours.append(colour)
             with Image.open(folder / relative) as image:
                 seen_sizes.add(image.size)
             images.add(relative)
-    assert len(images) == 25  # train and val never share a file
+    assert len(images) == 35  # train and val never share a file
     assert seen_sizes <= set(ASPECT_SIZES) and len(seen_sizes) >= 2
+    # 20 of the new concept, 10 prior-preservation scenes of known colours, shuffled together
+    assert train_colours.count("green") == 20
+    assert train_colours[:20].count("green") < 20
 
 
 def test_example_prompts_cover_held_out_and_trained_concepts():

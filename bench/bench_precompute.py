@@ -175,7 +175,8 @@ def run(quick: bool, threads: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 images of 64x64, one repeat (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="8 images of 64x64, one repeat (a smoke run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
     args = parser.parse_args()

@@ -12,8 +12,8 @@ Reproducible from the seed, on a CPU (about 35 minutes on 2 cores). Four stages:
 2. Text encoder: an 8-layer T5 with random weights and the locally built tokenizer of
    `ditctl.models.tiny` (random features still tell the words apart; nothing is downloaded).
 3. DiT: `ditctl.models.flite_dit.DiT` (patch size 1, see DIT_SHAPE) with F-Lite's own init
-   (zero-initialised output and modulation), fully fine-tuned by ditctl's engine itself: a workspace, `run_ingest`,
-   `run_precompute`, then `run_training` from the cache. Its data leave out the held-out
+   (zero-initialised output and modulation), fully fine-tuned by ditctl's engine itself: a
+   workspace, `run_ingest`, `run_precompute`, then `run_training` from the cache. Its data leave out the held-out
    concept (`HELD_OUT`, green), which is what `ditctl init --example` later teaches a LoRA.
 4. Ship and measure: the DiT is stored in fp16 (loaders cast to fp32), the folder is written
    atomically to --out, and the shipped files are scored with `ditctl.demo.concept_check`
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import append_results, machine_stamp, offline_environment, results_block  # noqa: E402
+from ditctl.scaffold import TINY_MODEL_SETTINGS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "ditctl" / "assets" / "tiny-flite"
@@ -81,9 +82,10 @@ class Recipe:
     # F-Lite shifts timesteps by alpha = 2*sqrt(h*w/4096) latent pixels: 0.25 at 64x64, which
     # puts nearly all training and sampling steps at low noise, where a 64 px scene's layout is
     # no longer decided. False trains (and samples, shift 1) on the unshifted schedule.
-    resolution_shift: bool = False
-    eval_steps: int = 20
-    eval_guidance: float = 5.0
+    resolution_shift: bool = TINY_MODEL_SETTINGS["train"]["resolution_shift"]
+    # Measured with the sampling `init --model tiny` configures (one source for both).
+    eval_steps: int = TINY_MODEL_SETTINGS["sample"]["steps"]
+    eval_guidance: float = TINY_MODEL_SETTINGS["sample"]["guidance_scale"]
     eval_images_per_prompt: int = 4
 
     @classmethod
@@ -269,7 +271,8 @@ def measure(model_dir: Path, recipe: Recipe) -> dict[str, Any]:
     vae, text_encoder = family.load_vae(), family.load_text_encoder()
     settings = sample_settings(steps=recipe.eval_steps, guidance_scale=recipe.eval_guidance,
                                images_per_prompt=recipe.eval_images_per_prompt,
-                               shift=None if recipe.resolution_shift else 1.0)
+                               shift=None if recipe.resolution_shift
+                               else TINY_MODEL_SETTINGS["sample"]["shift"])
     out: dict[str, Any] = {}
     for name, prompts in (("trained", trained_prompts()), ("held_out", held_out_prompts())):
         result = concept_scores(family, denoiser, vae, text_encoder, prompts, settings)

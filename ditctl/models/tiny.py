@@ -47,8 +47,8 @@ def build_tokenizer(folder: Path) -> None:
 def tiny_dit_config(text_dim: int, hidden: int = 64, depth: int = 2, heads: int = 4,
                     patch_size: int = 2) -> dict:
     """A small DiT with the released model's choices (residual V, no biases/RMS weights)."""
-    return dict(in_channels=16, patch_size=patch_size, hidden_size=hidden, depth=depth, num_heads=heads,
-                mlp_ratio=4.0, cross_attn_input_size=text_dim, residual_v=True,
+    return dict(in_channels=16, patch_size=patch_size, hidden_size=hidden, depth=depth,
+                num_heads=heads, mlp_ratio=4.0, cross_attn_input_size=text_dim, residual_v=True,
                 train_bias_and_rms=False, use_rope=True)
 
 

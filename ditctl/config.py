@@ -16,7 +16,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport (a dependency there)
+    import tomli as tomllib
 
 PRECISIONS = ("no", "fp16", "bf16")
 

@@ -8,6 +8,7 @@ either the old content or the new, plus at worst a `.tmp-*` leftover that `clean
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -97,19 +98,68 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+class HashingWriter:
+    """A binary file that counts and sha256-hashes what is written through it, so a large file
+    gets its content hash without being read back."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._fh.write(view)
+        self._digest.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def temp_leftovers(folder: Path) -> list[Path]:
+    """`.tmp-*` leftovers of killed writes directly inside `folder`."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.name.startswith(TEMP_PREFIX))
+
+
+def entry_size(path: Path) -> int:
+    """Bytes of a file, or of the regular files under a folder (0 if it vanished)."""
+    try:
+        return folder_size(path) if path.is_dir() and not path.is_symlink() else \
+            path.lstat().st_size
+    except OSError:
+        return 0
+
+
+def remove_leftovers(paths: list[Path]) -> int:
+    """Delete temporary leftovers (files or folders); returns the bytes reclaimed."""
+    reclaimed = 0
+    for entry in paths:
+        reclaimed += entry_size(entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return reclaimed
+
+
 def clean_temp(folder: Path) -> int:
     """Remove `.tmp-*` leftovers of killed writes directly inside `folder`; returns how many."""
-    removed = 0
-    if not Path(folder).is_dir():
-        return 0
-    for entry in Path(folder).iterdir():
-        if entry.name.startswith(TEMP_PREFIX):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    found = temp_leftovers(folder)
+    remove_leftovers(found)
+    return len(found)
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> "1.2 MB" (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def folder_size(path: Path) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc as garbage
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,15 +41,13 @@ from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePla
                          KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
                          prompts_to_cache, text_file_bytes)
 from .data.images import ImageProblem
-from .data.manifest import ManifestRow, manifest_fingerprint, manifest_meta, read_manifest
+from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
 from .errors import DataError
 from .fsutil import atomic_write_bytes, check_free_space, clean_temp, folder_size
 from .models.base import ModelFamily
 from .models.registry import load_family
 from .workspace import Workspace
 
-# [data] keys that only change how training reads images, not what ingest writes.
-NOT_INGEST_KEYS = ("center_crop", "random_flip")
 MAX_PENDING_WRITES = 3  # batches whose files are still being written (bounds memory)
 
 
@@ -181,7 +178,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
 
 def _manifest_rows(ws: Workspace, config: Config, notes: list[str]) -> list[ManifestRow]:
     """Train + val rows of a manifest that matches config.data (ingesting first if needed)."""
-    reason = _stale_manifest_reason(ws, config)
+    reason = stale_manifest_reason(ws, config)
     if reason:
         from .data.ingest import run_ingest
 
@@ -191,19 +188,6 @@ def _manifest_rows(ws: Workspace, config: Config, notes: list[str]) -> list[Mani
                      f"{result.counts.get('val', 0)} val images, {len(result.bad)} bad row(s) "
                      f"skipped (report: {result.report_path})")
     return read_manifest(ws, "train") + read_manifest(ws, "val")
-
-
-def _stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
-    if not ws.manifest_db.is_file():
-        return "the data has not been ingested yet"
-    recorded = manifest_meta(ws).get("data_config") or {}
-    # Through JSON, as the manifest stored it, so that tuples and lists compare equal.
-    current = json.loads(json.dumps(dataclasses.asdict(config.data)))
-    changed = [f"{key} = {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
-               if key not in NOT_INGEST_KEYS and recorded.get(key) != value]
-    if changed:
-        return "the manifest was built with other [data] settings (" + "; ".join(changed) + ")"
-    return None
 
 
 def _clean_leftovers(cache_root: Path) -> None:

@@ -34,78 +34,61 @@ def data_uri(image: Image.Image | bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
 
 
-def _e(value: Any) -> str:
+def escape(value: Any) -> str:
     return html.escape(str(value))
 
 
 def _img(image: Image.Image | bytes, alt: str) -> str:
-    return f'<img src="{data_uri(image)}" alt="{_e(alt)}">'
+    return f'<img src="{data_uri(image)}" alt="{escape(alt)}">'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{_e(title)}</title><style>{STYLE}</style></head>"
+            f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
             f"<body>{body}</body></html>\n")
 
 
-def _fmt(value: Any, digits: int = 5) -> str:
+def fmt(value: Any, digits: int = 5) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
-def _scores_section(metrics: Mapping[str, Any]) -> str:
-    parts = ["<h2>Image scores</h2>"]
-    clip = metrics.get("clip") or {}
-    if clip.get("status") == "computed":
-        parts.append(f"<p>CLIP score (100 &times; cosine similarity of prompt and image; "
-                     f"model {_e(clip.get('model'))}):</p>")
-        parts.append(_table(["model", "CLIP score"],
-                            [[label, _fmt(v, 2)] for label, v in clip["columns"].items()]))
-    else:
-        parts.append(f'<p class="note">CLIP score skipped: {_e(clip.get("reason", "not computed"))}'
-                     + (f". To enable: {_e(clip['hint'])}." if clip.get("hint") else "") + "</p>")
-    concept = metrics.get("concept")
-    if concept:
-        rows = []
-        for label, entry in concept["columns"].items():
-            held = entry.get("held_out") or {}
-            rows.append([label, _fmt(entry["colour"], 2), _fmt(entry["shape"], 2),
-                         _fmt(entry["both"], 2), _fmt(held.get("both"), 2)])
-        parts.append("<p>Concept match: fraction of comparison images whose colour and shape, "
-                     "read back from the pixels, match the prompt.</p>")
-        parts.append(_table(["model", "colour", "shape", "both",
-                             f"both, {concept['held_out_concept']} prompts"], rows))
-    return "".join(parts)
+def note(text: str) -> str:
+    """A grey paragraph (escaped)."""
+    return f'<p class="note">{escape(text)}</p>'
 
 
 def render_report(metrics: Mapping[str, Any], images: Mapping[str, Image.Image | bytes],
-                  config_text: str) -> str:
-    """The evaluation report: loss curve, per-timestep table, comparison grid, scores, config."""
+                  config_text: str, scores_html: Sequence[str] = ()) -> str:
+    """The evaluation report: loss curve, per-timestep table, comparison grid, the image
+    metrics' sections (`scores_html`, rendered by each metric), config."""
     title = f"ditctl eval: {metrics.get('run') or 'base model'}"
     validation = metrics["validation"]
     models = metrics["models"]
     quantiles = list(models[0]["val_loss_by_t"]) if models else []
-    body = [f"<h1>{_e(title)}</h1>",
-            f"<p>Model {_e(metrics['model'])}. Evaluated {_e(metrics['created'])}.</p>",
+    body = [f"<h1>{escape(title)}</h1>",
+            f"<p>Model {escape(metrics['model'])}. Evaluated {escape(metrics['created'])}.</p>",
             "<h2>Validation loss</h2>",
-            f"<p>On the {_e(validation['description'])}, inputs {_e(validation['inputs'])}; fixed "
-            f"noise (seed {_e(validation['seed'])}) at timesteps "
-            f"{_e(', '.join(f'{q:g}' for q in validation['quantiles']))}"
+            f"<p>On the {escape(validation['description'])}, inputs "
+            f"{escape(validation['inputs'])}; fixed "
+            f"noise (seed {escape(validation['seed'])}) at timesteps "
+            f"{escape(', '.join(f'{q:g}' for q in validation['quantiles']))}"
             f"{' (resolution-shifted as in training)' if validation.get('resolution_shift') else ''}"
             ". Lower is better; the numbers are only comparable between evaluations of the same "
             "data.</p>",
-            _table(["model", "step", "validation loss"],
-                   [[m["label"], m["step"], _fmt(m["val_loss"])] for m in models])]
+            html_table(["model", "step", "validation loss"],
+                       [[m["label"], m["step"], fmt(m["val_loss"])] for m in models])]
     if "curve" in images:
         body.append(_img(images["curve"], "validation loss by step"))
     body.append("<h2>Loss by timestep</h2>")
-    body.append(_table(["t"] + [m["label"] for m in models],
-                       [[q] + [_fmt(m["val_loss_by_t"].get(q)) for m in models] for q in quantiles]))
+    body.append(html_table(["t"] + [m["label"] for m in models],
+                           [[q] + [fmt(m["val_loss_by_t"].get(q)) for m in models]
+                            for q in quantiles]))
     if "loss_by_t" in images:
         body.append(_img(images["loss_by_t"], "validation loss by timestep"))
 
@@ -113,16 +96,16 @@ def render_report(metrics: Mapping[str, Any], images: Mapping[str, Image.Image |
     body.append("<h2>Before / after</h2>")
     if "comparison" in images:
         body.append(f"<p>The same prompts and seeds through each model (columns: "
-                    f"{_e(', '.join(comparison.get('columns', [])))}).</p>")
+                    f"{escape(', '.join(comparison.get('columns', [])))}).</p>")
         body.append(_img(images["comparison"], "comparison grid"))
     else:
-        body.append(f'<p class="note">No comparison images: {_e(comparison.get("note"))}</p>')
-    body.append(_scores_section(metrics))
+        body.append(f'<p class="note">No comparison images: {escape(comparison.get("note"))}</p>')
+    body.append("<h2>Image scores</h2>" + "".join(scores_html))
     settings = metrics.get("sample_settings") or {}
     body.append("<h2>Sampling settings</h2>")
-    body.append(_table(["setting", "value"], [[k, v] for k, v in sorted(settings.items())]))
+    body.append(html_table(["setting", "value"], [[k, v] for k, v in sorted(settings.items())]))
     body.append("<h2>Run configuration</h2>")
-    body.append(f"<pre>{_e(config_text)}</pre>")
+    body.append(f"<pre>{escape(config_text)}</pre>")
     return _page(title, "".join(body))
 
 
@@ -131,8 +114,8 @@ def render_comparison(metrics: Mapping[str, Mapping[str, Any]], table: Sequence[
     """Two (or more) runs side by side: the metric table, then each run's curve and grid."""
     names = list(metrics)
     title = "ditctl eval --compare: " + " vs ".join(names)
-    body = [f"<h1>{_e(title)}</h1>", "<h2>Metrics (latest checkpoint of each run)</h2>",
-            _table(["metric"] + names, table)]
+    body = [f"<h1>{escape(title)}</h1>", "<h2>Metrics (latest checkpoint of each run)</h2>",
+            html_table(["metric"] + names, table)]
     for kind, heading in (("curve.png", "Validation loss by step"),
                           ("comparison.png", "Before / after")):
         body.append(f"<h2>{heading}</h2><div class='side'>")
@@ -140,6 +123,6 @@ def render_comparison(metrics: Mapping[str, Mapping[str, Any]], table: Sequence[
             key = f"{name}/{kind}"
             content = _img(images[key], f"{name} {kind}") if key in images else \
                 '<p class="note">not available</p>'
-            body.append(f"<div><h3>{_e(name)}</h3>{content}</div>")
+            body.append(f"<div><h3>{escape(name)}</h3>{content}</div>")
         body.append("</div>")
     return _page(title, "".join(body))

@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -37,10 +37,15 @@ from PIL import Image
 from . import __version__
 from .config import Config
 from .console import console
+from .engine.inference import inference_context, param_dtype
+from .engine.loading import load_denoiser
+from .engine.objective import shift_timesteps
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
 from .models.base import ModelFamily
+from .models.registry import load_family
+from .runs import SAMPLES, resolve_checkpoint, run_of_checkpoint, samples_dir
 from .workspace import Workspace
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -65,20 +70,13 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
-def warp_time(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
-    """The resolution shift t' = a*t / (1 + (a-1)*t): more time near pure noise when a > 1."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
 def time_grid(steps: int, shift: float) -> torch.Tensor:
-    """[steps + 1] times from 1 (pure noise) down to 0: t_i = i/N for i = N..0, warped (float64)."""
+    """[steps + 1] times from 1 (pure noise) down to 0: t_i = i/N for i = N..0, warped by the
+    resolution shift as in training (float64)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     t = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
-    return warp_time(t, float(shift))
-
-
-sigma_schedule = time_grid  # the name the module contracts use
+    return shift_timesteps(t, float(shift))
 
 
 # --- guidance -----------------------------------------------------------------------------------
@@ -124,10 +122,6 @@ def euler_sample(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor,
     return x
 
 
-def param_dtype(module: torch.nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
 def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Tensor, t: float,
                     cond: torch.Tensor, uncond: torch.Tensor | None,
                     guidance: Guidance) -> torch.Tensor:
@@ -145,18 +139,6 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
     if guidance.use_apg:
         return apg(v_uncond, v_cond, guidance.scale, guidance.apg_threshold)
     return cfg(v_uncond, v_cond, guidance.scale)
-
-
-@contextlib.contextmanager
-def inference_context(module: torch.nn.Module) -> Iterator[None]:
-    """eval() and no_grad for the duration; a training denoiser gets its mode back."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        module.train(was_training)
 
 
 def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.Tensor,
@@ -420,42 +402,18 @@ class ModelChoice:
         return f"base model {self.family.path}" if self.label == "base" else f"model {self.family.path}"
 
 
-def checkpoint_label(checkpoint: Path) -> str:
-    return Path(checkpoint).name
-
-
-def run_of_checkpoint(checkpoint: Path) -> Path | None:
-    """runs/<run>/checkpoints/step-N -> runs/<run> (None for a folder elsewhere)."""
-    parent = Path(checkpoint).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else None
-
-
-def locate_checkpoint(ws: Workspace, config: Config, run: str | None,
-                      checkpoint: str | Path) -> Path:
-    """A checkpoint folder as given, or by name inside --run's checkpoints/ (`--run r1
-    --checkpoint step-000100`)."""
-    from .engine.loading import resolve_run
-
-    path = Path(checkpoint).expanduser()
-    if run and not path.exists() and len(path.parts) == 1:
-        path = resolve_run(ws, config, run) / "checkpoints" / path.name
-    return path
-
-
 def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None,
                  checkpoint: str | Path | None = None, base: bool = False,
                  model: str | Path | None = None) -> ModelChoice:
-    """The model `ditctl sample` / `eval` use: --model, --base, --checkpoint, --run, or the latest
-    checkpoint of the latest run."""
-    from .engine.loading import resolve_checkpoint, resolve_run
-    from .models.registry import load_family
-
+    """The model `ditctl sample` uses: --model, --base, or a checkpoint as
+    `runs.resolve_checkpoint` reads --checkpoint and --run (default: the latest checkpoint of
+    the latest run)."""
     given = [name for name, value in (("--model", model), ("--base", base),
                                       ("--checkpoint", checkpoint)) if value]
     if len(given) > 1 or (run and (model or base)):  # --run with --checkpoint names one
         flags = given + (["--run"] if run else [])
         raise DitctlError(f"{' and '.join(flags)} pick different models; give one of them",
-                          hint="--base (no fine-tuning), --checkpoint PATH, --run NAME "
+                          hint="--base (no fine-tuning), --checkpoint STEP|PATH, --run NAME "
                                "(its latest checkpoint) or --model PATH (an exported pipeline)")
     if model:
         path = Path(model).expanduser()
@@ -470,11 +428,8 @@ def choose_model(ws: Workspace | None, config: Config, *, run: str | None = None
     family = load_family(ws.model_path(config), config.model.family)
     if base:
         return ModelChoice(family, None, None, "base")
-    if checkpoint:
-        checkpoint = locate_checkpoint(ws, config, run, checkpoint)
-    found = resolve_checkpoint(ws, config, run=run, checkpoint=checkpoint)
-    run_dir = run_of_checkpoint(found) if checkpoint else resolve_run(ws, config, run)
-    return ModelChoice(family, Path(found), run_dir, checkpoint_label(found))
+    found = resolve_checkpoint(ws.runs_dir(config), checkpoint, run=run)
+    return ModelChoice(family, found, run_of_checkpoint(found), found.name)
 
 
 def default_out_dir(ws: Workspace | None, choice: ModelChoice) -> Path:
@@ -482,11 +437,11 @@ def default_out_dir(ws: Workspace | None, choice: ModelChoice) -> Path:
     samples/<checkpoint>, made with the run's settings: never overwritten), else
     <workspace>/samples/base or <workspace>/samples/sample-<model>-<time>."""
     if choice.run_dir is not None:
-        return choice.run_dir / "samples" / f"{choice.label}-sample"
+        return samples_dir(choice.run_dir) / f"{choice.label}-sample"
     root = ws.root if ws is not None else Path.cwd()
     label = choice.label if choice.label == "base" else \
         f"sample-{choice.label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return root / "samples" / label
+    return root / SAMPLES / label
 
 
 def inference_device() -> torch.device:
@@ -504,8 +459,6 @@ def load_for_sampling(choice: ModelChoice, settings: Any, prompts: Sequence[str]
                       device: torch.device) -> tuple[torch.nn.Module, Any, PromptEmbeddings]:
     """(denoiser, vae, embeddings) on `device`. With `settings.offload` the text encoder is
     loaded, used and freed before the denoiser is loaded; otherwise all three are resident."""
-    from .engine.loading import load_denoiser
-
     dtype = inference_dtype(device)
     text_encoder = choice.family.load_text_encoder(dtype).to(device)
     if settings.offload:

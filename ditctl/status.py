@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .config import Config
 from .errors import DitctlError
-from .fsutil import folder_size
+from .fsutil import entry_size, folder_size, temp_leftovers
+from .runs import list_checkpoints, list_runs, torn_temporaries
 from .workspace import Workspace
-
-CHECKPOINT_MARKER = "checkpoint.json"  # present only in complete checkpoints
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (torn ones lack the marker and are skipped)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.name.startswith("step-") and (p / CHECKPOINT_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
-def list_runs(runs_dir: Path) -> list[Path]:
-    """Run folders, oldest first (by creation of their config)."""
-    if not runs_dir.is_dir():
-        return []
-    runs = [p for p in runs_dir.iterdir() if (p / "config.toml").is_file()]
-    return sorted(runs, key=lambda p: (p / "config.toml").stat().st_mtime)
 
 
 def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
@@ -57,6 +38,10 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
     exports = sorted(p.name for p in ws.exports_dir.iterdir() if p.is_dir()
                      and not p.name.startswith(".")) if ws.exports_dir.is_dir() else []
     summary["exports"] = exports
+    # torn temporary folders of killed checkpoint saves and exports: the next train/export
+    # removes them (they need the lock, which status does not take)
+    summary["leftovers"] = [{"path": str(p), "bytes": entry_size(p)} for p in
+                            torn_temporaries(ws.runs_dir(config)) + temp_leftovers(ws.exports_dir)]
     summary["next"] = next_step(summary)
     return summary
 

@@ -8,100 +8,36 @@ encoding); the denoiser with LoRA; the sampler and evaluator used during trainin
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import random
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
+from dataclasses import dataclass
 import torch
+from accelerate.utils import broadcast_object_list, set_seed
 
 from . import __version__
 from .config import Config
 from .console import console
-from .data.manifest import ManifestRow, manifest_fingerprint, manifest_meta, read_manifest
-from .errors import DataError, WorkspaceError
+from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
+from .engine.context import TrainingContext, TrainingData
+from .engine.loop import TrainResult, train_loop
+from .engine.plan import memory_advice, training_plan
+from .engine.run import Run, new_run, open_run_for_resume
+from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, process_state,
+                           resolve_seed, step_batch_size)
+from .errors import ConfigError, DataError, TrainingError, WorkspaceError
+from .evaluation.inputs import split_holdout
+from .fsutil import format_bytes
 from .models.base import ModelFamily
 from .models.registry import load_family
+from .runs import (checkpoint_step, clean_torn_checkpoints, resolve_checkpoint, run_of_checkpoint,
+                   verify_checkpoint)
+from .train_hooks import make_evaluator, make_sampler
 from .workspace import Workspace
-
-
-@dataclass
-class TrainingData:
-    """The training set as the loop sees it: one planned batch per optimiser step, and loading.
-
-    Each epoch's bucketed, shuffled batches have `step_batch` samples. The last batch of a
-    bucket is filled up with other images of the same bucket (shuffled, cycling when the bucket
-    is small), so every image is seen at least once per epoch, nothing is dropped, and every
-    step trains on a full batch: accumulation and multi-process training then equal one big
-    batch exactly.
-    """
-
-    rows: list[ManifestRow]
-    source: Any  # a SampleSource: CachedSource or OnTheFlySource
-    seed: int
-    step_batch: int
-    random_flip: bool
-
-    @functools.lru_cache(maxsize=4)
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        from .data.batches import epoch_batches
-
-        batches = epoch_batches(self.rows, self.step_batch, self.seed, epoch)
-        rng = random.Random(f"{self.seed}:{epoch}:fill")
-        return [batch if len(batch) == self.step_batch else self._fill(batch, rng)
-                for batch in batches]
-
-    def _fill(self, batch: list[int], rng: random.Random) -> list[int]:
-        bucket = self.rows[batch[0]].bucket
-        others = [i for i, row in enumerate(self.rows) if row.bucket == bucket and i not in batch]
-        rng.shuffle(others)
-        pool = others + list(batch)
-        return batch + [pool[k % len(pool)] for k in range(self.step_batch - len(batch))]
-
-    def load(self, indices: list[int], epoch: int):
-        from .data.batches import collate, flip_for
-
-        flips = [flip_for(self.seed, epoch, i, self.random_flip) for i in indices]
-        return collate(self.source, self.rows, indices, flips)
-
-    __hash__ = object.__hash__
-
-
-@dataclass
-class TrainingContext:
-    accelerator: Any
-    family: ModelFamily
-    config: Config
-    data: TrainingData
-    schedule: Any
-    seed: int
-    run: Any
-    denoiser: torch.nn.Module
-    info: dict = field(default_factory=dict)
-    sampler: Callable | None = None
-    evaluator: Callable | None = None
-
-    def checkpoint_meta(self) -> dict:
-        return {"base_identity": self.info["base_identity"], "config_hash": self.config.hash(),
-                "manifest_fingerprint": self.info["manifest_fingerprint"], "seed": self.seed,
-                "lora": self.config.lora.use_lora, "run": self.run.name}
 
 
 def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
     """The training rows; runs `ingest` first when there is no manifest or it is stale."""
     from .data.ingest import run_ingest
 
-    stale = None
-    if not ws.manifest_db.is_file():
-        stale = "no manifest yet"
-    else:
-        recorded = manifest_meta(ws).get("data_config") or {}
-        current = dataclasses.asdict(config.data)
-        changed = sorted(k for k in current if k in recorded and recorded[k] != current[k])
-        if changed:
-            stale = "[data] " + ", ".join(changed) + " changed since the last ingest"
+    stale = stale_manifest_reason(ws, config)
     if stale:
         if not config.data.train_data_path:
             raise WorkspaceError("no training data: [data] train_data_path is not set",
@@ -117,8 +53,6 @@ def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
 def training_rows(ws: Workspace, config: Config, rows: list[ManifestRow]) -> list[ManifestRow]:
     """Without a validation split, the last [eval] holdout_fraction of the images is held out
     for validation (so `ditctl eval` measures images the model never trained on)."""
-    from .evaluation import split_holdout
-
     if read_manifest(ws, "val") or config.eval.holdout_fraction == 0:
         return rows
     train, held = split_holdout(rows, config.eval.holdout_fraction)
@@ -162,40 +96,47 @@ def run_info(ws: Workspace, config: Config, family: ModelFamily, rows, seed: int
 @dataclass
 class TrainOutcome:
     plan: dict | None = None
-    run: Any = None
-    result: Any = None
+    run: Run | None = None
+    result: TrainResult | None = None
 
 
 def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
-                 force: bool = False, dry_run: bool = False) -> TrainOutcome:
-    """Train as configured (or only plan it, with `dry_run`)."""
-    from accelerate.utils import broadcast_object_list, set_seed
+                 run: str | None = None, force: bool = False,
+                 dry_run: bool = False) -> TrainOutcome:
+    """Train as configured (or only plan it, with `dry_run`).
 
-    from .engine.loop import train_loop
-    from .engine.plan import memory_advice, training_plan
-    from .engine.run import find_resume_checkpoint, new_run, open_run_for_resume
-    from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, process_state,
-                               resolve_seed, step_batch_size)
-    from .errors import TrainingError
-
+    `resume` continues a run exactly from a checkpoint: anything `runs.resolve_checkpoint`
+    reads ("latest", a step, step-000100, a run, a path), within `run` (default: [train]
+    run_name, else the most recently active run).
+    """
     family = load_family(ws.model_path(config), config.model.family)
     runs_dir = ws.runs_dir(config)
-    checkpoint = find_resume_checkpoint(runs_dir, resume) if resume else None
+    checkpoint = meta = None
+    if resume:
+        checkpoint = resolve_checkpoint(runs_dir, resume, run=run or config.train.run_name)
+        meta = verify_checkpoint(checkpoint)
+    elif run:
+        raise ConfigError("--run picks the run to resume; it needs --resume",
+                          hint="name a new run with --run-name, or add --resume latest")
     state = process_state()  # process layout; the Accelerator comes once the run folder exists
     console.quiet = not state.is_main_process  # one process reports
     if state.is_main_process:
+        if not dry_run:
+            _clean_torn_checkpoints(runs_dir)
         ensure_manifest(ws, config)
     state.wait_for_everyone()
     rows = training_rows(ws, config, read_manifest(ws, "train"))
 
-    seed = resolve_seed(config)
-    if checkpoint is not None:
-        seed = _json(checkpoint / "checkpoint.json")["seed"]
+    seed = resolve_seed(config) if meta is None else meta["seed"]
     world = state.num_processes
     seed = broadcast_object_list([seed])[0] if world > 1 else seed
     data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
+    if checkpoint is not None:
+        console.info(f"continuing run {run_of_checkpoint(checkpoint).name} from "
+                     f"{checkpoint.name} (step {checkpoint_step(checkpoint, meta)} of "
+                     f"{schedule.total_steps})")
 
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
     denoiser = build_denoiser(family, config)
@@ -203,19 +144,18 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         return TrainOutcome(plan=training_plan(schedule, denoiser, family.dit_config(), config,
                                                info["buckets"], world))
 
-    run = None
+    training_run = None
     if state.is_main_process:
-        run = (open_run_for_resume(checkpoint, config, info, force) if checkpoint is not None
-               else new_run(runs_dir, config, info))
-    run = broadcast_object_list([run])[0] if world > 1 else run
-    accelerator = make_accelerator(config, project_dir=run.logs_dir)
+        training_run = (open_run_for_resume(checkpoint, config, info, force)
+                        if checkpoint is not None else new_run(runs_dir, config, info))
+    training_run = broadcast_object_list([training_run])[0] if world > 1 else training_run
+    accelerator = make_accelerator(config, project_dir=training_run.logs_dir)
 
     data.source = make_source(ws, config, family, rows)
-    ctx = TrainingContext(accelerator, family, config, data, schedule, seed, run, denoiser, info)
-    from .engine.hooks import make_evaluator, make_sampler
-
-    ctx.sampler = make_sampler(ws, config, family, run, data.source)
-    ctx.evaluator = make_evaluator(ws, config, family, run, data.source)
+    ctx = TrainingContext(accelerator, family, config, data, schedule, seed, training_run,
+                          denoiser, info,
+                          sampler=make_sampler(ws, config, family, training_run, data.source),
+                          evaluator=make_evaluator(ws, config, family, training_run, data.source))
     try:
         result = train_loop(ctx, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -225,19 +165,21 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
                             + str(exc).splitlines()[0],
                             hint="try " + "; ".join(memory_advice(config))) from exc
     if accelerator.is_main_process:
-        ws.update_state("train", {"run": run.name, "step": result.steps,
+        ws.update_state("train", {"run": training_run.name, "step": result.steps,
                                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                                   "final_loss": result.final_loss, "interrupted": result.interrupted})
-    return TrainOutcome(run=run, result=result)
+    return TrainOutcome(run=training_run, result=result)
+
+
+def _clean_torn_checkpoints(runs_dir) -> None:
+    """Torn checkpoint folders of killed runs go at the next training (we hold the lock)."""
+    count, reclaimed = clean_torn_checkpoints(runs_dir)
+    if count:
+        console.info(f"removed {count} torn temporary checkpoint folder(s) left by a killed "
+                     f"run ({format_bytes(reclaimed)} reclaimed)")
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text \
         or "can't allocate memory" in text
-
-
-def _json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())

@@ -40,21 +40,21 @@ def cli():
 
 def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, rank: int = 4,
                           seed: int = 0, targets=("qkv", "q", "context_kv", "proj")) -> Path:
-    """A complete checkpoint folder as training writes it, with random trained weights:
-    LoRA (adapter_config.json + lora.safetensors) or full (trainable.safetensors)."""
-    import json
-
+    """A complete checkpoint folder as training writes it (with its manifest), with random
+    trained weights: LoRA (adapter_config.json + lora.safetensors) or full
+    (trainable.safetensors)."""
     import torch
-    from safetensors.torch import save_file
 
     from ditctl.config import build_config
     from ditctl.engine.lora import add_lora, adapter_config_dict, peft_config, peft_state_dict
     from ditctl.models.flite import FLiteFamily
-    from ditctl.status import CHECKPOINT_MARKER
+    from ditctl.runs import ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, CheckpointWriter
+    from ditctl.tensorfile import write_safetensors
 
     family = FLiteFamily(model_dir)
     dit = family.load_denoiser()
     folder.mkdir(parents=True)
+    files = CheckpointWriter(folder)
     gen = torch.Generator().manual_seed(seed)
     if lora:
         settings = build_config({"lora": {"use_lora": True, "lora_rank": rank, "lora_alpha": rank,
@@ -64,15 +64,16 @@ def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, r
             for name, p in dit.named_parameters():
                 if "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        save_file(peft_state_dict(dit), folder / "lora.safetensors")
-        (folder / "adapter_config.json").write_text(json.dumps(adapter_config_dict(dit)))
+        with files.open(LORA_WEIGHTS) as fh:
+            write_safetensors(fh, peft_state_dict(dit))
+        files.write_json(ADAPTER_CONFIG, adapter_config_dict(dit))
     else:
         with torch.no_grad():
             state = {n: p + torch.randn(p.shape, generator=gen) * 0.01
                      for n, p in dit.named_parameters()}
-        save_file({k: v.contiguous() for k, v in state.items()}, folder / "trainable.safetensors")
-    (folder / CHECKPOINT_MARKER).write_text(json.dumps(
-        {"step": 10, "base_identity": family.denoiser_identity(), "lora": lora}))
+        with files.open(TRAINABLE_FILE) as fh:
+            write_safetensors(fh, state)
+    files.finish({"step": 10, "base_identity": family.denoiser_identity(), "lora": lora})
     return folder
 
 

@@ -49,7 +49,7 @@ def tiny(tiny_model_dir):
 
 def test_validation_loss_matches_a_hand_computation(tiny, tiny_model_dir):
     from ditctl.engine.objective import sample_seed
-    from ditctl.evaluation import validation_loss
+    from ditctl.engine.validation import validation_loss
 
     family, dit = tiny
     row = _row("a red circle")
@@ -74,7 +74,7 @@ def test_validation_loss_matches_a_hand_computation(tiny, tiny_model_dir):
 
 
 def test_validation_loss_is_deterministic_and_batching_changes_nothing(tiny):
-    from ditctl.evaluation import validation_loss
+    from ditctl.engine.validation import validation_loss
 
     family, dit = tiny
     rows = [_row("a"), _row("b", 64), _row("c"), _row("d", 64), _row("e")]
@@ -97,7 +97,7 @@ def test_validation_loss_is_deterministic_and_batching_changes_nothing(tiny):
 
 def test_validation_loss_needs_rows(tiny):
     from ditctl.errors import DataError
-    from ditctl.evaluation import validation_loss
+    from ditctl.engine.validation import validation_loss
 
     with pytest.raises(DataError, match="at least one image"):
         validation_loss(*tiny, [], FixedSource([]), [0.5])
@@ -105,7 +105,7 @@ def test_validation_loss_needs_rows(tiny):
 
 def test_without_a_val_split_the_last_training_rows_are_held_out(tmp_path, tiny_model_dir):
     from ditctl.data.ingest import run_ingest
-    from ditctl.evaluation import validation_set
+    from ditctl.evaluation.inputs import validation_set
     from ditctl.scaffold import init_workspace
 
     ws = init_workspace(tmp_path / "ws", model=str(tiny_model_dir), example=True).workspace
@@ -118,7 +118,7 @@ def test_without_a_val_split_the_last_training_rows_are_held_out(tmp_path, tiny_
     assert held.kind == "holdout" and len(held.rows) == 14  # round(144 * 0.1)
     assert held.description == "held-out slice of training data (last 14 of 144 training images)"
     from ditctl.data.manifest import read_manifest
-    from ditctl.evaluation import split_holdout
+    from ditctl.evaluation.inputs import split_holdout
     train = read_manifest(ws, "train")
     assert held.rows == train[-14:]
     assert split_holdout(train, 0.1) == (train[:-14], train[-14:])
@@ -164,7 +164,7 @@ def tiny_clip(tmp_path_factory):
 def test_clip_score_is_100_times_the_cosine_of_the_embeddings(tiny_clip):
     from transformers import CLIPModel
 
-    from ditctl.evaluation import ClipScorer
+    from ditctl.evaluation.clip import ClipScorer
 
     images = [Image.new("RGB", (32, 32), (200, 0, 0)), Image.new("RGB", (48, 32), (0, 0, 200))]
     prompts = ["a red circle", "a blue square on a black background"]
@@ -189,31 +189,32 @@ def test_clip_score_is_100_times_the_cosine_of_the_embeddings(tiny_clip):
 
 def test_eval_clip_metrics_score_every_column_against_its_prompts(tiny_clip):
     from ditctl.config import build_config
-    from ditctl.evaluation import ClipScorer, _clip_metrics
+    from ditctl.evaluation.clip import ClipScore, ClipScorer
+    from ditctl.evaluation.metrics import ComparisonImages
 
     red, blue = Image.new("RGB", (32, 32), (220, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 220))
     columns = {"base": [red, red, blue, blue], "step-000010": [blue, red, red, blue]}
     prompts = ["a red circle", "a blue square"]  # two images per prompt
     config = build_config({"eval": {"clip_model_path": str(tiny_clip)}})
-    metrics = _clip_metrics(config, columns, prompts, 2, "cpu")
+    metrics = ClipScore().score(ComparisonImages(prompts, columns, 2), config, "cpu")
     expected = ClipScorer(tiny_clip).scores(columns["step-000010"], [prompts[0]] * 2 + [prompts[1]] * 2)
     assert metrics["status"] == "computed"
     assert metrics["per_image"]["step-000010"] == expected
     assert metrics["columns"]["step-000010"] == pytest.approx(sum(expected) / 4)
-    skipped = _clip_metrics(build_config({}), columns, prompts, 2, "cpu")
+    skipped = ClipScore().score(ComparisonImages(prompts, columns, 2), build_config({}), "cpu")
     assert skipped["status"] == "skipped" and "clip_model_path" in skipped["hint"]
 
 
 def test_a_missing_clip_folder_is_a_config_error(tmp_path):
     from ditctl.errors import ConfigError
-    from ditctl.evaluation import ClipScorer
+    from ditctl.evaluation.clip import ClipScorer
 
     with pytest.raises(ConfigError, match="clip_model_path"):
         ClipScorer(tmp_path / "nope")
 
 
 def test_scene_captions_parse_and_other_prompts_do_not():
-    from ditctl.evaluation import parse_scene_caption
+    from ditctl.demo.concept_metric import parse_scene_caption
 
     assert parse_scene_caption("a purple star on a black background") == {
         "colour": "purple", "shape": "star", "background": "black"}
@@ -225,7 +226,7 @@ def test_scene_captions_parse_and_other_prompts_do_not():
 
 def test_concept_metric_scores_each_column(tmp_path):
     from ditctl.demo.scenes import Scene, render
-    from ditctl.evaluation import concept_metrics
+    from ditctl.demo.concept_metric import concept_metrics
 
     prompts = ["a green circle on a white background", "a red square on a black background"]
     truth = [render(Scene("circle", "green", "white", size=0.6)),

@@ -311,8 +311,13 @@ def test_full_run_exports_the_fine_tuned_pipeline(tmp_path, tiny_model_dir):
 
 
 def test_lora_only_export_refuses_a_run_that_also_trained_base_weights(lora_ws):
+    from ditctl.runs import CheckpointWriter, read_checkpoint_meta
+
     ws, checkpoint = lora_ws
-    (checkpoint / "trainable.safetensors").write_bytes(b"")  # the plan looks only at the files
+    meta = read_checkpoint_meta(checkpoint)  # the plan reads what the manifest says it holds
+    files = CheckpointWriter(checkpoint, files=meta.pop("files"))
+    files.write_bytes("trainable.safetensors", b"")
+    files.finish(meta)
     with pytest.raises(ExportError, match="as well as the LoRA") as info:
         export_checkpoint(ws, ws.config())
     assert "--merge-lora" in info.value.hint

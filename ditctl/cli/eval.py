@@ -27,8 +27,9 @@ def eval_command(
     workspace: WorkspaceOption = None,
     run: Annotated[Optional[str], typer.Option(
         "--run", help="Evaluate this run (default: the latest run).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="Evaluate this checkpoint folder (default: the run's latest).")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", help="Evaluate this checkpoint: its step (100), its name (step-000100) "
+                             "or its folder (default: the run's latest).")] = None,
     base: Annotated[bool, typer.Option(
         "--base", help="Evaluate the base model alone.")] = False,
     all_checkpoints: Annotated[bool, typer.Option(
@@ -43,7 +44,8 @@ def eval_command(
     *,
     overrides: dict[str, Any],
 ) -> None:
-    from ..evaluation import compare_runs, metrics_rows, plan_eval, run_eval
+    from ..evaluation.evaluate import compare_runs, image_metrics, plan_eval, run_eval
+    from ..evaluation.report import metrics_rows
 
     ws = Workspace.find(workspace)
     config = ws.config(absolute_paths(overrides))
@@ -69,11 +71,14 @@ def eval_command(
         return
     console.print(f"validation: {metrics['validation']['description']}, "
                   f"{metrics['validation']['inputs']}", markup=False)
-    console.print(_table(["model", "step", "val loss", "CLIP", "concept"], metrics_rows(metrics)))
-    clip = metrics["clip"]
-    if clip["status"] != "computed":
-        console.print(f"CLIP score skipped: {clip['reason']}" +
-                      (f" ({clip['hint']})" if clip.get("hint") else ""), markup=False)
+    scorers = image_metrics()
+    console.print(_table(["model", "step", "val loss", *(s.column for s in scorers)],
+                         metrics_rows(metrics, scorers)))
+    for scorer in scorers:
+        result = metrics.get(scorer.key) or {}
+        if result.get("status") == "skipped":
+            console.print(f"{scorer.title} skipped: {result['reason']}" +
+                          (f" ({result['hint']})" if result.get("hint") else ""), markup=False)
     console.print(f"[green]wrote[/] {escape(str(plan.out_dir / 'report.html'))}")
 
 

@@ -42,7 +42,8 @@ def _flag_args(overrides: dict[str, Any]) -> list[str]:
 
 
 def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *,
-                     resume: str | None, force: bool, dry_run: bool) -> bool:
+                     resume: str | None, run: str | None = None, force: bool,
+                     dry_run: bool) -> bool:
     """Start the child processes and wait for them; False when this process should train."""
     if config.train.num_processes <= 1 or os.environ.get(CHILD_ENV) or "WORLD_SIZE" in os.environ:
         return False
@@ -55,6 +56,8 @@ def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *
                *_flag_args(overrides)]
     if resume:
         command += ["--resume", resume]
+    if run:
+        command += ["--run", run]
     if force:
         command.append("--force")
     if dry_run:

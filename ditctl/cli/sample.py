@@ -31,8 +31,9 @@ def sample(
         "--prompt", help="A prompt (repeatable); instead of --prompts.")] = None,
     run: Annotated[Optional[str], typer.Option(
         "--run", help="Sample the latest checkpoint of this run (default: the latest run).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        "--checkpoint", help="Sample this checkpoint folder.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        "--checkpoint", help="Sample this checkpoint: its step (100), its name (step-000100) or "
+                             "its folder (of --run, default: the latest run).")] = None,
     base: Annotated[bool, typer.Option(
         "--base", help="Sample the base model, without fine-tuning.")] = False,
     model: Annotated[Optional[Path], typer.Option(

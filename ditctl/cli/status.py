@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..console import console
+from ..fsutil import format_bytes
 from ..status import workspace_summary
 from ..workspace import Workspace
 from ._options import JsonOption, WorkspaceOption
@@ -59,4 +60,10 @@ def _table(summary: dict) -> Table:
                                     + (f", latest {r['latest']}" if r["latest"] else "")
                                     for r in runs) or "none")
     table.add_row("exports", ", ".join(summary["exports"]) or "none")
+    leftovers = summary.get("leftovers") or []
+    if leftovers:
+        size = format_bytes(sum(item["bytes"] for item in leftovers))
+        table.add_row("leftovers", f"[yellow]{len(leftovers)} torn temporary folder(s), {size}[/] "
+                      "(left by killed commands; the next train or export removes them)\n"
+                      + "\n".join(escape(item["path"]) for item in leftovers))
     return table

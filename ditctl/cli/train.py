@@ -21,7 +21,11 @@ def train(
     lora: Annotated[bool, typer.Option(
         "--lora", help="Shorthand for --use-lora --train-only-lora (train only LoRA adapters).")] = False,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume", help="Continue a run exactly: 'latest', a run folder or a checkpoint folder.")] = None,
+        "--resume", help="Continue a run exactly: 'latest' (its newest checkpoint), a step (100), "
+                         "a checkpoint name (step-000100), a run name or a folder.")] = None,
+    run: Annotated[Optional[str], typer.Option(
+        "--run", help="With --resume: the run to continue (default: [train] run_name, else the "
+                      "most recently active run).", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Resume even though the config or data changed.")] = False,
     dry_run: Annotated[bool, typer.Option(
@@ -36,11 +40,13 @@ def train(
         overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
     ws, overrides = command_workspace(workspace, overrides)
     config = ws.config(overrides)
-    if launch_processes(ws, config, overrides, resume=resume, force=force, dry_run=dry_run):
+    if launch_processes(ws, config, overrides, resume=resume, run=run, force=force,
+                        dry_run=dry_run):
         return
     launched_child = bool(os.environ.get(CHILD_ENV))  # the launching parent holds the lock
     with ws.lock("train") if not (dry_run or launched_child) else nullcontext():
-        outcome = training.run_training(ws, config, resume=resume, force=force, dry_run=dry_run)
+        outcome = training.run_training(ws, config, resume=resume, run=run, force=force,
+                                        dry_run=dry_run)
     if dry_run:
         if json_output:
             console.print(json.dumps(outcome.plan, indent=2), markup=False)
@@ -50,7 +56,7 @@ def train(
     result, run = outcome.result, outcome.run
     if result.interrupted:
         console.print(f"stopped at step {result.steps}; checkpoint {result.checkpoint}")
-        console.print("next: ditctl train --resume latest")
+        console.print(f"next: ditctl train --resume latest --run {run.name}")
         return
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     console.print(f"[green]trained[/] {run.name}: {result.steps} steps, final loss {loss}"

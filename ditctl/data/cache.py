@@ -51,7 +51,6 @@ SCHEMA_VERSION = 1
 # normalisation, ...): every latent key changes with it.
 TRANSFORM_VERSION = 1
 INDEX_NAME = "index.sqlite"
-KINDS = ("latent", "text")
 FOLDERS = {"latent": "latents", "text": "text"}
 
 # [precompute] mixed_precision -> the dtype the encoders run in and the tensors are stored in.

@@ -14,6 +14,7 @@ file and renames it over the old one, so a killed ingest leaves the previous man
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..config import Config
 from ..errors import DataError, WorkspaceError
 from ..fsutil import TEMP_PREFIX, fsync_dir
 from ..workspace import Workspace
@@ -196,6 +198,29 @@ def manifest_meta(ws: Workspace) -> dict[str, Any]:
     """Everything in the meta table (data_config, batch sizes, counts, fingerprint, ...)."""
     with _open(ws) as db:
         return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+
+
+# [data] keys that only change how training reads the images (crop position, flips), not what
+# ingest writes: changing them never makes the manifest stale.
+NOT_INGEST_KEYS = ("center_crop", "random_flip")
+
+
+def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
+    """Why the manifest must be (re)built before training or precompute reads it, or None.
+
+    The one rule for every command: it is missing, or it was built with another value of a
+    [data] key that changes what ingest writes (every key but NOT_INGEST_KEYS).
+    """
+    if not ws.manifest_db.is_file():
+        return "the data has not been ingested yet"
+    recorded = manifest_meta(ws).get("data_config") or {}
+    # Through JSON, as the manifest stored it, so that tuples and lists compare equal.
+    current = json.loads(json.dumps(dataclasses.asdict(config.data)))
+    changed = [f"{key} = {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
+               if key not in NOT_INGEST_KEYS and recorded.get(key) != value]
+    if changed:
+        return "the manifest was built with other [data] settings (" + "; ".join(changed) + ")"
+    return None
 
 
 # (split, path, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest changed

@@ -1,17 +1,10 @@
 """Checkpoints: everything needed to continue a run exactly, as safetensors + JSON.
 
-```
-runs/<run>/checkpoints/step-000100/
-  lora.safetensors, adapter_config.json   LoRA weights in PEFT format (LoRA runs)
-  trainable.safetensors                   other trained weights (full fine-tuning)
-  optimizer.safetensors/.json             optimiser state
-  scheduler.json                          learning-rate schedule position
-  rng.safetensors/.json                   python, numpy and torch RNG states
-  checkpoint.json                         step, data position, fingerprints (the completeness marker)
-```
-A checkpoint is built in a temporary folder and renamed into place, so a killed save leaves the
-previous checkpoints intact and `latest` never picks a torn one. Old checkpoints are pruned only
-after the new one is complete. Frozen base weights are never saved.
+What a checkpoint folder holds, and how it is found and checked, is `ditctl.runs`. A checkpoint
+is built in a temporary folder, every file hashed while it is written, `checkpoint.json` (with
+the manifest) last, and the folder renamed into place: a killed save leaves the previous
+checkpoints intact and `latest` never picks a torn one. Old checkpoints are pruned only after
+the new one is complete. Frozen base weights are never saved.
 """
 
 from __future__ import annotations
@@ -24,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import __version__
 from ..errors import CheckpointError
 from ..fsutil import atomic_dir, check_free_space
-from ..status import CHECKPOINT_MARKER, list_checkpoints
-from .loading import TRAINABLE_FILE, read_checkpoint_meta
+from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, OPTIMIZER_STATE, RNG_STATE, SCHEDULER_STATE,
+                    TRAINABLE_FILE, CheckpointWriter, checkpoint_dir, checkpoint_holds,
+                    list_checkpoints, verify_checkpoint)
+from ..tensorfile import write_safetensors
 from .lora import adapter_config_dict, has_lora, load_adapter_weights, peft_state_dict
 from .optim import load_state, save_state, scheduler_state
 
@@ -76,21 +71,23 @@ def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module
                     optimizer: torch.optim.Optimizer, scheduler, meta: dict,
                     keep: int | None = None) -> Path:
     """Write a complete checkpoint for `position.step`; prune to `keep` afterwards."""
-    folder = Path(run_dir) / "checkpoints" / f"step-{position.step:06d}"
+    folder = checkpoint_dir(run_dir, position.step)
     weights = sum(p.numel() * 4 for p in denoiser.parameters() if p.requires_grad)
     check_free_space(folder.parent, weights * 4, f"checkpoint {folder.name}")
     with atomic_dir(folder, replace=True) as tmp:
+        files = CheckpointWriter(tmp)
         if has_lora(denoiser):
-            save_file(peft_state_dict(denoiser), tmp / "lora.safetensors")
-            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config_dict(denoiser), indent=2))
+            with files.open(LORA_WEIGHTS) as fh:
+                write_safetensors(fh, peft_state_dict(denoiser))
+            files.write_json(ADAPTER_CONFIG, adapter_config_dict(denoiser), indent=2)
         base = _trainable_base(denoiser)
         if base:
-            save_file(base, tmp / TRAINABLE_FILE)
-        save_state(optimizer.state_dict(), tmp, "optimizer")
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler_state(scheduler)))
-        save_state(rng_state(), tmp, "rng")
-        marker = {**meta, **asdict(position), "ditctl_version": __version__}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
+            with files.open(TRAINABLE_FILE) as fh:
+                write_safetensors(fh, base)
+        save_state(optimizer.state_dict(), files, OPTIMIZER_STATE)
+        files.write_json(SCHEDULER_STATE, scheduler_state(scheduler))
+        save_state(rng_state(), files, RNG_STATE)
+        files.finish({**meta, **asdict(position), "ditctl_version": __version__})
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -99,20 +96,24 @@ def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module
 
 def load_checkpoint(folder: Path, denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> tuple[Position, dict]:
-    """Restore weights, optimiser, schedule and RNG from a checkpoint into a prepared run."""
-    meta = read_checkpoint_meta(folder)
+    """Restore weights, optimiser, schedule and RNG from a checkpoint into a prepared run,
+    after checking its files against its manifest."""
+    meta = verify_checkpoint(folder)
+    if has_lora(denoiser) and not checkpoint_holds(folder, meta, LORA_WEIGHTS):
+        raise CheckpointError(f"{folder} holds no LoRA weights, but this run trains LoRA",
+                              hint="resume with the settings the run was trained with")
     try:
-        if (folder / "lora.safetensors").is_file():
+        if checkpoint_holds(folder, meta, LORA_WEIGHTS):
             load_adapter_weights(denoiser, folder)
-        if (folder / TRAINABLE_FILE).is_file():
+        if checkpoint_holds(folder, meta, TRAINABLE_FILE):
             own = dict(denoiser.named_parameters())
             with torch.no_grad():
                 for name, value in load_file(folder / TRAINABLE_FILE).items():
                     own[name].copy_(value)
-        optimizer.load_state_dict(load_state(folder, "optimizer"))
-        state = json.loads((folder / "scheduler.json").read_text())
+        optimizer.load_state_dict(load_state(folder, OPTIMIZER_STATE))
+        state = json.loads((folder / SCHEDULER_STATE).read_text())
         scheduler.load_state_dict({**scheduler.state_dict(), **state})
-        restore_rng(load_state(folder, "rng"))
+        restore_rng(load_state(folder, RNG_STATE))
     except (KeyError, ValueError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"cannot resume from {folder}: {exc}",
                               hint="resume from another checkpoint, or start a new run") from exc

@@ -12,53 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..config import Config
 from ..errors import CheckpointError
 from ..models.base import ModelFamily
-from ..status import CHECKPOINT_MARKER, list_checkpoints, list_runs
-from ..workspace import Workspace
+from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, checkpoint_holds,
+                    verify_checkpoint)
 from .lora import adapter_from_config_dict, add_lora, load_adapter_weights, set_lora_scale
-
-TRAINABLE_FILE = "trainable.safetensors"  # non-LoRA trained weights (full fine-tuning)
-
-
-def read_checkpoint_meta(checkpoint: Path) -> dict:
-    marker = Path(checkpoint) / CHECKPOINT_MARKER
-    if not marker.is_file():
-        raise CheckpointError(f"{checkpoint} is not a complete ditctl checkpoint (no {CHECKPOINT_MARKER})",
-                              hint="pick another checkpoint (ditctl status lists them)")
-    return json.loads(marker.read_text())
-
-
-def resolve_run(ws: Workspace, config: Config, run: str | None = None) -> Path:
-    runs_dir = ws.runs_dir(config)
-    if run:
-        path = runs_dir / run if not Path(run).is_absolute() else Path(run)
-        if not (path / "config.toml").is_file():
-            names = ", ".join(p.name for p in list_runs(runs_dir)) or "none"
-            raise CheckpointError(f"no run named {run!r} in {runs_dir}", hint=f"runs: {names}")
-        return path
-    runs = list_runs(runs_dir)
-    if not runs:
-        raise CheckpointError(f"no training runs in {runs_dir}", hint="run `ditctl train` first, "
-                              "or use --base for the base model")
-    return runs[-1]
-
-
-def resolve_checkpoint(ws: Workspace, config: Config, run: str | None = None,
-                       checkpoint: str | Path | None = None) -> Path:
-    """An explicit checkpoint folder, or the latest complete checkpoint of a (the latest) run."""
-    if checkpoint:
-        path = Path(checkpoint)
-        read_checkpoint_meta(path)
-        return path
-    run_dir = resolve_run(ws, config, run)
-    checkpoints = list_checkpoints(run_dir)
-    if not checkpoints:
-        raise CheckpointError(f"run {run_dir.name} has no complete checkpoint yet",
-                              hint="let training reach checkpoint_every steps or finish, "
-                                   "or resume it with `ditctl train --resume latest`")
-    return checkpoints[-1]
 
 
 def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_scale: float = 1.0,
@@ -72,20 +30,31 @@ def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_s
 
 
 def apply_checkpoint(family: ModelFamily, denoiser: torch.nn.Module, checkpoint: Path) -> dict:
-    """Load a checkpoint's trained weights into a freshly loaded base denoiser; returns its meta."""
-    meta = read_checkpoint_meta(checkpoint)
+    """Load a checkpoint's trained weights into a freshly loaded base denoiser; returns its meta.
+
+    The checkpoint's files are checked against its manifest first, and what is loaded is what
+    the manifest says it holds: a checkpoint holding no trained weights is refused, never
+    taken for the base model."""
+    checkpoint = Path(checkpoint)
+    meta = verify_checkpoint(checkpoint)
+    has_adapter = checkpoint_holds(checkpoint, meta, ADAPTER_CONFIG)
+    has_trainable = checkpoint_holds(checkpoint, meta, TRAINABLE_FILE)
+    if not (has_adapter or has_trainable):
+        raise CheckpointError(f"{checkpoint} holds no trained weights (neither {ADAPTER_CONFIG} "
+                              f"+ {LORA_WEIGHTS} nor {TRAINABLE_FILE})",
+                              hint="pick another checkpoint (ditctl status lists them)")
     base = meta.get("base_identity")
     if base and base != family.denoiser_identity():
         raise CheckpointError(f"{checkpoint} was trained on another base model ({base}), "
                               f"not {family.path} ({family.denoiser_identity()})",
                               hint="use the workspace whose model it was trained on, or set "
                                    "[model] pretrained_model_path to that model")
-    if (checkpoint / "adapter_config.json").is_file():
-        saved = json.loads((checkpoint / "adapter_config.json").read_text())
+    if has_adapter:
+        saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
         add_lora(denoiser, adapter_from_config_dict(saved))
         load_adapter_weights(denoiser, checkpoint)
     trainable = checkpoint / TRAINABLE_FILE
-    if trainable.is_file():
+    if has_trainable:
         state = load_file(trainable)
         own = dict(denoiser.named_parameters())
         unknown = [k for k in state if k not in own]

@@ -12,6 +12,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,6 +21,7 @@ from ..console import console
 from ..errors import TrainingError
 from ..models.base import LatentDist
 from .checkpoint import Position, load_checkpoint, save_checkpoint
+from .context import TrainingContext, TrainingData
 from .monitor import Monitor
 from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
 from .optim import build_optimizer, build_scheduler
@@ -29,12 +31,12 @@ from .optim import build_optimizer, build_scheduler
 class TrainResult:
     steps: int
     final_loss: float | None
-    checkpoint: object
+    checkpoint: Path | None  # the last checkpoint this run wrote
     interrupted: bool
     skipped_steps: int
 
 
-def batch_stream(data, position: Position) -> Iterator[tuple[int, int, list[int]]]:
+def batch_stream(data: TrainingData, position: Position) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batch index, the step's batch of row indices) from `position` on, epoch after
     epoch (so max_steps can run past num_epochs)."""
     epoch, index = position.epoch, position.batch_index
@@ -69,8 +71,8 @@ def stop_requests() -> Iterator[dict]:
             signal.signal(sig, handler)
 
 
-def train_loop(ctx, resume_from=None) -> TrainResult:
-    """Run training as set up in `ctx` (a `TrainingContext` from ditctl.train)."""
+def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainResult:
+    """Run training as set up in `ctx` (built by ditctl.train), from `resume_from` if given."""
     acc, family, config, data, run = ctx.accelerator, ctx.family, ctx.config, ctx.data, ctx.run
     train, schedule = config.train, ctx.schedule
     density = TimestepDensity.from_config(train)
@@ -167,13 +169,14 @@ def train_loop(ctx, resume_from=None) -> TrainResult:
                        last_loss, checkpoint, stop["stop"], skipped)
 
 
-def _next_position(data, epoch: int, batch_index: int) -> tuple[int, int]:
+def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[int, int]:
     if batch_index + 1 < len(data.epoch_batches(epoch)):
         return epoch, batch_index + 1
     return epoch + 1, 0
 
 
-def _checkpoint(ctx, position: Position, model, optimizer, scheduler):
+def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer,
+                scheduler) -> Path | None:
     acc = ctx.accelerator
     acc.wait_for_everyone()
     folder = None

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from ..config import LoraConfig as LoraSettings
 from ..errors import CheckpointError, ConfigError
+from ..runs import ADAPTER_CONFIG, LORA_WEIGHTS
 
 ADAPTER = "default"
+PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the weights of a saved adapter
 
 
 def peft_config(settings: LoraSettings, candidates: tuple[str, ...]):
@@ -68,17 +70,17 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, PEFT state dict) from a folder holding adapter_config.json and
     adapter_model.safetensors (an export) or lora.safetensors (a checkpoint)."""
     folder = Path(folder)
-    config_file = folder / "adapter_config.json"
-    weights = next((folder / n for n in ("adapter_model.safetensors", "lora.safetensors")
+    config_file = folder / ADAPTER_CONFIG
+    weights = next((folder / n for n in (PEFT_WEIGHTS, LORA_WEIGHTS)
                     if (folder / n).is_file()), None)
     if not config_file.is_file() or weights is None:
-        raise CheckpointError(f"{folder} holds no LoRA adapter (adapter_config.json + "
-                              "adapter_model.safetensors)",
+        raise CheckpointError(f"{folder} holds no LoRA adapter ({ADAPTER_CONFIG} + "
+                              f"{PEFT_WEIGHTS})",
                               hint="pass a ditctl checkpoint folder or a PEFT adapter folder")
     return json.loads(config_file.read_text()), load_file(weights)
 
 
-def load_adapter_weights(denoiser: torch.nn.Module, folder: Path, settings: LoraSettings | None = None) -> None:
+def load_adapter_weights(denoiser: torch.nn.Module, folder: Path) -> None:
     """Load saved LoRA weights into a denoiser that already has matching adapters."""
     from peft import set_peft_model_state_dict
 

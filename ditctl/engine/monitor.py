@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from ..console import console
+from ..runs import train_log_file
+from .context import TrainingContext
 
 TIMESTEP_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -50,7 +52,7 @@ class _Bar:
 
 
 class Monitor:
-    def __init__(self, ctx, start_step: int) -> None:
+    def __init__(self, ctx: TrainingContext, start_step: int) -> None:
         self.ctx = ctx
         self.main = ctx.accelerator.is_main_process
         self.smoothed: float | None = None
@@ -91,7 +93,7 @@ class Monitor:
             values["train/grad_norm"] = grad_norm
         if self.ctx.accelerator.log_with:
             self.ctx.accelerator.log(values, step=step)
-        with open(self.ctx.run.folder / "train_log.jsonl", "a", encoding="utf-8") as fh:
+        with open(train_log_file(self.ctx.run.folder), "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
 
     def sample(self, model, step: int) -> None:

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import TrainConfig
 from ..errors import ConfigError
+from ..runs import CheckpointWriter
+from ..tensorfile import write_safetensors
 
 
 def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
@@ -67,12 +69,14 @@ def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
-def save_state(state: dict, folder: Path, name: str) -> None:
-    """Write a state dict (optimiser, RNG, ...) as NAME.safetensors + NAME.json."""
+def save_state(state: dict, files: CheckpointWriter, name: str) -> None:
+    """Write a state dict (optimiser, RNG, ...) as NAME.safetensors + NAME.json into a
+    checkpoint being written (both recorded in its manifest)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors(state, "", tensors)
-    save_file(tensors, folder / f"{name}.safetensors")
-    (folder / f"{name}.json").write_text(json.dumps(skeleton))
+    with files.open(f"{name}.safetensors") as fh:
+        write_safetensors(fh, tensors)
+    files.write_json(f"{name}.json", skeleton)
 
 
 def load_state(folder: Path, name: str) -> dict:

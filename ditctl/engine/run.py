@@ -1,18 +1,10 @@
-"""Run folders: creating a new run, finding the one to resume, refusing unsafe resumes.
+"""Run folders: creating a new run, reopening one to resume, refusing unsafe resumes.
 
-```
-runs/<run>/config.toml    the resolved configuration the run trains with
-runs/<run>/run.json       base model identity, seed, data fingerprint and counts
-runs/<run>/checkpoints/   see checkpoint.py
-runs/<run>/samples/       sample images during training (step-N/)
-runs/<run>/eval/          metrics and reports
-runs/<run>/logs/          tensorboard (and wandb) logs
-```
+Where a run keeps what is `ditctl.runs`.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +15,8 @@ import tomli_w
 from ..config import Config, build_config, read_toml
 from ..errors import CheckpointError, WorkspaceError
 from ..fsutil import atomic_write_json, atomic_write_text
-from ..status import list_checkpoints, list_runs
-from .loading import read_checkpoint_meta
+from ..runs import (checkpoints_dir, logs_dir, read_checkpoint_meta, read_run_info,
+                    run_config_file, run_info_file, run_of_checkpoint, samples_dir)
 
 # Keys that may change between the start of a run and its resume without changing what the
 # already-trained steps mean (how long to train, how often to save/sample/log).
@@ -53,14 +45,14 @@ class Run:
 
     @property
     def samples_dir(self) -> Path:
-        return self.folder / "samples"
+        return samples_dir(self.folder)
 
     @property
     def logs_dir(self) -> Path:
-        return self.folder / "logs"
+        return logs_dir(self.folder)
 
     def save_info(self) -> None:
-        atomic_write_json(self.folder / "run.json", self.info)
+        atomic_write_json(run_info_file(self.folder), self.info)
 
 
 def new_run(runs_dir: Path, config: Config, info: dict[str, Any]) -> Run:
@@ -69,46 +61,31 @@ def new_run(runs_dir: Path, config: Config, info: dict[str, Any]) -> Run:
     folder = runs_dir / name
     if folder.exists():
         raise WorkspaceError(f"run {folder} already exists",
-                             hint="resume it with `ditctl train --resume latest` (or --resume "
-                                  f"{folder}), or pick another --run-name")
-    (folder / "checkpoints").mkdir(parents=True)
-    atomic_write_text(folder / "config.toml", tomli_w.dumps(config.to_dict()))
+                             hint=f"resume it with `ditctl train --resume latest --run {name}`, "
+                                  "or pick another --run-name")
+    checkpoints_dir(folder).mkdir(parents=True)
+    atomic_write_text(run_config_file(folder), tomli_w.dumps(config.to_dict()))
     run = Run(folder, config, info)
     run.save_info()
     return run
-
-
-def find_resume_checkpoint(runs_dir: Path, resume: str) -> Path:
-    """`latest` (newest complete checkpoint of the newest run), a run folder, or a checkpoint."""
-    if resume == "latest":
-        for run in reversed(list_runs(runs_dir)):
-            checkpoints = list_checkpoints(run)
-            if checkpoints:
-                return checkpoints[-1]
-        raise CheckpointError(f"no complete checkpoint to resume in {runs_dir}",
-                              hint="start a new run with `ditctl train`")
-    path = Path(resume)
-    if (path / "config.toml").is_file():  # a run folder
-        checkpoints = list_checkpoints(path)
-        if not checkpoints:
-            raise CheckpointError(f"run {path} has no complete checkpoint", hint="start a new run")
-        return checkpoints[-1]
-    read_checkpoint_meta(path)
-    return path
 
 
 def open_run_for_resume(checkpoint: Path, config: Config, info: dict[str, Any],
                         force: bool) -> Run:
     """The run a checkpoint belongs to, after checking that the current config and data still
     mean the same training; differences are listed and refused unless `force`."""
-    folder = checkpoint.parent.parent
-    saved = build_config(read_toml(folder / "config.toml"), source=str(folder / "config.toml"))
+    folder = run_of_checkpoint(checkpoint)
+    if folder is None:
+        raise CheckpointError(f"{checkpoint} is not inside a run folder (runs/<run>/checkpoints/)",
+                              hint="training resumes runs; to start from saved LoRA weights use "
+                                   "[lora] lora_checkpoint")
+    saved = build_config(read_toml(run_config_file(folder)), source=str(run_config_file(folder)))
     changes = config_changes(saved, config)
     meta = read_checkpoint_meta(checkpoint)
     for key in ("manifest_fingerprint", "base_identity"):
         if meta.get(key) and info.get(key) and meta[key] != info[key]:
             changes.append(f"{key.replace('_', ' ')} changed ({meta[key]} -> {info[key]})")
-    previous = json.loads((folder / "run.json").read_text())
+    previous = read_run_info(folder)
     if previous.get("step_batch") and previous["step_batch"] != info.get("step_batch"):
         changes.append(f"samples per optimiser step {previous['step_batch']} -> "
                        f"{info.get('step_batch')} (train_batch_size x processes x "
@@ -118,7 +95,7 @@ def open_run_for_resume(checkpoint: Path, config: Config, info: dict[str, Any],
                               hint="restore the original settings/data, or pass --force to "
                                    "resume anyway")
     run = Run(folder, config, {**previous, **info, "resumed_from": str(checkpoint)})
-    atomic_write_text(folder / "config.toml", tomli_w.dumps(config.to_dict()))
+    atomic_write_text(run_config_file(folder), tomli_w.dumps(config.to_dict()))
     run.save_info()
     return run
 

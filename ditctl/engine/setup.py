@@ -90,13 +90,6 @@ def _adapter_folder(path: str):
     return folder if folder.is_dir() else folder.parent
 
 
-def count_parameters(denoiser: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
-    return trainable, frozen
-
-
 @dataclass(frozen=True)
 class Schedule:
     """How a run is cut into optimiser steps.

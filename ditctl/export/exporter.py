@@ -26,13 +26,15 @@ from ..config import Config
 from ..console import console
 from ..engine.loading import load_denoiser
 from ..engine.lora import adapter_config_dict, has_lora, peft_state_dict
-from ..fsutil import atomic_dir, check_free_space, clean_temp, folder_size
+from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
+                      temp_leftovers)
 from ..models.base import ModelFamily
 from ..models.registry import load_family
+from ..runs import read_run_info
 from ..workspace import Workspace
 from . import lora_formats, merge, parity
 from .model_card import dataset_size, write_model_card
-from .plan import ExportPlan, plan_export, read_run_info
+from .plan import ExportPlan, plan_export
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENCODERS = ("text_encoder", "tokenizer", "vae")
@@ -80,7 +82,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     check_free_space(plan.out_dir.parent, _estimated_bytes(plan, family, denoiser), "the export")
 
     report = None
-    clean_temp(ws.exports_dir)  # leftovers of killed exports (we hold the lock: none is live)
+    _clean_torn_exports(ws.exports_dir)
     with atomic_dir(plan.out_dir, replace=plan.replace) as tmp:
         console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
         if plan.kind == "lora":
@@ -106,6 +108,15 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
                           step=plan.step, files=files, parity=report)
     ws.update_state("export", {k: v for k, v in result.to_dict().items() if k != "files"})
     return result
+
+
+def _clean_torn_exports(exports_dir: Path) -> None:
+    """Leftovers of killed exports go at the next export (we hold the lock: none is live)."""
+    torn = temp_leftovers(exports_dir)
+    if torn:
+        reclaimed = remove_leftovers(torn)
+        console.info(f"removed {len(torn)} torn temporary export folder(s) left by a killed "
+                     f"export ({format_bytes(reclaimed)} reclaimed)")
 
 
 # --- writing -------------------------------------------------------------------------------------

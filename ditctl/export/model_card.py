@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..runs import METRICS, eval_dir, read_run_info, run_config_file, samples_dir
 from .parity import ParityReport
-from .plan import ExportPlan, read_run_info
+from .plan import ExportPlan
 
 LICENCE_FILES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt")
 # The licence each family's released weights carry, when the base folder does not say.
@@ -83,9 +84,9 @@ def hub_id(model_path: Path) -> str | None:
 
 def find_sample_grid(run_dir: Path | None, step: int) -> Path | None:
     """runs/<run>/samples/<label>/grid.png for this step if one exists, else the newest grid."""
-    if run_dir is None or not (run_dir / "samples").is_dir():
+    if run_dir is None or not samples_dir(run_dir).is_dir():
         return None
-    grids = [g for g in (run_dir / "samples").glob("*/grid.png") if g.is_file()]
+    grids = [g for g in samples_dir(run_dir).glob("*/grid.png") if g.is_file()]
     for grid in grids:
         numbers = [int(n) for n in re.findall(r"\d+", grid.parent.name)]
         if step in numbers:
@@ -94,7 +95,7 @@ def find_sample_grid(run_dir: Path | None, step: int) -> Path | None:
 
 
 def read_metrics(run_dir: Path | None) -> dict | None:
-    file = run_dir / "eval" / "metrics.json" if run_dir else None
+    file = eval_dir(run_dir) / METRICS if run_dir else None
     if file is None or not file.is_file():
         return None
     try:
@@ -208,7 +209,7 @@ def _data_section(run_info: dict, dataset_images: int | None) -> list[str]:
 
 
 def _config_section(plan: ExportPlan) -> list[str]:
-    config_file = plan.run_dir / "config.toml" if plan.run_dir else None
+    config_file = run_config_file(plan.run_dir) if plan.run_dir else None
     if config_file is None or not config_file.is_file():
         return ["## Training configuration", "",
                 "Not available (the checkpoint is not inside a run folder)."]

@@ -9,18 +9,17 @@ Kinds:
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
-from ..engine.loading import TRAINABLE_FILE, read_checkpoint_meta, resolve_checkpoint, resolve_run
-from ..errors import CheckpointError, ConfigError, ExportError
+from ..errors import ConfigError, ExportError
+from ..runs import (ADAPTER_CONFIG, TRAINABLE_FILE, checkpoint_holds, checkpoint_step,
+                    read_checkpoint_meta, read_run_config, read_run_info, resolve_checkpoint,
+                    run_of_checkpoint)
 from ..workspace import Workspace
 
-ADAPTER_CONFIG = "adapter_config.json"
 _SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
 
 
@@ -54,12 +53,12 @@ def plan_export(ws: Workspace, config: Config, *, run: str | None = None,
     None to decide from the checkpoint.
     """
     settings = config.export
-    checkpoint_dir = _find_checkpoint(ws, config, run, checkpoint)
+    checkpoint_dir = resolve_checkpoint(ws.runs_dir(config), checkpoint, run=run).resolve()
     meta = read_checkpoint_meta(checkpoint_dir)
-    run_dir = _run_of(checkpoint_dir)
+    run_dir = run_of_checkpoint(checkpoint_dir)
     run_name = run_dir.name if run_dir else checkpoint_dir.name
-    step = _step_of(checkpoint_dir, meta)
-    kind = _kind(checkpoint_dir, run_name, settings.merge_lora, lora_only)
+    step = checkpoint_step(checkpoint_dir, meta)
+    kind = _kind(checkpoint_dir, meta, run_name, settings.merge_lora, lora_only)
     if not _SHARD_SIZE.match(settings.max_shard_size):
         raise ConfigError(f"[export] max_shard_size = {settings.max_shard_size!r}: not a size",
                           hint='write a number and a unit, e.g. "5GB", "500MB" or "50KB"')
@@ -87,44 +86,11 @@ def plan_export(ws: Workspace, config: Config, *, run: str | None = None,
         max_shard_size=settings.max_shard_size.strip().upper(), replace=force)
 
 
-def _find_checkpoint(ws: Workspace, config: Config, run: str | None,
-                     checkpoint: str | Path | None) -> Path:
-    """A checkpoint given as a path, as a folder name of the run ("step-000010") or as a step
-    number ("10"); else the latest complete checkpoint of the run (default: the latest run)."""
-    if checkpoint is not None and not Path(checkpoint).exists():
-        run_dir = resolve_run(ws, config, run)
-        candidates = [run_dir / "checkpoints" / str(checkpoint)]
-        if str(checkpoint).isdigit():
-            candidates.append(run_dir / "checkpoints" / f"step-{int(checkpoint):06d}")
-        found = next((c for c in candidates if c.is_dir()), None)
-        if found is None:
-            raise CheckpointError(f"no checkpoint {checkpoint!r} in {run_dir / 'checkpoints'}",
-                                  hint="pass a checkpoint folder, its name (step-000100) or its "
-                                       "step (100); `ditctl status` lists them")
-        checkpoint = found
-    return resolve_checkpoint(ws, config, run, checkpoint).resolve()
-
-
-def _run_of(checkpoint: Path) -> Path | None:
-    run_dir = checkpoint.parent.parent
-    if checkpoint.parent.name == "checkpoints" and (run_dir / "config.toml").is_file():
-        return run_dir
-    return None
-
-
-def _step_of(checkpoint: Path, meta: dict) -> int:
-    if isinstance(meta.get("step"), int):
-        return meta["step"]
-    match = re.fullmatch(r"step-(\d+)", checkpoint.name)
-    if match is None:
-        raise CheckpointError(f"{checkpoint / 'checkpoint.json'} records no step",
-                              hint="pass --name NAME for the export")
-    return int(match[1])
-
-
-def _kind(checkpoint: Path, run_name: str, merge_lora: bool, lora_only: bool | None) -> str:
-    has_lora = (checkpoint / ADAPTER_CONFIG).is_file()
-    has_base_weights = (checkpoint / TRAINABLE_FILE).is_file()
+def _kind(checkpoint: Path, meta: dict, run_name: str, merge_lora: bool,
+          lora_only: bool | None) -> str:
+    """From what the checkpoint's manifest says it holds (its files were checked against it)."""
+    has_lora = checkpoint_holds(checkpoint, meta, ADAPTER_CONFIG)
+    has_base_weights = checkpoint_holds(checkpoint, meta, TRAINABLE_FILE)
     if merge_lora and lora_only:
         raise ExportError("--merge-lora writes a full pipeline; --format chooses the layout of a "
                           "LoRA-only export: pick one",
@@ -158,26 +124,3 @@ def _base_model(ws: Workspace, config: Config, run_dir: Path | None) -> tuple[Pa
         if path.is_dir():
             return path, family
     return ws.model_path(config), family
-
-
-def read_run_config(run_dir: Path | None) -> dict:
-    """The run's resolved config.toml as a plain dict ({} if there is none)."""
-    if run_dir is None or not (run_dir / "config.toml").is_file():
-        return {}
-    try:
-        with open(run_dir / "config.toml", "rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ExportError(f"{run_dir / 'config.toml'} is not valid TOML ({exc})",
-                          hint="restore the run's config.toml; training wrote it") from exc
-
-
-def read_run_info(run_dir: Path | None) -> dict:
-    """runs/<run>/run.json ({} if absent)."""
-    if run_dir is None or not (run_dir / "run.json").is_file():
-        return {}
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{run_dir / 'run.json'} is not valid JSON ({exc})",
-                          hint="restore the run's run.json; training wrote it") from exc

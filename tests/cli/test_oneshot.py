@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from ditctl.demo.scenes import random_scenes, write_dataset
-from ditctl.status import list_checkpoints
+from ditctl.runs import list_checkpoints
 
 
 def _data(root: Path) -> None:

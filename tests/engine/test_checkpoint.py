@@ -9,7 +9,7 @@ from ditctl.engine.optim import build_optimizer, build_scheduler, load_state, sa
 from ditctl.engine.setup import build_denoiser
 from ditctl.errors import CheckpointError, ConfigError
 from ditctl.models.flite import FLiteFamily
-from ditctl.status import list_checkpoints
+from ditctl.runs import CheckpointWriter, list_checkpoints
 
 
 def _config(**train):
@@ -37,7 +37,7 @@ def test_optimizer_state_round_trips_exactly(tiny_model_dir, tmp_path, eight_bit
     optimizer = build_optimizer(params, config.train)
     scheduler = build_scheduler(optimizer, config.train, 10)
     _step(denoiser, optimizer, scheduler, 0)
-    save_state(optimizer.state_dict(), tmp_path, "optimizer")
+    save_state(optimizer.state_dict(), CheckpointWriter(tmp_path), "optimizer")
     restored = load_state(tmp_path, "optimizer")
     original = optimizer.state_dict()
     assert restored["param_groups"] == original["param_groups"] or \

@@ -1,5 +1,8 @@
 """Samples and validation loss during training, through the shared sampler and evaluator.
 
+`ditctl.train` builds these hooks and hands them to the engine's loop in its
+`TrainingContext`; the engine calls them without knowing what is behind them.
+
 Both hooks take the live denoiser and a step, run on the main process only, and leave the
 model's mode and the RNG as they were (the sampler and evaluator guarantee it). When training
 reads the precomputed cache, prompts come from the cache too and the VAE is loaded only while
@@ -10,25 +13,27 @@ from __future__ import annotations
 
 import gc
 import json
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
-from ..config import Config
-from ..console import console
-from ..errors import DitctlError
-from ..models.base import ModelFamily
-from ..workspace import Workspace
+from .config import Config
+from .console import console
+from .engine.context import EvalHook, SampleHook
+from .engine.run import Run
+from .engine.validation import MaterializedSource, validation_loss
+from .errors import DitctlError
+from .evaluation.inputs import cached_embeddings, validation_set
+from .models.base import ModelFamily
+from .runs import DURING_TRAINING_EVAL, eval_dir, training_samples_dir
+from .sampling import (default_prompts_file, encode_prompts, read_prompts, sample_during_training,
+                       sample_size)
+from .workspace import Workspace
 
 
-def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run,
-                 source: Any) -> Callable | None:
+def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
+                 source: Any) -> SampleHook | None:
     """A `(denoiser, step) -> grid image` hook, or None when there is nothing to sample."""
-    from ..sampling import (default_prompts_file, encode_prompts, read_prompts, sample_size,
-                            sample_during_training)
-    from ..evaluation import cached_embeddings
-
     if not config.train.sample_every:
         return None
     try:
@@ -45,7 +50,7 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run,
 
     def sample(denoiser, step: int) -> Image.Image:
         decoder = vae if vae is not None else family.load_vae()
-        out_dir = run.samples_dir / f"step-{step:06d}"
+        out_dir = training_samples_dir(run.folder, step)
         grid = sample_during_training(family, denoiser, decoder, prompts, out_dir, config.sample,
                                       width=width, height=height, embeddings=embeddings,
                                       metadata={"run": run.name, "step": step})
@@ -58,12 +63,10 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run,
     return sample
 
 
-def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run,
-                   source: Any) -> Callable | None:
+def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
+                   source: Any) -> EvalHook | None:
     """A `(denoiser, step) -> metrics` hook on the validation set (fixed timesteps and noise),
     appending each result to runs/<run>/eval/during_training.jsonl."""
-    from ..evaluation import MaterializedSource, validation_loss, validation_set
-
     if not config.train.eval_every:
         return None
     try:
@@ -72,7 +75,7 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run,
         console.warn(f"no validation loss during training: {exc}")
         return None
     inputs: dict[str, Any] = {}
-    log = Path(run.folder) / "eval" / "during_training.jsonl"
+    log = eval_dir(run.folder) / DURING_TRAINING_EVAL
 
     def evaluate(denoiser, step: int) -> dict[str, float]:
         if "source" not in inputs:  # read once, reused at every evaluation

@@ -1,0 +1,98 @@
+"""What the training loop is handed: the data plan, the model, the run, and the hooks.
+
+`ditctl.train` builds a `TrainingContext` (preparing data, run folder, model and the hooks that
+sample and evaluate during training) and passes it to `engine.loop.train_loop`. The hooks are
+plain callables, so the engine knows nothing of the sampler or the evaluator behind them.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from ..config import Config
+from ..data.batches import Batch, SampleSource, collate, epoch_batches, flip_for
+from ..data.manifest import ManifestRow
+from ..models.base import ModelFamily
+from .run import Run
+from .setup import Schedule
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from PIL import Image
+
+
+class SampleHook(Protocol):
+    """Samples of the live denoiser at `step`; returns the grid image to log (or None)."""
+
+    def __call__(self, denoiser: torch.nn.Module, step: int) -> "Image.Image | None": ...
+
+
+class EvalHook(Protocol):
+    """Validation metrics of the live denoiser at `step` ({"val_loss": ..., ...}, or None)."""
+
+    def __call__(self, denoiser: torch.nn.Module, step: int) -> dict[str, float] | None: ...
+
+
+@dataclass
+class TrainingData:
+    """The training set as the loop sees it: one planned batch per optimiser step, and loading.
+
+    Each epoch's bucketed, shuffled batches have `step_batch` samples. The last batch of a
+    bucket is filled up with other images of the same bucket (shuffled, cycling when the bucket
+    is small), so every image is seen at least once per epoch, nothing is dropped, and every
+    step trains on a full batch: accumulation and multi-process training then equal one big
+    batch exactly.
+    """
+
+    rows: list[ManifestRow]
+    source: SampleSource | None  # CachedSource or OnTheFlySource; set once the run exists
+    seed: int
+    step_batch: int
+    random_flip: bool
+
+    @functools.lru_cache(maxsize=4)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = epoch_batches(self.rows, self.step_batch, self.seed, epoch)
+        rng = random.Random(f"{self.seed}:{epoch}:fill")
+        return [batch if len(batch) == self.step_batch else self._fill(batch, rng)
+                for batch in batches]
+
+    def _fill(self, batch: list[int], rng: random.Random) -> list[int]:
+        bucket = self.rows[batch[0]].bucket
+        others = [i for i, row in enumerate(self.rows) if row.bucket == bucket and i not in batch]
+        rng.shuffle(others)
+        pool = others + list(batch)
+        return batch + [pool[k % len(pool)] for k in range(self.step_batch - len(batch))]
+
+    def load(self, indices: list[int], epoch: int) -> Batch:
+        flips = [flip_for(self.seed, epoch, i, self.random_flip) for i in indices]
+        return collate(self.source, self.rows, indices, flips)
+
+    __hash__ = object.__hash__
+
+
+@dataclass
+class TrainingContext:
+    """Everything one training run needs, prepared by `ditctl.train.run_training`."""
+
+    accelerator: "Accelerator"
+    family: ModelFamily
+    config: Config
+    data: TrainingData
+    schedule: Schedule
+    seed: int
+    run: Run
+    denoiser: torch.nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    sampler: SampleHook | None = None
+    evaluator: EvalHook | None = None
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"base_identity": self.info["base_identity"], "config_hash": self.config.hash(),
+                "manifest_fingerprint": self.info["manifest_fingerprint"], "seed": self.seed,
+                "lora": self.config.lora.use_lora, "run": self.run.name}

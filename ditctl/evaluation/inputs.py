@@ -1,0 +1,83 @@
+"""The validation data of `ditctl eval` and of evaluation during training, and its inputs.
+
+Validation rows are the manifest's val split; without one, the last [eval] holdout_fraction of
+the training rows, which training then leaves out (`split_holdout`). Their latents and the
+prompt embeddings come from the precompute cache when it holds them all, else from the encoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..config import Config
+from ..console import console
+from ..data.batches import CachedSource
+from ..data.cache import Cache, check_cache_complete
+from ..data.manifest import ManifestRow, read_manifest
+from ..errors import CacheError, DataError
+from ..models.base import ModelFamily
+from ..sampling import PromptEmbeddings
+from ..workspace import Workspace
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    rows: list[ManifestRow]
+    kind: str  # "val": the validation split; "holdout": the last rows of the training split
+    description: str
+
+
+def split_holdout(train: Sequence[ManifestRow], fraction: float) -> tuple[list[ManifestRow],
+                                                                         list[ManifestRow]]:
+    """(rows to train on, held-out rows): the last round(len * fraction) rows are held out.
+
+    Training must use the first part when the workspace has no validation split, or the
+    "held-out" loss is measured on images the model has trained on.
+    """
+    count = round(len(train) * fraction)
+    return list(train[:len(train) - count]), list(train[len(train) - count:])
+
+
+def validation_set(ws: Workspace, config: Config) -> ValidationSet:
+    """The manifest's val split; without one, the last `holdout_fraction` of the train rows."""
+    val = read_manifest(ws, "val")
+    if val:
+        return ValidationSet(val, "val", f"validation split ({len(val)} images)")
+    train = read_manifest(ws, "train")
+    held = split_holdout(train, config.eval.holdout_fraction)[1]
+    count = len(held)
+    if not train or count == 0:
+        raise DataError("no validation data: the manifest has no val split and [eval] "
+                        f"holdout_fraction = {config.eval.holdout_fraction:g} of "
+                        f"{len(train)} training images is none",
+                        hint="set [data] val_data_path and run `ditctl ingest`, or raise "
+                             "[eval] holdout_fraction")
+    return ValidationSet(held, "holdout",
+                         f"held-out slice of training data (last {count} of {len(train)} "
+                         "training images)")
+
+
+def cached_inputs(ws: Workspace, config: Config, family: ModelFamily,
+                  rows: Sequence[ManifestRow], texts: Sequence[str]) -> tuple[Any, Any]:
+    """(a CachedSource for the rows, one for the texts): each only when the precompute cache
+    holds everything it must give (else None). Loads no weights."""
+    found = []
+    for what, kwargs in (("validation images", dict(rows=list(rows), prompts=[])),
+                         ("prompts", dict(rows=[], prompts=list(texts)))):
+        try:
+            check_cache_complete(ws, config, family, **kwargs)
+            found.append(CachedSource(Cache.open(ws, config, family)))
+        except CacheError as exc:
+            console.info(f"{what}: encoded on the fly, the cache lacks some ({exc})")
+            found.append(None)
+    return found[0], found[1]
+
+
+def cached_embeddings(source: Any, prompts: Sequence[str],
+                      negative_prompt: str | None) -> PromptEmbeddings:
+    cond = torch.cat([source.text_embedding(p) for p in prompts])
+    negative = source.text_embedding(negative_prompt) if negative_prompt else None
+    return PromptEmbeddings(cond, negative)

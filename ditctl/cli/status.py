@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import tomli_w
@@ -39,6 +40,14 @@ def status(
     console.print(f"next: [bold]{escape(summary['next'])}[/]")
 
 
+def _short(path: str, root: str) -> str:
+    """A path inside the workspace, relative to it."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
 def _table(summary: dict) -> Table:
     table = Table(title=f"workspace {summary['workspace']}", show_header=False)
     table.add_column("what", style="bold")
@@ -65,5 +74,6 @@ def _table(summary: dict) -> Table:
         size = format_bytes(sum(item["bytes"] for item in leftovers))
         table.add_row("leftovers", f"[yellow]{len(leftovers)} torn temporary folder(s), {size}[/] "
                       "(left by killed commands; the next train or export removes them)\n"
-                      + "\n".join(escape(item["path"]) for item in leftovers))
+                      + "\n".join(escape(_short(item["path"], summary["workspace"]))
+                                   for item in leftovers))
     return table

@@ -28,7 +28,7 @@ from ..models.base import ModelFamily
 from ..models.registry import load_family
 from ..report import render_comparison
 from ..runs import (EVAL, checkpoint_step, eval_dir, latest_checkpoint, list_checkpoints,
-                    resolve_checkpoint, resolve_run, run_of_checkpoint)
+                    resolve_checkpoint, resolve_run, run_of_checkpoint, verify_checkpoint)
 from ..sampling import (default_prompts_file, encode_prompts, free_accelerator_memory, generate,
                         inference_device, inference_dtype, plan_images, read_prompts,
                         resolve_shift, sample_size, settings_dict)
@@ -97,6 +97,8 @@ def plan_eval(ws: Workspace, config: Config, *, run: str | None = None,
         found = resolve_checkpoint(runs_dir, checkpoint, run=run)
         run_dir = run_of_checkpoint(found)
         checkpoints = [found]
+    for found in checkpoints:  # every file against its manifest, before anything is loaded
+        verify_checkpoint(found)
     default = eval_dir(run_dir) if run_dir is not None else ws.root / EVAL / checkpoints[0].name
     return EvalPlan(family, run_dir, checkpoints, Path(out_dir or default))
 

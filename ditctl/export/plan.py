@@ -16,8 +16,8 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError, ExportError
 from ..runs import (ADAPTER_CONFIG, TRAINABLE_FILE, checkpoint_holds, checkpoint_step,
-                    read_checkpoint_meta, read_run_config, read_run_info, resolve_checkpoint,
-                    run_of_checkpoint)
+                    read_run_config, read_run_info, resolve_checkpoint, run_of_checkpoint,
+                    verify_checkpoint)
 from ..workspace import Workspace
 
 _SHARD_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*[KMGT]B\s*$", re.IGNORECASE)
@@ -54,7 +54,7 @@ def plan_export(ws: Workspace, config: Config, *, run: str | None = None,
     """
     settings = config.export
     checkpoint_dir = resolve_checkpoint(ws.runs_dir(config), checkpoint, run=run).resolve()
-    meta = read_checkpoint_meta(checkpoint_dir)
+    meta = verify_checkpoint(checkpoint_dir)  # every file against its manifest, up front
     run_dir = run_of_checkpoint(checkpoint_dir)
     run_name = run_dir.name if run_dir else checkpoint_dir.name
     step = checkpoint_step(checkpoint_dir, meta)

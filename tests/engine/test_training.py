@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_workspace  # noqa: E402
 
 from ditctl.errors import CheckpointError, TrainingError  # noqa: E402
-from ditctl.status import list_checkpoints  # noqa: E402
+from ditctl.runs import list_checkpoints  # noqa: E402
 from ditctl.train import run_training  # noqa: E402
 
 

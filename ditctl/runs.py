@@ -284,7 +284,7 @@ def _find(runs_dir: Path, text: str, run: str | Path | None) -> Path:
             have = ", ".join(str(step_of_name(p.name)) for p in list_checkpoints(run_dir))
             raise CheckpointError(f"run {run_dir.name} has no checkpoint {checkpoint_name(step)}",
                                   hint=f"its checkpoints are at steps: {have or 'none yet'}")
-        if run is None and is_run(runs_dir / text):
+        if is_run(runs_dir / text):
             return latest_checkpoint(runs_dir / text)
     raise CheckpointError(f"no checkpoint {text!r}",
                           hint="give a step (100), a checkpoint name (step-000100), a run name, "

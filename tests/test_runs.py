@@ -97,7 +97,10 @@ def test_the_latest_run_without_a_checkpoint_is_named_not_skipped(runs_dir):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir):
     """Run r with LoRA checkpoints at steps 100 and 200 (200 is the latest)."""
-    ws = make_workspace(tmp_path_factory.mktemp("runs") / "w", tiny_model_dir)
+    ws = make_workspace(tmp_path_factory.mktemp("runs") / "w", tiny_model_dir,
+                        train={"eval_batch_size": 2})
+    with open(ws.root / "project.toml", "a") as fh:  # one validation timestep: quick
+        fh.write("\n[eval]\ntimestep_quantiles = [0.5]\n")
     run_ingest(ws, ws.config())
     run = ws.root / "runs" / "r"
     (run / "checkpoints").mkdir(parents=True)

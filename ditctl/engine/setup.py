@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..config import Config
 from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
+from ..runs import is_complete_checkpoint, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,11 +85,14 @@ def build_denoiser(family: ModelFamily, config: Config) -> torch.nn.Module:
     return denoiser
 
 
-def _adapter_folder(path: str):
-    from pathlib import Path
-
+def _adapter_folder(path: str) -> Path:
+    """The folder of [lora] lora_checkpoint (a PEFT adapter folder or a ditctl checkpoint,
+    whose files are then checked against its manifest like any other load)."""
     folder = Path(path)
-    return folder if folder.is_dir() else folder.parent
+    folder = folder if folder.is_dir() else folder.parent
+    if is_complete_checkpoint(folder):
+        verify_checkpoint(folder)
+    return folder
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,12 @@ def test_checkpoints_written_before_manifests_load_with_a_warning(cli, lora_temp
     (checkpoint / "adapter_config.json").unlink()  # an old LoRA checkpoint must still have it
     result = cli("export", "-w", root, "--name", "again")
     _one_line_refusal(result, "adapter_config.json is missing", "step-000001")
+
+
+def test_starting_from_a_damaged_lora_checkpoint_is_refused(cli, lora_template, tmp_path):
+    root, checkpoint = _copy(lora_template, tmp_path)
+    _flip_a_byte(checkpoint / "lora.safetensors")
+    result = cli("train", "-w", root, "--lora-checkpoint", checkpoint, "--run-name", "from",
+                 "--max-steps", "1")
+    _one_line_refusal(result, "lora.safetensors", "does not match")
+    assert not (root / "runs" / "from").exists()

@@ -6,6 +6,7 @@ printed. (Issue 14, item 10.)"""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,19 +27,32 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture()
-def workspace(cli, tmp_path, tiny_model_dir) -> Path:
-    """Run A finished at step 2; then run B started and was killed before its first checkpoint
-    (its folder as training creates it: config.toml, run.json, no checkpoint)."""
-    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=4, lora=LORA)
-    result = cli("train", "-w", ws.root, "--max-steps", "2", "--run-name", "A")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir) -> Path:
+    """A workspace whose run A finished at step 2."""
+    from typer.testing import CliRunner
+
+    from ditctl.cli.app import app
+
+    ws = make_workspace(tmp_path_factory.mktemp("resume") / "w", tiny_model_dir, n_train=4,
+                        lora=LORA)
+    result = CliRunner().invoke(app, ["train", "-w", str(ws.root), "--max-steps", "2",
+                                      "--run-name", "A"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    config = Workspace(ws.root).config({"train.run_name": "B"})
-    new_run(ws.runs_dir(config), config, {"seed": 7})
     return ws.root
+
+
+@pytest.fixture()
+def workspace(trained, tmp_path) -> Path:
+    """Run A finished at step 2; then run B started and was killed before its first checkpoint
+    (its folder as training creates it: config.toml, run.json, no checkpoint)."""
+    root = shutil.copytree(trained, tmp_path / "w", symlinks=True)
+    config = Workspace(root).config({"train.run_name": "B"})
+    new_run(Workspace(root).runs_dir(config), config, {"seed": 7})
+    return root
 
 
 def _steps(root: Path, run: str) -> list[str]:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ sys.path.insert(0, str(REPO))
 from bench import common  # noqa: E402
 from bench.run import BENCHMARKS, parse_args, run_one  # noqa: E402
 
-QUICK_LIMIT_S = 180  # the budget for the CI smoke run on 2 cores
+HANG_GUARD_S = 1800  # a hung run fails instead of blocking the suite; the time is not checked
 
 
 def _env() -> dict:
@@ -26,20 +25,18 @@ def _env() -> dict:
             "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_quick_run_records_every_benchmark_and_leaves_the_real_results_alone(tmp_path):
     real_results = REPO / "bench" / "RESULTS.md"
     before = real_results.read_bytes() if real_results.exists() else None
     results_md, report_json = tmp_path / "RESULTS.md", tmp_path / "report.json"
     results_md.write_text("# kept\n\nearlier block\n")
 
-    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--results", str(results_md),
                            "--json", str(report_json)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=QUICK_LIMIT_S + 120)
-    elapsed = time.perf_counter() - started
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert elapsed < QUICK_LIMIT_S, f"quick run took {elapsed:.0f} s"
     report = json.loads(report_json.read_text())
     assert report["quick"] is True
     assert list(report["benchmarks"]) == list(BENCHMARKS)
@@ -80,6 +77,7 @@ def test_quick_run_records_every_benchmark_and_leaves_the_real_results_alone(tmp
     assert after == before
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_writes_its_json(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke",
                            "--no-compile"], cwd=tmp_path, env={**_env(), "OUT": str(tmp_path)},

@@ -391,6 +391,7 @@ def committed_latents(index_path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, monkeypatch):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=10, data={"random_flip": True},
                         precompute={"batch_size": 2})
@@ -402,10 +403,10 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
     process = subprocess.Popen([sys.executable, str(script), str(ws.root)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        hang_guard = time.monotonic() + 600  # only a hung run fails here; speed is not checked
         while committed_latents(index_path) < 4:
             assert process.poll() is None, "precompute ended before it could be killed"
-            assert time.monotonic() < deadline, "precompute made no progress"
+            assert time.monotonic() < hang_guard, "precompute hung"
             time.sleep(0.02)
         time.sleep(0.05)  # somewhere inside the next encode or write
     finally:

@@ -237,6 +237,7 @@ def test_eval_report_is_self_contained(evaluated):
         assert text in page
 
 
+@pytest.mark.slow
 def test_eval_report_renders_in_headless_chromium(evaluated, tmp_path):
     """The report's images must be visible in a real browser: the screenshot holds the
     comparison grid's colourful pixels. (Without Chromium: open report.html offline by hand.)"""

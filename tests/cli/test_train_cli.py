@@ -119,6 +119,7 @@ def test_dry_run_plans_without_training(tmp_path, tiny_model_dir, cli, monkeypat
     assert not (ws.root / "runs").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     logs = []
@@ -135,6 +136,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_model
     assert logs[0] == pytest.approx(logs[1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir):
     ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=8,
                         lora={"use_lora": True, "train_only_lora": True, "lora_rank": 4})

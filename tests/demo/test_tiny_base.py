@@ -48,6 +48,7 @@ def test_the_shipped_folder_is_small_complete_and_loads_as_fp32():
     assert dit.final_proj.weight.abs().max() > 0
 
 
+@pytest.mark.slow
 def test_base_draws_the_trained_colours_and_shapes(base):
     """The acceptance measurement itself: every trained colour x shape, 4 seeds each."""
     family, denoiser, vae, text_encoder = base
@@ -76,6 +77,7 @@ def test_init_tiny_copies_the_shipped_model(tmp_path):
     assert copied.text_encoder_identity() == shipped.text_encoder_identity()
 
 
+@pytest.mark.slow
 def test_example_lora_teaches_the_held_out_colour(tmp_path):
     """The demo's LoRA run (`ditctl train --lora` with the example's settings; no samples or
     evaluation during training): the held-out colour appears, the trained ones stay."""

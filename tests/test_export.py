@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -157,6 +159,99 @@ def test_pipeline_loads_through_diffusers_as_the_reference_pipeline_does(lora_ws
     assert type(pipeline.text_encoder).__name__ == "T5EncoderModel"
     expected = run_model(load_denoiser(load_family(tiny_model_dir), checkpoint))
     assert relative_error(run_model(pipeline.dit_model), expected) < 1e-5
+
+
+def flite_reference_dit_class():
+    """A stand-in of F-Lite's own `f_lite.model.DiT` as far as loading goes: its RoPE module
+    registers `freqs_hw_cos` / `freqs_hw_sin` [512, 512, head_dim/2] as persistent buffers and
+    loads them like any other state (ditctl's DiT recomputes them and drops them on load)."""
+    from torch import nn
+
+    from ditctl.models.flite_dit import DiT as DitctlDiT, RoPE2D
+
+    class BufferedRoPE(RoPE2D):
+        def __init__(self, head_dim: int, base: float):
+            super().__init__(head_dim, base)
+            for name in ("freqs_hw_cos", "freqs_hw_sin"):  # filled by the checkpoint, or NaN
+                self.register_buffer(name, torch.full((512, 512, head_dim // 2), float("nan")))
+
+        def _save_to_state_dict(self, *args):
+            nn.Module._save_to_state_dict(self, *args)
+
+        def _load_from_state_dict(self, *args, **kwargs):
+            nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    class DiT(DitctlDiT):  # the class name model_index.json names
+        @functools.wraps(DitctlDiT.__init__)  # diffusers reads the config keys off the signature
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rope = BufferedRoPE(self.config.hidden_size // self.config.num_heads,
+                                     self.config.rope_base)
+
+    return DiT
+
+
+def strip_rope_buffers(dit_dir: Path) -> None:
+    """Rewrite a single-file dit_model/ without the RoPE buffers (as ditctl wrote it before)."""
+    from safetensors.torch import save_file
+
+    file = dit_dir / "diffusion_pytorch_model.safetensors"
+    weights = {k: v for k, v in load_file(file).items() if not k.startswith("rope.")}
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def test_export_loads_into_flites_dit_class_without_missing_weights(lora_ws, tiny_model_dir,
+                                                                     tmp_path):
+    """F-Lite's DiT registers its RoPE tables as persistent buffers, so its from_pretrained
+    reports them missing ("Some weights of DiT were not initialized ... TRAIN this model") unless
+    the folder holds them. An export holds them, with the values F-Lite computes."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from tests.models.test_flite_dit import reference_rope_buffers
+
+    reference_dit = flite_reference_dit_class()
+    ws, _ = lora_ws
+    result = export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "bf16"}))
+    dit_dir = result.path / "dit_model"
+    config = json.loads((dit_dir / "config.json").read_text())
+    expected = reference_rope_buffers(config)
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    captured = []
+    handler = type("Capture", (logging.Handler,),
+                   {"emit": lambda self, record: captured.append(record.getMessage())})()
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        for low_cpu_mem_usage in (True, False):
+            model, info = reference_dit.from_pretrained(
+                dit_dir, output_loading_info=True, low_cpu_mem_usage=low_cpu_mem_usage)
+            assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+            for name, table in expected.items():  # bf16 export: F-Lite's fp32 values, cast
+                torch.testing.assert_close(model.state_dict()[name], table.to(torch.bfloat16).float(),
+                                           rtol=0, atol=0, msg=name)
+        assert not [m for m in captured if "not initialized" in m], captured
+
+        # The control: the same folder without the buffers is what F-Lite complains about.
+        copy = tmp_path / "without-rope"
+        shutil.copytree(dit_dir, copy)
+        strip_rope_buffers(copy)
+        _, info = reference_dit.from_pretrained(copy, output_loading_info=True,
+                                                low_cpu_mem_usage=False)
+        assert sorted(info["missing_keys"]) == ["rope.freqs_hw_cos", "rope.freqs_hw_sin"]
+        assert [m for m in captured if "not initialized" in m and "rope.freqs_hw_sin" in m]
+        # ... and ditctl still loads it, predicting exactly what the full export predicts
+        torch.testing.assert_close(run_model(load_ditctl_dit(copy)),
+                                   run_model(load_ditctl_dit(dit_dir)), rtol=0, atol=0)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def load_ditctl_dit(folder: Path):
+    from ditctl.models.flite_dit import DiT
+
+    return DiT.from_pretrained(folder)
 
 
 def test_sharded_export_without_encoder_copies_loads(lora_ws, tiny_model_dir):

@@ -71,7 +71,7 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
 
     if model not in BUILTIN_MODELS:
-        from .models.flite import validate_folder
+        from .models.flite_layout import validate_folder
 
         model_path = Path(model).expanduser().resolve()
         validate_folder(model_path)

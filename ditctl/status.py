@@ -35,9 +35,10 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"workspace": str(ws.root)}
 
     try:
-        from .models.registry import load_family
-        family = load_family(ws.model_path(config), config.model.family)
-        summary["model"] = {"path": str(family.path), "family": family.name, "ok": True}
+        from .models.registry import check_folder  # checks the layout without importing torch
+        path = ws.model_path(config).resolve()
+        summary["model"] = {"path": str(path), "family": check_folder(path, config.model.family),
+                            "ok": True}
     except DitctlError as exc:
         summary["model"] = {"path": config.model.pretrained_model_path, "ok": False,
                             "problem": str(exc)}

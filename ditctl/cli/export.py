@@ -34,10 +34,10 @@ def export(
     *,
     overrides,
 ) -> None:
-    from ..export import export_checkpoint  # torch/peft only when the command runs
-
     ws = Workspace.find(workspace)
     config = ws.config(overrides)
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..export import export_checkpoint
     # --format on the command line asks for the adapter alone (an error for a full run)
     lora_only = True if "export.format" in overrides else None
     with ws.lock("export"):

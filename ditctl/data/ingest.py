@@ -180,7 +180,10 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
                                          [facts[p] for p in sorted(listed) if p in facts], meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
-    ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path)})
+    # the data actually ingested (a --train-data-path flag may differ from project.toml)
+    ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
+                               "train_data_path": origin["train"],
+                               "val_data_path": origin["val"] or None})
     return summary
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -444,7 +445,9 @@ def test_parity_failure_fails_the_export_and_leaves_nothing(lora_ws, monkeypatch
         return merged
 
     monkeypatch.setattr(merge, "merge_lora", corrupting_merge)
-    with pytest.raises(ExportError, match="parity check failed"):
+    with pytest.raises(ExportError, match=r"parity check failed: .*: relative difference \S+ > "
+                                          r"limit 0\.0001 \(fp32 weights; max abs diff \S+\); "
+                                          "nothing was written"):
         export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "fp32"}))
     assert _leftovers(ws) == []
     # --no-verify writes it anyway (the check is what caught it)
@@ -459,6 +462,11 @@ def test_parity_tolerance_depends_on_dtype_and_scale():
     assert compare(reference, reference + 0.1, "bf16").passed is False
     assert compare(reference * 100, reference * 100 + 1e-3, "fp32").passed is True
     assert compare(reference, torch.full_like(reference, float("nan")), "bf16").passed is False
+    # the line names the number that is tested, the limit, and which side of it it is
+    assert compare(reference, reference + 0.1, "bf16").describe() == \
+        "relative difference 0.025 > limit 0.02 (bf16 weights; max abs diff 0.1)"
+    assert compare(reference, reference + 0.04, "bf16").describe() == \
+        "relative difference 0.01 <= limit 0.02 (bf16 weights; max abs diff 0.04)"
 
 
 def test_existing_export_is_refused_unless_forced(lora_ws):
@@ -520,7 +528,8 @@ def test_model_card_lists_base_data_config_metrics_samples_licence_usage(lora_ws
     assert (result.path / "samples.png").read_bytes() == b"step-000010"  # this step's grid
     assert f"ditctl sample --model {result.path}" in card
     assert "LoRA rank 4, alpha 4" in card and "merged into the DiT weights" in card
-    assert "Export check:" in card
+    assert re.search(r"Export check passed: .* relative difference \S+ <= limit 0\.02 \(bf16 "
+                     r"weights; max abs diff \S+\)", card)
 
 
 def test_hub_id_only_for_models_in_the_hugging_face_cache():

@@ -46,9 +46,8 @@ def export(
     if json_output:
         console.print(json.dumps(result.to_dict(), indent=2), markup=False)
         return
-    check = (f"parity max diff {result.parity.max_abs_diff:.3g} "
-             f"(relative {result.parity.relative_diff:.2g}, allowed {result.parity.tolerance:g})"
-             if result.parity else "parity check skipped (--no-verify)")
+    check = (f"parity passed: {result.parity.describe()}" if result.parity
+             else "parity check skipped (--no-verify)")
     console.print(f"exported [bold]{escape(result.name)}[/] ({result.kind}, {result.format}, "
                   f"{result.dtype}) from {escape(result.run)} step {result.step}")
     console.print(f"  {escape(str(result.path))}")

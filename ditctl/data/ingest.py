@@ -434,7 +434,8 @@ def print_bad_rows(summary: IngestSummary) -> None:
 def _plan_table(split: str, plan: BucketPlan) -> Table:
     table = Table(title=f"{split}: {plan.mode} targets, batch size {plan.batch_size}",
                   title_justify="left",
-                  caption=f"{plan.batches_per_epoch} batches per epoch (partial batches kept); "
+                  caption=f"{plan.batches_per_epoch} batches per epoch (the trainer fills a "
+                          "bucket's last batch up with other images of the bucket); "
                           f"{plan.merges} small bucket(s) merged; {len(plan.dropped)} image(s) "
                           "dropped" + (" (too small, listed above)" if plan.dropped else ""),
                   caption_justify="left")

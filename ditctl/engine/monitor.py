@@ -65,8 +65,7 @@ class Monitor:
         if not self.main:
             yield _Bar(None)
             return
-        with console.progress("training", total, unit="step") as task:
-            task.done = done
+        with console.progress("training", total, unit="step", done=done) as task:
             yield _Bar(task)
 
     def log_step(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, lr: float,

@@ -15,8 +15,6 @@ from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 
 T = TypeVar("T")
 
@@ -71,10 +69,14 @@ class ProgressTask:
         self.started = time.perf_counter()
         self._last_line = self.started
         self.rich = output.err.is_terminal and not output.quiet
-        self._progress: Progress | None = None
+        self._progress = None  # a rich Progress, on a terminal
 
     def __enter__(self) -> "ProgressTask":
         if self.rich:
+            # imported here: commands that show no progress (status, --help) start faster
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),

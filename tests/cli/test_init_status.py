@@ -86,6 +86,14 @@ def test_errors_are_one_line_with_a_next_step(tmp_path, cli, monkeypatch):
     assert "Traceback" not in result.stderr
 
 
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkspaceError, match="no workspace here"):
+        cli("--debug", "status")
+    result = cli("status")  # the flag does not stick to later commands
+    assert result.exit_code == 1 and result.stderr.startswith("error: no workspace here")
+
+
 def test_help_lists_every_command_with_a_one_line_help(cli):
     from ditctl.cli.app import app
 

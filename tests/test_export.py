@@ -192,6 +192,17 @@ def flite_reference_dit_class():
     return DiT
 
 
+class CollectMessages(logging.Handler):
+    """Keeps the text of every log record it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def strip_rope_buffers(dit_dir: Path) -> None:
     """Rewrite a single-file dit_model/ without the RoPE buffers (as ditctl wrote it before)."""
     from safetensors.torch import save_file
@@ -219,9 +230,8 @@ def test_export_loads_into_flites_dit_class_without_missing_weights(lora_ws, tin
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_warning()
-    captured = []
-    handler = type("Capture", (logging.Handler,),
-                   {"emit": lambda self, record: captured.append(record.getMessage())})()
+    handler = CollectMessages()
+    captured = handler.messages
     diffusers_logging.get_logger("diffusers").addHandler(handler)
     try:
         for low_cpu_mem_usage in (True, False):
@@ -229,8 +239,9 @@ def test_export_loads_into_flites_dit_class_without_missing_weights(lora_ws, tin
                 dit_dir, output_loading_info=True, low_cpu_mem_usage=low_cpu_mem_usage)
             assert info["missing_keys"] == [] and info["unexpected_keys"] == []
             for name, table in expected.items():  # bf16 export: F-Lite's fp32 values, cast
-                torch.testing.assert_close(model.state_dict()[name], table.to(torch.bfloat16).float(),
-                                           rtol=0, atol=0, msg=name)
+                torch.testing.assert_close(model.state_dict()[name],
+                                           table.to(torch.bfloat16).float(), rtol=0, atol=0,
+                                           msg=name)
         assert not [m for m in captured if "not initialized" in m], captured
 
         # The control: the same folder without the buffers is what F-Lite complains about.

@@ -43,8 +43,9 @@ def _data_cell(data: dict, root: Path) -> str:
     """What the last ingest read and found; what project.toml names, where it differs."""
     ingest = data["ingest"]
     if not ingest:
-        return escape(data["train_data_path"] or "") + " — not ingested" \
-            if data["train_data_path"] else "[yellow]not set[/]"
+        if not data["train_data_path"]:
+            return "[yellow]not set[/]"
+        return escape(data["train_data_path"]) + " — not ingested"
     # state files written before ingest recorded its paths: project.toml's are the best guess
     train = ingest.get("train_data_path", data["train_data_path"])
     val = ingest.get("val_data_path", data["val_data_path"])

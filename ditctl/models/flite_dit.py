@@ -126,7 +126,7 @@ class RoPE2D(nn.Module):
                           cols[None, :, :].expand(grid_h, grid_w, -1)], dim=-1)  # [gh, gw, dim]
 
     def _tables(self, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
-        angles = self._grid_angles(grid_h, grid_w).reshape(grid_h * grid_w, -1)  # [T, dim], row-major
+        angles = self._grid_angles(grid_h, grid_w).reshape(grid_h * grid_w, -1)  # [T, dim]
         # Registers: angle 0, i.e. cos=1, sin=0, so attention to and from them is position-free.
         cos = torch.cat([torch.ones(NUM_REGISTERS, self.dim), angles.cos()])  # [16 + T, dim]
         sin = torch.cat([torch.zeros(NUM_REGISTERS, self.dim), angles.sin()])  # [16 + T, dim]

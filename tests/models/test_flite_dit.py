@@ -409,7 +409,8 @@ def reference_rope_buffers(cfg: dict) -> dict[str, torch.Tensor]:
     inv_freq[j] = 1/base^(2j/dim) built from Python floats, all in fp32; no register rows."""
     dim = cfg["hidden_size"] // cfg["num_heads"] // 2
     base = cfg.get("rope_base", 10000)
-    inv_freq = torch.tensor([1.0 / base ** (2 * j / dim) for j in range(dim // 2)], dtype=torch.float32)
+    inv_freq = torch.tensor([1.0 / base ** (2 * j / dim) for j in range(dim // 2)],
+                            dtype=torch.float32)  # [dim/2]
     pos = torch.arange(512, dtype=torch.float32)
     rows = (pos[:, None] * inv_freq[None, :])[:, None, :].repeat(1, 512, 1)  # [512, 512, dim/2]
     cols = (pos[:, None] * inv_freq[None, :])[None, :, :].repeat(512, 1, 1)  # [512, 512, dim/2]

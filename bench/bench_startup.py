@@ -4,9 +4,9 @@
 
 Builds a workspace as the demo does (`ditctl init --model tiny --example`, then `ditctl
 ingest`), then runs each command the way a user does: the `ditctl` script in a fresh process,
-output discarded, `repeats` times (5; --quick: 1) after one warm-up run (page cache): wall-clock
-seconds, and the CPU seconds (user + system) of the process, which other work on a shared
-machine inflates far less than the wall clock. Side by side in the same run:
+output discarded, `repeats` times (5; --quick: 1) after one warm-up run (page cache; none
+with --quick): wall-clock seconds, and the CPU seconds (user + system) of the process, which
+other work on a shared machine inflates far less than the wall clock. Side by side:
   python_floor   `python -c pass`: the interpreter's own start-up, the floor for any command
   ml_imports     `python -c "import torch, diffusers, transformers, peft"`: what `status` used
                  to import before its first line (not measured with --quick)
@@ -50,9 +50,10 @@ def run_quietly(argv: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
-def timed(argv: list[str], cwd: Path, repeats: int) -> dict:
-    """One warm-up run, then `repeats` runs: median and best wall-clock and CPU seconds."""
-    run_quietly(argv, cwd)
+def timed(argv: list[str], cwd: Path, repeats: int, warmup: bool = True) -> dict:
+    """A warm-up run, then `repeats` runs: median and best wall-clock and CPU seconds."""
+    if warmup:
+        run_quietly(argv, cwd)
     wall, cpu = [], []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -78,9 +79,9 @@ def run(quick: bool) -> dict:
         state = json.loads((ws / ".ditctl" / "state.json").read_text())["ingest"]
         for args in COMMANDS.values():
             rows.append({"command": f"ditctl {' '.join(args)}",
-                         **timed([*ditctl, *args], ws, repeats)})
+                         **timed([*ditctl, *args], ws, repeats, warmup=not quick)})
         rows.append({"command": "python -c pass",
-                     **timed([sys.executable, "-c", "pass"], ws, repeats)})
+                     **timed([sys.executable, "-c", "pass"], ws, repeats, warmup=not quick)})
         if not quick:
             rows.append({"command": f'python -c "{ML_IMPORTS}"',
                          **timed([sys.executable, "-c", ML_IMPORTS], ws, 3)})

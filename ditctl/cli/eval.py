@@ -44,11 +44,11 @@ def eval_command(
     *,
     overrides: dict[str, Any],
 ) -> None:
-    from ..evaluation.evaluate import compare_runs, image_metrics, plan_eval, run_eval
-    from ..evaluation.report import metrics_rows
-
     ws = Workspace.find(workspace)
     config = ws.config(absolute_paths(overrides))
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..evaluation.evaluate import compare_runs, image_metrics, plan_eval, run_eval
+    from ..evaluation.report import metrics_rows
     if compare or runs:
         runs = list(runs or [])
         if not compare or len(runs) != 2:

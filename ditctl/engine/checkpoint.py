@@ -2,7 +2,7 @@
 
 What a checkpoint folder holds, and how it is found and checked, is `ditctl.runs`. A checkpoint
 is built in a temporary folder, every file hashed while it is written, `checkpoint.json` (with
-the manifest) last, and the folder renamed into place: a killed save leaves the previous
+the manifest and the monitor's smoothed loss) last, and the folder renamed into place: a killed save leaves the previous
 checkpoints intact and `latest` never picks a torn one. Old checkpoints are pruned only after
 the new one is complete. Frozen base weights are never saved.
 """

@@ -81,12 +81,12 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     trainable = [p for p in ctx.denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, train)
     scheduler = build_scheduler(optimizer, train, schedule.total_steps)
-    position = Position(0, 0, 0)
+    position, resumed_meta = Position(0, 0, 0), {}
     if resume_from is not None:
-        position, _ = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
+        position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
         console.info(f"resumed from {resume_from} at step {position.step}")
     model, optimizer = acc.prepare(ctx.denoiser, optimizer)
-    monitor = Monitor(ctx, start_step=position.step)
+    monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)
     consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
@@ -161,7 +161,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             if train.eval_every and step % train.eval_every == 0:
                 monitor.evaluate(model, step)
             if finite and (step % train.checkpoint_every == 0 or final):
-                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler)
+                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor)
             if stop["stop"]:
                 break
     monitor.close()
@@ -175,14 +175,14 @@ def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[in
     return epoch + 1, 0
 
 
-def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer,
-                scheduler) -> Path | None:
+def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer, scheduler,
+                monitor: Monitor) -> Path | None:
     acc = ctx.accelerator
     acc.wait_for_everyone()
     folder = None
     if acc.is_main_process:
+        meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}
         folder = save_checkpoint(ctx.run.folder, position, acc.unwrap_model(model), optimizer,
-                                 scheduler, ctx.checkpoint_meta(),
-                                 keep=ctx.config.train.checkpoints_total_limit)
+                                 scheduler, meta, keep=ctx.config.train.checkpoints_total_limit)
     acc.wait_for_everyone()
     return folder

@@ -86,7 +86,8 @@ class TrainingContext:
     def checkpoint_meta(self) -> dict:
         return {"base_identity": self.info["base_identity"], "config_hash": self.config.hash(),
                 "manifest_fingerprint": self.info["manifest_fingerprint"], "seed": self.seed,
-                "lora": self.config.lora.use_lora, "run": self.run.name}
+                "lora": self.config.lora.use_lora, "run": self.run.name,
+                "base_precision": self.info.get("base_precision", "fp32")}
 
 
 def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
@@ -174,8 +175,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     from .engine.loop import train_loop
     from .engine.plan import memory_advice, training_plan
     from .engine.run import find_resume_checkpoint, new_run, open_run_for_resume
-    from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, process_state,
-                               resolve_seed, step_batch_size)
+    from .engine.setup import (base_storage, build_denoiser, make_accelerator, plan_schedule,
+                               process_state, resolve_seed, step_batch_size)
     from .errors import TrainingError
 
     family = load_family(ws.model_path(config), config.model.family)
@@ -196,12 +197,14 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
+    info["base_precision"] = base_storage(config)
 
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
-    denoiser = build_denoiser(family, config)
-    if dry_run:
-        return TrainOutcome(plan=training_plan(schedule, denoiser, family.dit_config(), config,
+    if dry_run:  # shapes only: the plan reads no weights
+        skeleton = build_denoiser(family, config, device="meta")
+        return TrainOutcome(plan=training_plan(schedule, skeleton, family.dit_config(), config,
                                                info["buckets"], world))
+    denoiser = build_denoiser(family, config, device=state.device)
 
     run = None
     if state.is_main_process:

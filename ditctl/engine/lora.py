@@ -8,7 +8,9 @@ state dict with keys like `blocks.0.self_attn.qkv.lora_A.weight`.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -148,3 +150,20 @@ def set_lora_scale(denoiser: torch.nn.Module, scale: float) -> None:
     for module in denoiser.modules():
         if isinstance(module, LoraLayer):
             module.scale_layer(scale)
+
+
+@contextmanager
+def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
+    """The base model's predictions: every adapter skipped for the duration (nothing changes,
+    requires_grad included)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, previous):
+            m._disable_adapters = value

@@ -62,7 +62,7 @@ def check_base_precision(base_precision: str, *, frozen_base: bool) -> None:
         except ImportError as exc:
             raise ConfigError(f"[lora] base_precision = '{base_precision}' needs torchao, which "
                               f"failed to import ({exc})",
-                              hint="pip install 'torchao>=0.16', or use --base-precision nf4"
+                              hint="pip install 'torchao>=0.18', or use --base-precision nf4"
                               ) from None
     if base_precision == "nf4":
         try:

@@ -30,7 +30,8 @@ from .models.base import LatentDist, ModelFamily
 from .sampling import (PromptEmbeddings, default_prompts_file, encode_prompts,
                        free_accelerator_memory, generate, inference_context, inference_device,
                        inference_dtype, locate_checkpoint, param_dtype, plan_images, read_prompts,
-                       resolve_shift, run_of_checkpoint, sample_size, settings_dict)
+                       resolve_shift, run_of_checkpoint, sample_size, settings_dict,
+                       text_encoder_device)
 from .status import list_checkpoints
 from .workspace import Workspace
 
@@ -368,13 +369,13 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     # encoder is never loaded), else encoded here; the text encoder is freed before any DiT.
     from .data.batches import OnTheFlySource
 
-    vae = family.load_vae(torch.float32).to(device)
+    vae = family.load_vae(torch.float32, device)
     texts = prompts + ([settings.negative_prompt] if settings.negative_prompt else [])
     source, text_source = cached_inputs(ws, config, family, validation.rows, texts)
     source_how = "read from the precompute cache" if source is not None else "encoded on the fly"
     text_encoder = None
     if source is None or (prompts and text_source is None):
-        text_encoder = family.load_text_encoder(dtype).to(device)
+        text_encoder = family.load_text_encoder(dtype, text_encoder_device(settings, device))
     inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data),
                                 validation.rows)
     embeddings = None
@@ -390,7 +391,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     for model in models:
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
-                                 dtype=dtype).to(device)
+                                 dtype=dtype, device=device)
         model.loss = validation_loss(family, denoiser, validation.rows, inputs,
                                      config.eval.timestep_quantiles, VALIDATION_SEED,
                                      config.train.eval_batch_size,

@@ -143,7 +143,16 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
         return CachedSource(Cache.open(ws, config, family))
     console.info("encoding images and captions on the fly (run `ditctl precompute` and train "
                  "with --use-precomputed-data to skip the VAE and text encoder)")
-    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(), config.data)
+    text_device = "cpu" if config.train.text_encoder_device == "cpu" else process_device()
+    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(device=text_device),
+                          config.data)
+
+
+def process_device() -> torch.device:
+    """This process's accelerator (its rank's GPU), or the CPU."""
+    from .engine.setup import process_state
+
+    return process_state().device
 
 
 def run_info(ws: Workspace, config: Config, family: ModelFamily, rows, seed: int,
@@ -205,6 +214,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         return TrainOutcome(plan=training_plan(schedule, skeleton, family.dit_config(), config,
                                                info["buckets"], world))
     denoiser = build_denoiser(family, config, device=state.device)
+    if config.lora.offload_base_blocks:
+        from .engine.offload import stream_base_blocks
+
+        stream_base_blocks(denoiser, state.device)
 
     run = None
     if state.is_main_process:

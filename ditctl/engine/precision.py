@@ -99,22 +99,34 @@ def quantizer(precision: str):
 
 class _DequantizingLinear(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized on the fly. The weight is frozen, so the backward needs
-    only W (dequantized again), not x: nothing is saved but a reference to the layer."""
+    only W (dequantized again), not x: nothing is saved but a reference to the stored weight
+    this forward used (with block streaming, the accelerator copy, which the layer itself may
+    no longer point at by the time the backward runs)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
         dtype = _compute_dtype(x)
-        ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
+        ctx.weight, ctx.precision, ctx.dtype, ctx.input_dtype = \
+            layer.weight, layer.precision, dtype, x.dtype
         bias = None if layer.bias is None else layer.bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), layer.dequantized(dtype), bias)
+            return F.linear(x.to(dtype), dequantize(layer.weight, layer.precision, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         with torch.autocast(grad.device.type, enabled=False):
-            weight = ctx.layer.dequantized(ctx.dtype)  # [out, in]
+            weight = dequantize(ctx.weight, ctx.precision, ctx.dtype)  # [out, in]
             grad_x = grad.to(ctx.dtype) @ weight  # [..., in]
         return grad_x.to(ctx.input_dtype), None
+
+
+def dequantize(weight: torch.Tensor, precision: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored quantized weight [out, in] as a fresh `dtype` tensor."""
+    if precision == "nf4":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.dequantize().to(dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -157,11 +169,7 @@ class QuantizedLinear(nn.Linear):
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` (a fresh tensor each call)."""
-        if self.precision == "nf4":
-            import bitsandbytes.functional as bnbf
-
-            return bnbf.dequantize_4bit(self.weight.data, self.weight.quant_state).to(dtype)
-        return self.weight.dequantize().to(dtype)
+        return dequantize(self.weight, self.precision, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantizingLinear.apply(x, self)

@@ -143,6 +143,12 @@ class FLiteFamily:
         vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
 
+    def text_tokens(self) -> int:
+        """Text states per prompt (the DiT attends to all of them, padding included)."""
+        from transformers import T5TokenizerFast
+
+        return self.text_max_length(T5TokenizerFast.from_pretrained(self.path / "tokenizer"))
+
     @staticmethod
     def text_max_length(tokenizer: Any) -> int:
         return int(min(tokenizer.model_max_length, MAX_TEXT_TOKENS))

@@ -1,0 +1,222 @@
+"""The `--dry-run` memory plan against measurement, at F-Lite's full width.
+
+    python -m bench memory_plan [--quick] [--threads 1]
+
+Builds F-Lite DiTs of the released width (hidden 3072, 12 heads of 256, text width 4096) with 1,
+2 and 4 blocks, written as sharded bf16 safetensors. Each point runs in a fresh process (see
+bench.common.measure_isolated: VmHWM above the RSS of an idle process that has imported
+everything): `build_denoiser` streams and quantizes the base (host RAM while loading is
+measured: its peak against the bytes of what was loaded), then one LoRA training step
+(rank 64, default targets, bf16 autocast, AdamW whose state exists already, batch 1, random
+"cached" latents and 512 text states as F-Lite's T5 gives) is measured and compared with
+`ditctl.engine.plan.memory_estimate` for the same shapes. Points: every base precision (bf16,
+fp8, int8, nf4) x 256 and 512 px x gradient checkpointing off/on at depths 1 and 2, and at
+256 px at depth 4 (the slope check). Target: every point within 10% of the plan.
+
+The per-block slope of the measurement (depth 2 - depth 1) extrapolates the released model
+(depth 40) at 1024 px, batch 1, checkpointing, from the cache; the plan computes the same
+configuration from the real model's skeleton (meta device, no weights).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (DitShape, RELEASED_FLITE, mb, measure_isolated, offline_environment,
+                          peak_rss_bytes, reset_peak_rss, rss_bytes, write_sharded_dit)
+
+PRECISIONS = ("bf16", "fp8", "int8", "nf4")
+TEXT_TOKENS = 512  # F-Lite's T5 length: the DiT attends to all 512 states
+LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 64, "lora_alpha": 64}
+FULL = dict(width=(3072, 12, 4096), depths=(1, 2), sizes=(256, 512), slope_depth=4,
+            slope_size=256, text_tokens=TEXT_TOKENS)
+QUICK = dict(width=(256, 4, 256), depths=(1, 2), sizes=(64,), slope_depth=None,
+             slope_size=64, text_tokens=32, precisions=("bf16", "nf4"))
+GIB = 2**30
+
+
+def run_config(precision: str, checkpointing: bool) -> dict:
+    return {"lora": {**LORA, "base_precision": precision},
+            "train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing,
+                      "train_batch_size": 1}}
+
+
+# --- measured in child processes --------------------------------------------------------------
+
+def train_point(model_dir: str, precision: str, size: int, checkpointing: bool,
+                text_tokens: int) -> dict[str, Any]:
+    """Load (streamed, quantized) and run one LoRA step; peaks above the idle baseline."""
+    import torch
+
+    from ditctl.config import build_config
+    from ditctl.engine.optim import build_optimizer
+    from ditctl.engine.precision import quantized_storage_bytes
+    from ditctl.engine.setup import build_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    baseline = rss_bytes()
+    family = FLiteFamily(Path(model_dir))
+    config = build_config(run_config(precision, checkpointing))
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_denoiser(family, config)
+    load_s = time.perf_counter() - started
+    load_peak = peak_rss_bytes() - baseline
+    loaded_bytes = quantized_storage_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, config.train)
+    for p in trainable:  # AdamW's state exists from the first step on: create it now
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(0)
+    latent = size // 8
+    x = torch.randn(1, 16, latent, latent, generator=generator)
+    text = torch.randn(1, text_tokens, model.config.cross_attn_input_size, generator=generator)
+    t = torch.rand(1, generator=generator)
+    before = rss_bytes() - baseline
+    reset_peak_rss()
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = model(x, text, t)
+    loss = (prediction.float() - x).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - started
+    return {"load_peak_bytes": load_peak, "loaded_bytes": loaded_bytes, "load_s": load_s,
+            "resident_before_step_bytes": before, "step_peak_bytes": peak_rss_bytes() - baseline,
+            "step_s": step_s}
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+def planned(model_dir: Path, precision: str, size: int, checkpointing: bool,
+            text_tokens: int) -> dict[str, int]:
+    from ditctl.config import build_config
+    from ditctl.engine.plan import memory_estimate
+    from ditctl.engine.setup import build_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    family = FLiteFamily(model_dir)
+    config = build_config(run_config(precision, checkpointing))
+    skeleton = build_denoiser(family, config, device="meta")
+    memory, _ = memory_estimate(skeleton, family.dit_config(), config, (size // 8, size // 8),
+                                text_tokens)
+    return {**memory, "total": sum(memory.values())}
+
+
+def released_plan(precision: str, size: int, text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
+    import torch
+
+    from ditctl.config import build_config
+    from ditctl.engine.lora import add_lora, freeze_base, peft_config
+    from ditctl.engine.plan import memory_estimate
+    from ditctl.models.flite_dit import DiT
+
+    config = build_config(run_config(precision, True))
+    dit_config = RELEASED_FLITE.config()
+    with torch.device("meta"):
+        skeleton = DiT(**dit_config)
+    add_lora(skeleton, peft_config(config.lora, ("qkv", "q", "context_kv", "proj")))
+    freeze_base(skeleton)
+    memory, _ = memory_estimate(skeleton, dit_config, config, (size // 8, size // 8),
+                                text_tokens)
+    return {**memory, "total": sum(memory.values())}
+
+
+def build_model(folder: Path, shape: DitShape) -> Path:
+    from bench.common import TINY_T5, TINY_VAE, build_bench_pipeline
+
+    import shutil
+
+    build_bench_pipeline(folder, DitShape(64, 1, 4, shape.text_dim), TINY_T5, TINY_VAE)
+    shutil.rmtree(folder / "dit_model")
+    write_sharded_dit(folder / "dit_model", shape)
+    return folder
+
+
+def run(quick: bool) -> dict[str, Any]:
+    offline_environment()
+    settings = QUICK if quick else FULL
+    precisions = settings.get("precisions", PRECISIONS)
+    hidden, heads, text_dim = settings["width"]
+    depths = sorted(set(settings["depths"]) | ({settings["slope_depth"]} - {None}))
+    started = time.perf_counter()
+    rows, results, plans = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
+        for depth in depths:
+            folder = build_model(Path(tmp) / f"d{depth}", DitShape(hidden, depth, heads, text_dim))
+            points = [(p, s, c) for p in precisions for c in (False, True)
+                      for s in (settings["sizes"] if depth in settings["depths"]
+                                else (settings["slope_size"],))]
+            for precision, size, ckpt in points:
+                label = (depth, precision, size, ckpt)
+                results[label] = measure_isolated({"point": ("bench.bench_memory_plan:train_point", dict(
+                    model_dir=str(folder), precision=precision, size=size, checkpointing=ckpt,
+                    text_tokens=settings["text_tokens"]))})["point"]
+                plans[label] = planned(folder, precision, size, ckpt, settings["text_tokens"])
+                measured = results[label]["step_peak_bytes"]
+                plan = plans[label]["total"]
+                rows.append({"depth": depth, "base": precision, "px": size,
+                             "checkpointing": ckpt, "measured_mib": mb(measured),
+                             "plan_mib": mb(plan), "plan_vs_measured": round(plan / measured, 3),
+                             "within_10pct": abs(plan / measured - 1) <= 0.10,
+                             "load_peak_mib": mb(results[label]["load_peak_bytes"]),
+                             "loaded_mib": mb(results[label]["loaded_bytes"]),
+                             "load_vs_loaded": round(results[label]["load_peak_bytes"]
+                                                     / results[label]["loaded_bytes"], 3),
+                             "step_s": round(results[label]["step_s"], 1)})
+                print(rows[-1], flush=True)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    extrapolated = []
+    if not quick:
+        for precision in precisions:
+            one = results[(1, precision, 512, True)]["step_peak_bytes"]
+            two = results[(2, precision, 512, True)]["step_peak_bytes"]
+            p1, p2 = plans[(1, precision, 512, True)]["total"], plans[(2, precision, 512, True)]["total"]
+            slope, plan_slope = two - one, p2 - p1
+            real = released_plan(precision, 1024)
+            at_512 = released_plan(precision, 512)
+            extrapolated.append({
+                "base": precision,
+                "measured_slope_mib_per_block_512px": mb(slope),
+                "plan_slope_mib_per_block_512px": mb(plan_slope),
+                "measured_extrapolated_gib_depth40_512px": round(
+                    (one + 39 * slope) / GIB, 2),
+                "plan_gib_depth40_512px": round(at_512["total"] / GIB, 2),
+                "plan_gib_depth40_1024px": round(real["total"] / GIB, 2),
+                "plan_1024px_by_component_gib": {k: round(v / GIB, 2) for k, v in real.items()},
+            })
+    targets = {"bf16": 28, "fp8": 16, "nf4": 12}
+    return {
+        "table": rows,
+        "tables": {"Released F-Lite (depth 40), batch 1, checkpointing, from the cache":
+                   [{k: v for k, v in e.items() if k != "plan_1024px_by_component_gib"}
+                    for e in extrapolated]},
+        "components_1024px": {e["base"]: e["plan_1024px_by_component_gib"] for e in extrapolated},
+        "model": f"hidden {hidden}, heads {heads}, text {text_dim}, depths {depths}",
+        "all_points_within_10pct": all(r["within_10pct"] for r in rows),
+        "max_load_vs_loaded": max(r["load_vs_loaded"] for r in rows),
+        **{f"target_{p}_1024px_le_{gb}gb": any(e["base"] == p and e["plan_gib_depth40_1024px"]
+                                               * GIB / 1e9 <= gb for e in extrapolated)
+           for p, gb in targets.items() if not quick},
+        "elapsed_s": round(time.perf_counter() - started),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

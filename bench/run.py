@@ -32,6 +32,8 @@ BENCHMARKS = {
     "training": ("bench.bench_training", "engine step vs a plain PyTorch loop; MFU"),
     "memory": ("bench.bench_memory", "peak memory: LoRA, 8-bit AdamW, checkpointing, cache"),
     "scaling": ("bench.bench_scaling", "step time and memory vs resolution and LoRA rank"),
+    "quantized_lora": ("bench.bench_quantized_lora", "the --example LoRA's concept score on "
+                       "fp32, fp8, nf4 and bf16 bases"),
     "memory_plan": ("bench.bench_memory_plan", "the --dry-run memory plan vs measured peaks, "
                     "full width, every base precision"),
 }

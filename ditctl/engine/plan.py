@@ -47,7 +47,6 @@ from .setup import Schedule
 WORKING_SET_PER_TOKEN_HIDDEN = 38
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 ROW_SCALE_BYTES = {"fp8": 4, "int8": 5}  # fp32 scale (+ int8 zero point) per output row
-STORAGE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,15 @@ def _linear_layers(denoiser: torch.nn.Module) -> list[tuple[str, int, int, bool]
 
 
 def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
-                      blocks_resident: int | None = None) -> int:
+                      blocks_resident: int | None = None, mixed_precision: str = "bf16") -> int:
     """Bytes of the frozen base stored as `precision` (see the module doc). `blocks_resident`:
     only that many blocks' weights count (block streaming)."""
     from .precision import QUANTIZED, is_quantized_layer_name
 
     depth = len(getattr(denoiser, "blocks", [])) or 1
-    other = STORAGE_BYTES.get(precision, 2)
+    from .precision import storage_dtype
+
+    other = storage_dtype(precision, mixed_precision).itemsize
     lora = {id(p) for n, p in denoiser.named_parameters() if "lora_" in n}
     linear_weights = set()
     block_bytes = rest_bytes = 0.0
@@ -180,7 +181,7 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: dict, config: Config,
     lora = lora_layout(denoiser) if lora_settings.use_lora else (0, 0, 0)
     resident = 2 if lora_settings.offload_base_blocks else None
     if frozen_base:
-        weights = base_weight_bytes(denoiser, base, resident)
+        weights = base_weight_bytes(denoiser, base, resident, train.mixed_precision)
     else:
         weights = 0  # everything trains: counted as trainable fp32 masters
     other = activation_bytes(dit_config, shape, train.mixed_precision,

@@ -7,7 +7,9 @@
   nf4   4-bit NormalFloat, blocks of 64, double-quantized scales (bitsandbytes, as QLoRA)
 
 Only the linear layers of the DiT's blocks are quantized (99% of F-Lite's parameters); the
-patch embedding, time embedding, final layers and everything that is not a Linear stay bf16.
+patch embedding, time embedding, final layers and everything that is not a Linear stay in the
+compute dtype (bf16 under autocast; fp32 with mixed_precision 'no', e.g. on CPUs without bf16
+matrix units).
 Layers are quantized one at a time while the weights stream in (`quantizer` is the loader's
 `convert` hook), on the device they will run on, so neither the host nor the GPU ever holds the
 bf16 model. Quantization is a pure function of the weights, so a resumed run rebuilds the same
@@ -74,9 +76,13 @@ def check_base_precision(base_precision: str, *, frozen_base: bool) -> None:
                               ) from None
 
 
-def storage_dtype(precision: str) -> torch.dtype:
-    """The dtype the base's weights stream in as (and non-quantized frozen tensors keep)."""
-    return STORAGE_DTYPES.get(precision, torch.bfloat16)
+def storage_dtype(precision: str, mixed_precision: str = "bf16") -> torch.dtype:
+    """The dtype the base's weights stream in as (and non-quantized frozen tensors keep): the
+    precision itself, or for a quantized base the compute dtype (bf16 under autocast; fp32
+    without, where the quantized layers dequantize to fp32 too)."""
+    if precision in QUANTIZED:
+        return torch.float32 if mixed_precision == "no" else torch.bfloat16
+    return STORAGE_DTYPES[precision]
 
 
 def is_quantized_layer_name(name: str) -> bool:

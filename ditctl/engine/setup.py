@@ -73,9 +73,11 @@ def build_denoiser(family: ModelFamily, config: Config,
     precision = base_storage(config)
     if torch.device(device).type == "meta":
         with torch.device("meta"):
-            denoiser = family.build_denoiser_skeleton(storage_dtype(precision))
+            denoiser = family.build_denoiser_skeleton(
+                storage_dtype(precision, config.train.mixed_precision))
     else:
-        denoiser = family.load_denoiser(storage_dtype(precision), device,
+        denoiser = family.load_denoiser(storage_dtype(precision, config.train.mixed_precision),
+                                        device,
                                         convert=quantizer(precision) if frozen_base else None)
     if lora.use_lora:
         add_lora(denoiser, peft_config(lora, family.lora_target_candidates))
@@ -107,9 +109,9 @@ def check_training_precision(config: Config) -> None:
     lora, train = config.lora, config.train
     frozen_base = lora.use_lora and lora.train_only_lora
     check_base_precision(lora.base_precision, frozen_base=frozen_base)
-    if lora.base_precision not in ("auto",) and train.mixed_precision == "no":
-        raise ConfigError(f"[lora] base_precision = '{lora.base_precision}' computes in the "
-                          "autocast dtype, but [train] mixed_precision = 'no' computes in fp32",
+    if lora.base_precision == "bf16" and train.mixed_precision == "no":
+        raise ConfigError("[lora] base_precision = 'bf16' computes in bf16, but [train] "
+                          "mixed_precision = 'no' computes in fp32",
                           hint="add --mixed-precision bf16 (or use --base-precision auto)")
     if lora.offload_base_blocks and not frozen_base:
         raise ConfigError("[lora] offload_base_blocks streams the frozen base: it needs a "

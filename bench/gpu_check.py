@@ -134,19 +134,19 @@ def build_quantized(shape: DitShape, precision: str, device: torch.device, confi
         model = DiT(**shape.config())
     convert = quantizer(precision)
     generator = torch.Generator(device=device).manual_seed(0)
+    dtype = storage_dtype(precision)
     for name, module in list(model.named_modules()):
-        if list(module.children()) and not isinstance(module, torch.nn.Linear):
-            continue
-        module.to_empty(device=device)
-        with torch.no_grad():
-            for param in module.parameters(recurse=False):
-                param.normal_(0.0, 0.02, generator=generator)
-        module.to(storage_dtype(precision))
+        for key, param in list(module._parameters.items()):  # this module's own tensors
+            if param is not None and param.is_meta:
+                value = torch.empty(param.shape, device=device, dtype=torch.float32)
+                value.normal_(0.0, 0.02, generator=generator)
+                module._parameters[key] = torch.nn.Parameter(value.to(dtype),
+                                                             requires_grad=False)
         replacement = convert(name, module) if convert else None
         if replacement is not None and replacement is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, replacement)
-    for name, param in list(model.named_parameters()):  # anything not a leaf module's own
+    for name, param in list(model.named_parameters()):
         if param.is_meta:
             raise RuntimeError(f"{name} was not materialised")
     add_lora(model, peft_config(config.lora, tuple(LORA_TARGETS)))
@@ -221,7 +221,7 @@ def extrapolate(rows: list[dict], s: dict) -> list[dict]:
         if 1 not in at or 2 not in at:
             continue
         entry = {"base": precision, "px": large,
-                 "plan_gib_depth40": sum(released_plan(precision, large).values()) / 2**30,
+                 "plan_gib_depth40": released_plan(precision, large)["total"] / 2**30,
                  "step_s_depth40": at[1]["step_s"] + (RELEASED_DEPTH - 1)
                  * (at[2]["step_s"] - at[1]["step_s"])}
         if "peak_gib" in at[1]:

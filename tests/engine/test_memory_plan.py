@@ -122,3 +122,37 @@ print(json.dumps({{"peak": peak_rss_bytes() - baseline,
     assert result["bytes"] == written["bytes"]
     margin = 64 * 2**20  # one tensor in flight (the largest is 72 MiB in bf16... read in place)
     assert result["peak"] <= result["bytes"] + margin, result
+
+
+def test_dry_run_plans_each_base_precision_from_the_skeleton(tmp_path, tiny_model_dir,
+                                                             monkeypatch):
+    """--dry-run reads no weights (the skeleton is on the meta device) and prices the base by
+    its precision; block streaming leaves two blocks' worth on the device."""
+    from accelerate.state import AcceleratorState
+
+    from ditctl.models.flite import FLiteFamily
+    from ditctl.train import run_training
+    from tests.conftest import make_workspace
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the plan must not load weights")
+
+    monkeypatch.setattr(FLiteFamily, "load_denoiser", refuse)
+    ws = make_workspace(tmp_path / "w", tiny_model_dir)
+    plans = {}
+    for precision, offload in (("bf16", False), ("fp8", False), ("nf4", False), ("nf4", True)):
+        config = ws.config({"lora.use_lora": True, "lora.train_only_lora": True,
+                            "lora.base_precision": precision, "train.mixed_precision": "bf16",
+                            "train.gradient_checkpointing": True,
+                            "lora.offload_base_blocks": offload})
+        plans[(precision, offload)] = run_training(ws, config, dry_run=True).plan
+        AcceleratorState._reset_state(reset_partial_state=True)
+    memory = {k: v["memory_estimate_bytes"] for k, v in plans.items()}
+    assert plans[("nf4", False)]["base_precision"] == "nf4"
+    assert memory[("nf4", False)]["base_weights"] < memory[("fp8", False)]["base_weights"] \
+        < memory[("bf16", False)]["base_weights"]
+    assert memory[("nf4", True)]["base_weights"] < memory[("nf4", False)]["base_weights"]
+    for m in memory.values():
+        assert m["total"] == sum(m[k] for k in ("base_weights", "trainable_weights", "gradients",
+                                                "optimizer", "activations", "working_set"))
+        assert m["activations_if_checkpointing_toggled"] > m["activations"]

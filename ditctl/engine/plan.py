@@ -27,7 +27,7 @@ measurement by `python -m bench memory_plan` (within 10%) and bench/gpu_check.py
   working set      the transients at the peak (the backward of one block): its gradient
                    buffers, 38·T·H bytes (measured once per block kind, see bench/RESULTS.md
                    memory_plan), plus, for a quantized base, its largest weight dequantized
-                   to bf16 (2 B x 4·H² for the MLP).
+                   to the compute dtype (adaLN, H x 9H: 2 B x 9·H² under bf16).
 Everything is bytes; `total` is their sum.
 """
 
@@ -159,8 +159,9 @@ def working_set_bytes(config: dict, shape: StepShape, precision: str, base: str)
     hidden = config["hidden_size"]
     unit = 4 if precision == "no" else 2
     grads = WORKING_SET_PER_TOKEN_HIDDEN * unit // 2 * shape.batch * shape.tokens * hidden
-    mlp = int(hidden * config.get("mlp_ratio", 4.0))
-    dequantized = 2 * mlp * hidden if base in QUANTIZED else 0
+    # the largest linear of a block, dequantized for its matmul: adaLN (H -> 9H) in F-Lite
+    largest = hidden * max(9 * hidden, int(hidden * config.get("mlp_ratio", 4.0)))
+    dequantized = unit * largest if base in QUANTIZED else 0
     return int(grads + dequantized)
 
 

@@ -208,3 +208,25 @@ def test_peft_adapters_stay_fp32_next_to_a_reduced_base(tiny_model_dir):
     for precision in ("bf16", "fp8", "nf4"):
         for key, value in adapters["auto"].items():
             assert torch.equal(value, adapters[precision][key]), (precision, key)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_sliced_dequantization_equals_torchaos(precision):
+    """ditctl dequantizes a slice of rows at a time (bounded transients) with torchao's own
+    arithmetic: the result is bit-identical to torchao's dequantize()."""
+    from ditctl.engine import precision as module
+
+    torch.manual_seed(0)
+    layer = module.QuantizedLinear.from_linear(torch.nn.Linear(48, 300).to(torch.bfloat16),
+                                               precision)
+    original = module.DEQUANTIZE_CHUNK
+    try:
+        module.DEQUANTIZE_CHUNK = 48 * 7  # 7 rows per slice: several slices and a ragged end
+        for dtype in (torch.bfloat16, torch.float32):
+            ours = module.dequantize(layer.weight, precision, dtype)
+            if precision == "fp8":
+                assert torch.equal(ours, layer.weight.dequantize(output_dtype=dtype))
+            else:  # torchao's int8 dequantize() returns the original dtype (bf16)
+                assert torch.equal(ours.to(torch.bfloat16), layer.weight.dequantize())
+    finally:
+        module.DEQUANTIZE_CHUNK = original

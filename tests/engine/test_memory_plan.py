@@ -151,7 +151,10 @@ def test_dry_run_plans_each_base_precision_from_the_skeleton(tmp_path, tiny_mode
     assert plans[("nf4", False)]["base_precision"] == "nf4"
     assert memory[("nf4", False)]["base_weights"] < memory[("fp8", False)]["base_weights"] \
         < memory[("bf16", False)]["base_weights"]
-    assert memory[("nf4", True)]["base_weights"] < memory[("nf4", False)]["base_weights"]
+    # the tiny model has 2 blocks: streaming keeps 2 on the device, i.e. all of them here
+    # (fewer resident blocks are checked in test_planned_base_bytes_are_the_stored_bytes)
+    assert memory[("nf4", True)]["base_weights"] == memory[("nf4", False)]["base_weights"]
+    assert plans[("nf4", True)]["memory_estimate_bytes"]["offload_base_blocks"]
     for m in memory.values():
         assert m["total"] == sum(m[k] for k in ("base_weights", "trainable_weights", "gradients",
                                                 "optimizer", "activations", "working_set"))

@@ -1,6 +1,6 @@
 """The `--dry-run` memory plan against measurement, at F-Lite's full width.
 
-    python -m bench memory_plan [--quick] [--threads 1]
+    python -m bench memory_plan [--quick] [--threads 1]   (run only when named)
 
 Builds F-Lite DiTs of the released width (hidden 3072, 12 heads of 256, text width 4096), one
 and two blocks, written as sharded bf16 safetensors. Each point runs in a fresh process (see

@@ -90,7 +90,8 @@ def settings(args: argparse.Namespace) -> dict:
     if args.cpu_smoke:
         return dict(device=torch.device("cpu"), shape=DitShape(64, 2, 4, 64), batch=1, latent=8,
                     text_tokens=8, rank=4, steps=2, warmup=1, peak_size=512,
-                    plan_width=(64, 4, 64), plan_sizes=(32, 64), plan_text_tokens=8)
+                    plan_width=(64, 4, 64), plan_sizes=(16, 32), plan_text_tokens=8,
+                    smoke=True)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); "
                          "use --cpu-smoke to check the script on a CPU")
@@ -111,6 +112,8 @@ RELEASED_DEPTH = 40
 def plan_points(s: dict) -> list[tuple[int, str, int, bool]]:
     """(depth, precision, image px, checkpointing), most telling first."""
     small, large = s["plan_sizes"]
+    if s.get("smoke"):  # each precision once, and the slope pair for one: the code paths only
+        return [(1, p, large, True) for p in PRECISIONS] + [(2, "nf4", large, True)]
     points = [(d, p, px, True) for px in (large, small) for p in PRECISIONS for d in (1, 2)]
     return points + [(1, p, small, False) for p in PRECISIONS]
 

@@ -26,6 +26,7 @@ from bench.common import RESULTS_FILE, append_results, machine_stamp, offline_en
     results_block
 
 BENCHMARKS = {
+    "startup": ("bench.bench_startup", "start-up of status, --help, ingest with nothing to do"),
     "ingest": ("bench.bench_ingest", "ingest images/s vs a bare decode + sha256 loop"),
     "precompute": ("bench.bench_precompute", "precompute images/s vs a bare VAE loop"),
     "sampling": ("bench.bench_sampling", "sampling s/image vs a bare DiT loop"),

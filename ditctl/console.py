@@ -15,8 +15,6 @@ from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 
 T = TypeVar("T")
 
@@ -44,8 +42,10 @@ class Output:
         if hint:
             self.err.print(f"  next: {escape(hint)}")
 
-    def progress(self, description: str, total: int | None, unit: str = "it") -> "ProgressTask":
-        return ProgressTask(self, description, total, unit)
+    def progress(self, description: str, total: int | None, unit: str = "it",
+                 done: int = 0) -> "ProgressTask":
+        """A progress display; `done` items were finished before (a resumed run)."""
+        return ProgressTask(self, description, total, unit, done)
 
     def track(self, items: Iterable[T], description: str, total: int | None = None,
               unit: str = "it") -> Iterator[T]:
@@ -60,30 +60,36 @@ class ProgressTask:
 
     PLAIN_EVERY_S = 10.0
 
-    def __init__(self, output: Output, description: str, total: int | None, unit: str):
+    def __init__(self, output: Output, description: str, total: int | None, unit: str,
+                 done: int = 0):
         self.output, self.description, self.total, self.unit = output, description, total, unit
-        self.done = 0
+        self.done = self._start = done  # the rate counts only what is done from here on
+        self._printed: int | None = None  # `done` at the last plain line
         self.postfix = ""
         self.started = time.perf_counter()
         self._last_line = self.started
         self.rich = output.err.is_terminal and not output.quiet
-        self._progress: Progress | None = None
+        self._progress = None  # a rich Progress, on a terminal
 
     def __enter__(self) -> "ProgressTask":
         if self.rich:
+            # imported here: commands that show no progress (status, --help) start faster
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                 TimeRemainingColumn(), TextColumn("{task.fields[postfix]}"),
                 console=self.output.err, transient=False)
             self._progress.start()
-            self._task = self._progress.add_task(self.description, total=self.total, rate="",
-                                                 postfix="")
+            self._task = self._progress.add_task(self.description, total=self.total,
+                                                 completed=self.done, rate="", postfix="")
         return self
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.started
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self._start) / elapsed if elapsed > 0 else 0.0
 
     def advance(self, n: int = 1) -> None:
         self.done += n
@@ -100,6 +106,7 @@ class ProgressTask:
         self.postfix = text
 
     def _plain_line(self) -> None:
+        self._printed = self.done
         rate = self.rate()
         total = f"/{self.total}" if self.total else ""
         eta = ""
@@ -112,8 +119,8 @@ class ProgressTask:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
-        elif not self.output.quiet and self.done:
-            self._plain_line()
+        elif not self.output.quiet and self.done and self._printed != self.done:
+            self._plain_line()  # the final count, unless the last periodic line showed it
 
 
 console = Output()

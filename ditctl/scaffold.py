@@ -71,7 +71,7 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
 
     if model not in BUILTIN_MODELS:
-        from .models.flite import validate_folder
+        from .models.flite_layout import validate_folder
 
         model_path = Path(model).expanduser().resolve()
         validate_folder(model_path)
@@ -128,13 +128,13 @@ def shipped_tiny_model() -> Path:
 def _build_builtin_model(kind: str, target: Path, seed: int) -> None:
     """Put the tiny pipeline in a temporary folder and move it into place when complete:
     "tiny" copies the shipped trained model, "tiny-random" builds random weights from `seed`."""
-    from .models.tiny import build_tiny_pipeline
-
     tmp = target.with_name(".tmp-" + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "tiny":
         shutil.copytree(shipped_tiny_model(), tmp)  # a copy: the workspace may change its model
     else:
+        from .models.tiny import build_tiny_pipeline  # torch, diffusers, transformers: seconds
+
         build_tiny_pipeline(tmp, seed=seed)
     if target.exists():
         shutil.rmtree(target)

@@ -35,16 +35,20 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"workspace": str(ws.root)}
 
     try:
-        from .models.registry import load_family
-        family = load_family(ws.model_path(config), config.model.family)
-        summary["model"] = {"path": str(family.path), "family": family.name, "ok": True}
+        from .models.registry import check_folder  # checks the layout without importing torch
+        path = ws.model_path(config).resolve()
+        summary["model"] = {"path": str(path), "family": check_folder(path, config.model.family),
+                            "ok": True}
     except DitctlError as exc:
         summary["model"] = {"path": config.model.pretrained_model_path, "ok": False,
                             "problem": str(exc)}
 
+    ingest = state.get("ingest")
     summary["data"] = {"train_data_path": config.data.train_data_path,
                        "val_data_path": config.data.val_data_path,
-                       "ingest": state.get("ingest")}
+                       "ingest": ingest,
+                       "ingested_other_data": bool(ingest) and _ingested_other_data(ws, config,
+                                                                                     ingest)}
     cache_dir = ws.cache_dir(config)
     summary["cache"] = {"path": str(cache_dir), "precompute": state.get("precompute"),
                         "bytes": folder_size(cache_dir) if cache_dir.is_dir() else 0}
@@ -59,6 +63,17 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
     summary["exports"] = exports
     summary["next"] = next_step(summary)
     return summary
+
+
+def _ingested_other_data(ws: Workspace, config: Config, ingest: dict[str, Any]) -> bool:
+    """Whether the last ingest read other data than project.toml names (an ingest run with
+    --train-data-path, say). State files from before paths were recorded: assume not."""
+    if "train_data_path" not in ingest:
+        return False
+    wanted = {"train_data_path": config.data.train_data_path,
+              "val_data_path": config.data.val_data_path}
+    return any((str(ws.resolve(path)) if path else None) != ingest.get(key)
+               for key, path in wanted.items())
 
 
 def next_step(summary: dict[str, Any]) -> str:

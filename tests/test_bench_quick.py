@@ -47,6 +47,12 @@ def test_quick_run_records_every_benchmark_and_leaves_the_real_results_alone(tmp
     assert statuses == dict.fromkeys(BENCHMARKS, "ok")
     results = {n: o["results"] for n, o in report["benchmarks"].items()}
 
+    startup = results["startup"]
+    assert [row["command"] for row in startup["table"]] == [
+        "ditctl status", "ditctl --help", "ditctl ingest", "python -c pass"]
+    assert all(row["median_s"] > 0 for row in startup["table"])
+    assert all(row["median_cpu_s"] > 0 for row in startup["table"][:3])
+    assert "144 train + 8 val images" in startup["workspace"]
     training = results["training"]
     assert [row["precision"] for row in training["table"]] == ["fp32", "bf16 autocast"]
     assert all(row["engine_step_s"] > 0 and row["plain_step_s"] > 0 and row["pairs"] == 2

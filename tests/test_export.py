@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -157,6 +160,110 @@ def test_pipeline_loads_through_diffusers_as_the_reference_pipeline_does(lora_ws
     assert type(pipeline.text_encoder).__name__ == "T5EncoderModel"
     expected = run_model(load_denoiser(load_family(tiny_model_dir), checkpoint))
     assert relative_error(run_model(pipeline.dit_model), expected) < 1e-5
+
+
+def flite_reference_dit_class():
+    """A stand-in of F-Lite's own `f_lite.model.DiT` as far as loading goes: its RoPE module
+    registers `freqs_hw_cos` / `freqs_hw_sin` [512, 512, head_dim/2] as persistent buffers and
+    loads them like any other state (ditctl's DiT recomputes them and drops them on load)."""
+    from torch import nn
+
+    from ditctl.models.flite_dit import DiT as DitctlDiT, RoPE2D
+
+    class BufferedRoPE(RoPE2D):
+        def __init__(self, head_dim: int, base: float):
+            super().__init__(head_dim, base)
+            for name in ("freqs_hw_cos", "freqs_hw_sin"):  # filled by the checkpoint, or NaN
+                self.register_buffer(name, torch.full((512, 512, head_dim // 2), float("nan")))
+
+        def _save_to_state_dict(self, *args):
+            nn.Module._save_to_state_dict(self, *args)
+
+        def _load_from_state_dict(self, *args, **kwargs):
+            nn.Module._load_from_state_dict(self, *args, **kwargs)
+
+    class DiT(DitctlDiT):  # the class name model_index.json names
+        @functools.wraps(DitctlDiT.__init__)  # diffusers reads the config keys off the signature
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rope = BufferedRoPE(self.config.hidden_size // self.config.num_heads,
+                                     self.config.rope_base)
+
+    return DiT
+
+
+class CollectMessages(logging.Handler):
+    """Keeps the text of every log record it receives."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def strip_rope_buffers(dit_dir: Path) -> None:
+    """Rewrite a single-file dit_model/ without the RoPE buffers (as ditctl wrote it before)."""
+    from safetensors.torch import save_file
+
+    file = dit_dir / "diffusion_pytorch_model.safetensors"
+    weights = {k: v for k, v in load_file(file).items() if not k.startswith("rope.")}
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def test_export_loads_into_flites_dit_class_without_missing_weights(lora_ws, tiny_model_dir,
+                                                                     tmp_path):
+    """F-Lite's DiT registers its RoPE tables as persistent buffers, so its from_pretrained
+    reports them missing ("Some weights of DiT were not initialized ... TRAIN this model") unless
+    the folder holds them. An export holds them, with the values F-Lite computes."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from tests.models.test_flite_dit import reference_rope_buffers
+
+    reference_dit = flite_reference_dit_class()
+    ws, _ = lora_ws
+    result = export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "bf16"}))
+    dit_dir = result.path / "dit_model"
+    config = json.loads((dit_dir / "config.json").read_text())
+    expected = reference_rope_buffers(config)
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    handler = CollectMessages()
+    captured = handler.messages
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        for low_cpu_mem_usage in (True, False):
+            model, info = reference_dit.from_pretrained(
+                dit_dir, output_loading_info=True, low_cpu_mem_usage=low_cpu_mem_usage)
+            assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+            for name, table in expected.items():  # bf16 export: F-Lite's fp32 values, cast
+                torch.testing.assert_close(model.state_dict()[name],
+                                           table.to(torch.bfloat16).float(), rtol=0, atol=0,
+                                           msg=name)
+        assert not [m for m in captured if "not initialized" in m], captured
+
+        # The control: the same folder without the buffers is what F-Lite complains about.
+        copy = tmp_path / "without-rope"
+        shutil.copytree(dit_dir, copy)
+        strip_rope_buffers(copy)
+        _, info = reference_dit.from_pretrained(copy, output_loading_info=True,
+                                                low_cpu_mem_usage=False)
+        assert sorted(info["missing_keys"]) == ["rope.freqs_hw_cos", "rope.freqs_hw_sin"]
+        assert [m for m in captured if "not initialized" in m and "rope.freqs_hw_sin" in m]
+        # ... and ditctl still loads it, predicting exactly what the full export predicts
+        torch.testing.assert_close(run_model(load_ditctl_dit(copy)),
+                                   run_model(load_ditctl_dit(dit_dir)), rtol=0, atol=0)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def load_ditctl_dit(folder: Path):
+    from ditctl.models.flite_dit import DiT
+
+    return DiT.from_pretrained(folder)
 
 
 def test_sharded_export_without_encoder_copies_loads(lora_ws, tiny_model_dir):
@@ -349,7 +456,9 @@ def test_parity_failure_fails_the_export_and_leaves_nothing(lora_ws, monkeypatch
         return merged
 
     monkeypatch.setattr(merge, "merge_lora", corrupting_merge)
-    with pytest.raises(ExportError, match="parity check failed"):
+    with pytest.raises(ExportError, match=r"parity check failed: .*: relative difference \S+ > "
+                                          r"limit 0\.0001 \(fp32 weights; max abs diff \S+\); "
+                                          "nothing was written"):
         export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "fp32"}))
     assert _leftovers(ws) == []
     # --no-verify writes it anyway (the check is what caught it)
@@ -364,6 +473,11 @@ def test_parity_tolerance_depends_on_dtype_and_scale():
     assert compare(reference, reference + 0.1, "bf16").passed is False
     assert compare(reference * 100, reference * 100 + 1e-3, "fp32").passed is True
     assert compare(reference, torch.full_like(reference, float("nan")), "bf16").passed is False
+    # the line names the number that is tested, the limit, and which side of it it is
+    assert compare(reference, reference + 0.1, "bf16").describe() == \
+        "relative difference 0.025 > limit 0.02 (bf16 weights; max abs diff 0.1)"
+    assert compare(reference, reference + 0.04, "bf16").describe() == \
+        "relative difference 0.01 <= limit 0.02 (bf16 weights; max abs diff 0.04)"
 
 
 def test_existing_export_is_refused_unless_forced(lora_ws):
@@ -425,7 +539,8 @@ def test_model_card_lists_base_data_config_metrics_samples_licence_usage(lora_ws
     assert (result.path / "samples.png").read_bytes() == b"step-000010"  # this step's grid
     assert f"ditctl sample --model {result.path}" in card
     assert "LoRA rank 4, alpha 4" in card and "merged into the DiT weights" in card
-    assert "Export check:" in card
+    assert re.search(r"Export check passed: .* relative difference \S+ <= limit 0\.02 \(bf16 "
+                     r"weights; max abs diff \S+\)", card)
 
 
 def test_hub_id_only_for_models_in_the_hugging_face_cache():

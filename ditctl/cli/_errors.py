@@ -9,16 +9,23 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import click
 import typer
 
 from ..console import console
 from ..errors import DitctlError
 
+# Set by the app's callback from `--debug` before any command runs. Not read from click's
+# context: typer >= 0.2x carries its own copy of click, whose context `click` cannot see.
+_show_tracebacks = False
+
+
+def set_debug(on: bool) -> None:
+    global _show_tracebacks
+    _show_tracebacks = on
+
 
 def _debug() -> bool:
-    ctx = click.get_current_context(silent=True)
-    return bool(ctx and ctx.find_root().params.get("debug"))
+    return _show_tracebacks
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -36,7 +43,7 @@ def reports_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             console.error("interrupted")
             raise typer.Exit(130) from None
-        except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug: say so briefly, keep the traceback for --debug
             if _debug():

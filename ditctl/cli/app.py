@@ -12,7 +12,7 @@ from ..console import quiet_libraries
 # Before the command modules import torch/diffusers: their import-time notices are noise here.
 quiet_libraries()
 
-from ._errors import reports_errors  # noqa: E402
+from ._errors import reports_errors, set_debug  # noqa: E402
 from . import eval as eval_cmd  # noqa: E402
 from . import export as export_cmd  # noqa: E402
 from . import ingest as ingest_cmd  # noqa: E402
@@ -44,6 +44,7 @@ def main(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Workspaces for fine-tuning DiTs: init, ingest, precompute, train, sample, eval, export."""
+    set_debug(debug)
 
 
 def register(name: str, command, help: str) -> None:

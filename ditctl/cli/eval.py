@@ -43,10 +43,10 @@ def eval_command(
     *,
     overrides: dict[str, Any],
 ) -> None:
-    from ..evaluation import compare_runs, metrics_rows, plan_eval, run_eval
-
     ws = Workspace.find(workspace)
     config = ws.config(absolute_paths(overrides))
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..evaluation import compare_runs, metrics_rows, plan_eval, run_eval
     if compare or runs:
         runs = list(runs or [])
         if not compare or len(runs) != 2:

@@ -34,10 +34,10 @@ def export(
     *,
     overrides,
 ) -> None:
-    from ..export import export_checkpoint  # torch/peft only when the command runs
-
     ws = Workspace.find(workspace)
     config = ws.config(overrides)
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..export import export_checkpoint
     # --format on the command line asks for the adapter alone (an error for a full run)
     lora_only = True if "export.format" in overrides else None
     with ws.lock("export"):
@@ -46,9 +46,8 @@ def export(
     if json_output:
         console.print(json.dumps(result.to_dict(), indent=2), markup=False)
         return
-    check = (f"parity max diff {result.parity.max_abs_diff:.3g} "
-             f"(relative {result.parity.relative_diff:.2g}, allowed {result.parity.tolerance:g})"
-             if result.parity else "parity check skipped (--no-verify)")
+    check = (f"parity passed: {result.parity.describe()}" if result.parity
+             else "parity check skipped (--no-verify)")
     console.print(f"exported [bold]{escape(result.name)}[/] ({result.kind}, {result.format}, "
                   f"{result.dtype}) from {escape(result.run)} step {result.step}")
     console.print(f"  {escape(str(result.path))}")

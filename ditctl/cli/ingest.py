@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..data.ingest import StrictIngestError, print_bad_rows, print_summary, run_ingest
 from ..workspace import Workspace
 from ._options import WorkspaceOption, config_flags
 
@@ -22,6 +21,9 @@ def ingest(
 ) -> None:
     ws = Workspace.find(workspace)
     config = ws.config(overrides)
+    # numpy/PIL only when there is work: `--help` and a missing workspace stay instant
+    from ..data.ingest import StrictIngestError, print_bad_rows, print_summary, run_ingest
+
     with ws.lock("ingest"):
         try:
             summary = run_ingest(ws, config, strict=strict)

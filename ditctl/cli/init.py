@@ -21,7 +21,7 @@ def init(
         "--force", help="Re-scaffold an existing workspace (runs, cache, exports are kept).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the tiny model and example data.")] = 0,
 ) -> None:
-    from ..scaffold import init_workspace  # imports torch: only when the command runs
+    from ..scaffold import init_workspace  # numpy/PIL for --example; torch for tiny-random
 
     with console.err.status(f"creating workspace {name} ..."):
         result = init_workspace(name, model=model, example=example, force=force, seed=seed)
@@ -29,7 +29,10 @@ def init(
     console.print(f"[green]created[/] workspace {ws.root}")
     console.print(f"  model   {result.model_path}")
     if result.example:
-        console.print(f"  data    {result.example['train_csv']} ({result.example['n_train']} train, "
-                      f"{result.example['n_val']} validation images)")
+        ex = result.example
+        console.print(f"  data    {ex['train_csv']}: {ex['train_rows']} training images "
+                      f"({ex['n_train']} {ex['concept']} scenes to learn + {ex['n_prior']} "
+                      f"prior-preservation scenes of colours the model knows), "
+                      f"{ex['n_val']} validation images")
     console.print(f"  config  {ws.project_file}")
     console.print(f"next: cd {name} && ditctl status")

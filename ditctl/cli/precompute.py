@@ -24,14 +24,15 @@ def precompute(
     *,
     overrides,
 ) -> None:
-    from ..precompute import print_summary, run_precompute  # imports torch: only when run
-
     ws, overrides = command_workspace(workspace, overrides)
     if "precompute.output_dir" in overrides:
         # An explicit --output-dir names the cache this run fills, even where project.toml points
         # training at another one ([train] precomputed_data_dir decides ws.cache_dir otherwise).
         overrides["train.precomputed_data_dir"] = overrides["precompute.output_dir"]
     config = ws.config(overrides)
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..precompute import print_summary, run_precompute
+
     with ws.lock("precompute"):
         summary = run_precompute(ws, config, verify=verify, gc=gc)
     if json_output:

@@ -44,11 +44,12 @@ def sample(
     *,
     overrides: dict[str, Any],
 ) -> None:
-    from ..sampling import choose_model, default_out_dir, default_prompts_file, read_prompts, run_sample
-
     overrides = absolute_paths(overrides)
     ws = _workspace(workspace, model)
     config = ws.config(overrides) if ws is not None else load_config(None, overrides)
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from ..sampling import (choose_model, default_out_dir, default_prompts_file, read_prompts,
+                            run_sample)
     if prompt and prompts_file:
         raise DitctlError("--prompt and --prompts both give prompts", hint="use one of them")
     if prompt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import tomli_w
@@ -38,6 +39,34 @@ def status(
     console.print(f"next: [bold]{escape(summary['next'])}[/]")
 
 
+def _data_cell(data: dict, root: Path) -> str:
+    """What the last ingest read and found; what project.toml names, where it differs."""
+    ingest = data["ingest"]
+    if not ingest:
+        if not data["train_data_path"]:
+            return "[yellow]not set[/]"
+        return escape(data["train_data_path"]) + " — not ingested"
+    # state files written before ingest recorded its paths: project.toml's are the best guess
+    train = ingest.get("train_data_path", data["train_data_path"])
+    val = ingest.get("val_data_path", data["val_data_path"])
+    cell = (escape(_short(train, root)) + (f" + {escape(_short(val, root))}" if val else "")
+            + f" — {ingest.get('train_count', '?')} train / {ingest.get('val_count', 0)} val "
+              f"images, {ingest.get('bad_count', 0)} bad")
+    if data["ingested_other_data"]:
+        named = " + ".join(escape(p) for p in (data["train_data_path"], data["val_data_path"]) if p)
+        cell += (f"\n[yellow]project.toml names {named or 'no data'}: a plain `ditctl ingest` "
+                 "or `ditctl train` reads that instead[/]")
+    return cell
+
+
+def _short(path: str, root: Path) -> str:
+    """A path inside the workspace relative to it; others as they are."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def _table(summary: dict) -> Table:
     table = Table(title=f"workspace {summary['workspace']}", show_header=False)
     table.add_column("what", style="bold")
@@ -45,11 +74,7 @@ def _table(summary: dict) -> Table:
     model = summary["model"]
     table.add_row("model", f"{model['path']} ({model['family']})" if model["ok"]
                   else f"[red]{escape(str(model.get('problem')))}[/]")
-    data = summary["data"]
-    ingest = data["ingest"]
-    table.add_row("data", f"{data['train_data_path'] or '[yellow]not set[/]'}" +
-                  (f" — {ingest.get('train_count', '?')} train / {ingest.get('val_count', 0)} val "
-                   f"images, {ingest.get('bad_count', 0)} bad" if ingest else " — not ingested"))
+    table.add_row("data", _data_cell(summary["data"], Path(summary["workspace"])))
     cache = summary["cache"]
     pre = cache["precompute"]
     table.add_row("cache", f"{cache['path']} — {cache['bytes'] / 1e6:.1f} MB"

@@ -30,14 +30,15 @@ def train(
     *,
     overrides: dict[str, Any],
 ) -> None:
-    from .. import train as training  # imports torch: only when the command runs
-
     if lora:
         overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
     ws, overrides = command_workspace(workspace, overrides)
     config = ws.config(overrides)
     if launch_processes(ws, config, overrides, resume=resume, force=force, dry_run=dry_run):
         return
+    # the ML stack (seconds to import) only once the workspace and config are good
+    from .. import train as training
+
     launched_child = bool(os.environ.get(CHILD_ENV))  # the launching parent holds the lock
     with ws.lock("train") if not (dry_run or launched_child) else nullcontext():
         outcome = training.run_training(ws, config, resume=resume, force=force, dry_run=dry_run)

@@ -20,8 +20,10 @@ Small buckets: unlike the reference trainer (which drops partial batches, so a b
 than the batch size never trains), a bucket with fewer images than the batch size is merged
 into its nearest bucket (nearest in log width and log height, i.e. aspect ratio and scale) as
 long as every merged image stays within `max_upscale` and keeps at least `MERGE_MIN_KEPT` of
-its area through the crop. Buckets that cannot merge stay as they are: the training sampler
-batches per bucket and keeps each bucket's last partial batch, so they still train.
+its area through the crop. Buckets that cannot merge stay as they are and still train: the
+trainer batches per bucket and fills each bucket's last batch up with other images of the same
+bucket (`ditctl.train.TrainingData`), repeating its images when the whole bucket is smaller
+than a batch, so every step trains on a full batch.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Bucket:
         return self.width / self.height
 
     def batches(self, batch_size: int) -> int:
-        return math.ceil(self.count / batch_size)  # the last partial batch is kept
+        return math.ceil(self.count / batch_size)  # the trainer fills the last one up
 
 
 @dataclass(frozen=True)
@@ -154,13 +156,15 @@ def plan_buckets(sizes: Sequence[Size], *, resolution: int | None, use_buckets: 
     buckets = _summarise(targets, sizes)
     notes = []
     if mode == "native" and len(buckets) > 1 and batch_size > 1:
-        notes.append(f"{len(buckets)} different image sizes: batches are formed per size, so "
-                     "many batches are smaller than train_batch_size; set resolution or "
-                     "use_resolution_buckets for full batches")
+        notes.append(f"{len(buckets)} different image sizes: batches are formed per size, and "
+                     "the trainer fills a size's last batch up with other images of that size "
+                     "(repeating them when there are fewer than train_batch_size); set "
+                     "resolution or use_resolution_buckets to batch different sizes together")
     underfull = [b for b in buckets if b.count < batch_size]
     if underfull and len(buckets) > 1 and mode != "native":
         notes.append(f"{len(underfull)} bucket(s) hold fewer images than the batch size "
-                     f"({batch_size}); they train as partial batches")
+                     f"({batch_size}); the trainer fills their batches by repeating the "
+                     "bucket's images, so these images are seen more often per epoch")
     return BucketPlan(mode=mode, batch_size=batch_size, targets=tuple(targets), dropped=dropped,
                       buckets=tuple(buckets), merges=merges, notes=tuple(notes))
 

@@ -180,7 +180,10 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
                                          [facts[p] for p in sorted(listed) if p in facts], meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
-    ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path)})
+    # the data actually ingested (a --train-data-path flag may differ from project.toml)
+    ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
+                               "train_data_path": origin["train"],
+                               "val_data_path": origin["val"] or None})
     return summary
 
 
@@ -431,7 +434,8 @@ def print_bad_rows(summary: IngestSummary) -> None:
 def _plan_table(split: str, plan: BucketPlan) -> Table:
     table = Table(title=f"{split}: {plan.mode} targets, batch size {plan.batch_size}",
                   title_justify="left",
-                  caption=f"{plan.batches_per_epoch} batches per epoch (partial batches kept); "
+                  caption=f"{plan.batches_per_epoch} batches per epoch (the trainer fills a "
+                          "bucket's last batch up with other images of the bucket); "
                           f"{plan.merges} small bucket(s) merged; {len(plan.dropped)} image(s) "
                           "dropped" + (" (too small, listed above)" if plan.dropped else ""),
                   caption_justify="left")

@@ -229,7 +229,8 @@ def write_example_dataset(folder: Path, *, seed: int = 0, n_train: int = 48, n_v
     train = write_dataset(folder, scenes, csv_name="train.csv")
     val = write_dataset(folder, held_out_scenes(n_val, seed + 1), csv_name="val.csv")
     return {"train_csv": train, "val_csv": val, "image_dir": folder / "images",
-            "n_train": n_train, "n_prior": n_prior, "n_val": n_val, "concept": HELD_OUT[1]}
+            "n_train": n_train, "n_prior": n_prior, "n_val": n_val, "concept": HELD_OUT[1],
+            "train_rows": len(scenes)}  # n_train + n_prior: what train.csv lists
 
 
 def example_prompts() -> list[str]:

@@ -7,7 +7,8 @@ runs/<run>/checkpoints/step-000100/
   optimizer.safetensors/.json             optimiser state
   scheduler.json                          learning-rate schedule position
   rng.safetensors/.json                   python, numpy and torch RNG states
-  checkpoint.json                         step, data position, fingerprints (the completeness marker)
+  checkpoint.json                         step, data position, fingerprints, smoothed loss
+                                          (the completeness marker)
 ```
 A checkpoint is built in a temporary folder and renamed into place, so a killed save leaves the
 previous checkpoints intact and `latest` never picks a torn one. Old checkpoints are pruned only

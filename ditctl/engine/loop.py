@@ -79,14 +79,14 @@ def train_loop(ctx, resume_from=None) -> TrainResult:
     trainable = [p for p in ctx.denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, train)
     scheduler = build_scheduler(optimizer, train, schedule.total_steps)
-    position = Position(0, 0, 0)
+    position, resumed_meta = Position(0, 0, 0), {}
     if resume_from is not None:
-        position, _ = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
+        position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
         console.info(f"resumed from {resume_from} at step {position.step}")
     # with block streaming the model is already placed: its base blocks stay in host memory
     streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
     model, optimizer = acc.prepare(ctx.denoiser, optimizer, device_placement=[not streamed, True])
-    monitor = Monitor(ctx, start_step=position.step)
+    monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)
     consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
@@ -161,7 +161,7 @@ def train_loop(ctx, resume_from=None) -> TrainResult:
             if train.eval_every and step % train.eval_every == 0:
                 monitor.evaluate(model, step)
             if finite and (step % train.checkpoint_every == 0 or final):
-                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler)
+                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor)
             if stop["stop"]:
                 break
     monitor.close()
@@ -175,13 +175,13 @@ def _next_position(data, epoch: int, batch_index: int) -> tuple[int, int]:
     return epoch + 1, 0
 
 
-def _checkpoint(ctx, position: Position, model, optimizer, scheduler):
+def _checkpoint(ctx, position: Position, model, optimizer, scheduler, monitor: Monitor):
     acc = ctx.accelerator
     acc.wait_for_everyone()
     folder = None
     if acc.is_main_process:
+        meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}
         folder = save_checkpoint(ctx.run.folder, position, acc.unwrap_model(model), optimizer,
-                                 scheduler, ctx.checkpoint_meta(),
-                                 keep=ctx.config.train.checkpoints_total_limit)
+                                 scheduler, meta, keep=ctx.config.train.checkpoints_total_limit)
     acc.wait_for_everyone()
     return folder

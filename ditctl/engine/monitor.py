@@ -50,11 +50,12 @@ class _Bar:
 
 
 class Monitor:
-    def __init__(self, ctx, start_step: int) -> None:
+    def __init__(self, ctx, start_step: int, state: dict | None = None) -> None:
+        """`state`: what `state()` returned when the checkpoint resumed from was saved."""
         self.ctx = ctx
         self.main = ctx.accelerator.is_main_process
-        self.smoothed: float | None = None
-        self.samples_seen = 0
+        # the smoothed loss carries over a resume, so its curve continues where it stopped
+        self.smoothed: float | None = (state or {}).get("loss_smoothed")
         self.start_step = start_step
         if self.main and ctx.accelerator.log_with:
             ctx.accelerator.init_trackers(ctx.config.train.project_name,
@@ -65,15 +66,13 @@ class Monitor:
         if not self.main:
             yield _Bar(None)
             return
-        with console.progress("training", total, unit="step") as task:
-            task.done = done
+        with console.progress("training", total, unit="step", done=done) as task:
             yield _Bar(task)
 
     def log_step(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, lr: float,
                  grad_norm: float | None, data_time: float, step_time: float, skipped: bool) -> None:
         if not self.main:
             return
-        self.samples_seen += len(losses)
         values: dict[str, float] = {"lr": lr, "time/step_s": step_time, "time/data_s": data_time,
                                     "time/compute_s": step_time - data_time,
                                     "throughput/samples_per_s": len(losses) / max(step_time, 1e-9),
@@ -93,6 +92,10 @@ class Monitor:
             self.ctx.accelerator.log(values, step=step)
         with open(self.ctx.run.folder / "train_log.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the monitor (JSON, in checkpoint.json)."""
+        return {"loss_smoothed": self.smoothed}
 
     def sample(self, model, step: int) -> None:
         if self.main and self.ctx.sampler is not None:

@@ -237,9 +237,9 @@ def _evaluation_section(plan: ExportPlan, parity: ParityReport | None,
     else:
         lines.append("No evaluation metrics (run `ditctl eval` before exporting to include them).")
     if parity is not None:
-        lines += ["", f"Export check: the exported weights, reloaded from disk, predict the "
-                  f"run's output within {parity.max_abs_diff:.3g} (relative "
-                  f"{parity.relative_diff:.3g}; allowed {parity.tolerance:g} for {parity.dtype})."]
+        lines += ["", "Export check passed: the exported weights, reloaded from disk, predict "
+                  f"the run's output with {parity.describe()}; the relative difference is "
+                  "`max|export - run| / max|run|` on fixed inputs."]
     if trained_parity is not None:
         lines += ["", f"Against the run's own model (base stored as "
                   f"{trained_parity.base_precision}): relative difference "

@@ -45,6 +45,13 @@ class ParityReport:
     def passed(self) -> bool:
         return self.relative_diff <= self.tolerance
 
+    def describe(self) -> str:
+        """Which number is held against which limit, e.g. `relative difference 0.0019 <= limit
+        0.02 (bf16 weights; max abs diff 0.0201)`: the max abs diff alone is not the test."""
+        relation = "<=" if self.passed else ">"
+        return (f"relative difference {self.relative_diff:.2g} {relation} limit "
+                f"{self.tolerance:g} ({self.dtype} weights; max abs diff {self.max_abs_diff:.3g})")
+
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
 
@@ -136,8 +143,7 @@ def require_trained_parity(report: TrainedBaseReport, what: str) -> None:
 def require_parity(report: ParityReport, what: str) -> None:
     if not report.passed:
         raise ExportError(
-            f"parity check failed: {what} differs from the run's model by "
-            f"{report.max_abs_diff:.3g} (relative {report.relative_diff:.3g}, allowed "
-            f"{report.tolerance:g} for {report.dtype}); nothing was written",
+            f"parity check failed: {what} does not predict what the run's model predicts: "
+            f"{report.describe()}; nothing was written",
             hint="export with --dtype fp32 to rule out rounding; if it still fails, please "
                  "report it (--no-verify skips the check)")

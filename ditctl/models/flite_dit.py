@@ -17,9 +17,12 @@ One forward pass, top to bottom:
 
 Differences from the reference code, none of which changes the numbers of a real checkpoint:
 - RoPE tables are computed for the actual patch grid (cached per grid and device) instead of
-  being persistent 512x512 buffers; `rope.freqs_hw_cos` / `rope.freqs_hw_sin` in a checkpoint
-  are accepted and ignored, and are never saved. They are computed on the CPU in fp32 exactly
-  as the reference computes its buffers, then moved, so the values are bit-identical.
+  being persistent 512x512 buffers held in memory (2 x 128 MiB on the accelerator for the 10B
+  model); `rope.freqs_hw_cos` / `rope.freqs_hw_sin` in a checkpoint are accepted and ignored.
+  They are computed on the CPU in fp32 exactly as the reference computes its buffers, then
+  moved, so the values are bit-identical. `save_pretrained` still writes the two buffers, in
+  F-Lite's layout and the weights' dtype, because F-Lite's own DiT registers them as persistent:
+  without them its pipeline reports the model as partly untrained.
 - `use_rope=False` works (the reference passes a `(None, None)` RoPE pair on and crashes).
 - `dynamic_softmax_temperature` is accepted and does nothing: the reference multiplies the keys
   by a constant right before a weightless RMSNorm, which divides that constant out again.
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 NUM_REGISTERS = 16  # learned tokens prepended to the image tokens, dropped before the output
 MAX_POSITIONS = 2048  # length of the learned positional_embedding (use_rope=False only)
 ROPE_TABLE_KEYS = ("freqs_hw_cos", "freqs_hw_sin")  # the reference's persistent RoPE buffers
+ROPE_TABLE_SIDE = 512  # the reference's buffers cover a 512x512 patch grid (8192 px at p=2)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -92,13 +96,16 @@ class RoPE2D(nn.Module):
     Half of each head's rotation angles follow the patch row, half the column:
     `angles(r, c) = [r·inv_freq, c·inv_freq]`, length head_dim/2, with
     `inv_freq[j] = 1 / base^(2j/dim)`, `dim = head_dim/2`, `j < dim/2`.
-    No parameters and no saved buffers: tables are computed on demand and cached.
+    No parameters and no buffers in memory: tables are computed on demand and cached. While
+    `save_tables_dtype` is set (by `DiT.save_pretrained`), the state dict also holds the
+    reference's persistent buffers, computed for the occasion.
     """
 
     def __init__(self, head_dim: int, base: float = 10000):
         super().__init__()
         self.dim = head_dim // 2  # rotation angles per token; pairs (x[i], x[i + dim]) rotate
         self.base = base
+        self.save_tables_dtype: torch.dtype | None = None
         self._cache: dict[tuple[int, int, torch.device], tuple[Tensor, Tensor]] = {}
 
     def forward(self, grid_h: int, grid_w: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -108,23 +115,39 @@ class RoPE2D(nn.Module):
             self._cache[key] = tuple(t.to(device) for t in self._tables(grid_h, grid_w))
         return self._cache[key]
 
-    def _tables(self, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
-        # Same arithmetic, on the CPU in fp32, as the reference's precomputed buffers.
+    def _grid_angles(self, grid_h: int, grid_w: int) -> Tensor:
+        """Rotation angles [gh, gw, dim] of each patch: same arithmetic, on the CPU in fp32, as
+        the reference's precomputed buffers."""
         inv_freq = torch.tensor([1.0 / (self.base ** (i / self.dim)) for i in range(0, self.dim, 2)],
                                 dtype=torch.float32)  # [dim/2]
         rows = torch.outer(torch.arange(grid_h, dtype=torch.float32), inv_freq)  # [gh, dim/2]
         cols = torch.outer(torch.arange(grid_w, dtype=torch.float32), inv_freq)  # [gw, dim/2]
-        angles = torch.cat([rows[:, None, :].expand(grid_h, grid_w, -1),
-                            cols[None, :, :].expand(grid_h, grid_w, -1)], dim=-1)  # [gh, gw, dim]
-        angles = angles.reshape(grid_h * grid_w, -1)  # [T, dim], row-major like the tokens
+        return torch.cat([rows[:, None, :].expand(grid_h, grid_w, -1),
+                          cols[None, :, :].expand(grid_h, grid_w, -1)], dim=-1)  # [gh, gw, dim]
+
+    def _tables(self, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor]:
+        angles = self._grid_angles(grid_h, grid_w).reshape(grid_h * grid_w, -1)  # [T, dim]
         # Registers: angle 0, i.e. cos=1, sin=0, so attention to and from them is position-free.
         cos = torch.cat([torch.ones(NUM_REGISTERS, self.dim), angles.cos()])  # [16 + T, dim]
         sin = torch.cat([torch.zeros(NUM_REGISTERS, self.dim), angles.sin()])  # [16 + T, dim]
         return cos, sin
 
+    def reference_tables(self) -> dict[str, Tensor]:
+        """F-Lite's persistent buffers: cos and sin of the angles of a 512x512 grid, each
+        [512, 512, head_dim/2] fp32, without register rows (the reference adds those per call)."""
+        angles = self._grid_angles(ROPE_TABLE_SIDE, ROPE_TABLE_SIDE)  # [512, 512, dim]
+        return {"freqs_hw_cos": angles.cos(), "freqs_hw_sin": angles.sin()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.save_tables_dtype is not None:
+            # Cast from fp32 as the reference's `model.to(dtype)` casts its buffers.
+            for name, table in self.reference_tables().items():
+                destination[prefix + name] = table.to(self.save_tables_dtype)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # F-Lite checkpoints carry the reference's 512x512 tables; we recompute them, so drop them
-        # here and a strict load_state_dict still succeeds.
+        # F-Lite checkpoints (and ditctl's exports) carry the reference's 512x512 tables; we
+        # recompute them, so drop them here and a strict load_state_dict still succeeds.
         for name in ROPE_TABLE_KEYS:
             state_dict.pop(prefix + name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -254,7 +277,8 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
-    # Checkpoints written by the reference carry its RoPE tables; we recompute them.
+    # Checkpoints written by the reference (and by save_pretrained) carry its RoPE tables; we
+    # recompute them.
     _keys_to_ignore_on_load_unexpected = [r"(^|\.)rope\.freqs_hw_(cos|sin)$"]
 
     @register_to_config
@@ -330,6 +354,20 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.final_modulation[-1].bias)
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save_pretrained, plus F-Lite's RoPE buffers (`rope.freqs_hw_cos/sin`,
+        [512, 512, head_dim/2] each, in the weights' dtype): F-Lite's DiT registers them as
+        persistent, so its loader reports a folder without them as not fully initialised.
+        Only the saved file holds them (256 MiB in fp32 at head_dim 256), never the model."""
+        rope = getattr(self, "rope", None)
+        if rope is None:  # use_rope=False: the reference has no RoPE buffers either
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        rope.save_tables_dtype = self.dtype
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            rope.save_tables_dtype = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A use_rope=False model has no `rope` submodule to drop stray RoPE tables; do it here.

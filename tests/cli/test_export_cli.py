@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import tomli_w
 import torch
@@ -51,6 +52,9 @@ def test_export_merge_lora_and_default_lora(tmp_path, tiny_model_dir, cli, monke
     assert lora.exit_code == 0, lora.output
     folder = root / "exports" / f"{RUN}-step10-lora"
     assert "exported" in lora.stdout and f"{RUN}-step10-lora" in lora.stdout
+    parity = next(line for line in lora.stdout.splitlines() if "parity" in line).strip()
+    assert re.fullmatch(r"parity passed: relative difference \S+ <= limit 0\.02 \(bf16 weights; "
+                        r"max abs diff \S+\)", parity), parity
     assert (folder / "adapter_model.safetensors").is_file()
     assert (folder / "adapter_config.json").is_file() and (folder / "README.md").is_file()
     state = json.loads((root / ".ditctl" / "state.json").read_text())["export"]

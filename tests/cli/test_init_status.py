@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 
@@ -23,6 +24,22 @@ def test_init_scaffolds_a_workspace(tmp_path, cli, monkeypatch):
     summary = json.loads(status.stdout)
     assert summary["model"]["ok"] and summary["model"]["family"] == "flite"
     assert summary["runs"] == [] and "train_data_path" in summary["next"]
+
+
+def test_init_example_counts_every_training_row(tmp_path, cli):
+    import csv
+
+    result = cli("init", tmp_path / "proj", "--model", "tiny", "--example")
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "proj" / "data" / "example" / "train.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(tmp_path / "proj" / "data" / "example" / "val.csv", newline="") as fh:
+        val_rows = list(csv.DictReader(fh))
+    green = sum(" green " in row["caption"] for row in rows)
+    assert (len(rows), green, len(val_rows)) == (144, 48, 8)
+    assert (f"{len(rows)} training images ({green} green scenes to learn + {len(rows) - green} "
+            "prior-preservation scenes of colours the model knows), "
+            f"{len(val_rows)} validation images") in result.stdout
 
 
 def test_init_refuses_to_overwrite_unless_forced(tmp_path, cli):
@@ -69,6 +86,14 @@ def test_errors_are_one_line_with_a_next_step(tmp_path, cli, monkeypatch):
     assert "Traceback" not in result.stderr
 
 
+def test_debug_shows_the_traceback_instead_of_one_line(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WorkspaceError, match="no workspace here"):
+        cli("--debug", "status")
+    result = cli("status")  # the flag does not stick to later commands
+    assert result.exit_code == 1 and result.stderr.startswith("error: no workspace here")
+
+
 def test_help_lists_every_command_with_a_one_line_help(cli):
     from ditctl.cli.app import app
 
@@ -78,3 +103,42 @@ def test_help_lists_every_command_with_a_one_line_help(cli):
     out = cli("--help").stdout
     for name in names:
         assert name in out
+
+
+def test_status_shows_the_data_that_was_ingested(tmp_path, cli, monkeypatch, tiny_model_dir):
+    from ditctl.demo.scenes import random_scenes, write_dataset
+    from tests.conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n_train=3, n_val=1)
+    other = write_dataset(tmp_path / "other", random_scenes(2, seed=5, sizes=((32, 32),)),
+                          csv_name="other.csv")
+    monkeypatch.chdir(ws.root)
+    assert cli("ingest", "--train-data-path", str(other)).exit_code == 0
+
+    summary = json.loads(cli("status", "--json").stdout)
+    ingest = summary["data"]["ingest"]
+    assert ingest["train_data_path"] == str(other) and ingest["train_count"] == 2
+    assert ingest["val_data_path"] == str(ws.root / "data" / "val.csv")
+    assert summary["data"]["ingested_other_data"] is True
+    shown = wide_status_table(summary)
+    assert f"{other} + data/val.csv — 2 train / 1 val images" in shown
+    assert "project.toml names data/train.csv + data/val.csv" in shown
+
+    assert cli("ingest").exit_code == 0  # project.toml's data again
+    summary = json.loads(cli("status", "--json").stdout)
+    assert summary["data"]["ingest"]["train_data_path"] == str(ws.root / "data" / "train.csv")
+    assert summary["data"]["ingested_other_data"] is False
+    shown = wide_status_table(summary)
+    assert "data/train.csv + data/val.csv — 3 train / 1 val images" in shown
+    assert "project.toml names" not in shown
+
+
+def wide_status_table(summary: dict) -> str:
+    """`ditctl status`'s table as text, wide enough that no cell wraps."""
+    from rich.console import Console
+
+    from ditctl.cli.status import _table
+
+    console = Console(width=500, record=True, file=io.StringIO())
+    console.print(_table(summary))
+    return console.export_text()

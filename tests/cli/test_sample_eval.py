@@ -46,8 +46,8 @@ def _small_settings(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_model_dir) -> Path:
-    """An --example workspace (3 of its scene prompts, 48 train / 8 val images), ingested, with
-    run r1 (checkpoints at steps 10 and 20)."""
+    """An --example workspace (3 of its scene prompts; 144 train images, 48 green and 96
+    prior-preservation, and 8 val images), ingested, with run r1 (checkpoints at steps 10, 20)."""
     from ditctl.data.ingest import run_ingest
 
     root = tmp_path_factory.mktemp("cli") / "ws"

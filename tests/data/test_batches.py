@@ -234,3 +234,27 @@ def test_collate_refuses_mixed_buckets_and_mismatched_flips():
         collate(FakeSource(), rows, [0, 1], [False, False])
     with pytest.raises(ValueError, match="flips"):
         collate(FakeSource(), rows, [0], [False, True])
+
+
+def test_the_trainer_fills_each_buckets_last_batch_with_images_of_that_bucket():
+    # What ingest's bucket notes promise (data/buckets.py): no partial batch reaches the model;
+    # a bucket's last batch is topped up from the same bucket, repeating a too-small bucket.
+    from ditctl.train import TrainingData
+
+    rows = rows_with_buckets({(64, 64): 7, (96, 64): 2, (64, 96): 4})
+    data = TrainingData(rows, None, seed=3, step_batch=4, random_flip=False)
+    for epoch in range(3):
+        batches = data.epoch_batches(epoch)
+        planned = epoch_batches(rows, 4, 3, epoch)
+        assert len(batches) == len(planned) == 2 + 1 + 1
+        assert all(len(batch) == 4 for batch in batches)
+        for batch, plan in zip(batches, planned):
+            assert batch[:len(plan)] == plan  # the planned images first, then the filling
+            assert len({rows[i].bucket for i in batch}) == 1
+        seen = sorted(i for plan in planned for i in plan)
+        assert seen == list(range(len(rows)))  # every image still exactly once in the plan
+        small = next(b for b in batches if rows[b[0]].bucket == (96, 64))
+        assert sorted(small) == sorted(small[:2] * 2)  # the 2-image bucket, each twice
+        last_of_seven = next(b for b in batches if rows[b[0]].bucket == (64, 64)
+                             and len(set(b)) == 4 and b not in planned)
+        assert len(set(last_of_seven)) == 4  # 3 planned + 1 other image of its bucket

@@ -111,14 +111,17 @@ def test_small_buckets_merge_into_the_nearest_when_batching():
     assert plan.batches_per_epoch == 2 + 1
 
 
-def test_far_apart_buckets_are_not_merged_and_keep_partial_batches():
+def test_far_apart_buckets_are_not_merged_and_are_filled_by_the_trainer():
     sizes = [(4000, 1000), (1000, 4000)]
     plan = plan_buckets(sizes, resolution=512, use_buckets=True, max_upscale=2.0,
                         max_native_pixels=10**6, batch_size=2)
     assert plan.targets[0] != plan.targets[1] and plan.merges == 0
     assert kept_fraction(4000, 1000, *plan.targets[1]) < MERGE_MIN_KEPT
     assert plan.batches_per_epoch == 2 and not plan.dropped
-    assert any("partial batches" in note for note in plan.notes)
+    # the note says what ditctl.train.TrainingData does with them (tests/engine: _fill)
+    assert plan.notes == ("2 bucket(s) hold fewer images than the batch size (2); the trainer "
+                          "fills their batches by repeating the bucket's images, so these "
+                          "images are seen more often per epoch",)
 
 
 def test_merge_never_upscales_beyond_the_limit():

@@ -151,6 +151,7 @@ def test_write_example_dataset(tmp_path):
     assert info["train_csv"] == folder / "train.csv" and info["val_csv"] == folder / "val.csv"
     assert (info["n_train"], info["n_prior"], info["n_val"], info["concept"]) == \
         (20, 10, 5, "green")
+    assert info["train_rows"] == 30
     seen_sizes, images, train_colours = set(), set(), []
     for csv_path, count in ((info["train_csv"], 30), (info["val_csv"], 5)):
         header, rows = read_csv(csv_path)

@@ -31,9 +31,9 @@ def _train(ws, **overrides):
     return run_training(ws, config, resume=resume, force=force)
 
 
-def _losses(run_dir):
+def _losses(run_dir, key="train/loss"):
     lines = (run_dir / "train_log.jsonl").read_text().splitlines()
-    return {d["step"]: d.get("train/loss") for d in map(json.loads, lines)}
+    return {d["step"]: d.get(key) for d in map(json.loads, lines)}
 
 
 def _weights(checkpoint):
@@ -85,6 +85,10 @@ def test_resume_is_bit_identical_mid_epoch_with_accumulation(tmp_path, tiny_mode
     assert resumed.run.name == "r" and resumed.result.steps == 5
     _assert_same(_weights(full.result.checkpoint), _weights(resumed.result.checkpoint))
     assert _losses(straight.root / "runs" / "r") == _losses(split.root / "runs" / "r")
+    # the smoothed curve continues over the resume (its state is in the checkpoint)
+    smoothed = _losses(split.root / "runs" / "r", "train/loss_smoothed")
+    assert list(smoothed) == [1, 2, 3, 4, 5] and None not in smoothed.values()
+    assert smoothed == _losses(straight.root / "runs" / "r", "train/loss_smoothed")
     a = json.loads((full.result.checkpoint / "checkpoint.json").read_text())
     b = json.loads((resumed.result.checkpoint / "checkpoint.json").read_text())
     assert (a["epoch"], a["batch_index"]) == (b["epoch"], b["batch_index"])

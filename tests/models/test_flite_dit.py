@@ -386,13 +386,56 @@ def test_save_pretrained_round_trip(tmp_path):
     assert config["_class_name"] == "DiT"
     assert {k: config[k] for k in cfg} == cfg
     weights = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    assert not any(k.startswith("rope.") for k in weights)
-    assert set(weights) == set(expected_state_dict_shapes(cfg))
+    # F-Lite's own save_pretrained writes its persistent RoPE buffers: so does ours
+    assert set(weights) == set(expected_state_dict_shapes(cfg)) | set(ROPE_BUFFERS)
+    tables = reference_rope_buffers(cfg)
+    for name in ROPE_BUFFERS:
+        torch.testing.assert_close(weights[name], tables[name], rtol=0, atol=0, msg=name)
+    # only the file holds them: the model in memory has no RoPE state
+    assert not any(k.startswith("rope.") for k in model.state_dict())
 
     loaded = DiT.from_pretrained(tmp_path).eval()
     x, context, t = inputs(cfg, h=6, w=10)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, context, t), model(x, context, t), rtol=0, atol=0)
+
+
+ROPE_BUFFERS = ("rope.freqs_hw_cos", "rope.freqs_hw_sin")
+
+
+def reference_rope_buffers(cfg: dict) -> dict[str, torch.Tensor]:
+    """F-Lite's persistent RoPE buffers, written from the spec (docs/flite-format.md §2): for row
+    r and column c of a 512x512 grid, angles [r·inv_freq, c·inv_freq] with dim = head_dim/2,
+    inv_freq[j] = 1/base^(2j/dim) built from Python floats, all in fp32; no register rows."""
+    dim = cfg["hidden_size"] // cfg["num_heads"] // 2
+    base = cfg.get("rope_base", 10000)
+    inv_freq = torch.tensor([1.0 / base ** (2 * j / dim) for j in range(dim // 2)],
+                            dtype=torch.float32)  # [dim/2]
+    pos = torch.arange(512, dtype=torch.float32)
+    rows = (pos[:, None] * inv_freq[None, :])[:, None, :].repeat(1, 512, 1)  # [512, 512, dim/2]
+    cols = (pos[:, None] * inv_freq[None, :])[None, :, :].repeat(512, 1, 1)  # [512, 512, dim/2]
+    angles = torch.cat([rows, cols], dim=-1)  # [512, 512, dim]
+    return {"rope.freqs_hw_cos": angles.cos(), "rope.freqs_hw_sin": angles.sin()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_save_pretrained_writes_rope_buffers_in_the_weights_dtype(dtype, tmp_path):
+    # As the reference's `model.to(dtype)` casts its fp32 buffers before saving.
+    cfg = REFERENCE_LIKE
+    make_model(cfg).to(dtype).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    tables = reference_rope_buffers(cfg)
+    half = cfg["hidden_size"] // cfg["num_heads"] // 2
+    for name in ROPE_BUFFERS:
+        assert weights[name].dtype == dtype and weights[name].shape == (512, 512, half)
+        torch.testing.assert_close(weights[name], tables[name].to(dtype), rtol=0, atol=0, msg=name)
+    assert weights["register_tokens"].dtype == dtype
+
+
+def test_save_pretrained_without_rope_writes_no_rope_buffers(tmp_path):
+    make_model(NO_ROPE).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert set(weights) == set(expected_state_dict_shapes(NO_ROPE))
 
 
 def test_default_config_keys_match_flite():

@@ -370,6 +370,72 @@ def random_dit(shape: DitShape, seed: int = 0):
     return dit
 
 
+FLITE_WIDTH = DitShape(3072, 1, 12, 4096)  # the released width; depth is varied
+
+
+def write_sharded_dit(folder: Path, shape: DitShape, *, dtype_name: str = "bf16",
+                      shard_bytes: int = 256 * 2**20, seed: int = 0) -> dict[str, Any]:
+    """A DiT of `shape` with random weights written straight to sharded safetensors (config.json,
+    shards, index), one tensor at a time: a full-width model never has to fit in memory twice,
+    and building it costs no more than writing it. Weights: N(0, 0.02²), norms 1, as a trained
+    model's scale (the zero-initialised output layers are random too, so gradients are real).
+    Returns {"parameters", "bytes", "shards"}."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ditctl.models.flite_dit import DiT
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        skeleton = DiT(**shape.config())
+    config = {"_class_name": "DiT", **shape.config()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generator = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, Any]] = [{}]
+    sizes = [0]
+    total_params = 0
+    for name, param in skeleton.named_parameters():
+        if name.endswith("lambda_param"):
+            value = torch.full(param.shape, 0.5)
+        elif param.dim() == 1 and "norm" in name:
+            value = torch.ones(param.shape)
+        else:
+            value = torch.empty(param.shape).normal_(0.0, 0.02, generator=generator)
+        value = value.to(dtype)
+        if sizes[-1] and sizes[-1] + value.nbytes > shard_bytes:
+            _flush_shard(folder, shards, len(shards))  # only its key list stays in memory
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = value
+        sizes[-1] += value.nbytes
+        total_params += value.numel()
+    weight_map = {}
+    count = len(shards)
+    for index, shard in enumerate(shards, 1):
+        file = f"diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+        for key in shard.get("__keys__", shard):
+            weight_map[key] = file
+        tmp = folder / f"shard-{index:05d}.tmp"
+        if tmp.exists():
+            tmp.rename(folder / file)
+        else:
+            save_file(shard, folder / file)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=2) + "\n")
+    return {"parameters": total_params, "bytes": sum(sizes), "shards": count}
+
+
+def _flush_shard(folder: Path, shards: list[dict], index: int) -> None:
+    """Write a full shard under a temporary name and keep only its key list in memory."""
+    from safetensors.torch import save_file
+
+    shard = shards[index - 1]
+    save_file(shard, folder / f"shard-{index:05d}.tmp")
+    shards[index - 1] = {"__keys__": list(shard)}
+
+
 def build_bench_pipeline(folder: Path, dit: DitShape, t5: T5Shape, vae_channels: tuple[int, ...],
                          seed: int = 0) -> Path:
     """An F-Lite-layout model folder with random weights: ditctl's tiny pipeline (tokenizer,

@@ -34,12 +34,20 @@ BENCHMARKS = {
     "memory": ("bench.bench_memory", "peak memory: LoRA, 8-bit AdamW, checkpointing, cache"),
     "scaling": ("bench.bench_scaling", "step time and memory vs resolution and LoRA rank"),
 }
+# Run only when named (each takes an hour or more on a 2-core CPU; not part of `--quick`)
+ON_REQUEST = {
+    "memory_plan": ("bench.bench_memory_plan", "the --dry-run memory plan vs measured peaks, "
+                    "full width, every base precision"),
+    "quantized_lora": ("bench.bench_quantized_lora", "the --example LoRA's concept score on "
+                       "fp8, nf4, fp32 and bf16 bases"),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[1])
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
+                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)}; "
+                        f"on request: {', '.join(ON_REQUEST)})")
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke runs")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE,
                         help=f"markdown file to append to (default: {RESULTS_FILE})")
@@ -49,16 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: torch's default, usually one per core)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in BENCHMARKS and n not in ON_REQUEST]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(BENCHMARKS)}")
+                     f"{', '.join([*BENCHMARKS, *ON_REQUEST])}")
     return args
 
 
 def run_one(name: str, quick: bool) -> dict:
     """{"status": "ok", "results": ..., "elapsed_s": ...} or a failed/missing status."""
-    module_name = BENCHMARKS[name][0]
+    module_name = {**BENCHMARKS, **ON_REQUEST}[name][0]
     started = time.perf_counter()
     try:
         module = importlib.import_module(module_name)
@@ -80,8 +88,8 @@ def run_one(name: str, quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
-        for name, (module, what) in BENCHMARKS.items():
-            print(f"{name:<11} {what}  ({module})")
+        for name, (module, what) in {**BENCHMARKS, **ON_REQUEST}.items():
+            print(f"{name:<14} {what}  ({module})")
         return 0
     offline_environment()
     import torch
@@ -90,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     names = args.names or list(BENCHMARKS)
     report = {"quick": args.quick, "stamp": machine_stamp(), "benchmarks": {}}
     for name in names:
-        print(f"== {name}: {BENCHMARKS[name][1]}{' (quick)' if args.quick else ''}",
+        what = {**BENCHMARKS, **ON_REQUEST}[name][1]
+        print(f"== {name}: {what}{' (quick)' if args.quick else ''}",
               file=sys.stderr, flush=True)
         torch.set_num_threads(threads)  # a benchmark may change it; the next starts afresh
         outcome = run_one(name, args.quick)

@@ -183,6 +183,10 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(
         5, "Stop after this many consecutive steps with a non-finite loss.", min=1)
     num_processes: int = opt(1, "Training processes (data parallel) on this machine.", min=1)
+    text_encoder_device: str = opt(
+        "cpu", "Where training without the cache runs the text encoder: cpu (it never takes "
+        "accelerator memory; encoding is slower) or accelerator (next to the DiT).",
+        choices=("cpu", "accelerator"))
 
 
 def _known_lora_targets(value: tuple[str, ...]) -> str | None:
@@ -204,6 +208,15 @@ class LoraConfig:
         check=_known_lora_targets)
     lora_checkpoint: str | None = opt(
         None, "LoRA weights to start from (a checkpoint or an exported adapter folder).")
+    base_precision: str = opt(
+        "auto", "How the frozen base is stored when only LoRA trains: auto (the compute dtype), "
+        "bf16, fp8 (float8 + per-row scales, torchao), int8 (weight-only, torchao) or nf4 "
+        "(4-bit NormalFloat, bitsandbytes, as QLoRA); computed in bf16. Needs --lora.",
+        choices=("auto", "bf16", "fp8", "int8", "nf4"))
+    offload_base_blocks: bool = opt(
+        False, "Keep the frozen base's blocks in host memory and copy each to the accelerator "
+        "just before it runs (the next one prefetched): the GPU holds ~2 blocks of the base. "
+        "Needs --lora and gradient_checkpointing.")
 
 
 @dataclass(frozen=True)
@@ -227,6 +240,9 @@ class SampleConfig:
                               min=0.0, min_exclusive=True)
     lora_scale: float = opt(1.0, "Strength of the LoRA when sampling a LoRA run.")
     offload: bool = opt(False, "Free the text encoder before the DiT runs (less peak memory).")
+    text_encoder_device: str = opt(
+        "accelerator", "Where prompts are encoded: accelerator, or cpu (the text encoder never "
+        "takes accelerator memory; encoding is slower).", choices=("accelerator", "cpu"))
 
 
 @dataclass(frozen=True)

@@ -134,5 +134,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("bitsandbytes", "accelerate", "peft"):
+    # torchao reports optional CUDA kernels it cannot load on every import (diffusers imports
+    # it when installed), and torch warns about its enum registrations: neither is actionable
+    for name in ("bitsandbytes", "accelerate", "peft", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -202,7 +202,7 @@ def _clean_leftovers(cache_root: Path) -> None:
 def _load_text_encoder(family: ModelFamily, config: Config, device: torch.device) -> Any:
     _, dtype = STORAGE_DTYPES[config.precompute.mixed_precision]
     with console.err.status("loading the text encoder ..."):
-        return family.load_text_encoder(dtype).to(device)
+        return family.load_text_encoder(dtype, device)
 
 
 def _free_memory(device: torch.device) -> None:
@@ -336,7 +336,7 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
     batches = iter(loader)  # workers start, and decode ahead, while the VAE loads
     try:
         with console.err.status("loading the VAE ..."):
-            vae = family.load_vae(cache.spec.torch_dtype).to(device)
+            vae = family.load_vae(cache.spec.torch_dtype, device)
         chunk = _encode_chunk(cache.spec, settings.batch_size)
         done = 0
         started = time.perf_counter()

@@ -455,19 +455,30 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def text_encoder_device(settings: Any, device: torch.device) -> torch.device:
+    """Where prompts are encoded: [sample] text_encoder_device (cpu keeps the text encoder off
+    the accelerator entirely)."""
+    return torch.device("cpu") if getattr(settings, "text_encoder_device", None) == "cpu" \
+        else device
+
+
 def load_for_sampling(choice: ModelChoice, settings: Any, prompts: Sequence[str],
                       device: torch.device) -> tuple[torch.nn.Module, Any, PromptEmbeddings]:
-    """(denoiser, vae, embeddings) on `device`. With `settings.offload` the text encoder is
-    loaded, used and freed before the denoiser is loaded; otherwise all three are resident."""
+    """(denoiser, vae, embeddings) on `device`, each streamed straight there in its dtype.
+
+    The text encoder runs where [sample] text_encoder_device says (cpu: it never takes
+    accelerator memory). With `settings.offload` it is loaded, used and freed before the
+    denoiser is loaded; otherwise all three are resident together. A LoRA trained on a
+    quantized base is sampled on that base, quantized the same way."""
     dtype = inference_dtype(device)
-    text_encoder = choice.family.load_text_encoder(dtype).to(device)
+    text_encoder = choice.family.load_text_encoder(dtype, text_encoder_device(settings, device))
     if settings.offload:
         embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
         del text_encoder
         free_accelerator_memory()
     denoiser = load_denoiser(choice.family, choice.checkpoint, lora_scale=settings.lora_scale,
-                             dtype=dtype).to(device)
-    vae = choice.family.load_vae(torch.float32).to(device)
+                             dtype=dtype, device=device)
+    vae = choice.family.load_vae(torch.float32, device)
     if not settings.offload:
         embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
         del text_encoder

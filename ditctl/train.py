@@ -20,8 +20,8 @@ from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
 from .engine.plan import memory_advice, training_plan
 from .engine.run import Run, new_run, open_run_for_resume
-from .engine.setup import (build_denoiser, make_accelerator, plan_schedule, process_state,
-                           resolve_seed, step_batch_size)
+from .engine.setup import (base_storage, build_denoiser, make_accelerator, plan_schedule,
+                           process_state, resolve_seed, step_batch_size)
 from .errors import ConfigError, DataError, TrainingError, WorkspaceError
 from .evaluation.inputs import split_holdout
 from .fsutil import format_bytes
@@ -76,7 +76,14 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
         return CachedSource(Cache.open(ws, config, family))
     console.info("encoding images and captions on the fly (run `ditctl precompute` and train "
                  "with --use-precomputed-data to skip the VAE and text encoder)")
-    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(), config.data)
+    text_device = "cpu" if config.train.text_encoder_device == "cpu" else process_device()
+    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(device=text_device),
+                          config.data)
+
+
+def process_device() -> torch.device:
+    """This process's accelerator (its rank's GPU), or the CPU."""
+    return process_state().device
 
 
 def run_info(ws: Workspace, config: Config, family: ModelFamily, rows, seed: int,
@@ -133,16 +140,22 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
+    info["base_precision"] = base_storage(config)
     if checkpoint is not None:
         console.info(f"continuing run {run_of_checkpoint(checkpoint).name} from "
                      f"{checkpoint.name} (step {checkpoint_step(checkpoint, meta)} of "
                      f"{schedule.total_steps})")
 
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
-    denoiser = build_denoiser(family, config)
-    if dry_run:
-        return TrainOutcome(plan=training_plan(schedule, denoiser, family.dit_config(), config,
-                                               info["buckets"], world))
+    if dry_run:  # shapes only: the plan reads no weights
+        skeleton = build_denoiser(family, config, device="meta")
+        return TrainOutcome(plan=training_plan(schedule, skeleton, family.dit_config(), config,
+                                               info["buckets"], world, family.text_tokens()))
+    denoiser = build_denoiser(family, config, device=state.device)
+    if config.lora.offload_base_blocks:
+        from .engine.offload import stream_base_blocks
+
+        stream_base_blocks(denoiser, state.device)
 
     training_run = None
     if state.is_main_process:

@@ -15,6 +15,17 @@ from ditctl.console import quiet_libraries  # noqa: E402
 quiet_libraries()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Training in-process initialises accelerate's process-wide state (mixed precision
+    included); reset it after every test, so a later test may train with other settings."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random F-Lite-layout pipeline, built once (do not modify it in tests)."""

@@ -570,3 +570,43 @@ def test_licence_comes_from_the_base_model_folder(tmp_path, tiny_model_dir):
     result = export_checkpoint(ws, ws.config())
     assert (result.path / "LICENSE.md").read_text().startswith("# Example Model License v2")
     assert "license: apache-2.0" in (result.path / "README.md").read_text()
+
+
+# --- a LoRA trained on a quantized base ------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp8", "int8", "nf4"])
+def test_export_of_a_quantized_run_merges_into_the_full_precision_base(lora_ws, tiny_model_dir,
+                                                                        precision):
+    from ditctl.engine.precision import QuantizedLinear
+
+    ws, checkpoint = lora_ws
+    marker = checkpoint / "checkpoint.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "base_precision": precision}))
+    family = load_family(tiny_model_dir)
+    as_trained = load_denoiser(family, checkpoint)  # sample/eval reproduce the trained model
+    assert any(isinstance(m, QuantizedLinear) for m in as_trained.modules())
+    result = export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "fp32"}))
+    assert result.parity.passed and result.parity.relative_diff < 1e-5
+    assert result.base_precision == precision
+    trained = result.trained_parity
+    assert trained.passed and trained.base_precision == precision and trained.base_error > 0
+    # the export differs from the run's model by about the base's own quantization error
+    assert 0.5 * trained.base_error < trained.relative_diff <= trained.tolerance
+    # merged into the full-precision base: what base + LoRA predicts, not the quantized model
+    full = load_denoiser(family, checkpoint, as_trained=False)
+    exported = load_family(result.path).load_denoiser()
+    assert not any(isinstance(m, QuantizedLinear) for m in exported.modules())
+    assert relative_error(run_model(exported), run_model(full)) < 1e-5
+    card = (result.path / "README.md").read_text()
+    assert f"stored as **{precision}**" in card and "not into the quantized weights" in card
+    assert f"base stored as {precision}" in card
+
+
+def test_trained_base_parity_allows_the_quantization_error_and_no_more():
+    from ditctl.export.parity import QUANTIZED_BASE_MARGIN, compare_to_trained
+
+    trained = torch.ones(2, 4)
+    within = compare_to_trained(trained, trained * 1.05, 0.04, "nf4", "bf16")
+    assert within.passed and within.tolerance == pytest.approx(QUANTIZED_BASE_MARGIN * 0.04 + 2e-2)
+    assert not compare_to_trained(trained, trained * 1.2, 0.04, "nf4", "bf16").passed
+    assert not compare_to_trained(trained, trained * float("nan"), 0.04, "nf4", "bf16").passed

@@ -52,3 +52,8 @@ def export(
                   f"{result.dtype}) from {escape(result.run)} step {result.step}")
     console.print(f"  {escape(str(result.path))}")
     console.print(f"  {check}")
+    if result.trained_parity is not None:
+        t = result.trained_parity
+        console.print(f"  vs the run's model (base {t.base_precision}): relative "
+                      f"{t.relative_diff:.2g}, base quantization error {t.base_error:.2g}, "
+                      f"allowed {t.tolerance:.2g}")

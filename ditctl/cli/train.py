@@ -77,6 +77,20 @@ def _print_plan(plan: dict) -> None:
         table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
     table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
     memory = plan["memory_estimate_bytes"]
-    for key in ("weights", "gradients", "optimizer", "activations", "total"):
-        table.add_row(f"memory: {key} (estimate)", f"{memory[key] / 2**20:,.1f} MiB")
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    table.add_row("base stored as", plan["base_precision"])
+    shape = (f"largest bucket {memory['largest_bucket']}, {memory['text_tokens']} text tokens"
+             + (", checkpointing" if memory["gradient_checkpointing"] else "")
+             + (", base blocks streamed (2 on the device)" if memory["offload_base_blocks"]
+                else ""))
+    table.add_row("peak memory per device (plan)", shape)
+    for key, label in (("base_weights", "frozen base weights"),
+                       ("trainable_weights", "trainable weights (fp32)"),
+                       ("gradients", "gradients (fp32)"), ("optimizer", "optimiser state"),
+                       ("activations", "activations"), ("working_set", "working set"),
+                       ("total", "total")):
+        table.add_row(f"  {label}", gib(memory[key]))
+    toggled = "with" if not memory["gradient_checkpointing"] else "without"
+    table.add_row(f"  (activations {toggled} checkpointing)",
+                  gib(memory["activations_if_checkpointing_toggled"]))
     console.print(table)

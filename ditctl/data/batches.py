@@ -162,7 +162,8 @@ class OnTheFlySource:
         return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
 
     def text_embedding(self, caption: str) -> torch.Tensor:
-        return self.family.encode_prompts(self.text_encoder, [caption])  # [1, L, D]
+        # [1, L, D], on the CPU like cached embeddings whichever device encoded it
+        return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
 
 
 # --- batches ----------------------------------------------------------------------------------

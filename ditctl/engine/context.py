@@ -95,4 +95,5 @@ class TrainingContext:
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"base_identity": self.info["base_identity"], "config_hash": self.config.hash(),
                 "manifest_fingerprint": self.info["manifest_fingerprint"], "seed": self.seed,
-                "lora": self.config.lora.use_lora, "run": self.run.name}
+                "lora": self.config.lora.use_lora, "run": self.run.name,
+                "base_precision": self.info.get("base_precision", "fp32")}

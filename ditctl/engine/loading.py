@@ -17,16 +17,52 @@ from ..models.base import ModelFamily
 from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, checkpoint_holds,
                     verify_checkpoint)
 from .lora import adapter_from_config_dict, add_lora, load_adapter_weights, set_lora_scale
+from .precision import QUANTIZED, QuantizedLinear, quantizer
 
 
 def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_scale: float = 1.0,
-                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The base denoiser with a checkpoint's trained weights applied (LoRA and/or full)."""
-    denoiser = family.load_denoiser(torch.float32)
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  as_trained: bool = True) -> torch.nn.Module:
+    """The base denoiser with a checkpoint's trained weights applied (LoRA and/or full),
+    streamed straight into `dtype` on `device`.
+
+    A LoRA trained on a quantized base (checkpoint.json `base_precision` fp8/int8/nf4) gets that
+    same base, quantized the same way (bit for bit what it trained against, and what fits the
+    GPU it trained on), unless `as_trained=False`: then the base is read in `dtype` (exports
+    merge into a full-precision base, never into quantized weights)."""
+    precision = trained_base_precision(checkpoint) if as_trained else None
+    denoiser = family.load_denoiser(dtype, device, convert=quantizer(precision))
     if checkpoint is not None:
         apply_checkpoint(family, denoiser, Path(checkpoint))
         set_lora_scale(denoiser, lora_scale)
-    return denoiser.to(dtype).eval().requires_grad_(False)
+    cast_unquantized(denoiser, dtype)  # adapters and trained weights arrive as fp32
+    return denoiser.eval().requires_grad_(False)
+
+
+def trained_base_precision(checkpoint: Path | None) -> str | None:
+    """The quantized storage (fp8/int8/nf4) a checkpoint's LoRA trained against, else None
+    (after checking the checkpoint's files against its manifest: before any weight loads)."""
+    if checkpoint is None:
+        return None
+    precision = verify_checkpoint(Path(checkpoint)).get("base_precision")
+    return precision if precision in QUANTIZED else None
+
+
+def cast_unquantized(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`module.to(dtype)` for every floating-point tensor except quantized weights (which
+    `.to(dtype)` would dequantize or refuse)."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if isinstance(sub, QuantizedLinear) and name == "weight":
+                continue
+            sub._parameters[name] = torch.nn.Parameter(param.detach().to(dtype),
+                                                      requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                sub._buffers[name] = buffer.to(dtype)
+    return module
 
 
 def apply_checkpoint(family: ModelFamily, denoiser: torch.nn.Module, checkpoint: Path) -> dict:

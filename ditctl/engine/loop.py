@@ -85,7 +85,9 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     if resume_from is not None:
         position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
         console.info(f"resumed from {resume_from} at step {position.step}")
-    model, optimizer = acc.prepare(ctx.denoiser, optimizer)
+    # with block streaming the model is already placed: its base blocks stay in host memory
+    streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
+    model, optimizer = acc.prepare(ctx.denoiser, optimizer, device_placement=[not streamed, True])
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)

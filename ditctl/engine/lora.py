@@ -8,7 +8,9 @@ state dict with keys like `blocks.0.self_attn.qkv.lora_A.weight`.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -36,11 +38,39 @@ def peft_config(settings: LoraSettings, candidates: tuple[str, ...]):
 
 
 def add_lora(denoiser: torch.nn.Module, config) -> None:
-    """Inject adapters (peft LoraConfig `config`) into `denoiser` in place."""
-    from peft import inject_adapter_in_model
+    """Inject adapters (peft LoraConfig `config`) into `denoiser` in place, in fp32 whatever
+    the base is stored as.
 
-    inject_adapter_in_model(config, denoiser, adapter_name=ADAPTER)
+    peft moves each new adapter to its base layer's dtype: bf16 next to a bf16 base (fp8 next
+    to an fp8 one). Adapters are trained weights and keep fp32 masters, so any adapter that did
+    not stay fp32 is cast back and initialised again in fp32 (peft's own init, so the result
+    is what an fp32 base gets: peft draws every adapter on the CPU in fp32 before it casts, so
+    replaying those draws from the same RNG state gives exactly those values)."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    rng = torch.random.get_rng_state()
+    with warnings.catch_warnings():
+        # peft warns that LoRA layers on torchao weights cannot merge: ditctl never merges into
+        # a quantized base (exports merge into a freshly loaded full-precision one)
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        inject_adapter_in_model(config, denoiser, adapter_name=ADAPTER)
     denoiser.peft_config = {ADAPTER: config}  # as peft/diffusers record it on the model
+    layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    adapters = [p for m in layers for p in (*m.lora_A[ADAPTER].parameters(),
+                                            *m.lora_B[ADAPTER].parameters())]
+    if all(p.dtype == torch.float32 for p in adapters) or any(p.is_meta for p in adapters):
+        return
+    torch.random.set_rng_state(rng)  # replay peft's draws, in its order, on the CPU in fp32:
+    for module in layers:  # nn.Linear's own init of A, then of B, then peft's LoRA init
+        device = module.lora_A[ADAPTER].weight.device
+        module.lora_A[ADAPTER].to("cpu", torch.float32).reset_parameters()
+        module.lora_B[ADAPTER].to("cpu", torch.float32).reset_parameters()
+        module.reset_lora_parameters(ADAPTER, config.init_lora_weights)
+        module.lora_A[ADAPTER].to(device)
+        module.lora_B[ADAPTER].to(device)
 
 
 def has_lora(denoiser: torch.nn.Module) -> bool:
@@ -122,3 +152,20 @@ def set_lora_scale(denoiser: torch.nn.Module, scale: float) -> None:
     for module in denoiser.modules():
         if isinstance(module, LoraLayer):
             module.scale_layer(scale)
+
+
+@contextmanager
+def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
+    """The base model's predictions: every adapter skipped for the duration (nothing changes,
+    requires_grad included)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    previous = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, previous):
+            m._disable_adapters = value

@@ -1,62 +1,212 @@
-"""`ditctl train --dry-run`: the plan of a run and an estimate of its memory, without training;
-and the advice printed when training runs out of memory.
+"""`ditctl train --dry-run`: the plan of a run and its peak memory by component, without
+training; and the advice printed when training runs out of memory.
 
-Memory estimate (bytes), per component:
-  weights      trainable params x 4 (fp32 masters) + frozen params x bytes of their dtype
-  gradients    trainable params x 4
-  optimiser    trainable params x 8 (AdamW: two fp32 moments) or x 2 (8-bit AdamW)
-  activations  per block ≈ tokens x hidden x (34 + 5 x heads x tokens / hidden) x 2 bytes under
-               bf16 (x 4 in fp32), times depth; with gradient checkpointing only the block inputs
-               (tokens x hidden x depth) plus one block's activations are kept.
-It is an estimate from the model shape (labelled as such), not a measurement.
+The memory plan is a model of one training step on one device (batch = train_batch_size x
+batch_multiplicity, the run's largest bucket, the text encoder's token count), checked against
+measurement by `python -m bench memory_plan` (within 10%) and bench/gpu_check.py:
+
+  base weights     frozen base as stored ([lora] base_precision): per linear layer of the
+                   blocks bf16 2 B/weight; fp8 1 B + 4 B per output row; int8 1 B + 5 B per row;
+                   NF4 0.5 B + 1/64 B (8-bit block scales) + 4/16384 B (their fp32 scales);
+                   everything else bf16 (or the compute dtype for `auto`). Full fine-tuning:
+                   fp32 (the weights train). With offload_base_blocks only 2 blocks are on the
+                   device.
+  trainable        fp32 masters (LoRA adapters, or the whole DiT), their fp32 gradients and
+                   AdamW's two fp32 moments (8-bit AdamW: 2 B per parameter).
+  activations      what autograd saves, counted tensor by tensor from the block (a test checks
+                   it with saved_tensors_hooks), per token (T, registers included) and hidden
+                   size H under bf16 autocast: 52·T·H bytes (the T x 4H MLP hidden in bf16: 8;
+                   the fp32 residual stream entering the three norms: 12; q and k in fp32 for
+                   RoPE: 8; cross-attention q in fp32 for its norm: 4; the four LoRA-wrapped
+                   inputs in bf16: 8; self-attention q, k, v and output, cross q and output in
+                   bf16: 12) + 8·T·head_dim (RoPE tables) + 4·T·(5·heads + 3) (norm and
+                   softmax statistics) + the text side (L tokens: 10·L·H + 2·L·D_text) + the
+                   LoRA path (2·r per token and target, and a bf16 copy of the adapters).
+                   With gradient checkpointing only each block's fp32 input (4·T·H) is kept,
+                   and one block is recomputed at a time.
+  working set      the transients at the peak (the backward of one block): its gradient
+                   buffers, 38·T·H bytes (measured once per block kind, see bench/RESULTS.md
+                   memory_plan), plus, for a quantized base, its largest weight dequantized
+                   to the compute dtype (adaLN, H x 9H: 2 B x 9·H² under bf16).
+Everything is bytes; `total` is their sum.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config import Config
-from .setup import DTYPES, Schedule
+from .setup import Schedule
+
+# bytes per (token x hidden) of the backward working set of one block under bf16 autocast (its
+# gradient buffers: grad of the residual, of q/k/v and the attention output, of the MLP hidden);
+# measured on F-Lite-width blocks by `python -m bench memory_plan` (see docs/performance.md)
+WORKING_SET_PER_TOKEN_HIDDEN = 38
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+ROW_SCALE_BYTES = {"fp8": 4, "int8": 5}  # fp32 scale (+ int8 zero point) per output row
 
 
-def activation_bytes(config: dict, tokens: int, batch: int, precision: str,
-                     checkpointing: bool) -> int:
-    hidden, depth, heads = config["hidden_size"], config["depth"], config["num_heads"]
-    unit = 4 if precision == "no" else 2
-    per_block = tokens * hidden * (34 + 5 * heads * tokens / hidden) * unit * batch
+@dataclass(frozen=True)
+class StepShape:
+    """What one training step processes on one device."""
+
+    tokens: int  # image tokens per sample, the 16 registers included
+    text_tokens: int
+    batch: int
+
+
+def _linear_layers(denoiser: torch.nn.Module) -> list[tuple[str, int, int, bool]]:
+    """(name, in, out, has bias) of every base linear layer (LoRA wrappers looked through)."""
+    layers = []
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            layers.append((name.replace(".base_layer", ""), module.in_features,
+                           module.out_features, module.bias is not None))
+    return layers
+
+
+def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
+                      blocks_resident: int | None = None, mixed_precision: str = "bf16") -> int:
+    """Bytes of the frozen base stored as `precision` (see the module doc). `blocks_resident`:
+    only that many blocks' weights count (block streaming)."""
+    from .precision import QUANTIZED, is_quantized_layer_name
+
+    depth = len(getattr(denoiser, "blocks", [])) or 1
+    from .precision import storage_dtype
+
+    other = storage_dtype(precision, mixed_precision).itemsize
+    lora = {id(p) for n, p in denoiser.named_parameters() if "lora_" in n}
+    linear_weights = set()
+    block_bytes = rest_bytes = 0.0
+    for name, fan_in, fan_out, bias in _linear_layers(denoiser):
+        n = fan_in * fan_out
+        if precision in QUANTIZED and is_quantized_layer_name(name):
+            weight = n * NF4_BYTES_PER_WEIGHT if precision == "nf4" else \
+                n + ROW_SCALE_BYTES[precision] * fan_out
+        else:
+            weight = n * other
+        size = weight + (fan_out * other if bias else 0)
+        if name.startswith("blocks."):
+            block_bytes += size
+        else:
+            rest_bytes += size
+        linear_weights.add(name)
+    for name, param in denoiser.named_parameters():
+        module_name = name.rsplit(".", 1)[0].replace(".base_layer", "")
+        if id(param) in lora or module_name in linear_weights:
+            continue
+        size = param.numel() * other
+        if name.startswith("blocks."):
+            block_bytes += size
+        else:
+            rest_bytes += size
+    if blocks_resident is not None:
+        block_bytes *= min(blocks_resident, depth) / depth
+    return int(block_bytes + rest_bytes)
+
+
+def lora_layout(denoiser: torch.nn.Module) -> tuple[int, int, int]:
+    """(adapter parameters per block, adapted layers per block, rank) of the model's LoRA."""
+    per_block = layers = rank = 0
+    for name, param in denoiser.named_parameters():
+        if "lora_" in name and name.startswith("blocks.0."):
+            per_block += param.numel()
+            if "lora_A" in name:
+                layers += 1
+                rank = param.shape[0]
+    return per_block, layers, rank
+
+
+def saved_per_block(config: dict, shape: StepShape, precision: str,
+                    lora: tuple[int, int, int] = (0, 0, 0)) -> int:
+    """Bytes autograd saves for one block's backward (see the module doc), per step."""
+    hidden, heads = config["hidden_size"], config["num_heads"]
+    head_dim = hidden // heads
+    t, text, text_dim = shape.tokens, shape.text_tokens, config["cross_attn_input_size"]
+    adapters, adapted, rank = lora
+    if precision == "no":  # fp32: no casts, so no fp32 duplicates of bf16 tensors
+        per_token_hidden = 80
+        unit = 4
+    else:
+        per_token_hidden = 52
+        unit = 2
+    image = per_token_hidden * t * hidden + 8 * t * head_dim + 4 * t * (5 * heads + 3)
+    text_side = 5 * unit * text * hidden + unit * text * text_dim + 4 * text * heads
+    lora_side = unit * rank * (adapted - 1) * t + unit * rank * text + unit * adapters \
+        if adapted else 0
+    modulation = unit * 12 * hidden
+    return int(shape.batch * (image + text_side + lora_side + modulation))
+
+
+def activation_bytes(config: dict, shape: StepShape, precision: str, checkpointing: bool,
+                     lora: tuple[int, int, int] = (0, 0, 0)) -> int:
+    """Saved activations at the peak: every block's, or (checkpointing) every block's fp32
+    input plus one recomputed block's."""
+    depth, hidden = config["depth"], config["hidden_size"]
+    block = saved_per_block(config, shape, precision, lora)
     if checkpointing:
-        return int(tokens * hidden * unit * batch * depth + per_block)
-    return int(per_block * depth)
+        return int(shape.batch * 4 * shape.tokens * hidden * depth + block)
+    return int(block * depth)
+
+
+def working_set_bytes(config: dict, shape: StepShape, precision: str, base: str) -> int:
+    """Transients at the peak: one block's backward buffers and a dequantized weight."""
+    from .precision import QUANTIZED
+
+    hidden = config["hidden_size"]
+    unit = 4 if precision == "no" else 2
+    grads = WORKING_SET_PER_TOKEN_HIDDEN * unit // 2 * shape.batch * shape.tokens * hidden
+    # the largest linear of a block, dequantized for its matmul: adaLN (H -> 9H) in F-Lite
+    largest = hidden * max(9 * hidden, int(hidden * config.get("mlp_ratio", 4.0)))
+    dequantized = unit * largest if base in QUANTIZED else 0
+    return int(grads + dequantized)
 
 
 def memory_estimate(denoiser: torch.nn.Module, dit_config: dict, config: Config,
-                    latent_hw: tuple[int, int]) -> dict[str, int]:
-    train = config.train
+                    latent_hw: tuple[int, int], text_tokens: int) -> tuple[dict[str, int], int]:
+    """The planned peak of one training step, by component (bytes), and the activations the
+    other gradient-checkpointing setting would give."""
+    from .setup import base_storage
+
+    train, lora_settings = config.train, config.lora
     trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
-    frozen_bytes = torch.finfo(DTYPES[train.mixed_precision]).bits // 8 \
-        if config.lora.train_only_lora else 4
     patch = dit_config["patch_size"]
-    tokens = (latent_hw[0] // patch) * (latent_hw[1] // patch) + 16
-    batch = train.train_batch_size * train.batch_multiplicity
+    shape = StepShape(tokens=(latent_hw[0] // patch) * (latent_hw[1] // patch) + 16,
+                      text_tokens=text_tokens,
+                      batch=train.train_batch_size * train.batch_multiplicity)
+    base = base_storage(config)
+    frozen_base = lora_settings.use_lora and lora_settings.train_only_lora
+    lora = lora_layout(denoiser) if lora_settings.use_lora else (0, 0, 0)
+    resident = 2 if lora_settings.offload_base_blocks else None
+    if frozen_base:
+        weights = base_weight_bytes(denoiser, base, resident, train.mixed_precision)
+    else:
+        weights = 0  # everything trains: counted as trainable fp32 masters
+    other = activation_bytes(dit_config, shape, train.mixed_precision,
+                             not train.gradient_checkpointing, lora)
     return {
-        "weights": trainable * 4 + frozen * frozen_bytes,
+        "base_weights": weights,
+        "trainable_weights": trainable * 4,
         "gradients": trainable * 4,
         "optimizer": trainable * (2 if train.use_8bit_adam else 8),
-        "activations": activation_bytes(dit_config, tokens, batch, train.mixed_precision,
-                                        train.gradient_checkpointing),
-    }
+        "activations": activation_bytes(dit_config, shape, train.mixed_precision,
+                                        train.gradient_checkpointing, lora),
+        "working_set": working_set_bytes(dit_config, shape, train.mixed_precision, base),
+    }, other
 
 
 def training_plan(schedule: Schedule, denoiser: torch.nn.Module, dit_config: dict, config: Config,
-                  buckets: dict[str, int], world_size: int) -> dict[str, Any]:
+                  buckets: dict[str, int], world_size: int, text_tokens: int) -> dict[str, Any]:
     trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
     largest = max(buckets, key=lambda b: int(b.split("x")[0]) * int(b.split("x")[1]))
     w, h = (int(v) for v in largest.split("x"))
-    memory = memory_estimate(denoiser, dit_config, config, (h // 8, w // 8))
+    memory, other = memory_estimate(denoiser, dit_config, config, (h // 8, w // 8), text_tokens)
+    from .setup import base_storage
+
     train = config.train
     return {
         "processes": world_size,
@@ -67,8 +217,12 @@ def training_plan(schedule: Schedule, denoiser: torch.nn.Module, dit_config: dic
         "buckets": buckets,
         "trainable_parameters": trainable,
         "frozen_parameters": frozen,
+        "base_precision": base_storage(config),
         "memory_estimate_bytes": {**memory, "total": sum(memory.values()),
-                                  "largest_bucket": largest},
+                                  "largest_bucket": largest, "text_tokens": text_tokens,
+                                  "gradient_checkpointing": train.gradient_checkpointing,
+                                  "activations_if_checkpointing_toggled": other,
+                                  "offload_base_blocks": config.lora.offload_base_blocks},
     }
 
 
@@ -88,6 +242,13 @@ def memory_advice(config: Config) -> list[str]:
         advice.append("--use-8bit-adam")
     if not (lora.use_lora and lora.train_only_lora):
         advice.append("--lora (train only LoRA adapters; the base is frozen)")
+    elif lora.base_precision in ("auto", "bf16"):
+        advice.append("--base-precision fp8 (or nf4: 4-bit base, QLoRA)")
+    elif lora.base_precision in ("fp8", "int8"):
+        advice.append("--base-precision nf4 (4-bit base, QLoRA)")
+    if lora.use_lora and lora.train_only_lora and not lora.offload_base_blocks:
+        advice.append("--offload-base-blocks with --gradient-checkpointing (stream the base's "
+                      "blocks from host memory)")
     elif lora.lora_rank > 16:
         advice.append(f"--lora-rank 16 (now {lora.lora_rank})")
     if not train.use_precomputed_data:

@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
 from ..runs import is_complete_checkpoint, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
+from .precision import check_base_precision, quantizer, resolve_base_precision, storage_dtype
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,13 +57,30 @@ def resolve_seed(config: Config) -> int:
     return config.train.seed if config.train.seed is not None else secrets.randbelow(2**31)
 
 
-def build_denoiser(family: ModelFamily, config: Config) -> torch.nn.Module:
-    """The denoiser as it trains: fp32 trainable weights, LoRA injected, base frozen if asked.
+def build_denoiser(family: ModelFamily, config: Config,
+                   device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The denoiser as it trains, streamed onto `device`: fp32 trainable weights (the masters),
+    LoRA injected, the base frozen if asked.
 
-    With train_only_lora and bf16/fp16, the frozen base is held in the compute dtype (half the
-    memory); everything that trains stays fp32 (master weights)."""
-    denoiser = family.load_denoiser(torch.float32)
+    A frozen base (train_only_lora) is read straight into its [lora] base_precision (auto: the
+    compute dtype), quantized layer by layer as it streams in; nothing of it is ever fp32
+    unless fp32 is the compute dtype. Without a frozen base everything trains, so everything
+    is fp32. `device="meta"` builds the shapes only (the --dry-run plan)."""
     lora = config.lora
+    frozen_base = lora.use_lora and lora.train_only_lora
+    check_training_precision(config)
+    if lora.lora_checkpoint and not lora.use_lora:
+        raise ConfigError("[lora] lora_checkpoint is set but use_lora is false",
+                          hint="add --use-lora (or --lora)")
+    precision = base_storage(config)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            denoiser = family.build_denoiser_skeleton(
+                storage_dtype(precision, config.train.mixed_precision))
+    else:
+        denoiser = family.load_denoiser(storage_dtype(precision, config.train.mixed_precision),
+                                        device,
+                                        convert=quantizer(precision) if frozen_base else None)
     if lora.use_lora:
         add_lora(denoiser, peft_config(lora, family.lora_target_candidates))
         if lora.lora_checkpoint:
@@ -71,18 +89,39 @@ def build_denoiser(family: ModelFamily, config: Config) -> torch.nn.Module:
             denoiser.requires_grad_(True)  # (peft froze the base when injecting)
         else:
             freeze_base(denoiser)
-            compute = DTYPES[config.train.mixed_precision]
-            if compute != torch.float32:
-                for name, param in denoiser.named_parameters():
-                    if not param.requires_grad:
-                        param.data = param.data.to(compute)
-    elif lora.lora_checkpoint:
-        raise ConfigError("[lora] lora_checkpoint is set but use_lora is false",
-                          hint="add --use-lora (or --lora)")
+    else:
+        denoiser.requires_grad_(True)
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     return denoiser
+
+
+def base_storage(config: Config) -> str:
+    """What the denoiser's base weights are stored as in training: the [lora] base_precision
+    (resolved) for a frozen base, else fp32 (everything trains)."""
+    lora = config.lora
+    if lora.use_lora and lora.train_only_lora:
+        return resolve_base_precision(lora.base_precision, config.train.mixed_precision)
+    return "fp32"
+
+
+def check_training_precision(config: Config) -> None:
+    """One-line errors for base_precision / offload combinations that cannot work."""
+    lora, train = config.lora, config.train
+    frozen_base = lora.use_lora and lora.train_only_lora
+    check_base_precision(lora.base_precision, frozen_base=frozen_base)
+    if lora.base_precision == "bf16" and train.mixed_precision == "no":
+        raise ConfigError("[lora] base_precision = 'bf16' computes in bf16, but [train] "
+                          "mixed_precision = 'no' computes in fp32",
+                          hint="add --mixed-precision bf16 (or use --base-precision auto)")
+    if lora.offload_base_blocks and not frozen_base:
+        raise ConfigError("[lora] offload_base_blocks streams the frozen base: it needs a "
+                          "frozen base", hint="add --lora, or drop --offload-base-blocks")
+    if lora.offload_base_blocks and not train.gradient_checkpointing:
+        raise ConfigError("[lora] offload_base_blocks needs gradient checkpointing: without it "
+                          "the backward pass keeps every block's weights on the accelerator",
+                          hint="add --gradient-checkpointing")
 
 
 def _adapter_folder(path: str) -> Path:

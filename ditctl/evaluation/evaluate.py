@@ -31,7 +31,7 @@ from ..runs import (EVAL, checkpoint_step, eval_dir, latest_checkpoint, list_che
                     resolve_checkpoint, resolve_run, run_of_checkpoint, verify_checkpoint)
 from ..sampling import (default_prompts_file, encode_prompts, free_accelerator_memory, generate,
                         inference_device, inference_dtype, plan_images, read_prompts,
-                        resolve_shift, sample_size, settings_dict)
+                        resolve_shift, sample_size, settings_dict, text_encoder_device)
 from ..workspace import Workspace
 from .clip import ClipScore
 from .inputs import cached_embeddings, cached_inputs, validation_set
@@ -117,13 +117,13 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
 
     # Inputs once, for every model: from the precompute cache where it has them (then the text
     # encoder is never loaded), else encoded here; the text encoder is freed before any DiT.
-    vae = family.load_vae(torch.float32).to(device)
+    vae = family.load_vae(torch.float32, device)
     texts = prompts + ([settings.negative_prompt] if settings.negative_prompt else [])
     source, text_source = cached_inputs(ws, config, family, validation.rows, texts)
     source_how = "read from the precompute cache" if source is not None else "encoded on the fly"
     text_encoder = None
     if source is None or (prompts and text_source is None):
-        text_encoder = family.load_text_encoder(dtype).to(device)
+        text_encoder = family.load_text_encoder(dtype, text_encoder_device(settings, device))
     inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data),
                                 validation.rows)
     embeddings = None
@@ -139,7 +139,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     for model in models:
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
-                                 dtype=dtype).to(device)
+                                 dtype=dtype, device=device)
         model.loss = validation_loss(family, denoiser, validation.rows, inputs,
                                      config.eval.timestep_quantiles, VALIDATION_SEED,
                                      config.train.eval_batch_size,

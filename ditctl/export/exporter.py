@@ -24,8 +24,8 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..console import console
-from ..engine.loading import load_denoiser
-from ..engine.lora import adapter_config_dict, has_lora, peft_state_dict
+from ..engine.loading import load_denoiser, trained_base_precision
+from ..engine.lora import adapter_config_dict, adapters_disabled, has_lora, peft_state_dict
 from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
                       temp_leftovers)
 from ..models.base import ModelFamily
@@ -52,12 +52,17 @@ class ExportResult:
     step: int
     files: list[str]
     parity: parity.ParityReport | None
+    base_precision: str = "full"  # what the LoRA trained against: full, fp8, int8 or nf4
+    trained_parity: parity.TrainedBaseReport | None = None
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "name": self.name, "kind": self.kind,
                 "format": self.format, "dtype": self.dtype, "run": self.run,
                 "checkpoint": str(self.checkpoint), "step": self.step, "files": self.files,
-                "parity": self.parity.to_dict() if self.parity else None}
+                "parity": self.parity.to_dict() if self.parity else None,
+                "base_precision": self.base_precision,
+                "trained_parity": self.trained_parity.to_dict() if self.trained_parity
+                else None}
 
 
 def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
@@ -72,16 +77,29 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     plan = plan_export(ws, config, run=run, checkpoint=checkpoint, name=name, out=out,
                        force=force, lora_only=lora_only)
     family = load_family(plan.model_path, plan.family)
+    base_precision = trained_base_precision(plan.checkpoint)
+    trained = None
+    if plan.verify and base_precision is not None:
+        # the run's own model: its LoRA on the base quantized as it was in training
+        console.info(f"loading {plan.run_name}/{plan.checkpoint.name} as trained (base stored "
+                     f"as {base_precision})")
+        trained = _trained_outputs(family, plan.checkpoint)
     console.info(f"loading {plan.run_name}/{plan.checkpoint.name} on {family.path.name}")
-    denoiser = load_denoiser(family, plan.checkpoint)  # fp32: merge before any rounding
+    # the full-precision base, freshly loaded: LoRAs are merged in fp32, never into quantized
+    # weights, and before any rounding
+    denoiser = load_denoiser(family, plan.checkpoint, as_trained=False)
     inputs = parity.fixed_inputs(denoiser)
     reference = parity.predict(family, denoiser, inputs) if plan.verify else None
+    if trained is not None:
+        with adapters_disabled(denoiser):
+            base_output = parity.predict(family, denoiser, inputs)
+        trained["base_error"] = parity.relative_difference(base_output, trained["base"])
     lora = lora_summary(denoiser)
     base_identity = family.denoiser_identity()
     images = dataset_size(read_run_info(plan.run_dir), ws.read_state().get("ingest"))
     check_free_space(plan.out_dir.parent, _estimated_bytes(plan, family, denoiser), "the export")
 
-    report = None
+    report = trained_report = None
     _clean_torn_exports(ws.exports_dir)
     with atomic_dir(plan.out_dir, replace=plan.replace) as tmp:
         console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
@@ -96,16 +114,25 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         if plan.verify:
             console.info("checking the export against the run (reloaded from disk)")
             reloaded = reload_export(tmp, plan, family)
-            report = parity.compare(reference, parity.predict(family, reloaded, inputs),
-                                    plan.dtype)
+            candidate = parity.predict(family, reloaded, inputs)
+            report = parity.compare(reference, candidate, plan.dtype)
             del reloaded
-            parity.require_parity(report, f"the export of {plan.run_name}/{plan.checkpoint.name}")
+            what = f"the export of {plan.run_name}/{plan.checkpoint.name}"
+            parity.require_parity(report, what)
+            if trained is not None:
+                trained_report = parity.compare_to_trained(
+                    trained["model"], candidate, trained["base_error"], base_precision,
+                    plan.dtype)
+                parity.require_trained_parity(trained_report, what)
         write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
-                         files=files, dataset_images=images)
+                         files=files, dataset_images=images, base_precision=base_precision,
+                         trained_parity=trained_report)
 
     result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
-                          step=plan.step, files=files, parity=report)
+                          step=plan.step, files=files, parity=report,
+                          base_precision=base_precision or "full",
+                          trained_parity=trained_report)
     ws.update_state("export", {k: v for k, v in result.to_dict().items() if k != "files"})
     return result
 
@@ -117,6 +144,19 @@ def _clean_torn_exports(exports_dir: Path) -> None:
         reclaimed = remove_leftovers(torn)
         console.info(f"removed {len(torn)} torn temporary export folder(s) left by a killed "
                      f"export ({format_bytes(reclaimed)} reclaimed)")
+
+
+def _trained_outputs(family: ModelFamily, checkpoint: Path) -> dict:
+    """The run's model (quantized base + LoRA) on the parity inputs, with and without its
+    adapters; the model is freed before the full-precision one is loaded."""
+    model = load_denoiser(family, checkpoint)
+    inputs = parity.fixed_inputs(model)
+    out = {"model": parity.predict(family, model, inputs)}
+    with adapters_disabled(model):
+        out["base"] = parity.predict(family, model, inputs)
+    del model
+    gc.collect()
+    return out
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..runs import METRICS, eval_dir, read_run_info, run_config_file, samples_dir
-from .parity import ParityReport
+from .parity import ParityReport, TrainedBaseReport
 from .plan import ExportPlan
 
 LICENCE_FILES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt")
@@ -128,7 +128,9 @@ def dataset_size(run_info: dict, ingest_state: dict | None = None) -> int | None
 
 def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
                      lora: dict | None, parity: ParityReport | None,
-                     files: list[str], dataset_images: int | None) -> Path:
+                     files: list[str], dataset_images: int | None,
+                     base_precision: str | None = None,
+                     trained_parity: TrainedBaseReport | None = None) -> Path:
     """Write README.md (plus samples.png and the licence file when they exist) into `folder`."""
     folder = Path(folder)
     licence = find_licence(plan.model_path, plan.family)
@@ -140,25 +142,28 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
     text = render_model_card(plan, base_identity=base_identity, lora=lora, parity=parity,
                              files=files, licence=licence,
                              samples_label=grid.parent.name if grid else None,
-                             dataset_images=dataset_images)
+                             dataset_images=dataset_images, base_precision=base_precision,
+                             trained_parity=trained_parity)
     (folder / "README.md").write_text(text)
     return folder / "README.md"
 
 
 def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None,
                       parity: ParityReport | None, files: list[str], licence: Licence,
-                      samples_label: str | None, dataset_images: int | None) -> str:
+                      samples_label: str | None, dataset_images: int | None,
+                      base_precision: str | None = None,
+                      trained_parity: TrainedBaseReport | None = None) -> str:
     sections = [
         _front_matter_block(plan, licence),
         [f"# {plan.name}", "",
          f"{KIND_TITLES[plan.kind]} ({plan.family}), exported by ditctl {__version__} on "
          f"{time.strftime('%Y-%m-%d')} from run `{plan.run_name}`, checkpoint "
          f"`{plan.checkpoint.name}` (step {plan.step})."],
-        _base_section(plan, base_identity),
+        _base_section(plan, base_identity, base_precision),
         _contents_section(plan, lora, files),
         _data_section(read_run_info(plan.run_dir), dataset_images),
         _config_section(plan),
-        _evaluation_section(plan, parity),
+        _evaluation_section(plan, parity, trained_parity),
         _samples_section(samples_label),
         _licence_section(licence),
         ["## How to load it", "", *_usage(plan)],
@@ -178,9 +183,15 @@ def _front_matter_block(plan: ExportPlan, licence: Licence) -> list[str]:
     return lines + ["tags:"] + [f"- {t}" for t in tags] + ["---"]
 
 
-def _base_section(plan: ExportPlan, base_identity: str) -> list[str]:
+def _base_section(plan: ExportPlan, base_identity: str,
+                  base_precision: str | None = None) -> list[str]:
     lines = ["## Base model", "", f"- folder: `{plan.model_path}`", f"- family: {plan.family}",
              f"- denoiser identity: `{base_identity}`"]
+    if base_precision:
+        merged = (" The LoRA was merged into the base loaded in full precision from the folder "
+                  "above, not into the quantized weights." if plan.kind == "merged" else "")
+        lines.append(f"- the LoRA was trained against this base stored as **{base_precision}** "
+                     f"(`[lora] base_precision`, QLoRA-style).{merged}")
     if plan.kind != "lora":
         how = ("copied (hard links where possible)" if plan.copy_encoders else
                "symbolic links to the base model's folders: keep the base model where it is")
@@ -218,7 +229,8 @@ def _config_section(plan: ExportPlan) -> list[str]:
             "```toml", config_file.read_text().rstrip(), "```"]
 
 
-def _evaluation_section(plan: ExportPlan, parity: ParityReport | None) -> list[str]:
+def _evaluation_section(plan: ExportPlan, parity: ParityReport | None,
+                        trained_parity: TrainedBaseReport | None = None) -> list[str]:
     lines = ["## Evaluation", ""]
     metrics = read_metrics(plan.run_dir)
     if metrics:
@@ -229,6 +241,12 @@ def _evaluation_section(plan: ExportPlan, parity: ParityReport | None) -> list[s
         lines += ["", "Export check passed: the exported weights, reloaded from disk, predict "
                   f"the run's output with {parity.describe()}; the relative difference is "
                   "`max|export - run| / max|run|` on fixed inputs."]
+    if trained_parity is not None:
+        lines += ["", f"Against the run's own model (base stored as "
+                  f"{trained_parity.base_precision}): relative difference "
+                  f"{trained_parity.relative_diff:.3g}, where the base's quantization error alone "
+                  f"is {trained_parity.base_error:.3g} (allowed {trained_parity.tolerance:.3g}: "
+                  f"1.5 x that error plus {plan.dtype} rounding)."]
     return lines
 
 

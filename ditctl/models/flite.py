@@ -28,6 +28,7 @@ from .base import LatentDist, SamplingDefaults
 from .fingerprint import folder_fingerprint
 from .flite_dit import DiT
 from .flite_layout import COMPONENTS, MODEL_INDEX, validate_folder  # noqa: F401 (re-exported)
+from .streaming import Convert, load_streaming
 
 TEXT_LAYER = -8  # hidden_states[-8]: output of layer 17 of 24 in T5-XXL (converges faster)
 MAX_TEXT_TOKENS = 512
@@ -61,37 +62,61 @@ class FLiteFamily:
 
     # --- loading ------------------------------------------------------------------------------
     def dit_config(self) -> dict:
-        return json.loads((self.path / "dit_model" / "config.json").read_text())
+        return _read_config(self.path / "dit_model")
 
-    def load_denoiser(self, dtype: torch.dtype = torch.float32) -> DiT:
-        try:
-            return DiT.from_pretrained(self.path / "dit_model", torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"cannot load {self.path / 'dit_model'}: {exc}") from exc
+    def load_denoiser(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                      convert: Convert | None = None) -> DiT:
+        """The DiT, streamed tensor by tensor into `dtype` on `device` (no full-precision copy);
+        `convert(name, module)` sees every module once its weights are in (quantization)."""
+        folder = self.path / "dit_model"
+        with torch.device("meta"):
+            dit = _build(DiT, DiT.from_config, self.dit_config(), folder)
+        dit = load_streaming(dit, folder, dtype=dtype, device=device, convert=convert,
+                             ignore=DiT._keys_to_ignore_on_load_unexpected)
+        return dit.eval()
 
-    def load_text_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
-        from transformers import T5EncoderModel, T5TokenizerFast
+    def build_denoiser_skeleton(self, dtype: torch.dtype = torch.float32) -> DiT:
+        """The DiT's modules and shapes on the meta device: no weights read, no memory (plans)."""
+        with torch.device("meta"):
+            return _build(DiT, DiT.from_config, self.dit_config(), self.path / "dit_model").to(dtype)
 
+    def load_text_encoder(self, dtype: torch.dtype = torch.float32,
+                          device: torch.device | str = "cpu") -> TextEncoder:
+        from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+        folder = self.path / "text_encoder"
         try:
             tokenizer = T5TokenizerFast.from_pretrained(self.path / "tokenizer")
-            model = T5EncoderModel.from_pretrained(self.path / "text_encoder", dtype=dtype)
+            config = T5Config.from_pretrained(folder)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoder of {self.path}: {exc}") from exc
+        if config.num_layers < -TEXT_LAYER:
+            raise ModelError(f"{folder} has {config.num_layers} layers; F-Lite reads "
+                             f"hidden_states[{TEXT_LAYER}], so it needs at least {-TEXT_LAYER}")
+        with torch.device("meta"):
+            model = _build(T5EncoderModel, T5EncoderModel, config, folder)
+        # T5 ties the encoder's token embedding to `shared`; files hold one of the two
+        model = load_streaming(model, folder, dtype=dtype, device=device,
+                               tied={"encoder.embed_tokens.weight": "shared.weight"})
+        model.config.dtype = dtype
         model.eval().requires_grad_(False)
-        if model.config.num_layers < -TEXT_LAYER:
-            raise ModelError(f"{self.path / 'text_encoder'} has {model.config.num_layers} layers; "
-                             f"F-Lite reads hidden_states[{TEXT_LAYER}], so it needs at least "
-                             f"{-TEXT_LAYER}")
         return TextEncoder(tokenizer, model, self.text_max_length(tokenizer))
 
-    def load_vae(self, dtype: torch.dtype = torch.float32) -> Any:
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
         from diffusers import AutoencoderKL
 
-        try:
-            vae = AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load {self.path / 'vae'}: {exc}") from exc
+        folder = self.path / "vae"
+        with torch.device("meta"):
+            vae = _build(AutoencoderKL, lambda c: AutoencoderKL.from_config(c),
+                         _read_config(folder), folder)
+        vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
+
+    def text_tokens(self) -> int:
+        """Text states per prompt (the DiT attends to all of them, padding included)."""
+        from transformers import T5TokenizerFast
+
+        return self.text_max_length(T5TokenizerFast.from_pretrained(self.path / "tokenizer"))
 
     @staticmethod
     def text_max_length(tokenizer: Any) -> int:
@@ -204,6 +229,24 @@ class FLiteFamily:
                 shutil.copytree(source, target, copy_function=_link_or_copy)
             else:
                 os.symlink(source, target, target_is_directory=True)
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {Path(folder) / 'config.json'}: {exc}",
+                         hint="re-download or re-export the model folder") from None
+
+
+def _build(cls: type, make: Any, config: Any, folder: Path) -> Any:
+    """`make(config)` (called on the meta device by the caller), with a bad config reported as
+    one line naming the folder."""
+    try:
+        return make(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{folder / 'config.json'} does not describe a {cls.__name__}: {exc}",
+                         hint="re-download or re-export the model folder") from exc
 
 
 def _link_or_copy(src: str, dst: str) -> None:

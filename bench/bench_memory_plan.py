@@ -1,0 +1,237 @@
+"""The `--dry-run` memory plan against measurement, at F-Lite's full width.
+
+    python -m bench memory_plan [--quick] [--threads 1]   (run only when named)
+
+Builds F-Lite DiTs of the released width (hidden 3072, 12 heads of 256, text width 4096), one
+and two blocks, written as sharded bf16 safetensors. Each point runs in a fresh process (see
+bench.common.measure_isolated: VmHWM above the RSS of an idle process that has imported
+everything): `build_denoiser` streams and quantizes the base (host RAM while loading is
+measured: its peak against the bytes of what was loaded), then one LoRA training step
+(rank 64, default targets, bf16 autocast, AdamW whose state exists already, batch 1, random
+"cached" latents and text states) is measured and compared with
+`ditctl.engine.plan.memory_estimate` for the same shapes. Target: every point within 10%.
+
+Grid (FULL): every base precision (bf16, fp8, int8, nf4) x checkpointing off/on at depth 1,
+and depth 2 with checkpointing for bf16 and nf4 (the per-block slope), at the sizes in FULL.
+On the reference CPU (no bf16 matrix units: ~3 GFLOP/s on one thread, shared with other jobs)
+a full-width step at 256 px takes ~5 minutes, so the recorded grid is 64 px with 16 text
+states; larger sizes are a matter of time (edit FULL). The released model (depth 40, 1024 px,
+512 text states) is then planned from its skeleton, and the measured per-block slope at the
+measured size is compared with the plan's.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (DitShape, RELEASED_FLITE, mb, measure_isolated, offline_environment,
+                          peak_rss_bytes, reset_peak_rss, rss_bytes, write_sharded_dit)
+
+PRECISIONS = ("bf16", "fp8", "int8", "nf4")
+TEXT_TOKENS = 512  # F-Lite's T5 length: the DiT attends to all 512 states
+LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 64, "lora_alpha": 64}
+# The reference CPU has no bf16 matrix units (bf16 matmuls run at ~3 GFLOP/s on one thread; a
+# full-width block step at 256 px takes 5 minutes on the shared machine): the recorded grid is
+# 64 px with 16 text states at depth 1 for every precision, checkpointing off and on, and the
+# slope point (depth 2, checkpointing) for bf16 and nf4. `--sizes 128,256` style runs are a
+# matter of time: SIZES below. The plan's text terms are linear in the text length.
+FULL = dict(width=(3072, 12, 4096), depths=(1,), sizes=(64,), slope_depth=2,
+            slope_size=64, text_tokens=16, slope_precisions=("bf16", "nf4"))
+QUICK = dict(width=(256, 4, 256), depths=(1,), sizes=(32, 64), slope_depth=2,
+             slope_size=32, text_tokens=16, precisions=("bf16", "nf4"))
+GIB = 2**30
+
+
+def run_config(precision: str, checkpointing: bool) -> dict:
+    return {"lora": {**LORA, "base_precision": precision},
+            "train": {"mixed_precision": "bf16", "gradient_checkpointing": checkpointing,
+                      "train_batch_size": 1}}
+
+
+# --- measured in child processes --------------------------------------------------------------
+
+def train_point(model_dir: str, precision: str, size: int, checkpointing: bool,
+                text_tokens: int) -> dict[str, Any]:
+    """Load (streamed, quantized) and run one LoRA step; peaks above the idle baseline."""
+    import torch
+
+    from ditctl.config import build_config
+    from ditctl.engine.optim import build_optimizer
+    from ditctl.engine.precision import quantized_storage_bytes
+    from ditctl.engine.setup import build_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    baseline = rss_bytes()
+    family = FLiteFamily(Path(model_dir))
+    config = build_config(run_config(precision, checkpointing))
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_denoiser(family, config)
+    load_s = time.perf_counter() - started
+    load_peak = peak_rss_bytes() - baseline
+    loaded_bytes = quantized_storage_bytes(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, config.train)
+    for p in trainable:  # AdamW's state exists from the first step on: create it now
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(0)
+    latent = size // 8
+    x = torch.randn(1, 16, latent, latent, generator=generator)
+    text = torch.randn(1, text_tokens, model.config.cross_attn_input_size, generator=generator)
+    t = torch.rand(1, generator=generator)
+    before = rss_bytes() - baseline
+    reset_peak_rss()
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction = model(x, text, t)
+    loss = (prediction.float() - x).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_s = time.perf_counter() - started
+    return {"load_peak_bytes": load_peak, "loaded_bytes": loaded_bytes, "load_s": load_s,
+            "resident_before_step_bytes": before, "step_peak_bytes": peak_rss_bytes() - baseline,
+            "step_s": step_s}
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+def planned(model_dir: Path, precision: str, size: int, checkpointing: bool,
+            text_tokens: int) -> dict[str, int]:
+    from ditctl.config import build_config
+    from ditctl.engine.plan import memory_estimate
+    from ditctl.engine.setup import build_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    family = FLiteFamily(model_dir)
+    config = build_config(run_config(precision, checkpointing))
+    skeleton = build_denoiser(family, config, device="meta")
+    memory, _ = memory_estimate(skeleton, family.dit_config(), config, (size // 8, size // 8),
+                                text_tokens)
+    return {**memory, "total": sum(memory.values())}
+
+
+def released_plan(precision: str, size: int, text_tokens: int = TEXT_TOKENS) -> dict[str, int]:
+    import torch
+
+    from ditctl.config import build_config
+    from ditctl.engine.lora import add_lora, freeze_base, peft_config
+    from ditctl.engine.plan import memory_estimate
+    from ditctl.models.flite_dit import DiT
+
+    config = build_config(run_config(precision, True))
+    dit_config = RELEASED_FLITE.config()
+    with torch.device("meta"):
+        skeleton = DiT(**dit_config)
+    add_lora(skeleton, peft_config(config.lora, ("qkv", "q", "context_kv", "proj")))
+    freeze_base(skeleton)
+    memory, _ = memory_estimate(skeleton, dit_config, config, (size // 8, size // 8),
+                                text_tokens)
+    return {**memory, "total": sum(memory.values())}
+
+
+def build_model(folder: Path, shape: DitShape) -> Path:
+    from bench.common import TINY_T5, TINY_VAE, build_bench_pipeline
+
+    import shutil
+
+    build_bench_pipeline(folder, DitShape(64, 1, 4, shape.text_dim), TINY_T5, TINY_VAE)
+    shutil.rmtree(folder / "dit_model")
+    write_sharded_dit(folder / "dit_model", shape)
+    return folder
+
+
+def run(quick: bool) -> dict[str, Any]:
+    offline_environment()
+    settings = QUICK if quick else FULL
+    precisions = settings.get("precisions", PRECISIONS)
+    hidden, heads, text_dim = settings["width"]
+    depths = sorted(set(settings["depths"]) | ({settings["slope_depth"]} - {None}))
+    started = time.perf_counter()
+    rows, results, plans = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
+        for depth in depths:
+            folder = build_model(Path(tmp) / f"d{depth}", DitShape(hidden, depth, heads, text_dim))
+            if depth in settings["depths"]:
+                points = [(p, size, c) for size in settings["sizes"] for p in precisions
+                          for c in (False, True)]
+            else:  # the slope point: checkpointing, the smaller size
+                points = [(p, settings["slope_size"], True)
+                          for p in settings.get("slope_precisions", precisions)]
+            for precision, size, ckpt in points:
+                label = (depth, precision, size, ckpt)
+                results[label] = measure_isolated({"point": ("bench.bench_memory_plan:train_point", dict(
+                    model_dir=str(folder), precision=precision, size=size, checkpointing=ckpt,
+                    text_tokens=settings["text_tokens"]))})["point"]
+                plans[label] = planned(folder, precision, size, ckpt, settings["text_tokens"])
+                measured = results[label]["step_peak_bytes"]
+                plan = plans[label]["total"]
+                rows.append({"depth": depth, "base": precision, "px": size,
+                             "checkpointing": ckpt, "measured_mib": mb(measured),
+                             "plan_mib": mb(plan), "plan_vs_measured": round(plan / measured, 3),
+                             "within_10pct": abs(plan / measured - 1) <= 0.10,
+                             "load_peak_mib": mb(results[label]["load_peak_bytes"]),
+                             "loaded_mib": mb(results[label]["loaded_bytes"]),
+                             "load_vs_loaded": round(results[label]["load_peak_bytes"]
+                                                     / results[label]["loaded_bytes"], 3),
+                             "step_s": round(results[label]["step_s"], 1)})
+                print(rows[-1], flush=True)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    extrapolated = []
+    size = settings["slope_size"]
+    for precision in precisions:
+        real = released_plan(precision, 1024)
+        if (2, precision, size, True) not in results:
+            extrapolated.append({"base": precision, "plan_gib_depth40_1024px":
+                                 round(real["total"] / GIB, 2),
+                                 "plan_1024px_by_component_gib":
+                                 {k: round(v / GIB, 2) for k, v in real.items()}})
+            continue
+        one = results[(1, precision, size, True)]["step_peak_bytes"]
+        two = results[(2, precision, size, True)]["step_peak_bytes"]
+        p1, p2 = plans[(1, precision, size, True)]["total"], plans[(2, precision, size, True)]["total"]
+        slope, plan_slope = two - one, p2 - p1
+        extrapolated.append({
+            "base": precision,
+            f"measured_slope_mib_per_block_{size}px": mb(slope),
+            f"plan_slope_mib_per_block_{size}px": mb(plan_slope),
+            f"measured_extrapolated_gib_depth40_{size}px": round((one + 39 * slope) / GIB, 2),
+            f"plan_gib_depth40_{size}px": round(released_plan(precision, size,
+                                                               settings["text_tokens"])["total"]
+                                                / GIB, 2),
+            "plan_gib_depth40_1024px": round(real["total"] / GIB, 2),
+            "plan_1024px_by_component_gib": {k: round(v / GIB, 2) for k, v in real.items()},
+        })
+    targets = {"bf16": 28, "fp8": 16, "nf4": 12}
+    return {
+        "table": rows,
+        "tables": {"Released F-Lite (depth 40), batch 1, checkpointing, from the cache":
+                   [{k: v for k, v in e.items() if k != "plan_1024px_by_component_gib"}
+                    for e in extrapolated]},
+        "components_1024px": {e["base"]: e["plan_1024px_by_component_gib"] for e in extrapolated},
+        "model": f"hidden {hidden}, heads {heads}, text {text_dim}, depths {depths}",
+        "all_points_within_10pct": all(r["within_10pct"] for r in rows),
+        "max_load_vs_loaded": max(r["load_vs_loaded"] for r in rows),
+        **{f"target_{p}_1024px_le_{gb}gb": released_plan(p, 1024)["total"] / 1e9 <= gb
+           for p, gb in targets.items() if not quick},
+        "elapsed_s": round(time.perf_counter() - started),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

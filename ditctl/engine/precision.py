@@ -1,0 +1,231 @@
+"""How the frozen base of a LoRA run is stored: `[lora] base_precision`.
+
+  auto  the compute dtype ([train] mixed_precision: fp32, bf16 or fp16), as before
+  bf16  bf16 weights whatever the autocast precision
+  fp8   float8 e4m3 weights, one fp32 scale per output row (torchao Float8Tensor)
+  int8  int8 weights, one fp32 scale per output row (torchao Int8Tensor, weight-only)
+  nf4   4-bit NormalFloat, blocks of 64, double-quantized scales (bitsandbytes, as QLoRA)
+
+Only the linear layers of the DiT's blocks are quantized (99% of F-Lite's parameters); the
+patch embedding, time embedding, final layers and everything that is not a Linear stay in the
+compute dtype (bf16 under autocast; fp32 with mixed_precision 'no', e.g. on CPUs without bf16
+matrix units).
+Layers are quantized one at a time while the weights stream in (`quantizer` is the loader's
+`convert` hook), on the device they will run on, so neither the host nor the GPU ever holds the
+bf16 model. Quantization is a pure function of the weights, so a resumed run rebuilds the same
+base bit for bit.
+
+Why our own linear instead of the libraries' forward: torchao's quantized tensors (and
+diffusers' layerwise casting) dequantize inside `F.linear`, and autograd then saves that bf16
+weight for the input gradient: a training step without checkpointing holds a bf16 copy of
+every layer again (measured with saved_tensors_hooks). `QuantizedLinear` dequantizes in its
+forward and again in its backward and saves nothing, so the quantized storage is all that
+stays resident; the price is one dequantization more per layer and step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+BASE_PRECISIONS = ("auto", "bf16", "fp8", "int8", "nf4")
+QUANTIZED = ("fp8", "int8", "nf4")
+COMPUTE_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NF4_BLOCK = 64  # weights per NF4 scale (bitsandbytes' and QLoRA's default)
+
+
+def resolve_base_precision(base_precision: str, mixed_precision: str) -> str:
+    """What the frozen base is stored as: fp32, bf16, fp16, fp8, int8 or nf4."""
+    if base_precision == "auto":
+        return COMPUTE_NAMES[mixed_precision]
+    return base_precision
+
+
+def check_base_precision(base_precision: str, *, frozen_base: bool) -> None:
+    """One-line errors for combinations that cannot work (before anything is loaded)."""
+    if base_precision == "auto":
+        return
+    if not frozen_base:
+        raise ConfigError(f"[lora] base_precision = '{base_precision}' needs a frozen base: "
+                          "only LoRA training (the base untouched) can store it reduced",
+                          hint="add --lora (train only LoRA adapters), or drop "
+                               "--base-precision for full fine-tuning")
+    if base_precision == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+        raise ConfigError(f"[lora] base_precision = 'fp8' needs torch.float8_e4m3fn, which "
+                          f"torch {torch.__version__} lacks",
+                          hint="upgrade torch (>= 2.1), or use --base-precision int8 or nf4")
+    if base_precision in ("fp8", "int8"):
+        try:
+            import torchao.quantization  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"[lora] base_precision = '{base_precision}' needs torchao, which "
+                              f"failed to import ({exc})",
+                              hint="pip install 'torchao>=0.18', or use --base-precision nf4"
+                              ) from None
+    if base_precision == "nf4":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"[lora] base_precision = 'nf4' needs bitsandbytes, which failed "
+                              f"to import ({exc})",
+                              hint="pip install bitsandbytes, or use --base-precision fp8/int8"
+                              ) from None
+
+
+def storage_dtype(precision: str, mixed_precision: str = "bf16") -> torch.dtype:
+    """The dtype the base's weights stream in as (and non-quantized frozen tensors keep): the
+    precision itself, or for a quantized base the compute dtype (bf16 under autocast; fp32
+    without, where the quantized layers dequantize to fp32 too)."""
+    if precision in QUANTIZED:
+        return torch.float32 if mixed_precision == "no" else torch.bfloat16
+    return STORAGE_DTYPES[precision]
+
+
+def is_quantized_layer_name(name: str) -> bool:
+    """The layers a quantized base stores reduced: every Linear inside a DiT block."""
+    return name.startswith("blocks.")
+
+
+def quantizer(precision: str):
+    """The loader's `convert` hook for a base stored as `precision` (None: nothing to do)."""
+    if precision not in QUANTIZED:
+        return None
+
+    def convert(name: str, module: nn.Module) -> nn.Module | None:
+        if type(module) is nn.Linear and is_quantized_layer_name(name):
+            return QuantizedLinear.from_linear(module, precision)
+        return None
+
+    return convert
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W dequantized on the fly. The weight is frozen, so the backward needs
+    only W (dequantized again), not x: nothing is saved but a reference to the stored weight
+    this forward used (with block streaming, the accelerator copy, which the layer itself may
+    no longer point at by the time the backward runs)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        ctx.weight, ctx.precision, ctx.dtype, ctx.input_dtype = \
+            layer.weight, layer.precision, dtype, x.dtype
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), dequantize(layer.weight, layer.precision, dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            weight = dequantize(ctx.weight, ctx.precision, ctx.dtype)  # [out, in]
+            grad_x = grad.to(ctx.dtype) @ weight  # [..., in]
+        return grad_x.to(ctx.input_dtype), None
+
+
+DEQUANTIZE_CHUNK = 4 * 2**20  # fp32 elements per slice of rows dequantized at once (16 MiB)
+
+
+def dequantize(weight: torch.Tensor, precision: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored quantized weight [out, in] as a fresh `dtype` tensor.
+
+    fp8/int8: the same arithmetic as torchao's `dequantize()` (to fp32, minus the zero point,
+    times the row scale, rounded once to `dtype`), but a slice of rows at a time: torchao's
+    materialises the whole layer in fp32 and more (measured: ~1 GB of transients for F-Lite's
+    3072 x 27648 adaLN layer), ours holds the `dtype` result plus one 16 MiB fp32 slice."""
+    if precision == "nf4":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    qdata, scale = weight.qdata, weight.scale  # [out, in], [out, 1] (per-row)
+    zero = getattr(weight, "zero_point", None) if precision == "int8" else None
+    out = torch.empty(qdata.shape, dtype=dtype, device=qdata.device)
+    rows = max(1, DEQUANTIZE_CHUNK // max(1, qdata.shape[1]))
+    for start in range(0, qdata.shape[0], rows):
+        part = qdata[start:start + rows].to(torch.float32)
+        if zero is not None:
+            part -= zero[start:start + rows].to(torch.float32)
+        out[start:start + rows] = part * scale[start:start + rows].to(torch.float32)
+    return out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen nn.Linear whose weight is stored as fp8, int8 or NF4 and dequantized per call
+    (compute in the autocast dtype, else the input's). A subclass of nn.Linear, so peft wraps
+    it with an ordinary LoRA layer; it never trains and is never merged into."""
+
+    precision: str
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, precision: str) -> "QuantizedLinear":
+        weight = linear.weight.detach()
+        if precision == "nf4":
+            import bitsandbytes as bnb
+
+            stored = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False,
+                                       quant_type="nf4", blocksize=NF4_BLOCK,
+                                       compress_statistics=True, quant_storage=torch.uint8)
+            stored = stored.to(weight.device)  # bitsandbytes quantizes when it is placed
+        else:
+            from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+            config = Float8WeightOnlyConfig() if precision == "fp8" else Int8WeightOnlyConfig()
+            linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+            quantize_(linear, config)  # replaces linear.weight by its quantized tensor
+            stored = linear.weight
+        linear.weight = stored if isinstance(stored, nn.Parameter) else \
+            nn.Parameter(stored, requires_grad=False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        linear.__class__ = cls
+        linear.precision = precision
+        return linear
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` (a fresh tensor each call)."""
+        return dequantize(self.weight, self.precision, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantizingLinear.apply(x, self)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stored={self.precision}"
+
+
+def quantized_storage_bytes(module: nn.Module) -> int:
+    """Bytes a module's parameters and buffers occupy, quantized ones included (the packed
+    data, the scales and every other part of bitsandbytes' and torchao's tensors)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        for part in _tensor_parts(tensor):
+            key = part.untyped_storage().data_ptr()
+            if key not in seen and part.device.type != "meta":
+                seen.add(key)
+                total += part.untyped_storage().nbytes()
+    return total
+
+
+def _tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:  # bitsandbytes Params4bit: packed data + its quantization state
+        parts = [tensor.data, state.absmax, state.code]
+        if getattr(state, "offset", None) is not None:
+            parts.append(state.offset)
+        if getattr(state, "state2", None) is not None:
+            parts += [state.state2.absmax, state.state2.code]
+        return [p for p in parts if isinstance(p, torch.Tensor)]
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
+        return [p for n in names for p in _tensor_parts(getattr(tensor, n))]
+    return [tensor]

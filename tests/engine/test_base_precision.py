@@ -1,0 +1,232 @@
+"""A frozen base stored as bf16, fp8, int8 or NF4: LoRA trains on it, the base never changes,
+training resumes bit for bit, and bad combinations are one-line errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_workspace  # noqa: E402
+
+from ditctl.errors import ConfigError  # noqa: E402
+from ditctl.train import run_training  # noqa: E402
+
+LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
+TRAIN = {"mixed_precision": "bf16", "learning_rate": 5e-3, "lr_scheduler": "constant"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _train(ws, resume=None, **overrides):
+    return run_training(ws, ws.config(overrides), resume=resume)
+
+
+def _capture_model(monkeypatch) -> dict:
+    """Keep the denoiser the training loop trained (run_training does not return it)."""
+    import ditctl.engine.loop as loop
+
+    seen = {}
+    original = loop.train_loop
+
+    def train_loop(ctx, resume_from=None):
+        seen["model"] = ctx.denoiser
+        return original(ctx, resume_from=resume_from)
+
+    monkeypatch.setattr(loop, "train_loop", train_loop)
+    return seen
+
+
+def _storage(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every stored tensor of the frozen base, quantized parts included, by name."""
+    from ditctl.engine.precision import _tensor_parts
+
+    out = {}
+    for name, param in module.named_parameters():
+        if "lora_" in name:
+            continue
+        for i, part in enumerate(_tensor_parts(param)):
+            out[f"{name.replace('.base_layer', '')}#{i}"] = part.detach().cpu()
+    return out
+
+
+@pytest.fixture(scope="module")
+def cached_workspace(tmp_path_factory):
+    """Two images on the shipped trained tiny base, precomputed once: a LoRA on a trained base
+    learns visibly within a few steps (on a random base with zero-initialised gates the
+    adapters barely get a gradient), and the cache keeps the text encoder out of each run."""
+    from accelerate.state import AcceleratorState
+
+    from ditctl.precompute import run_precompute
+    from ditctl.scaffold import shipped_tiny_model
+
+    ws = make_workspace(tmp_path_factory.mktemp("bp") / "w", shipped_tiny_model(), n_train=2,
+                        n_val=0, train={**TRAIN, "train_batch_size": 2, "learning_rate": 2e-2,
+                                        "use_precomputed_data": True}, lora=LORA)
+    run_precompute(ws, ws.config())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return ws
+
+
+@pytest.mark.slow  # ~10 s each alone (bf16 and the dequantizing layers are slow on a CPU)
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "int8", "nf4"])
+def test_lora_trains_on_each_base_precision_and_the_base_stays_bit_identical(
+        cached_workspace, monkeypatch, precision):
+    from ditctl.data.batches import CachedSource
+    from ditctl.data.cache import Cache
+    from ditctl.data.manifest import read_manifest
+    from ditctl.engine.loading import load_denoiser
+    from ditctl.engine.precision import QuantizedLinear, quantizer, storage_dtype
+    from ditctl.engine.validation import validation_loss
+    from ditctl.models.registry import load_family
+
+    ws = cached_workspace
+    seen = _capture_model(monkeypatch)
+    out = _train(ws, **{"train.max_steps": 6, "eval.holdout_fraction": 0.0,
+                        "train.run_name": f"r-{precision}", "lora.base_precision": precision})
+    model = seen["model"]
+    family = load_family(ws.model_path(ws.config()))
+    fresh = family.load_denoiser(storage_dtype(precision), convert=quantizer(precision))
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized) == (precision != "bf16")
+    assert all(m.precision == precision for m in quantized)
+    trained, expected = _storage(model), _storage(fresh)
+    assert trained.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(trained[key], expected[key]), key
+    # adapters and their optimiser state are fp32 whatever the base is stored as
+    checkpoint = out.result.checkpoint
+    assert {v.dtype for v in load_file(checkpoint / "lora.safetensors").values()} == {torch.float32}
+    moments = [v for k, v in load_file(checkpoint / "optimizer.safetensors").items()
+               if v.is_floating_point() and v.dim() > 0]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["base_precision"] == precision
+    # it learned: the fixed-noise training loss of the trained model is below the base's
+    config = ws.config({"eval.holdout_fraction": 0.0})
+    rows, source = read_manifest(ws, "train"), CachedSource(Cache.open(ws, config, family))
+    quantiles = (0.3, 0.5, 0.7)
+    base = family.load_denoiser(torch.float32, convert=quantizer(precision))
+    before = validation_loss(family, base, rows, source, quantiles)["overall"]
+    after = validation_loss(family, load_denoiser(family, checkpoint), rows, source,
+                            quantiles)["overall"]
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nf4"])
+def test_resume_on_a_quantized_base_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch,
+                                                     precision):
+    import os
+    import signal
+
+    from ditctl.engine.monitor import Monitor
+
+    settings = dict(train={**TRAIN, "train_batch_size": 2, "checkpoint_every": 100,
+                           "run_name": "r", "gradient_checkpointing": True},
+                    lora={**LORA, "base_precision": precision}, n_train=6)
+    straight = make_workspace(tmp_path / "a", tiny_model_dir, **settings)
+    full = _train(straight, **{"train.max_steps": 4})
+    split = make_workspace(tmp_path / "b", tiny_model_dir, **settings)
+    original = Monitor.log_step
+
+    def log_step(self, at, *args, **kwargs):
+        original(self, at, *args, **kwargs)
+        if at == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_step", log_step)
+    assert _train(split, **{"train.max_steps": 4}).result.steps == 2
+    monkeypatch.undo()
+    resumed = _train(split, resume="latest", **{"train.max_steps": 4})
+    a = load_file(full.result.checkpoint / "lora.safetensors")
+    b = load_file(resumed.result.checkpoint / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda ws: (ws.root / "runs" / "r" / "train_log.jsonl").read_text()  # noqa: E731
+    losses = lambda ws: [json.loads(l)["train/loss"] for l in log(ws).splitlines()]  # noqa: E731,E741
+    assert losses(straight) == losses(split)
+
+
+@pytest.mark.parametrize("settings, message, hint", [
+    ({"lora.use_lora": True, "lora.base_precision": "nf4", "train.mixed_precision": "bf16"},
+     r"base_precision = 'nf4' needs a frozen base", "--lora"),
+    ({"lora.base_precision": "int8", "train.mixed_precision": "bf16"},
+     r"needs a frozen base", "--lora"),
+    ({**{f"lora.{k}": v for k, v in LORA.items()}, "lora.base_precision": "bf16"},
+     r"mixed_precision = 'no' computes in fp32", "--mixed-precision bf16"),
+    ({**{f"lora.{k}": v for k, v in LORA.items()}, "lora.offload_base_blocks": True,
+      "train.mixed_precision": "bf16"}, r"needs gradient checkpointing",
+     "--gradient-checkpointing"),
+    ({"lora.offload_base_blocks": True}, r"needs a frozen base", "--lora"),
+])
+def test_bad_combinations_are_one_line_errors_naming_the_fix(tmp_path, tiny_model_dir, settings,
+                                                             message, hint):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir)
+    with pytest.raises(ConfigError, match=message) as info:
+        run_training(ws, ws.config(settings), dry_run=True)
+    assert "\n" not in str(info.value) and hint in info.value.hint
+
+
+def test_fp8_on_a_torch_without_float8_is_a_one_line_error(tmp_path, tiny_model_dir,
+                                                          monkeypatch):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir)
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    config = ws.config({**{f"lora.{k}": v for k, v in LORA.items()},
+                        "lora.base_precision": "fp8", "train.mixed_precision": "bf16"})
+    with pytest.raises(ConfigError, match=r"needs torch.float8_e4m3fn") as info:
+        run_training(ws, config, dry_run=True)
+    assert "\n" not in str(info.value) and "int8 or nf4" in info.value.hint
+
+
+def test_peft_adapters_stay_fp32_next_to_a_reduced_base(tiny_model_dir):
+    """peft casts new adapters to the base layer's dtype; ditctl keeps them fp32 and draws
+    them in fp32 (their values do not depend on how the base is stored)."""
+    from ditctl.config import build_config
+    from ditctl.engine.setup import build_denoiser
+    from ditctl.models.flite import FLiteFamily
+
+    family = FLiteFamily(tiny_model_dir)
+    adapters = {}
+    for precision in ("auto", "bf16", "fp8", "nf4"):
+        config = build_config({"lora": {**LORA, "base_precision": precision},
+                               "train": {"mixed_precision": "bf16" if precision != "auto"
+                                         else "no"}})
+        torch.manual_seed(0)
+        model = build_denoiser(family, config)
+        lora = {k: v for k, v in model.named_parameters() if "lora_" in k}
+        assert lora and all(v.dtype == torch.float32 and v.requires_grad for v in lora.values())
+        assert all(not v.requires_grad for k, v in model.named_parameters() if "lora_" not in k)
+        adapters[precision] = lora
+    # peft's fp32 draw is replayed for reduced bases: the adapters start the same on every base
+    for precision in ("bf16", "fp8", "nf4"):
+        for key, value in adapters["auto"].items():
+            assert torch.equal(value, adapters[precision][key]), (precision, key)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_sliced_dequantization_equals_torchaos(precision):
+    """ditctl dequantizes a slice of rows at a time (bounded transients) with torchao's own
+    arithmetic: the result is bit-identical to torchao's dequantize()."""
+    from ditctl.engine import precision as module
+
+    torch.manual_seed(0)
+    layer = module.QuantizedLinear.from_linear(torch.nn.Linear(48, 300).to(torch.bfloat16),
+                                               precision)
+    original = module.DEQUANTIZE_CHUNK
+    try:
+        module.DEQUANTIZE_CHUNK = 48 * 7  # 7 rows per slice: several slices and a ragged end
+        for dtype in (torch.bfloat16, torch.float32):
+            ours = module.dequantize(layer.weight, precision, dtype)
+            if precision == "fp8":
+                assert torch.equal(ours, layer.weight.dequantize(output_dtype=dtype))
+            else:  # torchao's int8 dequantize() returns the original dtype (bf16)
+                assert torch.equal(ours.to(torch.bfloat16), layer.weight.dequantize())
+    finally:
+        module.DEQUANTIZE_CHUNK = original

@@ -33,16 +33,16 @@ def _train(ws, resume=None, **overrides):
 
 def _capture_model(monkeypatch) -> dict:
     """Keep the denoiser the training loop trained (run_training does not return it)."""
-    import ditctl.engine.loop as loop
+    import ditctl.train as train  # run_training calls the loop through its own import
 
     seen = {}
-    original = loop.train_loop
+    original = train.train_loop
 
     def train_loop(ctx, resume_from=None):
         seen["model"] = ctx.denoiser
         return original(ctx, resume_from=resume_from)
 
-    monkeypatch.setattr(loop, "train_loop", train_loop)
+    monkeypatch.setattr(train, "train_loop", train_loop)
     return seen
 
 

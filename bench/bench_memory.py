@@ -83,7 +83,8 @@ def training_memory(shape: dict, latent: int, batch: int, steps: int, lora: bool
                                       "lora_rank": rank, "lora_alpha": rank}})
     model = random_dit(dit_shape).train()
     if lora:
-        add_lora(model, peft_config(settings.lora, FLiteFamily.lora_target_candidates))
+        add_lora(model, peft_config(settings.lora, FLiteFamily.lora_target_candidates,
+                                          FLiteFamily.lora_targets))
         freeze_base(model)
         if precision == "bf16":  # as ditctl.engine.setup.build_denoiser: frozen base in bf16
             for param in model.parameters():

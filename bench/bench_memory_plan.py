@@ -116,7 +116,7 @@ def planned(model_dir: Path, precision: str, size: int, checkpointing: bool,
     family = FLiteFamily(model_dir)
     config = build_config(run_config(precision, checkpointing))
     skeleton = build_denoiser(family, config, device="meta")
-    memory, _ = memory_estimate(skeleton, family.dit_config(), config, (size // 8, size // 8),
+    memory, _ = memory_estimate(skeleton, family.denoiser_shape(), config, (size // 8, size // 8),
                                 text_tokens)
     return {**memory, "total": sum(memory.values())}
 
@@ -133,9 +133,12 @@ def released_plan(precision: str, size: int, text_tokens: int = TEXT_TOKENS) -> 
     dit_config = RELEASED_FLITE.config()
     with torch.device("meta"):
         skeleton = DiT(**dit_config)
-    add_lora(skeleton, peft_config(config.lora, ("qkv", "q", "context_kv", "proj")))
+    add_lora(skeleton, peft_config(config.lora, ("qkv", "q", "context_kv", "proj"),
+                                     ("qkv", "q", "context_kv", "proj")))
     freeze_base(skeleton)
-    memory, _ = memory_estimate(skeleton, dit_config, config, (size // 8, size // 8),
+    from ditctl.models.flite import shape_of_config
+
+    memory, _ = memory_estimate(skeleton, shape_of_config(dit_config), config, (size // 8, size // 8),
                                 text_tokens)
     return {**memory, "total": sum(memory.values())}
 

@@ -57,7 +57,8 @@ class PointTrainer:
         settings = build_config({"lora": {"use_lora": True, "train_only_lora": True,
                                           "lora_rank": rank, "lora_alpha": rank}})
         self.model = random_dit(shape).train()
-        add_lora(self.model, peft_config(settings.lora, FLiteFamily.lora_target_candidates))
+        add_lora(self.model, peft_config(settings.lora, FLiteFamily.lora_target_candidates,
+                                               FLiteFamily.lora_targets))
         freeze_base(self.model)
         if checkpointing:
             self.model.enable_gradient_checkpointing()

@@ -75,7 +75,7 @@ class PlainLoop:
         self.batches = []
         for start in range(0, len(rows) - batch + 1, batch):
             dists = [source.latent_dist(row, False) for row in rows[start:start + batch]]
-            text = torch.cat([source.text_embedding(row.caption)
+            text = torch.cat([source.conditioning(row.caption).sequence
                               for row in rows[start:start + batch]])
             self.batches.append((torch.cat([d.mean for d in dists]),
                                  torch.cat([d.std for d in dists]), text))
@@ -83,15 +83,15 @@ class PlainLoop:
         self.times: list[float] = []
 
     def step(self) -> float:
-        from ditctl.models.base import LatentDist
+        from ditctl.models.base import LatentDist, flow_noisy, flow_target
 
         started = time.perf_counter()
         mean, std, text = self.batches[len(self.times) % len(self.batches)]
         x0 = self.family.sample_latents(LatentDist(mean, std), self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         t = torch.sigmoid(torch.randn(x0.shape[0], generator=self.generator))
-        noisy = self.family.noisy_latents(x0, noise, t)
-        target = self.family.training_target(x0, noise)
+        noisy = flow_noisy(x0, noise, t)
+        target = flow_target(x0, noise)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             prediction = self.dit(noisy, text, t)
         loss = (prediction.float() - target).pow(2).mean()

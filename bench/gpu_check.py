@@ -152,7 +152,7 @@ def build_quantized(shape: DitShape, precision: str, device: torch.device, confi
     for name, param in list(model.named_parameters()):
         if param.is_meta:
             raise RuntimeError(f"{name} was not materialised")
-    add_lora(model, peft_config(config.lora, tuple(LORA_TARGETS)))
+    add_lora(model, peft_config(config.lora, tuple(LORA_TARGETS), tuple(LORA_TARGETS)))
     freeze_base(model)
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -194,7 +194,9 @@ def plan_point(point: tuple, s: dict) -> dict:
         synchronize(device)
         times.append(time.perf_counter() - begun)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    plan, _ = memory_estimate(model, shape.config(), config, (latent, latent),
+    from ditctl.models.flite import shape_of_config
+
+    plan, _ = memory_estimate(model, shape_of_config(shape.config()), config, (latent, latent),
                               s["plan_text_tokens"])
     del model, optimizer, trainable
     gc.collect()

@@ -171,9 +171,10 @@ def set_latent_statistics(vae: Any, scenes) -> dict[str, float]:
 
 # --- 2 + 3. the pipeline and the DiT ------------------------------------------------------------
 
-def assemble_pipeline(folder: Path, vae: Any, seed: int) -> Path:
+def assemble_pipeline(folder: Path, vae: Any, seed: int, dit_init: Path | None = None) -> Path:
     """A complete F-Lite folder: the tiny random T5 + tokenizer of `ditctl.models.tiny`, the
-    trained VAE, and an untrained DiT with F-Lite's init."""
+    trained VAE, and an untrained DiT with F-Lite's init (or, with `dit_init`, the DiT of that
+    model folder to continue from)."""
     from ditctl.models.flite_dit import DiT
     from ditctl.models.tiny import build_tiny_pipeline, tiny_dit_config
 
@@ -181,8 +182,11 @@ def assemble_pipeline(folder: Path, vae: Any, seed: int) -> Path:
     shutil.rmtree(folder / "vae")
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     shutil.rmtree(folder / "dit_model")
-    torch.manual_seed(seed)
-    dit = DiT(**tiny_dit_config(T5_DIM, **DIT_SHAPE))  # zero output / modulation: F-Lite's init
+    if dit_init is not None:
+        dit = DiT.from_pretrained(dit_init / "dit_model", torch_dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        dit = DiT(**tiny_dit_config(T5_DIM, **DIT_SHAPE))  # zero output / modulation: F-Lite's init
     dit.save_pretrained(folder / "dit_model", safe_serialization=True)
     return folder
 
@@ -315,6 +319,10 @@ def training_md(recipe: Recipe, results: dict[str, Any], command: str) -> str:
         f"{recipe.dit_lr:g} (cosine), caption dropout {recipe.caption_dropout:g}, "
         f"{recipe.scenes} scenes without {results['held_out']} |",
         "",
+        *([f"Stage 3 started from the DiT of `{results['dit_init']}` (`--dit-init`), the "
+           "previous shipped model, trained when prompts were encoded at 32 tokens; these "
+           f"{recipe.dit_steps} steps adapt it to F-Lite's 512-token encoding.", ""]
+          if results.get("dit_init") else []),
         *([f"Stage 1 (the VAE) was skipped: `--vae` reused the VAE of an earlier run of this "
            f"script with the same seed and recipe; run without `--vae` to retrain it.", ""]
           if results.get("vae_reused") else []),
@@ -357,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", type=Path, default=None,
                         help="skip stage 1 and use this VAE folder (the vae/ of an earlier run's "
                              "--work pipeline made with the same seed)")
+    parser.add_argument("--dit-init", type=Path, default=None,
+                        help="start stage 3 from the dit_model/ of this model folder (e.g. the "
+                             "shipped model, to adapt it to a changed text encoding) instead "
+                             "of F-Lite's init")
+    parser.add_argument("--dit-steps", type=int, default=None, help="override the recipe's")
+    parser.add_argument("--dit-lr", type=float, default=None, help="override the recipe's")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="images per prompt in the final measurement (recipe: 4)")
     parser.add_argument("--quick", action="store_true",
                         help="a seconds-long smoke run (writes to --out; records nothing)")
     args = parser.parse_args(argv)
@@ -365,8 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
     recipe = Recipe.quick(args.seed) if args.quick else Recipe(seed=args.seed)
+    overrides = {k: v for k, v in (("dit_steps", args.dit_steps), ("dit_lr", args.dit_lr),
+                                   ("eval_images_per_prompt", args.eval_images)) if v is not None}
+    recipe = dataclasses.replace(recipe, **overrides)
     command = "python bench/train_tiny_base.py" + (f" --seed {args.seed}" if args.seed else "") \
-        + (f" --vae {args.vae}" if args.vae else "")
+        + (f" --vae {args.vae}" if args.vae else "") \
+        + (f" --dit-init {args.dit_init}" if args.dit_init else "") \
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (
+            ("dit-steps", args.dit_steps), ("dit-lr", args.dit_lr),
+            ("eval-images", args.eval_images)) if v is not None)
     stamp = machine_stamp()
     started = time.perf_counter()
 
@@ -394,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                                             sizes=recipe.scene_sizes)
         latents = set_latent_statistics(vae, stats_scenes)
         log(f"latent statistics: {latents}")
-        pipeline = assemble_pipeline(work / "pipeline", vae, recipe.seed)
+        pipeline = assemble_pipeline(work / "pipeline", vae, recipe.seed, args.dit_init)
         ws = base_workspace(work / "workspace", pipeline, recipe, args.threads or 0)
         checkpoint, dit = train_dit(ws, log)
         write_assets(args.out, pipeline, checkpoint)
@@ -408,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{stamp['torch_threads']} torch threads", "held_out": HELD_OUT[1],
                "total_seconds": total, "recipe": dataclasses.asdict(recipe), "vae": vae_quality,
                "latents": latents, "dit": dit, "metrics": metrics, "vae_reused": bool(args.vae),
-               "sizes_bytes": folder_bytes(args.out)}
+               "sizes_bytes": folder_bytes(args.out),
+               "dit_init": str(args.dit_init) if args.dit_init else None}
     if args.quick:
         log("quick run: nothing recorded")
         return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError
+from .models.registry import DEFAULT_FAMILY, FAMILIES, family_names
 
 try:
     import tomllib
@@ -56,10 +57,14 @@ def opt(
     return field(default=default, metadata=meta)
 
 
-def _multiple_of_16(value: int | None) -> str | None:
-    if value is not None and value % 16:
-        return f"must be a multiple of 16 (VAE 8x times patch 2); try {max(16, round(value / 16) * 16)}"
-    return None
+def _size_problem(value: int | None, family: str) -> str | None:
+    """Image sides must be multiples of the family's size multiple (VAE factor x patch)."""
+    entry = FAMILIES.get(family)
+    if value is None or entry is None or not value % entry.size_multiple:
+        return None
+    m = entry.size_multiple
+    return (f"must be a multiple of {m} ({entry.size_reason}); "
+            f"try {max(m, round(value / m) * m)}")
 
 
 def _fractions(values: tuple[float, ...]) -> str | None:
@@ -75,9 +80,9 @@ class ModelConfig:
     """[model]: which base model to fine-tune."""
 
     pretrained_model_path: str | None = opt(
-        None, "Folder of the base model (F-Lite layout: model_index.json, dit_model/, "
-        "text_encoder/, tokenizer/, vae/). Relative paths are relative to the workspace.")
-    family: str = opt("flite", "Model family of the base model.", choices=("flite",))
+        None, "Folder of the base model (a pipeline folder with model_index.json, in the "
+        "layout of its family). Relative paths are relative to the workspace.")
+    family: str = opt(DEFAULT_FAMILY, "Model family of the base model.", choices=family_names())
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class DataConfig:
     caption_column: str = opt("caption", "CSV column holding the captions.")
     resolution: int | None = opt(
         None, "Training resolution in pixels (side of a square of the same area). "
-        "Unset: native sizes, rounded down to multiples of 16.", min=16, check=_multiple_of_16)
+        "Unset: native sizes, rounded down to the family's size multiple.", min=16)
     center_crop: bool = opt(False, "Crop to the target size around the centre (else a random crop).")
     random_flip: bool = opt(False, "Flip images horizontally at random (both versions are cached).")
     use_resolution_buckets: bool = opt(
@@ -143,7 +148,7 @@ class TrainConfig:
     num_warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to learning_rate.", min=0)
     use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit AdamW (smaller optimiser state).")
     adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
-    adam_beta2: float = opt(0.95, "AdamW beta2 (F-Lite uses 0.95).", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.95, "AdamW beta2 (the F-Lite guide uses 0.95).", min=0.0, max=1.0)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
@@ -189,10 +194,6 @@ class TrainConfig:
         choices=("cpu", "accelerator"))
 
 
-def _known_lora_targets(value: tuple[str, ...]) -> str | None:
-    return None if value else "needs at least one module name"
-
-
 @dataclass(frozen=True)
 class LoraConfig:
     """[lora]: low-rank adapters."""
@@ -204,8 +205,8 @@ class LoraConfig:
                             min_exclusive=True)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
     lora_target_modules: tuple[str, ...] = opt(
-        ("qkv", "q", "context_kv", "proj"), "Module names that get adapters (comma-separated).",
-        check=_known_lora_targets)
+        (), "Module names that get adapters (comma-separated); empty: the model family's "
+        "default targets.")
     lora_checkpoint: str | None = opt(
         None, "LoRA weights to start from (a checkpoint or an exported adapter folder).")
     base_precision: str = opt(
@@ -223,13 +224,16 @@ class LoraConfig:
 class SampleConfig:
     """[sample]: image generation (ditctl sample, and samples during training)."""
 
-    steps: int = opt(30, "Sampling steps.", min=1)
-    guidance_scale: float = opt(6.0, "Classifier-free guidance scale (1: no guidance).", min=0.0)
+    steps: int | None = opt(None, "Sampling steps (unset: the model family's default).", min=1)
+    guidance_scale: float | None = opt(
+        None, "Classifier-free guidance scale; at most 1: no guidance (the conditional "
+        "prediction alone, as the families' own pipelines). Unset: the family's default.",
+        min=0.0)
     negative_prompt: str | None = opt(None, "Negative prompt (unset: the empty embedding).")
-    width: int | None = opt(None, "Image width (default: the training resolution, else 1024).",
-                            min=16, check=_multiple_of_16)
-    height: int | None = opt(None, "Image height (default: the training resolution, else 1024).",
-                             min=16, check=_multiple_of_16)
+    width: int | None = opt(None, "Image width (default: the training resolution, else the "
+                            "family's default).", min=16)
+    height: int | None = opt(None, "Image height (default: the training resolution, else the "
+                             "family's default).", min=16)
     seed: int = opt(0, "Base seed; image k of prompt p always gets the same derived seed.", min=0)
     num_images_per_prompt: int = opt(1, "Images per prompt.", min=1)
     batch_size: int = opt(1, "Images generated together.", min=1)
@@ -452,6 +456,11 @@ def _set(values: dict, section: str, key: str, value: Any, where: str, errors: l
 
 
 def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
+    family = values["model"].get("family", DEFAULT_FAMILY)
+    for section, key in (("data", "resolution"), ("sample", "width"), ("sample", "height")):
+        problem = _size_problem(values[section].get(key), family)
+        if problem:
+            errors.append(f"[{section}] {key} = {values[section][key]}: {problem}")
     lora = {**_defaults("lora"), **values["lora"]}
     if lora["train_only_lora"] and not lora["use_lora"]:
         errors.append("[lora] train_only_lora = true needs use_lora = true "

@@ -132,13 +132,8 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
     _clean_leftovers(cache_root)
 
     with CacheIndex(cache_root / INDEX_NAME) as index:
-        text_identity = family.text_encoder_identity()
-        max_length = index.text_max_length(text_identity)
         text_encoder = None
-        if max_length is None:  # nothing cached for this text encoder yet: ask it
-            text_encoder = _load_text_encoder(family, config, device)
-            max_length = int(text_encoder.max_length)
-            index.record_text_max_length(text_identity, max_length)
+        max_length = family.text_tokens()  # a family fact: the keys need no encoder
         cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
         plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
         summary = PrecomputeSummary(
@@ -263,13 +258,14 @@ def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: C
             console.progress("encoding captions", total=len(missing), unit="captions") as bar:
         for start in range(0, len(missing), chunk):
             part = missing[start:start + chunk]
-            embeddings = family.encode_prompts(text_encoder, [c for _, c in part])  # [B, L, D]
+            conds = family.encode_prompts(text_encoder, [c for _, c in part]).cpu()
             files, entries = [], []
-            for (key, caption), embedding in zip(part, embeddings.cpu()):
-                data = text_file_bytes(embedding, cache.spec.torch_dtype)
+            for i, (key, caption) in enumerate(part):
+                one = conds.rows(i)
+                data = text_file_bytes(one, cache.spec.torch_dtype)
                 files.append((cache.path("text", key), data))
-                entries.append(IndexEntry(key, "text", tuple(embedding.shape), cache.spec.dtype,
-                                          len(data), False, caption))
+                entries.append(IndexEntry(key, "text", tuple(one.sequence.shape[1:]),
+                                          cache.spec.dtype, len(data), False, caption))
             writer.submit(files, entries)
             bar.advance(len(part))
     return len(missing)

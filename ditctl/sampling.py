@@ -43,14 +43,12 @@ from .engine.objective import shift_timesteps
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
-from .models.base import ModelFamily
+from .models.base import Conditioning, ModelFamily
 from .models.registry import load_family
 from .runs import SAMPLES, resolve_checkpoint, run_of_checkpoint, samples_dir
 from .workspace import Workspace
 
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
-LATENT_CHANNELS = 16
-SIDE_MULTIPLE = 16  # VAE 8x times patch 2
 ENCODE_CHUNK = 8  # prompts per text-encoder forward
 
 
@@ -91,8 +89,8 @@ def apg(v_uncond: torch.Tensor, v_cond: torch.Tensor, g: float, threshold: float
 
     d = v_c - v_u is split into its projection on v_c and the orthogonal rest (dot products over
     all non-batch dims of each sample); the rest is scaled down where its std exceeds
-    `threshold`; v = v_c + (g - 1) * orth. (F-Lite's reference projects over the whole batch,
-    which lets one image's guidance depend on the others.)
+    `threshold`; v = v_c + (g - 1) * orth. (Projecting over the whole batch, as one reference
+    pipeline does, would let one image's guidance depend on the others.)
     """
     dims = tuple(range(1, v_cond.dim()))
     diff = v_cond - v_uncond
@@ -113,7 +111,8 @@ class Guidance:
 
 def euler_sample(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor,
                  on_step: Callable[[], None] | None = None) -> torch.Tensor:
-    """Integrate from grid[0] to grid[-1]: x += (t - t_next) * v(x, t) (t = 1 is noise)."""
+    """Integrate from grid[0] to grid[-1]: x += (t - t_next) * v(x, t) (t = 1 is noise), where v
+    is the velocity x0 - noise every family's `predict` returns (`models.base.flow_target`)."""
     for i in range(len(grid) - 1):
         t, t_next = float(grid[i]), float(grid[i + 1])
         x = x + (t - t_next) * velocity(x, t)
@@ -122,19 +121,26 @@ def euler_sample(velocity: Velocity, x: torch.Tensor, grid: torch.Tensor,
     return x
 
 
+def uses_guidance(scale: float) -> bool:
+    """Whether a scale asks for guidance at all: as the families' own pipelines, a scale
+    of at most 1 means the conditional prediction alone (1 gives exactly that with CFG too;
+    below 1 those pipelines skip guidance rather than extrapolate away from the prompt)."""
+    return scale > 1.0
+
+
 def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Tensor, t: float,
-                    cond: torch.Tensor, uncond: torch.Tensor | None,
+                    cond: Conditioning, uncond: Conditioning | None,
                     guidance: Guidance) -> torch.Tensor:
     """The guided velocity at time t (fp32): one forward on [uncond; cond] (or on cond alone
-    when the scale is 1). `uncond` None means the family's empty (all-zero) embedding."""
+    when the scale is at most 1). `uncond` None means the family's empty conditioning."""
     dtype = param_dtype(denoiser)
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-    if guidance.scale == 1.0:
-        return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype)).float()
+    if not uses_guidance(guidance.scale):
+        return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype=dtype)).float()
     if uncond is None:
-        uncond = family.empty_prompt_embedding(cond.shape[0], like=cond)
+        uncond = family.empty_conditioning(cond.batch_size, like=cond)
     both = family.predict(denoiser, torch.cat([x, x]).to(dtype), torch.cat([t_vec, t_vec]),
-                          torch.cat([uncond, cond]).to(dtype)).float()
+                          Conditioning.cat([uncond, cond]).to(dtype=dtype)).float()
     v_uncond, v_cond = both.chunk(2)
     if guidance.use_apg:
         return apg(v_uncond, v_cond, guidance.scale, guidance.apg_threshold)
@@ -142,24 +148,25 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
 
 
 def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.Tensor,
-                   cond: torch.Tensor, uncond: torch.Tensor | None, *, steps: int,
+                   cond: Conditioning, uncond: Conditioning | None, *, steps: int,
                    guidance: Guidance, shift: float, batch_invariant: bool = True,
                    on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Denoise `noise` [B,C,h,w] (fp32, on the denoiser's device) to latents [B,C,h,w].
 
-    `cond` [B,L,D]; `uncond` [B,L,D] or None (zeros). With `batch_invariant` each image runs
-    alone (see module doc); `on_step` is called after every step of every forward.
+    `cond` and `uncond` (None: the family's empty conditioning) hold B samples. With
+    `batch_invariant` each image runs alone (see module doc); `on_step` is called after every
+    step of every forward.
     """
     grid = time_grid(steps, shift)
-    if uncond is None and guidance.scale != 1.0:
-        uncond = family.empty_prompt_embedding(cond.shape[0], like=cond)
+    if uncond is None and uses_guidance(guidance.scale):
+        uncond = family.empty_conditioning(cond.batch_size, like=cond)
     with inference_context(denoiser):
         if not batch_invariant:
             return euler_sample(lambda x, t: guided_velocity(family, denoiser, x, t, cond, uncond,
                                                              guidance), noise, grid, on_step)
         out = []
         for i in range(noise.shape[0]):
-            c, u = cond[i:i + 1], None if uncond is None else uncond[i:i + 1]
+            c, u = cond.rows(i), None if uncond is None else uncond.rows(i)
             out.append(euler_sample(
                 lambda x, t, c=c, u=u: guided_velocity(family, denoiser, x, t, c, u, guidance),
                 noise[i:i + 1], grid, on_step))
@@ -193,27 +200,26 @@ def default_prompts_file(ws: Workspace, config: Config) -> Path:
 
 @dataclass
 class PromptEmbeddings:
-    """Encoded prompts [P,L,D] and the negative prompt [1,L,D] (None: the empty embedding)."""
+    """Encoded prompts (P samples) and the negative prompt (one; None: the empty conditioning)."""
 
-    cond: torch.Tensor
-    negative: torch.Tensor | None = None
+    cond: Conditioning
+    negative: Conditioning | None = None
 
 
 def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str],
                    negative_prompt: str | None = None) -> PromptEmbeddings:
     """Encode prompts (warning about any the text encoder truncates) and the negative prompt."""
-    count = getattr(family, "count_tokens", None)
-    limit = getattr(text_encoder, "max_length", None)
-    if count is not None and limit:
-        for i, prompt in enumerate(prompts):
-            n = count(text_encoder, prompt)
-            if n > limit:
-                console.warn(f"prompt {i + 1} has {n} tokens; the text encoder reads only the "
-                             f"first {limit}, the rest is ignored: {prompt[:60]!r}...")
+    limit = family.text_tokens()
+    for i, prompt in enumerate(prompts):
+        n = family.count_tokens(text_encoder, prompt)
+        if n > limit:
+            console.warn(f"prompt {i + 1} has {n} tokens; the text encoder reads only the "
+                         f"first {limit}, the rest is ignored: {prompt[:60]!r}...")
     chunks = [family.encode_prompts(text_encoder, list(prompts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(prompts), ENCODE_CHUNK)]
     negative = family.encode_prompts(text_encoder, [negative_prompt]) if negative_prompt else None
-    return PromptEmbeddings(torch.cat(chunks).cpu(), None if negative is None else negative.cpu())
+    return PromptEmbeddings(Conditioning.cat(chunks).cpu(),
+                            None if negative is None else negative.cpu())
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -231,24 +237,44 @@ def plan_images(n_prompts: int, images_per_prompt: int, base_seed: int) -> list[
             for p in range(n_prompts) for k in range(images_per_prompt)]
 
 
-def check_size(width: int, height: int) -> None:
+def check_size(family: ModelFamily, width: int, height: int) -> None:
+    multiple = family.latent.size_multiple
     for name, value in (("width", width), ("height", height)):
-        if value < SIDE_MULTIPLE or value % SIDE_MULTIPLE:
-            raise DitctlError(f"[sample] {name} = {value} is not a multiple of {SIDE_MULTIPLE}",
-                              hint=f"pass --{name} {max(SIDE_MULTIPLE, round(value / 16) * 16)}")
+        if value < multiple or value % multiple:
+            raise DitctlError(f"[sample] {name} = {value} is not a multiple of {multiple} "
+                              f"(the {family.name} family's size multiple)",
+                              hint=f"pass --{name} {max(multiple, round(value / multiple) * multiple)}")
 
 
 def sample_size(config: Config, family: ModelFamily) -> tuple[int, int]:
     """(width, height): [sample] width/height, else the training resolution, else the family's."""
     default = config.data.resolution or family.sampling_defaults.resolution
     width, height = config.sample.width or default, config.sample.height or default
-    check_size(width, height)
+    check_size(family, width, height)
     return width, height
 
 
+def resolve_settings(family: ModelFamily, settings: Any) -> Any:
+    """`settings` with the keys it leaves unset (steps, guidance_scale: None) filled in from the
+    family's sampling defaults; the shift stays per image size (`resolve_shift`)."""
+    defaults = family.sampling_defaults
+    changes = {}
+    if getattr(settings, "steps", None) is None:
+        changes["steps"] = defaults.steps
+    if getattr(settings, "guidance_scale", None) is None:
+        changes["guidance_scale"] = defaults.guidance_scale
+    if not changes:
+        return settings
+    if dataclasses.is_dataclass(settings):
+        return dataclasses.replace(settings, **changes)
+    return type(settings)(**{**vars(settings), **changes})
+
+
 def resolve_shift(family: ModelFamily, settings: Any, width: int, height: int) -> float:
+    """[sample] shift, else the family's time shift rule for this image size."""
     shift = getattr(settings, "shift", None)
-    return float(shift) if shift else family.resolution_shift(height // 8, width // 8)
+    _, latent_h, latent_w = family.latent.latent_shape(width, height)
+    return float(shift) if shift else family.resolution_shift(latent_h, latent_w)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -274,7 +300,8 @@ def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: 
     off the accelerator before the denoiser runs) or precomputed `embeddings`. The denoiser and
     VAE must already sit on their device.
     """
-    check_size(width, height)
+    check_size(family, width, height)
+    settings = resolve_settings(family, settings)
     if embeddings is None:
         if text_encoder is None:
             raise ValueError("generate needs a text encoder or precomputed embeddings")
@@ -282,14 +309,14 @@ def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: 
         if settings.offload:
             text_encoder.to("cpu")
             free_accelerator_memory()
-    if embeddings.cond.shape[0] != len(prompts):
-        raise ValueError(f"{embeddings.cond.shape[0]} embeddings for {len(prompts)} prompts")
+    if embeddings.cond.batch_size != len(prompts):
+        raise ValueError(f"{embeddings.cond.batch_size} embeddings for {len(prompts)} prompts")
 
     device = next(denoiser.parameters()).device
     guidance = Guidance(settings.guidance_scale, settings.apg, settings.apg_threshold)
     shift = resolve_shift(family, settings, width, height)
     jobs = plan_images(len(prompts), settings.num_images_per_prompt, settings.seed)
-    latent_shape = (LATENT_CHANNELS, height // 8, width // 8)
+    latent_shape = family.latent.latent_shape(width, height)
     cond_all = embeddings.cond.to(device)
     negative = None if embeddings.negative is None else embeddings.negative.to(device)
 
@@ -297,8 +324,8 @@ def generate(family: ModelFamily, denoiser: torch.nn.Module, vae: Any, prompts: 
     batches = [jobs[i:i + settings.batch_size] for i in range(0, len(jobs), settings.batch_size)]
     for number, batch in enumerate(batches, 1):
         noise = torch.stack([initial_noise(job.seed, latent_shape) for job in batch]).to(device)
-        cond = cond_all[[job.prompt_index for job in batch]]
-        uncond = None if negative is None else negative.expand(len(batch), *negative.shape[1:])
+        cond = cond_all.rows([job.prompt_index for job in batch])
+        uncond = None if negative is None else negative.expand(len(batch))
         label = f"sampling batch {number}/{len(batches)}"
         forwards = settings.steps * (len(batch) if batch_invariant else 1)
         with (console.progress(label, forwards, unit="step")
@@ -374,6 +401,7 @@ def sample_during_training(family: ModelFamily, denoiser: torch.nn.Module, vae: 
 
     The denoiser's train/eval mode and the global RNG are left as they were.
     """
+    settings = resolve_settings(family, settings)
     images = generate(family, denoiser, vae, prompts, settings, width=width, height=height,
                       text_encoder=text_encoder, embeddings=embeddings,
                       show_progress=False)  # training's own bar stays the only one
@@ -449,7 +477,7 @@ def inference_device() -> torch.device:
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it (as F-Lite's pipeline runs), fp32 elsewhere."""
+    """bf16 on GPUs that have it (as the families' own pipelines run), fp32 elsewhere."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -489,7 +517,7 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
                device: torch.device | None = None) -> dict[str, Any]:
     """Generate and write the samples of `ditctl sample`; returns the index (plus "dir")."""
     device = device or inference_device()
-    settings = config.sample
+    settings = resolve_settings(choice.family, config.sample)
     width, height = sample_size(config, choice.family)
     denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)
     images = generate(choice.family, denoiser, vae, prompts, settings, width=width, height=height,

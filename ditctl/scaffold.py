@@ -16,7 +16,7 @@ BUILTIN_MODELS = ("tiny", "tiny-random")
 
 
 # `--model tiny`: how the shipped base model was trained and measured (bench/train_tiny_base.py):
-# without F-Lite's resolution shift, which at 64x64 (alpha 0.25) would put nearly every step
+# without the family's resolution shift, which at 64x64 (alpha 0.25) would put nearly every step
 # at low noise, where a small scene's layout is already decided; 20 Euler steps, CFG 5.
 TINY_MODEL_SETTINGS: dict[str, dict[str, Any]] = {
     "train": {"resolution_shift": False},
@@ -59,7 +59,7 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
     """Scaffold a workspace at `root`.
 
     `model` is "tiny" (the shipped trained tiny model, copied into the workspace), "tiny-random"
-    (a random tiny pipeline built inside the workspace) or the path of a local F-Lite-layout
+    (a random tiny pipeline built inside the workspace) or the path of a local pipeline
     folder (validated, referenced by absolute path, never copied).
     """
     root = Path(root).resolve()
@@ -71,10 +71,10 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
 
     if model not in BUILTIN_MODELS:
-        from .models.flite_layout import validate_folder
+        from .models.registry import check_folder
 
         model_path = Path(model).expanduser().resolve()
-        validate_folder(model_path)
+        check_folder(model_path)  # any registered family's layout; loads no library
     root.mkdir(parents=True, exist_ok=True)
     ws = Workspace(root)
     settings: dict[str, dict[str, Any]] = {"model": {}}
@@ -118,7 +118,9 @@ def _prompt_header(text: str) -> str:
 
 def shipped_tiny_model() -> Path:
     """The trained tiny base model that ships inside the package (bench/train_tiny_base.py)."""
-    folder = Path(__file__).resolve().parent / "assets" / "tiny-flite"
+    from .models.registry import SHIPPED_TINY_MODEL
+
+    folder = Path(__file__).resolve().parent / "assets" / SHIPPED_TINY_MODEL
     if not (folder / "model_index.json").is_file():
         raise WorkspaceError(f"ditctl's tiny base model is missing from this installation ({folder})",
                              hint="reinstall ditctl, or use --model tiny-random")

@@ -63,7 +63,7 @@ def _ingested_other_data(ws: Workspace, config: Config, ingest: dict[str, Any]) 
 
 def next_step(summary: dict[str, Any]) -> str:
     if not summary["model"]["ok"]:
-        return "set [model] pretrained_model_path in project.toml to a local F-Lite folder"
+        return "set [model] pretrained_model_path in project.toml to a local model folder"
     if not summary["data"]["train_data_path"]:
         return "set [data] train_data_path in project.toml (a CSV or an image folder)"
     if not summary["data"]["ingest"]:

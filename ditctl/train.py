@@ -149,8 +149,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
-        return TrainOutcome(plan=training_plan(schedule, skeleton, family.dit_config(), config,
-                                               info["buckets"], world, family.text_tokens()))
+        return TrainOutcome(plan=training_plan(schedule, skeleton, family, config,
+                                               info["buckets"], world))
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:
         from .engine.offload import stream_base_blocks

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ditctl.data.manifest import ManifestRow
-from ditctl.models.base import LatentDist
+from ditctl.models.base import Conditioning, LatentDist
 
 
 def _row(name: str, size: int = 32) -> ManifestRow:
@@ -35,8 +35,8 @@ class FixedSource:
         assert flip is False
         return self.dists[row]
 
-    def text_embedding(self, caption):
-        return self.texts[caption]
+    def conditioning(self, caption):
+        return Conditioning(self.texts[caption])
 
 
 @pytest.fixture(scope="module")

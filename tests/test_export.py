@@ -22,7 +22,7 @@ from ditctl.export import export_checkpoint
 from ditctl.export import exporter, lora_formats, merge
 from ditctl.export.model_card import find_licence, hub_id
 from ditctl.export.parity import compare
-from ditctl.models.flite import MODEL_INDEX
+from ditctl.models.flite import MODEL_INDEX, FLiteFamily
 from ditctl.models.registry import load_family
 from ditctl.scaffold import init_workspace
 from tests.conftest import write_test_checkpoint
@@ -557,12 +557,12 @@ def test_hub_id_only_for_models_in_the_hugging_face_cache():
 def test_licence_comes_from_the_base_model_folder(tmp_path, tiny_model_dir):
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
-    assert find_licence(base, "flite").id == "creativeml-openrail-m"  # family default
+    assert find_licence(base, "flite", FLiteFamily.licence).id == "creativeml-openrail-m"  # family default
     (base / "LICENSE.md").write_text("# Example Model License v2\n\nterms...\n")
-    licence = find_licence(base, "flite")
+    licence = find_licence(base, "flite", FLiteFamily.licence)
     assert (licence.id, licence.name) == ("other", "Example Model License v2")
     (base / "README.md").write_text("---\nlicense: apache-2.0\ntags:\n- x\n---\n# model\n")
-    licence = find_licence(base, "flite")
+    licence = find_licence(base, "flite", FLiteFamily.licence)
     assert (licence.id, licence.name, licence.file) == ("apache-2.0", "Apache 2.0",
                                                         base / "LICENSE.md")
 

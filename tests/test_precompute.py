@@ -304,7 +304,8 @@ def test_cached_batches_equal_on_the_fly_batches(tmp_path, tiny_model_dir, monke
             b = collate(live, train, indices, flips)
             assert a.indices == b.indices == tuple(indices)
             assert torch.equal(a.dist.mean, b.dist.mean) and torch.equal(a.dist.std, b.dist.std)
-            assert torch.equal(a.text, b.text)
+            assert torch.equal(a.cond.sequence, b.cond.sequence)
+            assert a.cond.named_tensors().keys() == b.cond.named_tensors().keys()
             # the engine draws the posterior sample from its own generator: same draws
             ga, gb = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
             assert torch.equal(family.sample_latents(a.dist, ga), family.sample_latents(b.dist, gb))
@@ -333,11 +334,58 @@ def test_training_from_the_cache_loads_no_encoder(tmp_path, tiny_model_dir, monk
     source = CachedSource(Cache.open(ws, config, family))
     for indices in epoch_batches(rows, 2, 0, 0):
         batch = collate(source, rows, indices, [flip_for(0, 0, i, True) for i in indices])
-        assert batch.text.shape[1:] == (32, 32) and torch.isfinite(batch.dist.mean).all()
-    prompt = source.text_embedding("a green star on a black background")
-    assert torch.equal(prompt, expected_prompt)
+        # F-Lite's text length (512), whatever the tokenizer's model_max_length
+        assert batch.cond.sequence.shape[1:] == (512, 32)
+        assert torch.isfinite(batch.dist.mean).all()
+    prompt = source.conditioning("a green star on a black background")
+    assert torch.equal(prompt.sequence, expected_prompt.sequence)
     with pytest.raises(CacheError, match="not in the cache"):
-        source.text_embedding("a prompt nobody cached")
+        source.conditioning("a prompt nobody cached")
+
+
+def test_caches_written_before_the_conditioning_type_read_or_report_stale(tmp_path,
+                                                                          tiny_model_dir):
+    """Entries of older ditctl versions: an F-Lite text entry named its one tensor "embedding"
+    (read as the sequence, and accepted by --verify); entries keyed at the tokenizer's
+    model_max_length (32 for the tiny models, not F-Lite's 512) no longer match any key, so
+    training reports them missing or stale with the fix, instead of training on them."""
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=3, prompts="")
+    config = ws.config()
+    run_precompute(ws, config)
+    family = load_family(tiny_model_dir)
+    rows = read_manifest(ws, "train")
+    cache = Cache.open(ws, config, family)
+    caption = rows[0].caption
+    path = cache.path("text", cache.spec.text_key(caption))
+    current = cache.read_text(caption)
+    from safetensors.torch import save
+    path.write_bytes(save({"embedding": current.sequence[0].contiguous()},
+                          metadata={"format": "ditctl-cache", "kind": "text"}))
+    legacy = cache.read_text(caption)
+    assert torch.equal(legacy.sequence, current.sequence) and legacy.pooled is None
+    with CacheIndex(cache.index_path) as index:
+        entry = next(e for e in index.entries() if e.key == cache.spec.text_key(caption))
+    assert cache_mod.check_entry(path, entry) is None
+
+    # the same entries under the keys an older ditctl gave them (token length 32)
+    old = dataclasses.replace(cache.spec, text_max_length=32)
+    with CacheIndex(cache.index_path) as index:
+        text_entries = [e for e in index.entries() if e.kind == "text"]
+        index.remove([e.key for e in text_entries])
+        moved = []
+        for e in text_entries:
+            old_key = old.text_key(e.source)
+            target = cache.path("text", old_key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cache.path("text", e.key), target)
+            moved.append(dataclasses.replace(e, key=old_key))
+        index.add(moved)
+    with pytest.raises(CacheError, match="captions are missing or stale") as info:
+        check_cache_complete(ws, config, family, rows)
+    assert info.value.hint == "run `ditctl precompute`"
+    again = run_precompute(ws, config)
+    assert again.texts.added == len(text_entries)
+    check_cache_complete(ws, config, family, rows)
 
 
 def test_check_cache_complete_counts_what_is_missing(tmp_path, tiny_model_dir):

@@ -13,6 +13,7 @@ from PIL import Image
 from ditctl.config import SampleConfig
 from ditctl.errors import DitctlError
 from ditctl.grids import read_png_text
+from ditctl.models.base import Conditioning
 from ditctl.sampling import (Guidance, apg, cfg, derive_seed, euler_sample, generate,
                              guided_velocity, plan_images, read_prompts, sample_during_training,
                              sample_latents, time_grid, write_samples)
@@ -49,12 +50,14 @@ class SpyFamily:
         self.calls = []
 
     def predict(self, denoiser, noisy, t, cond):
-        self.calls.append((noisy.clone(), t.clone(), cond.clone()))
+        text = cond.sequence
+        self.calls.append((noisy.clone(), t.clone(), text.clone()))
         # different for conditional and unconditional rows: depends on the text
-        return noisy * 0.5 + cond.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
+        return noisy * 0.5 + text.mean(dim=(1, 2)).view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
 
-    def empty_prompt_embedding(self, batch, like=None):
-        return torch.zeros((batch, *like.shape[1:]), dtype=like.dtype)
+    def empty_conditioning(self, batch, like=None):
+        return Conditioning(torch.zeros((batch, *like.sequence.shape[1:]),
+                                        dtype=like.sequence.dtype))
 
 
 def _denoiser():
@@ -65,7 +68,8 @@ def test_cfg_runs_one_batched_forward_on_negative_then_positive():
     family = SpyFamily()
     x = torch.randn(2, 16, 2, 2, generator=torch.Generator().manual_seed(0))
     cond = torch.full((2, 3, 4), 2.0)
-    out = guided_velocity(family, _denoiser(), x, 0.25, cond, None, Guidance(scale=4.0))
+    out = guided_velocity(family, _denoiser(), x, 0.25, Conditioning(cond), None,
+                          Guidance(scale=4.0))
     assert len(family.calls) == 1
     noisy, t, text = family.calls[0]
     assert torch.equal(noisy, torch.cat([x, x]))
@@ -80,17 +84,30 @@ def test_cfg_runs_one_batched_forward_on_negative_then_positive():
 def test_guidance_scale_one_skips_the_unconditional_forward():
     family = SpyFamily()
     x = torch.ones(3, 16, 2, 2)
-    cond = torch.ones(3, 2, 4)
+    cond = Conditioning(torch.ones(3, 2, 4))
     out = guided_velocity(family, _denoiser(), x, 0.5, cond, None, Guidance(scale=1.0))
     assert len(family.calls) == 1 and family.calls[0][0].shape[0] == 3
     assert torch.equal(out, x * 0.5 + 1.0 + 0.5)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_guidance_below_one_is_the_conditional_prediction_alone(scale):
+    """As the families' own pipelines (guidance only when the scale exceeds 1): no
+    extrapolation away from the prompt, no unconditional forward."""
+    family = SpyFamily()
+    x = torch.ones(2, 16, 2, 2)
+    cond = Conditioning(torch.full((2, 2, 4), 3.0))
+    out = guided_velocity(family, _denoiser(), x, 0.5, cond, None, Guidance(scale=scale))
+    assert len(family.calls) == 1 and family.calls[0][0].shape[0] == 2
+    assert torch.equal(out, x * 0.5 + 3.0 + 0.5)
 
 
 def test_negative_embedding_is_used_for_the_unconditional_half():
     family = SpyFamily()
     x = torch.zeros(1, 16, 2, 2)
     negative = torch.full((1, 2, 4), -1.0)
-    guided_velocity(family, _denoiser(), x, 0.5, torch.ones(1, 2, 4), negative, Guidance(3.0))
+    guided_velocity(family, _denoiser(), x, 0.5, Conditioning(torch.ones(1, 2, 4)),
+                    Conditioning(negative), Guidance(3.0))
     assert torch.equal(family.calls[0][2][0], negative[0])
 
 
@@ -127,7 +144,7 @@ def test_derived_seeds_are_stable_and_distinct():
 def test_sample_latents_with_a_fake_model_follows_the_schedule():
     family = SpyFamily()
     noise = torch.ones(1, 16, 2, 2)
-    cond = torch.zeros(1, 2, 4)
+    cond = Conditioning(torch.zeros(1, 2, 4))
     out = sample_latents(family, _denoiser(), noise, cond, None, steps=2,
                          guidance=Guidance(1.0), shift=3.0)
     # v = x/2 + t on t = 1, 0.75, 0: x1 = 1 + 0.25*(0.5 + 1) = 1.375;
@@ -184,7 +201,7 @@ def test_latents_do_not_depend_on_the_other_images_of_the_batch(tiny):
     kwargs = dict(steps=2, guidance=Guidance(3.0), shift=1.0)
     three = sample_latents(tiny.family, tiny.denoiser, noise, cond, None, **kwargs)
     for i in range(3):
-        alone = sample_latents(tiny.family, tiny.denoiser, noise[i:i + 1], cond[i:i + 1], None,
+        alone = sample_latents(tiny.family, tiny.denoiser, noise[i:i + 1], cond.rows(i), None,
                                **kwargs)
         assert torch.equal(three[i:i + 1], alone)
 
@@ -206,12 +223,12 @@ def test_sizes_must_be_multiples_of_16(tiny):
 
 
 def test_long_prompts_are_reported_as_truncated(tiny, capsys):
-    long_prompt = " ".join(["red circle"] * 40)  # the tiny tokenizer keeps 32 tokens
+    long_prompt = " ".join(["red circle"] * 300)  # F-Lite reads 512 tokens
     generate(tiny.family, tiny.denoiser, tiny.vae, [long_prompt],
              _settings(num_images_per_prompt=1, steps=1), width=32, height=32,
              text_encoder=tiny.te)
     err = capsys.readouterr().err
-    assert "prompt 1 has 81 tokens" in err and "first 32" in err
+    assert "prompt 1 has 601 tokens" in err and "first 512" in err
 
 
 def test_training_samples_leave_the_model_and_rng_as_they_were(tiny, tmp_path):

@@ -24,7 +24,7 @@ from . import train as train_cmd  # noqa: E402
 
 app = typer.Typer(
     name="ditctl",
-    help="Fine-tune text-to-image Diffusion Transformers (F-Lite first) on your own images.",
+    help="Fine-tune text-to-image Diffusion Transformers (F-Lite) on your own images.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

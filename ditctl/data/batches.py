@@ -8,8 +8,8 @@ can ask for:
   every epoch, so one latent per image covers it);
 - flip: a fair coin per (seed, epoch, row index); precompute caches both variants.
 
-A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption into a text
-embedding. `CachedSource` reads the precompute cache and never loads an encoder;
+A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption into its
+`Conditioning`. `CachedSource` reads the precompute cache and never loads an encoder;
 `OnTheFlySource` runs the one transform and the encoders. With fp32 encoders and fp32 storage
 both give bit-identical tensors, because precompute encodes every image exactly as
 `OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`).
@@ -26,7 +26,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError
-from ..models.base import LatentDist, ModelFamily
+from ..models.base import Conditioning, LatentDist, ModelFamily
 from .manifest import ManifestRow
 from .transforms import Crop, crop_offset_range, load_training_image
 
@@ -124,8 +124,8 @@ class SampleSource(Protocol):
         """The VAE posterior of the row's image: mean and std [1, C, h, w], fp32."""
         ...
 
-    def text_embedding(self, caption: str) -> torch.Tensor:
-        """The caption's text embedding [1, L, D], fp32."""
+    def conditioning(self, caption: str) -> Conditioning:
+        """The caption's conditioning, a batch of one, floats fp32 on the CPU."""
         ...
 
 
@@ -138,7 +138,7 @@ class CachedSource:
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         return self.cache.read_latents(row, flip)
 
-    def text_embedding(self, caption: str) -> torch.Tensor:
+    def conditioning(self, caption: str) -> Conditioning:
         return self.cache.read_text(caption)
 
 
@@ -161,8 +161,8 @@ class OnTheFlySource:
                                  self.data.max_image_pixels)
         return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
 
-    def text_embedding(self, caption: str) -> torch.Tensor:
-        # [1, L, D], on the CPU like cached embeddings whichever device encoded it
+    def conditioning(self, caption: str) -> Conditioning:
+        # on the CPU like cached entries, whichever device encoded it
         return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
 
 
@@ -173,7 +173,7 @@ class Batch:
     """One (micro-)batch of training inputs. `indices` are the manifest row indices."""
 
     dist: LatentDist      # mean, std [B, C, h, w] fp32
-    text: torch.Tensor    # [B, L, D] fp32
+    cond: Conditioning    # batch B, fp32
     indices: tuple[int, ...]
 
 
@@ -190,5 +190,5 @@ def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence
     dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
     mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
     std = torch.cat([d.std for d in dists])
-    text = torch.cat([source.text_embedding(rows[i].caption) for i in indices])  # [B, L, D]
-    return Batch(LatentDist(mean, std), text, tuple(int(i) for i in indices))
+    cond = Conditioning.cat([source.conditioning(rows[i].caption) for i in indices])
+    return Batch(LatentDist(mean, std), cond, tuple(int(i) for i in indices))

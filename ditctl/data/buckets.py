@@ -1,6 +1,7 @@
 """Target sizes for training images: one bucket plan per split.
 
-Every image gets a target (width, height), both multiples of 16 (VAE factor 8 times patch 2).
+Every image gets a target (width, height), both multiples of the model family's size multiple
+`multiple` (its VAE factor times its patch size; `models.registry.size_multiple`).
 An image reaches its target by resizing it to cover the target (keeping its aspect ratio), then
 cropping the overhang. Four modes:
 
@@ -34,7 +35,6 @@ from typing import Sequence
 
 import numpy as np
 
-MULTIPLE = 16
 MAX_ASPECT = 4.0
 # A merge may crop an image more than its own bucket would, but never below this fraction of
 # its (resized) area: a square photo should not become a 1:2 strip to fill a batch.
@@ -91,22 +91,25 @@ def kept_fraction(width: int, height: int, target_w: int, target_h: int) -> floa
     return (target_w * target_h) / (width * scale * height * scale)
 
 
-def candidate_buckets(resolution: int) -> list[Size]:
-    """Sizes of area <= resolution^2 (largest the 16-grid allows per width), aspect <= 4:1."""
+def candidate_buckets(resolution: int, *, multiple: int) -> list[Size]:
+    """Sizes of area <= resolution^2 (largest the `multiple` grid allows per width),
+    aspect <= 4:1."""
     area = resolution * resolution
     sizes = []
-    for width in range(MULTIPLE, 4 * resolution + 1, MULTIPLE):
-        height = (area // width) // MULTIPLE * MULTIPLE
-        if height >= MULTIPLE and 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
+    for width in range(multiple, 4 * resolution + 1, multiple):
+        height = (area // width) // multiple * multiple
+        if height >= multiple and 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
             sizes.append((width, height))
     return sizes
 
 
-def native_target(width: int, height: int, max_native_pixels: int) -> Size | None:
-    """The native size rounded down to multiples of 16, shrunk to fit max_native_pixels."""
+def native_target(width: int, height: int, max_native_pixels: int, *,
+                  multiple: int) -> Size | None:
+    """The native size rounded down to multiples of `multiple`, shrunk to fit
+    max_native_pixels."""
     scale = min(1.0, math.sqrt(max_native_pixels / (width * height)))
-    target = (int(width * scale) // MULTIPLE * MULTIPLE, int(height * scale) // MULTIPLE * MULTIPLE)
-    return target if min(target) >= MULTIPLE else None
+    target = (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
+    return target if min(target) >= multiple else None
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
@@ -116,12 +119,12 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Size]) -> Size:
 
 
 def _target(width: int, height: int, resolution: int | None, candidates: list[Size],
-            max_upscale: float, max_native_pixels: int) -> tuple[Size | None, str]:
+            max_upscale: float, max_native_pixels: int, multiple: int) -> tuple[Size | None, str]:
     """(target, "") for one image size, or (None, why it is too small)."""
     if resolution is None:
-        target = native_target(width, height, max_native_pixels)
+        target = native_target(width, height, max_native_pixels, multiple=multiple)
         if target is None:
-            return None, f"too small: {width}x{height} is under {MULTIPLE} pixels on a side"
+            return None, f"too small: {width}x{height} is under {multiple} pixels on a side"
         return target, ""
     target = nearest_bucket(width, height, candidates) if candidates else (resolution, resolution)
     scale = cover_scale(width, height, *target)
@@ -132,16 +135,20 @@ def _target(width: int, height: int, resolution: int | None, candidates: list[Si
 
 
 def plan_buckets(sizes: Sequence[Size], *, resolution: int | None, use_buckets: bool,
-                 max_upscale: float, max_native_pixels: int, batch_size: int) -> BucketPlan:
-    """Assign every image (by its oriented width, height) a target size; see module docstring."""
+                 max_upscale: float, max_native_pixels: int, batch_size: int,
+                 multiple: int) -> BucketPlan:
+    """Assign every image (by its oriented width, height) a target size whose sides are
+    multiples of `multiple`; see module docstring."""
     targets: list[Size | None] = []
     dropped: dict[int, str] = {}
-    candidates = candidate_buckets(resolution) if resolution and use_buckets else []
+    candidates = candidate_buckets(resolution, multiple=multiple) \
+        if resolution and use_buckets else []
     known: dict[Size, tuple[Size | None, str]] = {}  # datasets repeat a few sizes many times
     for index, (width, height) in enumerate(sizes):
         size = (int(width), int(height))
         if size not in known:
-            known[size] = _target(*size, resolution, candidates, max_upscale, max_native_pixels)
+            known[size] = _target(*size, resolution, candidates, max_upscale, max_native_pixels,
+                                  multiple)
         target, why = known[size]
         if target is None:
             dropped[index] = why

@@ -4,7 +4,10 @@
 cache_dir/
   index.sqlite                          which entries are complete (WAL, one commit per batch)
   latents/<k[:2]>/<k>.safetensors       "mean", "std" [C, h, w] of one image variant
-  text/<k[:2]>/<k>.safetensors          "embedding" [L, D] of one caption
+  text/<k[:2]>/<k>.safetensors          one caption's Conditioning record: "sequence" [L, D], and
+                                        "mask", "pooled", "extra.*" when the family has them
+                                        (caches written before the Conditioning type call the
+                                        sequence "embedding"; they are read the same way)
 ```
 A key is the SHA-256 of everything the stored tensor depends on, and nothing else:
 
@@ -40,7 +43,7 @@ from safetensors.torch import load, save
 
 from ..config import Config
 from ..errors import CacheError, DataError
-from ..models.base import LatentDist, ModelFamily
+from ..models.base import Conditioning, LatentDist, ModelFamily
 from ..workspace import Workspace
 from .batches import crop_for, sample_variants
 from .manifest import ManifestRow
@@ -66,7 +69,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('latent', 'text')),
-    shape TEXT NOT NULL,      -- JSON [C, h, w] or [L, D]
+    shape TEXT NOT NULL,      -- JSON [C, h, w], or [L, D] of a text entry's sequence
     dtype TEXT NOT NULL,      -- fp32 | bf16 | fp16
     bytes INTEGER NOT NULL,   -- size of the file
     flip INTEGER NOT NULL,    -- 1 for the mirrored variant of an image
@@ -267,7 +270,7 @@ class CacheIndex:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # meta: the schema version, and the token length each text encoder identity produces
+    # meta: the schema version
     def get_meta(self, key: str):
         found = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(found[0]) if found else None
@@ -276,12 +279,6 @@ class CacheIndex:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
         if commit:
             self.db.commit()
-
-    def text_max_length(self, text_identity: str) -> int | None:
-        return self.get_meta(f"text_max_length:{text_identity}")
-
-    def record_text_max_length(self, text_identity: str, max_length: int) -> None:
-        self.set_meta(f"text_max_length:{text_identity}", int(max_length))
 
     # entries
     def keys(self, kind: str | None = None) -> set[str]:
@@ -321,15 +318,11 @@ class Cache:
     def open(cls, ws: Workspace, config: Config, family: ModelFamily) -> "Cache":
         """The workspace's cache for `config` and `family` (identities only, no weights).
 
-        The text token length is the one precompute recorded for this text encoder; without
-        it no caption key can match (every caption counts as missing).
+        The text token length is the family's fact (`text_tokens`), so entries encoded at
+        another length (an older ditctl that read the tokenizer's model_max_length) are
+        stale: reported as missing, re-encoded by `ditctl precompute`.
         """
-        root = ws.cache_dir(config)
-        max_length = None
-        if (root / INDEX_NAME).is_file():
-            with CacheIndex(root / INDEX_NAME) as index:
-                max_length = index.text_max_length(family.text_encoder_identity())
-        return cls(root, KeySpec.for_config(config, family, max_length))
+        return cls(ws.cache_dir(config), KeySpec.for_config(config, family, family.text_tokens()))
 
     @property
     def index_path(self) -> Path:
@@ -351,12 +344,16 @@ class Cache:
         return LatentDist(mean=tensors["mean"].float().unsqueeze(0),
                           std=tensors["std"].float().unsqueeze(0))
 
-    def read_text(self, caption: str) -> torch.Tensor:
-        """The cached embedding of a caption or prompt: [1, L, D] fp32."""
+    def read_text(self, caption: str) -> Conditioning:
+        """The cached conditioning of a caption or prompt: a batch of one, floats fp32."""
         key = self.spec.text_key(caption)
-        tensors = self._load(self.path("text", key), f"the text embedding of {caption!r}",
-                             ("embedding",))
-        return tensors["embedding"].float().unsqueeze(0)
+        path = self.path("text", key)
+        tensors = self._load(path, f"the text embedding of {caption!r}", ())
+        if not Conditioning.record_names(list(tensors)):
+            raise CacheError(f"{path}: cache entry for the text embedding of {caption!r} holds "
+                             f"{sorted(tensors)}, not a conditioning record",
+                             hint="run `ditctl precompute --verify`")
+        return Conditioning.from_record(tensors)
 
     def _load(self, path: Path, what: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         try:
@@ -387,27 +384,33 @@ def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype)
                 metadata={"format": "ditctl-cache", "kind": "latent"})
 
 
-def text_file_bytes(embedding: torch.Tensor, dtype: torch.dtype) -> bytes:
-    """The safetensors bytes of one caption embedding [L, D], stored in `dtype`."""
-    return save({"embedding": embedding.to(dtype).contiguous()},
-                metadata={"format": "ditctl-cache", "kind": "text"})
+def text_file_bytes(cond: Conditioning, dtype: torch.dtype) -> bytes:
+    """The safetensors bytes of one caption's conditioning (a batch of one), floats in `dtype`."""
+    return save(cond.record(dtype), metadata={"format": "ditctl-cache", "kind": "text"})
 
 
 def check_entry(path: Path, entry: IndexEntry) -> str | None:
     """Why an entry's file is bad (unreadable, wrong tensors/shape/dtype, non-finite), or None."""
-    names = ("mean", "std") if entry.kind == "latent" else ("embedding",)
     try:
         tensors = read_entry_file(path)
     except FileNotFoundError:
         return "file missing"
     except (SafetensorError, OSError, ValueError) as exc:
         return f"unreadable ({exc})"
-    if set(tensors) != set(names):
-        return f"holds {sorted(tensors)}, expected {list(names)}"
-    for name in names:
+    if entry.kind == "latent":
+        if set(tensors) != {"mean", "std"}:
+            return f"holds {sorted(tensors)}, expected ['mean', 'std']"
+        shaped = ("mean", "std")
+    else:
+        if not Conditioning.record_names(list(tensors)):
+            return f"holds {sorted(tensors)}, expected a conditioning record ('sequence', ...)"
+        shaped = tuple(n for n in ("sequence", Conditioning.LEGACY_SEQUENCE) if n in tensors)
+    for name in tensors:
         tensor = tensors[name]
-        if tuple(tensor.shape) != entry.shape:
+        if name in shaped and tuple(tensor.shape) != entry.shape:
             return f"{name} has shape {list(tensor.shape)}, expected {list(entry.shape)}"
+        if not tensor.is_floating_point():
+            continue  # masks and integer extras are stored as they are
         if tensor.dtype != _DTYPE_BY_NAME.get(entry.dtype):
             return f"{name} is {tensor.dtype}, expected {entry.dtype}"
         if not torch.isfinite(tensor).all():

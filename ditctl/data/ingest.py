@@ -39,6 +39,7 @@ from ..config import Config, DataConfig
 from ..console import console
 from ..errors import DataError
 from ..fsutil import atomic_write_json
+from ..models.registry import size_multiple
 from ..workspace import Workspace
 from . import images
 from .buckets import BucketPlan, plan_buckets
@@ -146,7 +147,8 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         rows, previous, data.max_image_pixels, workers)
     good, bad = _classify(rows, facts, problems, data, origin)
     batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
-    samples, plans = _plan(good, bad, data, batch_sizes, origin)
+    samples, plans = _plan(good, bad, data, batch_sizes, origin,
+                           size_multiple(config.model.family))
     position = {(row.split, row.source): i for i, row in enumerate(rows)}
     bad.sort(key=lambda b: position[(b.split, b.source)])
 
@@ -334,7 +336,7 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
 
 
 def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
-          batch_sizes: dict[str, int], origin: dict[str, str],
+          batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
     """Bucket plan per split; images it cannot use (too small) become bad rows."""
     samples, plans = [], {}
@@ -345,7 +347,7 @@ def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: Dat
         plan = plan_buckets([(f.width, f.height) for _, f in items],
                             resolution=data.resolution, use_buckets=data.use_resolution_buckets,
                             max_upscale=data.max_upscale, max_native_pixels=data.max_native_pixels,
-                            batch_size=batch_sizes[split])
+                            batch_size=batch_sizes[split], multiple=multiple)
         plans[split] = plan
         for index, (row, found) in enumerate(items):
             target = plan.targets[index]

@@ -109,10 +109,10 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 reps = train.batch_multiplicity
                 dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
                                   batch.dist.std.repeat_interleave(reps, 0))
-                text = batch.text.repeat_interleave(reps, 0)
+                cond = batch.cond.repeat_interleave(reps)
                 seeds = [sample_seed(ctx.seed, epoch, batch_index, j, r)
                          for j in mine for r in range(reps)]
-                noised = noised_batch(family, dist, text, seeds, density, train.caption_dropout,
+                noised = noised_batch(family, dist, cond, seeds, density, train.caption_dropout,
                                       train.resolution_shift)
                 device = acc.device
                 data_time += time.perf_counter() - tick
@@ -120,7 +120,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 sync = micro == schedule.accumulation - 1
                 with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
                     prediction = family.predict(model, noised.noisy.to(device), noised.t.to(device),
-                                                noised.text.to(device))
+                                                noised.cond.to(device))
                     per_sample = per_sample_mse(prediction, noised.target.to(device))
                     loss = per_sample.mean()
                 finite &= bool(torch.isfinite(loss))

@@ -1,7 +1,7 @@
 """LoRA adapters on the denoiser, through peft.
 
-ditctl adds adapters the way F-Lite's trainer does (peft `LoraConfig`, gaussian init, adapter
-name "default") so that what it saves is plain PEFT: `adapter_config.json` plus a safetensors
+ditctl adds adapters the way the reference trainers do (peft `LoraConfig`, gaussian init,
+adapter name "default") so that what it saves is plain PEFT: `adapter_config.json` plus a safetensors
 state dict with keys like `blocks.0.self_attn.qkv.lora_A.weight`.
 """
 
@@ -23,17 +23,22 @@ ADAPTER = "default"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the weights of a saved adapter
 
 
-def peft_config(settings: LoraSettings, candidates: tuple[str, ...]):
-    """The peft LoraConfig for our [lora] settings; unknown target names are a config error."""
+def peft_config(settings: LoraSettings, candidates: tuple[str, ...],
+                defaults: tuple[str, ...] = ()):
+    """The peft LoraConfig for our [lora] settings: [lora] lora_target_modules, or when it is
+    empty the family's default targets (`defaults`); unknown target names are a config error."""
     from peft import LoraConfig
 
-    unknown = [t for t in settings.lora_target_modules if t not in candidates]
+    targets = tuple(settings.lora_target_modules) or tuple(defaults)
+    if not targets:
+        raise ConfigError("[lora] lora_target_modules is empty and the model family names no "
+                          "default targets", hint=f"set it to some of: {', '.join(candidates)}")
+    unknown = [t for t in targets if t not in candidates]
     if unknown:
         raise ConfigError(f"[lora] lora_target_modules: unknown module(s) {', '.join(unknown)}",
                           hint=f"valid names: {', '.join(candidates)}")
     return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha,
-                      lora_dropout=settings.lora_dropout,
-                      target_modules=list(settings.lora_target_modules),
+                      lora_dropout=settings.lora_dropout, target_modules=list(targets),
                       init_lora_weights="gaussian")
 
 

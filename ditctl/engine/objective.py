@@ -1,7 +1,8 @@
 """The rectified-flow training objective: pure functions, no state.
 
-z_t = (1 - t)·x0 + t·ε with t = 1 pure noise; the model predicts the target the family names
-(F-Lite: x0 - ε); the loss is the MSE in fp32, averaged per sample, then over the batch.
+z_t = (1 - t)·x0 + t·ε with t = 1 pure noise; every family's `predict` returns the velocity
+x0 - ε (the contract in `models/base.py`: `flow_noisy`, `flow_target`), and the loss is the MSE
+against it in fp32, averaged per sample, then over the batch.
 
 Randomness is counter-based: every sample of every step gets its own generator, seeded from
 (seed, epoch, batch index, position in the global batch, repeat). So a sample's noise does not
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..models.base import LatentDist, ModelFamily
+from ..models.base import Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target
 
 
 def shift_timesteps(t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -33,7 +34,8 @@ def sample_seed(seed: int, *counters: int) -> int:
 
 @dataclass(frozen=True)
 class TimestepDensity:
-    """Logit-normal timesteps, a uniform fraction, and the resolution shift (F-Lite defaults)."""
+    """Logit-normal timesteps, a uniform fraction, and the resolution shift (the defaults are
+    [train]'s)."""
 
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -48,15 +50,16 @@ class TimestepDensity:
 class NoisedBatch:
     noisy: torch.Tensor  # [B, C, h, w] model input z_t
     t: torch.Tensor  # [B] timesteps in [0, 1]
-    text: torch.Tensor  # [B, L, D] text states, dropped-out rows zeroed
+    cond: Conditioning  # per sample; dropped-out captions replaced by the empty conditioning
     target: torch.Tensor  # [B, C, h, w] what the model should predict
 
 
-def draw_sample(family: ModelFamily, dist: LatentDist, text: torch.Tensor, generator: torch.Generator,
-                density: TimestepDensity, alpha: float, caption_dropout: float):
+def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
+                generator: torch.Generator, density: TimestepDensity, alpha: float,
+                caption_dropout: float):
     """Everything random about one training sample, drawn from its own generator in a fixed
     order: posterior ε, diffusion noise, logit-normal draw, uniform draw, uniform switch,
-    caption dropout. Returns (noisy, t, text, target) for a batch of one."""
+    caption dropout. Returns (noisy, t, cond, target) for a batch of one."""
     x0 = family.sample_latents(dist, generator)  # [1, C, h, w]
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
     logit = torch.randn(1, generator=generator) * density.logit_std + density.logit_mean
@@ -66,12 +69,11 @@ def draw_sample(family: ModelFamily, dist: LatentDist, text: torch.Tensor, gener
 
     t = torch.where(use_uniform, uniform_t, shift_timesteps(torch.sigmoid(logit), alpha))
     if drop_caption:
-        text = family.empty_prompt_embedding(1, like=text)
-    noisy = family.noisy_latents(x0, noise, t)
-    return noisy, t, text, family.training_target(x0, noise)
+        cond = family.empty_conditioning(1, like=cond)
+    return flow_noisy(x0, noise, t), t, cond, flow_target(x0, noise)
 
 
-def noised_batch(family: ModelFamily, dist: LatentDist, text: torch.Tensor, seeds: list[int],
+def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
                  density: TimestepDensity, caption_dropout: float, shift: bool) -> NoisedBatch:
     """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`)."""
     h, w = dist.mean.shape[-2:]
@@ -80,10 +82,10 @@ def noised_batch(family: ModelFamily, dist: LatentDist, text: torch.Tensor, seed
     for i, seed in enumerate(seeds):
         one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
         generator = torch.Generator().manual_seed(seed)
-        parts.append(draw_sample(family, one, text[i:i + 1], generator, density, alpha,
+        parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
                                  caption_dropout))
-    noisy, t, texts, target = (torch.cat(x) for x in zip(*parts))
-    return NoisedBatch(noisy, t, texts, target)
+    noisy, t, conds, target = zip(*parts)
+    return NoisedBatch(torch.cat(noisy), torch.cat(t), Conditioning.cat(conds), torch.cat(target))
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 
 from ..config import Config
+from ..models.base import DenoiserShape, ModelFamily
 from .setup import Schedule
 
 # bytes per (token x hidden) of the backward working set of one block under bf16 autocast (its
 # gradient buffers: grad of the residual, of q/k/v and the attention output, of the MLP hidden);
-# measured on F-Lite-width blocks by `python -m bench memory_plan` (see docs/performance.md)
+# measured on 3072-wide blocks (hidden size of the released 10B model) by `python -m bench memory_plan` (see docs/performance.md)
 WORKING_SET_PER_TOKEN_HIDDEN = 38
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 ROW_SCALE_BYTES = {"fp8": 4, "int8": 5}  # fp32 scale (+ int8 zero point) per output row
@@ -53,7 +54,7 @@ ROW_SCALE_BYTES = {"fp8": 4, "int8": 5}  # fp32 scale (+ int8 zero point) per ou
 class StepShape:
     """What one training step processes on one device."""
 
-    tokens: int  # image tokens per sample, the 16 registers included
+    tokens: int  # tokens per sample in every block (image patches and the family's extras)
     text_tokens: int
     batch: int
 
@@ -120,12 +121,12 @@ def lora_layout(denoiser: torch.nn.Module) -> tuple[int, int, int]:
     return per_block, layers, rank
 
 
-def saved_per_block(config: dict, shape: StepShape, precision: str,
+def saved_per_block(config: DenoiserShape, shape: StepShape, precision: str,
                     lora: tuple[int, int, int] = (0, 0, 0)) -> int:
     """Bytes autograd saves for one block's backward (see the module doc), per step."""
-    hidden, heads = config["hidden_size"], config["num_heads"]
+    hidden, heads = config.hidden_size, config.num_heads
     head_dim = hidden // heads
-    t, text, text_dim = shape.tokens, shape.text_tokens, config["cross_attn_input_size"]
+    t, text, text_dim = shape.tokens, shape.text_tokens, config.text_dim
     adapters, adapted, rank = lora
     if precision == "no":  # fp32: no casts, so no fp32 duplicates of bf16 tensors
         per_token_hidden = 80
@@ -141,31 +142,30 @@ def saved_per_block(config: dict, shape: StepShape, precision: str,
     return int(shape.batch * (image + text_side + lora_side + modulation))
 
 
-def activation_bytes(config: dict, shape: StepShape, precision: str, checkpointing: bool,
-                     lora: tuple[int, int, int] = (0, 0, 0)) -> int:
+def activation_bytes(config: DenoiserShape, shape: StepShape, precision: str,
+                     checkpointing: bool, lora: tuple[int, int, int] = (0, 0, 0)) -> int:
     """Saved activations at the peak: every block's, or (checkpointing) every block's fp32
     input plus one recomputed block's."""
-    depth, hidden = config["depth"], config["hidden_size"]
+    depth, hidden = config.depth, config.hidden_size
     block = saved_per_block(config, shape, precision, lora)
     if checkpointing:
         return int(shape.batch * 4 * shape.tokens * hidden * depth + block)
     return int(block * depth)
 
 
-def working_set_bytes(config: dict, shape: StepShape, precision: str, base: str) -> int:
+def working_set_bytes(config: DenoiserShape, shape: StepShape, precision: str, base: str) -> int:
     """Transients at the peak: one block's backward buffers and a dequantized weight."""
     from .precision import QUANTIZED
 
-    hidden = config["hidden_size"]
+    hidden = config.hidden_size
     unit = 4 if precision == "no" else 2
     grads = WORKING_SET_PER_TOKEN_HIDDEN * unit // 2 * shape.batch * shape.tokens * hidden
-    # the largest linear of a block, dequantized for its matmul: adaLN (H -> 9H) in F-Lite
-    largest = hidden * max(9 * hidden, int(hidden * config.get("mlp_ratio", 4.0)))
-    dequantized = unit * largest if base in QUANTIZED else 0
+    # the largest linear of a block (the family says which), dequantized for its matmul
+    dequantized = unit * config.largest_linear if base in QUANTIZED else 0
     return int(grads + dequantized)
 
 
-def memory_estimate(denoiser: torch.nn.Module, dit_config: dict, config: Config,
+def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config: Config,
                     latent_hw: tuple[int, int], text_tokens: int) -> tuple[dict[str, int], int]:
     """The planned peak of one training step, by component (bytes), and the activations the
     other gradient-checkpointing setting would give."""
@@ -173,8 +173,9 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: dict, config: Config,
 
     train, lora_settings = config.train, config.lora
     trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    patch = dit_config["patch_size"]
-    shape = StepShape(tokens=(latent_hw[0] // patch) * (latent_hw[1] // patch) + 16,
+    patch = dit_config.patch_size
+    shape = StepShape(tokens=(latent_hw[0] // patch) * (latent_hw[1] // patch)
+                      + dit_config.extra_tokens,
                       text_tokens=text_tokens,
                       batch=train.train_batch_size * train.batch_multiplicity)
     base = base_storage(config)
@@ -198,13 +199,16 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: dict, config: Config,
     }, other
 
 
-def training_plan(schedule: Schedule, denoiser: torch.nn.Module, dit_config: dict, config: Config,
-                  buckets: dict[str, int], world_size: int, text_tokens: int) -> dict[str, Any]:
+def training_plan(schedule: Schedule, denoiser: torch.nn.Module, family: ModelFamily,
+                  config: Config, buckets: dict[str, int], world_size: int) -> dict[str, Any]:
     trainable = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in denoiser.parameters() if not p.requires_grad)
     largest = max(buckets, key=lambda b: int(b.split("x")[0]) * int(b.split("x")[1]))
     w, h = (int(v) for v in largest.split("x"))
-    memory, other = memory_estimate(denoiser, dit_config, config, (h // 8, w // 8), text_tokens)
+    _, latent_h, latent_w = family.latent.latent_shape(w, h)
+    text_tokens = family.text_tokens()
+    memory, other = memory_estimate(denoiser, family.denoiser_shape(), config,
+                                    (latent_h, latent_w), text_tokens)
     from .setup import base_storage
 
     train = config.train

@@ -6,7 +6,7 @@
   int8  int8 weights, one fp32 scale per output row (torchao Int8Tensor, weight-only)
   nf4   4-bit NormalFloat, blocks of 64, double-quantized scales (bitsandbytes, as QLoRA)
 
-Only the linear layers of the DiT's blocks are quantized (99% of F-Lite's parameters); the
+Only the linear layers of the DiT's blocks are quantized (99% of a 10B DiT's parameters); the
 patch embedding, time embedding, final layers and everything that is not a Linear stay in the
 compute dtype (bf16 under autocast; fp32 with mixed_precision 'no', e.g. on CPUs without bf16
 matrix units).
@@ -134,7 +134,7 @@ def dequantize(weight: torch.Tensor, precision: str, dtype: torch.dtype) -> torc
 
     fp8/int8: the same arithmetic as torchao's `dequantize()` (to fp32, minus the zero point,
     times the row scale, rounded once to `dtype`), but a slice of rows at a time: torchao's
-    materialises the whole layer in fp32 and more (measured: ~1 GB of transients for F-Lite's
+    materialises the whole layer in fp32 and more (measured: ~1 GB of transients for the 10B model's
     3072 x 27648 adaLN layer), ours holds the `dtype` result plus one 16 MiB fp32 slice."""
     if precision == "nf4":
         import bitsandbytes.functional as bnbf

@@ -82,7 +82,7 @@ def build_denoiser(family: ModelFamily, config: Config,
                                         device,
                                         convert=quantizer(precision) if frozen_base else None)
     if lora.use_lora:
-        add_lora(denoiser, peft_config(lora, family.lora_target_candidates))
+        add_lora(denoiser, peft_config(lora, family.lora_target_candidates, family.lora_targets))
         if lora.lora_checkpoint:
             load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint))
         if not lora.train_only_lora:  # the guide's --use_lora alone: base and LoRA both train

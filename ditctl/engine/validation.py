@@ -14,7 +14,7 @@ import torch
 from ..console import console
 from ..data.manifest import ManifestRow
 from ..errors import DataError
-from ..models.base import LatentDist, ModelFamily
+from ..models.base import Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target
 from .inference import inference_context, param_dtype
 from .objective import per_sample_mse, sample_seed, shift_timesteps
 
@@ -27,21 +27,21 @@ class MaterializedSource:
 
     def __init__(self, source: Any, rows: Sequence[ManifestRow]):
         self._dists: dict[ManifestRow, LatentDist] = {}
-        self._texts: dict[str, torch.Tensor] = {}
+        self._conds: dict[str, Conditioning] = {}
         for row in console.track(rows, "reading validation images", total=len(rows), unit="img"):
             dist = source.latent_dist(row, False)
             self._dists[row] = LatentDist(dist.mean.detach().float().cpu(),
                                           dist.std.detach().float().cpu())
-            if row.caption not in self._texts:
-                self._texts[row.caption] = source.text_embedding(row.caption).detach().float().cpu()
+            if row.caption not in self._conds:
+                self._conds[row.caption] = source.conditioning(row.caption).detach().float().cpu()
 
     def latent_dist(self, row: ManifestRow, flip: bool = False) -> LatentDist:
         if flip:
             raise ValueError("validation inputs are never flipped")
         return self._dists[row]
 
-    def text_embedding(self, caption: str) -> torch.Tensor:
-        return self._texts[caption]
+    def conditioning(self, caption: str) -> Conditioning:
+        return self._conds[caption]
 
 
 def validation_generator(seed: int, index: int) -> torch.Generator:
@@ -57,7 +57,7 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
     Sample i draws, from `validation_generator(seed, i)`, its posterior eps (x0 =
     family.sample_latents) and then one noise tensor per quantile in order; the timestep of
     quantile q is q warped by the resolution shift (as in training, when `resolution_shift`).
-    Loss = MSE(prediction, family.training_target(x0, noise)) per sample (fp32), averaged per
+    Loss = MSE(prediction, flow_target(x0, noise)) per sample (fp32), averaged per
     quantile; "overall" is the mean over quantiles. Returns {"per_quantile": {q: loss},
     "overall": loss, "n": samples}.
     """
@@ -79,14 +79,14 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 x0 = torch.cat([inputs[i][0] for i in chunk])
-                text = torch.cat([inputs[i][2] for i in chunk])
+                cond = Conditioning.cat([inputs[i][2] for i in chunk])
                 for j, q in enumerate(losses):
                     noise = torch.cat([inputs[i][1][j] for i in chunk])
                     t = shift_timesteps(torch.full((len(chunk),), q, dtype=torch.float32), alpha)
-                    noisy = family.noisy_latents(x0, noise, t)
+                    noisy = flow_noisy(x0, noise, t)
                     prediction = family.predict(denoiser, noisy.to(device, dtype), t.to(device),
-                                                text.to(device, dtype))
-                    target = family.training_target(x0, noise).to(device)
+                                                cond.to(device, dtype))
+                    target = flow_target(x0, noise).to(device)
                     losses[q].append(per_sample_mse(prediction, target).cpu())
     per_quantile = {q: float(torch.cat(values).mean()) for q, values in losses.items()}
     return {"per_quantile": per_quantile,
@@ -94,12 +94,12 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
 
 
 def _validation_inputs(family: ModelFamily, source: Any, row: ManifestRow, seed: int, index: int,
-                       n_quantiles: int) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """(x0 [1,C,h,w], one noise per quantile, text [1,L,D]) of one validation sample (CPU)."""
+                       n_quantiles: int) -> tuple[torch.Tensor, list[torch.Tensor], Conditioning]:
+    """(x0 [1,C,h,w], one noise per quantile, conditioning) of one validation sample (CPU)."""
     dist = source.latent_dist(row, False)
     dist = LatentDist(dist.mean.float().cpu(), dist.std.float().cpu())
     generator = validation_generator(seed, index)
     x0 = family.sample_latents(dist, generator)
     noises = [torch.randn(x0.shape, generator=generator, dtype=torch.float32)
               for _ in range(n_quantiles)]
-    return x0, noises, source.text_embedding(row.caption).float().cpu()
+    return x0, noises, source.conditioning(row.caption).float().cpu()

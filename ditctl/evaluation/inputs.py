@@ -10,15 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-
 from ..config import Config
 from ..console import console
 from ..data.batches import CachedSource
 from ..data.cache import Cache, check_cache_complete
 from ..data.manifest import ManifestRow, read_manifest
 from ..errors import CacheError, DataError
-from ..models.base import ModelFamily
+from ..models.base import Conditioning, ModelFamily
 from ..sampling import PromptEmbeddings
 from ..workspace import Workspace
 
@@ -78,6 +76,6 @@ def cached_inputs(ws: Workspace, config: Config, family: ModelFamily,
 
 def cached_embeddings(source: Any, prompts: Sequence[str],
                       negative_prompt: str | None) -> PromptEmbeddings:
-    cond = torch.cat([source.text_embedding(p) for p in prompts])
-    negative = source.text_embedding(negative_prompt) if negative_prompt else None
+    cond = Conditioning.cat([source.conditioning(p) for p in prompts])
+    negative = source.conditioning(negative_prompt) if negative_prompt else None
     return PromptEmbeddings(cond, negative)

@@ -37,7 +37,6 @@ from .model_card import dataset_size, write_model_card
 from .plan import ExportPlan, plan_export
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ENCODERS = ("text_encoder", "tokenizer", "vae")
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     # the full-precision base, freshly loaded: LoRAs are merged in fp32, never into quantized
     # weights, and before any rounding
     denoiser = load_denoiser(family, plan.checkpoint, as_trained=False)
-    inputs = parity.fixed_inputs(denoiser)
+    inputs = parity.fixed_inputs(family, denoiser)
     reference = parity.predict(family, denoiser, inputs) if plan.verify else None
     if trained is not None:
         with adapters_disabled(denoiser):
@@ -126,7 +125,8 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
                 parity.require_trained_parity(trained_report, what)
         write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
                          files=files, dataset_images=images, base_precision=base_precision,
-                         trained_parity=trained_report)
+                         trained_parity=trained_report, family_licence=family.licence,
+                         usage_note=family.usage_note)
 
     result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
@@ -150,7 +150,7 @@ def _trained_outputs(family: ModelFamily, checkpoint: Path) -> dict:
     """The run's model (quantized base + LoRA) on the parity inputs, with and without its
     adapters; the model is freed before the full-precision one is loaded."""
     model = load_denoiser(family, checkpoint)
-    inputs = parity.fixed_inputs(model)
+    inputs = parity.fixed_inputs(family, model)
     out = {"model": parity.predict(family, model, inputs)}
     with adapters_disabled(model):
         out["base"] = parity.predict(family, model, inputs)
@@ -167,7 +167,7 @@ def write_pipeline(folder: Path, plan: ExportPlan, family: ModelFamily,
     merge.merge_lora(denoiser)
     family.save_pipeline(denoiser, folder, copy_encoders=plan.copy_encoders,
                          dtype=DTYPES[plan.dtype], max_shard_size=plan.max_shard_size)
-    return _listing(folder)
+    return _listing(folder, family.copied_components)
 
 
 def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
@@ -229,11 +229,12 @@ def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _listing(folder: Path) -> list[str]:
-    """The export's files; encoder folders (copies or links of the base's) as one entry each."""
+def _listing(folder: Path, copied: tuple[str, ...] = ()) -> list[str]:
+    """The export's files; `copied` component folders (copies or links of the base's) as one
+    entry each."""
     entries = []
     for path in sorted(Path(folder).iterdir()):
-        if path.name in ENCODERS:
+        if path.name in copied:
             entries.append(path.name + "/" + (" -> " + os.readlink(path) if path.is_symlink()
                                               else ""))
         elif path.is_dir():
@@ -251,5 +252,5 @@ def _estimated_bytes(plan: ExportPlan, family: ModelFamily, denoiser: torch.nn.M
     size = (sum(p.numel() for p in denoiser.parameters()) - lora_params) * itemsize
     target = next(p for p in (plan.out_dir.parent, *plan.out_dir.parents) if p.exists())
     if plan.copy_encoders and os.stat(target).st_dev != os.stat(family.path).st_dev:
-        size += sum(folder_size(family.path / c) for c in ENCODERS)  # no hard links across disks
+        size += sum(folder_size(family.path / c) for c in family.copied_components)  # no hard links across disks
     return size

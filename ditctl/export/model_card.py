@@ -23,8 +23,6 @@ from .parity import ParityReport, TrainedBaseReport
 from .plan import ExportPlan
 
 LICENCE_FILES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "LICENCE.md", "LICENCE.txt")
-# The licence each family's released weights carry, when the base folder does not say.
-FAMILY_LICENCES = {"flite": ("creativeml-openrail-m", "CreativeML Open RAIL-M")}
 LICENCE_NAMES = {"creativeml-openrail-m": "CreativeML Open RAIL-M", "openrail": "OpenRAIL",
                  "openrail++": "OpenRAIL++", "apache-2.0": "Apache 2.0", "mit": "MIT"}
 SAMPLES_FILE = "samples.png"
@@ -41,8 +39,13 @@ class Licence:
     file: Path | None  # licence text to carry into the export
 
 
-def find_licence(model_path: Path, family: str) -> Licence:
-    """The base model's licence: README front matter, else a LICENSE file, else the family's."""
+UNKNOWN_LICENCE = ("unknown", "unknown (check the base model's terms)")
+
+
+def find_licence(model_path: Path, family: str,
+                 family_licence: tuple[str, str] = UNKNOWN_LICENCE) -> Licence:
+    """The base model's licence: README front matter, else a LICENSE file, else the licence
+    of the family's released weights (`ModelFamily.licence`)."""
     model_path = Path(model_path)
     text_file = next((model_path / n for n in LICENCE_FILES if (model_path / n).is_file()), None)
     front = _front_matter(model_path / "README.md")
@@ -54,7 +57,7 @@ def find_licence(model_path: Path, family: str) -> Licence:
         first = next((line.strip("# \t") for line in text_file.read_text(errors="replace")
                       .splitlines() if line.strip()), text_file.name)
         return Licence("other", first, str(text_file), text_file)
-    lid, name = FAMILY_LICENCES.get(family, ("unknown", "unknown (check the base model's terms)"))
+    lid, name = family_licence
     return Licence(lid, name, f"the {family} family's released weights", None)
 
 
@@ -130,10 +133,13 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
                      lora: dict | None, parity: ParityReport | None,
                      files: list[str], dataset_images: int | None,
                      base_precision: str | None = None,
-                     trained_parity: TrainedBaseReport | None = None) -> Path:
-    """Write README.md (plus samples.png and the licence file when they exist) into `folder`."""
+                     trained_parity: TrainedBaseReport | None = None,
+                     family_licence: tuple[str, str] = UNKNOWN_LICENCE,
+                     usage_note: str = "") -> Path:
+    """Write README.md (plus samples.png and the licence file when they exist) into `folder`.
+    `family_licence` and `usage_note` are the family's (`ModelFamily.licence`, `.usage_note`)."""
     folder = Path(folder)
-    licence = find_licence(plan.model_path, plan.family)
+    licence = find_licence(plan.model_path, plan.family, family_licence)
     if licence.file is not None:
         shutil.copy2(licence.file, folder / licence.file.name)
     grid = find_sample_grid(plan.run_dir, plan.step)
@@ -143,7 +149,7 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
                              files=files, licence=licence,
                              samples_label=grid.parent.name if grid else None,
                              dataset_images=dataset_images, base_precision=base_precision,
-                             trained_parity=trained_parity)
+                             trained_parity=trained_parity, usage_note=usage_note)
     (folder / "README.md").write_text(text)
     return folder / "README.md"
 
@@ -152,7 +158,8 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
                       parity: ParityReport | None, files: list[str], licence: Licence,
                       samples_label: str | None, dataset_images: int | None,
                       base_precision: str | None = None,
-                      trained_parity: TrainedBaseReport | None = None) -> str:
+                      trained_parity: TrainedBaseReport | None = None,
+                      usage_note: str = "") -> str:
     sections = [
         _front_matter_block(plan, licence),
         [f"# {plan.name}", "",
@@ -166,7 +173,7 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
         _evaluation_section(plan, parity, trained_parity),
         _samples_section(samples_label),
         _licence_section(licence),
-        ["## How to load it", "", *_usage(plan)],
+        ["## How to load it", "", *_usage(plan, usage_note)],
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -265,14 +272,13 @@ def _licence_section(licence: Licence) -> list[str]:
     return lines + ["Its use restrictions apply to this derivative as well."]
 
 
-def _usage(plan: ExportPlan) -> list[str]:
+def _usage(plan: ExportPlan, usage_note: str = "") -> list[str]:
     folder = str(plan.out_dir)
     if plan.kind != "lora":
         return [
             "With ditctl:", "", "```sh", f"ditctl sample --model {folder} --prompts prompts.txt",
             "```", "",
-            "In Python (ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` "
-            "reads the same folder):", "", "```python",
+            f"In Python ({usage_note or 'ditctl'}):", "", "```python",
             "from ditctl.models.registry import load_family",
             f"family = load_family({folder!r})",
             "dit = family.load_denoiser()  # the fine-tuned DiT",

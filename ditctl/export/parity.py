@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import ExportError
-from ..models.base import ModelFamily
+from ..models.base import Conditioning, ModelFamily
 
 # Largest allowed max|export - reference| / max|reference|, by stored weight precision: about
 # 10x the error that rounding every weight causes (measured on random DiTs of depth 2 to 40:
@@ -21,16 +21,13 @@ from ..models.base import ModelFamily
 # usually gives errors of order 1; a low-precision check cannot see a fine-tune whose whole
 # effect on the output is below its tolerance (export with --dtype fp32 for a tight check).
 TOLERANCES = {"fp32": 1e-4, "fp16": 3e-3, "bf16": 2e-2}
-BATCH = 2
-GRID = 4  # patches per side of the test latents: small, but a real 2-D grid for RoPE
-TEXT_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class ParityInputs:
     latents: torch.Tensor  # [B, C, h, w]
     timesteps: torch.Tensor  # [B]
-    text: torch.Tensor  # [B, L, D]
+    cond: Conditioning
 
 
 @dataclass(frozen=True)
@@ -56,15 +53,10 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def fixed_inputs(denoiser: torch.nn.Module, seed: int = 0) -> ParityInputs:
-    """Seeded latents, timesteps and text states with the model's channel and text widths."""
-    config = denoiser.config
-    side = GRID * int(config["patch_size"])
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(BATCH, int(config["in_channels"]), side, side, generator=gen)
-    text = torch.randn(BATCH, TEXT_TOKENS, int(config["cross_attn_input_size"]), generator=gen)
-    timesteps = torch.linspace(0.25, 0.75, BATCH)  # one mostly-clean, one mostly-noisy sample
-    return ParityInputs(latents, timesteps, text)
+def fixed_inputs(family: ModelFamily, denoiser: torch.nn.Module, seed: int = 0) -> ParityInputs:
+    """Seeded latents, timesteps and conditioning fitting the denoiser (the family's
+    `parity_inputs`: small, but exercising everything its forward reads)."""
+    return ParityInputs(*family.parity_inputs(denoiser, seed))
 
 
 @torch.no_grad()
@@ -73,7 +65,7 @@ def predict(family: ModelFamily, denoiser: torch.nn.Module, inputs: ParityInputs
     from ..engine.loading import cast_unquantized
 
     denoiser = cast_unquantized(denoiser, torch.float32).eval()  # quantized weights stay so
-    return family.predict(denoiser, inputs.latents, inputs.timesteps, inputs.text).float().cpu()
+    return family.predict(denoiser, inputs.latents, inputs.timesteps, inputs.cond).float().cpu()
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor, dtype: str) -> ParityReport:

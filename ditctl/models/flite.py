@@ -3,7 +3,9 @@
 ```
 model_index.json   {"_class_name": "FLitePipeline", "dit_model": ["f_lite.model", "DiT"], ...}
 dit_model/         config.json + diffusion_pytorch_model*.safetensors   -> flite_dit.DiT
-text_encoder/      T5 encoder; prompts use hidden_states[-8] + final_layer_norm, 512 tokens
+text_encoder/      T5 encoder; prompts use hidden_states[-8] + final_layer_norm, always 512
+                   tokens (padded/truncated to 512 whatever the tokenizer's model_max_length,
+                   no attention mask: exactly what FLitePipeline feeds its DiT)
 tokenizer/         T5 tokenizer
 vae/               AutoencoderKL, 16 channels, 8x; latents (z - shift_factor) * scaling_factor
 ```
@@ -24,14 +26,20 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .base import LatentDist, SamplingDefaults
+from .base import Conditioning, DenoiserShape, LatentDist, LatentGeometry, SamplingDefaults
 from .fingerprint import folder_fingerprint
 from .flite_dit import DiT
 from .flite_layout import COMPONENTS, MODEL_INDEX, validate_folder  # noqa: F401 (re-exported)
+from .flite_layout import SIZE_MULTIPLE, VAE_FACTOR
 from .streaming import Convert, load_streaming
 
 TEXT_LAYER = -8  # hidden_states[-8]: output of layer 17 of 24 in T5-XXL (converges faster)
-MAX_TEXT_TOKENS = 512
+# FLitePipeline pads every prompt to 512 tokens and passes no attention mask, so the DiT attends
+# to 512 states whatever the tokenizer's model_max_length says: a family fact, not a tokenizer
+# setting (a shorter length draws other images from the same weights than F-Lite's pipeline).
+TEXT_TOKENS = 512
+MAX_TEXT_TOKENS = TEXT_TOKENS  # the name older code imported
+REGISTERS = 16  # register tokens the DiT prepends to the image tokens
 
 
 @dataclass
@@ -55,14 +63,26 @@ class FLiteFamily:
     lora_target_candidates = ("qkv", "q", "context_kv", "proj", "mlp.0", "mlp.2",
                               "adaLN_modulation.1")
     sampling_defaults = SamplingDefaults(steps=30, guidance_scale=6.0, resolution=1024)
+    licence = ("creativeml-openrail-m", "CreativeML Open RAIL-M")
+    copied_components = ("text_encoder", "tokenizer", "vae")  # exports carry the base's own
+    usage_note = ("ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` reads "
+                  "the same folder")
 
     def __init__(self, path: Path):
         self.path = Path(path).resolve()
         self.index = validate_folder(self.path)
+        self._config: dict | None = None
+
+    @property
+    def latent(self) -> LatentGeometry:
+        return LatentGeometry(channels=int(self.dit_config()["in_channels"]),
+                              spatial_factor=VAE_FACTOR, size_multiple=SIZE_MULTIPLE)
 
     # --- loading ------------------------------------------------------------------------------
     def dit_config(self) -> dict:
-        return _read_config(self.path / "dit_model")
+        if self._config is None:
+            self._config = _read_config(self.path / "dit_model")
+        return dict(self._config)
 
     def load_denoiser(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                       convert: Convert | None = None) -> DiT:
@@ -100,7 +120,7 @@ class FLiteFamily:
                                tied={"encoder.embed_tokens.weight": "shared.weight"})
         model.config.dtype = dtype
         model.eval().requires_grad_(False)
-        return TextEncoder(tokenizer, model, self.text_max_length(tokenizer))
+        return TextEncoder(tokenizer, model, TEXT_TOKENS)
 
     def load_vae(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
         from diffusers import AutoencoderKL
@@ -112,15 +132,18 @@ class FLiteFamily:
         vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
 
+    # --- sizes --------------------------------------------------------------------------------
     def text_tokens(self) -> int:
         """Text states per prompt (the DiT attends to all of them, padding included)."""
-        from transformers import T5TokenizerFast
+        return TEXT_TOKENS
 
-        return self.text_max_length(T5TokenizerFast.from_pretrained(self.path / "tokenizer"))
+    def image_tokens(self, latent_h: int, latent_w: int) -> int:
+        """Tokens in every block: one per patch, plus the registers."""
+        patch = int(self.dit_config()["patch_size"])
+        return (latent_h // patch) * (latent_w // patch) + REGISTERS
 
-    @staticmethod
-    def text_max_length(tokenizer: Any) -> int:
-        return int(min(tokenizer.model_max_length, MAX_TEXT_TOKENS))
+    def denoiser_shape(self) -> DenoiserShape:
+        return shape_of_config(self.dit_config())
 
     # --- identities ---------------------------------------------------------------------------
     def text_encoder_identity(self) -> str:
@@ -143,21 +166,24 @@ class FLiteFamily:
         return len(text_encoder.tokenizer(prompt, truncation=False).input_ids)
 
     @torch.no_grad()
-    def encode_prompts(self, text_encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
-        """[B, max_length, d_model] text states: hidden_states[-8], then the final layer norm."""
+    def encode_prompts(self, text_encoder: TextEncoder, prompts: list[str]) -> Conditioning:
+        """Text states [B, 512, d_model]: hidden_states[-8], then the final layer norm; no mask
+        and no pooled vector (the DiT has neither)."""
         model = text_encoder.model
         ids = self.tokenize(text_encoder, prompts).to(model.device)
         out = model(input_ids=ids, output_hidden_states=True)  # no attention mask, as F-Lite
         states = out.hidden_states[TEXT_LAYER]
         states = model.encoder.dropout(model.encoder.final_layer_norm(states))
-        return states.float()
+        return Conditioning(states.float())
 
-    def empty_prompt_embedding(self, batch: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """The unconditional embedding: all zeros (not the encoding of "")."""
+    def empty_conditioning(self, batch: int, like: Conditioning | None = None) -> Conditioning:
+        """The unconditional input: all-zero text states (not the encoding of "")."""
         if like is not None:
-            return torch.zeros((batch, *like.shape[1:]), dtype=like.dtype, device=like.device)
-        config = self.dit_config()
-        return torch.zeros(batch, MAX_TEXT_TOKENS, config["cross_attn_input_size"])
+            seq = like.sequence
+            return Conditioning(torch.zeros((batch, *seq.shape[1:]), dtype=seq.dtype,
+                                            device=seq.device))
+        return Conditioning(torch.zeros(batch, TEXT_TOKENS,
+                                        int(self.dit_config()["cross_attn_input_size"])))
 
     @torch.no_grad()
     def encode_images(self, vae: Any, images: torch.Tensor) -> LatentDist:
@@ -186,17 +212,22 @@ class FLiteFamily:
                                  float(config.get("scaling_factor", 1.0)))
         return self._scale_shift
 
-    # --- the denoiser's contract (rectified flow, t=1 is pure noise) --------------------------
+    # --- the denoiser's contract (base.flow_target: the velocity x0 - noise) -----------------
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
-                cond: torch.Tensor) -> torch.Tensor:
-        return denoiser(noisy, cond, t)
+                cond: Conditioning) -> torch.Tensor:
+        """F-Lite's DiT is trained on x0 - noise itself (t = 1 noise): its output, unchanged."""
+        return denoiser(noisy, cond.sequence, t)
 
-    def noisy_latents(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.view(-1, *([1] * (x0.dim() - 1)))
-        return (1 - t) * x0 + t * noise
-
-    def training_target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return x0 - noise
+    def parity_inputs(self, denoiser: torch.nn.Module, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """Two seeded samples on a 4 x 4 patch grid (a real 2-D grid for RoPE), 16 text states,
+        one mostly-clean and one mostly-noisy timestep."""
+        config = denoiser.config
+        side = 4 * int(config["patch_size"])
+        gen = torch.Generator().manual_seed(seed)
+        latents = torch.randn(2, int(config["in_channels"]), side, side, generator=gen)
+        text = torch.randn(2, 16, int(config["cross_attn_input_size"]), generator=gen)
+        return latents, torch.linspace(0.25, 0.75, 2), Conditioning(text)
 
     def resolution_shift(self, latent_h: int, latent_w: int) -> float:
         """alpha = 2*sqrt(h*w/4096) in latent pixels: 1 at 256 px, 2 at 512 px, 4 at 1024 px."""
@@ -222,13 +253,25 @@ class FLiteFamily:
             if key != "_diffusers_version":
                 index[key] = value
         (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for component in ("text_encoder", "tokenizer", "vae"):
+        for component in self.copied_components:
             source = (self.path / component).resolve()
             target = out_dir / component
             if copy_encoders:
                 shutil.copytree(source, target, copy_function=_link_or_copy)
             else:
                 os.symlink(source, target, target_is_directory=True)
+
+
+def shape_of_config(config: dict) -> DenoiserShape:
+    """The memory plan's view of a dit_model/config.json."""
+    hidden = int(config["hidden_size"])
+    mlp_ratio = float(config.get("mlp_ratio", 4.0))
+    return DenoiserShape(hidden_size=hidden, num_heads=int(config["num_heads"]),
+                         depth=int(config["depth"]), text_dim=int(config["cross_attn_input_size"]),
+                         patch_size=int(config["patch_size"]), mlp_ratio=mlp_ratio,
+                         extra_tokens=REGISTERS,
+                         # adaLN (H -> 9H) is the largest linear of a block
+                         largest_linear=hidden * max(9 * hidden, int(hidden * mlp_ratio)))
 
 
 def _read_config(folder: Path) -> dict:

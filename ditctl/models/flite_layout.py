@@ -11,6 +11,12 @@ from pathlib import Path
 
 from ..errors import ModelError
 
+# Facts needed before torch is imported (config validation, ingest): the VAE downsamples 8x
+# and the DiT cuts 2x2 patches, so image sides are multiples of 16.
+VAE_FACTOR = 8
+SIZE_MULTIPLE = 16
+SIZE_REASON = "VAE 8x times patch 2"
+
 COMPONENTS = ("dit_model", "text_encoder", "tokenizer", "vae")
 MODEL_INDEX = {
     "_class_name": "FLitePipeline",

@@ -28,7 +28,9 @@ photo picture image drawing painting portrait landscape dog cat person woman man
 sky sun mountain city night day water sea beautiful cute left right top bottom center centre
 """.split()
 
-TEXT_MAX_LENGTH = 32
+# F-Lite's pipeline always pads prompts to 512 tokens (`flite.TEXT_TOKENS`); the tokenizer says
+# the same, so the folder, ditctl and FLitePipeline agree on what the DiT attends to.
+TEXT_MAX_LENGTH = 512
 
 
 def build_tokenizer(folder: Path) -> None:

@@ -19,7 +19,7 @@ from ditctl.data.batches import (Batch, collate, crop_for, epoch_batches, flip_f
 from ditctl.data.manifest import ManifestRow
 from ditctl.data.transforms import crop_offset_range, load_training_image
 from ditctl.errors import DataError
-from ditctl.models.base import LatentDist
+from ditctl.models.base import Conditioning, LatentDist
 
 
 def make_row(index: int = 0, *, bucket=(64, 64), size=(80, 64), sha: str | None = None,
@@ -212,8 +212,10 @@ class FakeSource:
         h, w = row.bucket_h // 8, row.bucket_w // 8
         return LatentDist(torch.full((1, 4, h, w), value), torch.full((1, 4, h, w), -value))
 
-    def text_embedding(self, caption):
-        return torch.full((1, 3, 2), float(len(caption)))
+    def conditioning(self, caption):
+        return Conditioning(torch.full((1, 3, 2), float(len(caption))),
+                            mask=torch.ones(1, 3, dtype=torch.bool),
+                            pooled=torch.full((1, 5), -float(len(caption))))
 
 
 def test_collate_stacks_in_order_with_flips():
@@ -222,10 +224,13 @@ def test_collate_stacks_in_order_with_flips():
     batch = collate(source, rows, [3, 0, 4], [True, False, True])
     assert isinstance(batch, Batch)
     assert batch.indices == (3, 0, 4)
-    assert batch.dist.mean.shape == (3, 4, 8, 8) and batch.text.shape == (3, 3, 2)
+    assert batch.dist.mean.shape == (3, 4, 8, 8) and batch.cond.sequence.shape == (3, 3, 2)
     assert batch.dist.mean[:, 0, 0, 0].tolist() == [5.5, 2.0, 6.5]  # source = line index+2
     assert batch.dist.std[:, 0, 0, 0].tolist() == [-5.5, -2.0, -6.5]
-    assert batch.text[:, 0, 0].tolist() == [4.0, 1.0, 5.0]
+    assert batch.cond.sequence[:, 0, 0].tolist() == [4.0, 1.0, 5.0]
+    # every named tensor of the conditioning is collated in the same order
+    assert batch.cond.pooled[:, 0].tolist() == [-4.0, -1.0, -5.0]
+    assert batch.cond.mask.shape == (3, 3) and batch.cond.mask.dtype == torch.bool
 
 
 def test_collate_refuses_mixed_buckets_and_mismatched_flips():

@@ -14,6 +14,7 @@ from ditctl.config import build_config
 from ditctl.engine.lora import add_lora, freeze_base, peft_config
 from ditctl.engine.plan import StepShape, base_weight_bytes, lora_layout, saved_per_block
 from ditctl.engine.precision import QuantizedLinear, quantized_storage_bytes, quantizer
+from ditctl.models.flite import shape_of_config
 from ditctl.models.flite_dit import DiT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def test_saved_activations_of_a_block_are_what_the_plan_counts(precision):
     with torch.autocast("cpu", dtype=torch.bfloat16), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model.blocks[1](x, context, t_emb, v_0, rope)
-    planned = saved_per_block(config, StepShape(tokens, text_tokens, 1), "bf16",
+    planned = saved_per_block(shape_of_config(config), StepShape(tokens, text_tokens, 1), "bf16",
                               lora_layout(model))
     assert planned == pytest.approx(sum(saved.values()), rel=0.01)
 

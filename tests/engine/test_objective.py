@@ -2,24 +2,19 @@ import torch
 
 from ditctl.engine.objective import (TimestepDensity, noised_batch, per_sample_mse, sample_seed,
                                      shift_timesteps)
-from ditctl.models.base import LatentDist
+from ditctl.models.base import Conditioning, LatentDist
 
 
 class FakeFamily:
-    """Just the math the objective needs: F-Lite's rectified flow with identity latents."""
+    """Just what the objective asks a family: identity latents, an all-zero empty
+    conditioning (sequence and pooled), the shift rule."""
 
     def sample_latents(self, dist, generator):
         eps = torch.randn(dist.mean.shape, generator=generator)
         return dist.mean + dist.std * eps
 
-    def empty_prompt_embedding(self, batch, like=None):
-        return torch.zeros((batch, *like.shape[1:]))
-
-    def noisy_latents(self, x0, noise, t):
-        return (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-
-    def training_target(self, x0, noise):
-        return x0 - noise
+    def empty_conditioning(self, batch, like=None):
+        return like.map(lambda _, t: torch.zeros((batch, *t.shape[1:]), dtype=t.dtype))
 
     def resolution_shift(self, h, w):
         return 2.0 * (h * w / 4096) ** 0.5
@@ -44,8 +39,10 @@ def test_noised_batch_follows_the_rectified_flow_by_hand():
     mean = torch.randn(2, 16, 4, 4)
     dist = LatentDist(mean, torch.full_like(mean, 0.1))
     text = torch.randn(2, 5, 8)
+    pooled = torch.randn(2, 3)
     density = TimestepDensity(0.0, 1.0, 0.0)
-    batch = noised_batch(family, dist, text, [11, 12], density, caption_dropout=0.0, shift=True)
+    batch = noised_batch(family, dist, Conditioning(text, pooled=pooled), [11, 12], density,
+                         caption_dropout=0.0, shift=True)
     # sample 1 by hand from its own generator, in the documented draw order
     g = torch.Generator().manual_seed(12)
     x0 = mean[1:2] + 0.1 * torch.randn(1, 16, 4, 4, generator=g)
@@ -55,7 +52,7 @@ def test_noised_batch_follows_the_rectified_flow_by_hand():
     torch.testing.assert_close(batch.t[1:2], t)
     torch.testing.assert_close(batch.noisy[1:2], (1 - t) * x0 + t * noise)
     torch.testing.assert_close(batch.target[1:2], x0 - noise)
-    assert torch.equal(batch.text, text)
+    assert torch.equal(batch.cond.sequence, text) and torch.equal(batch.cond.pooled, pooled)
 
 
 def test_batch_split_does_not_change_a_samples_randomness():
@@ -64,9 +61,9 @@ def test_batch_split_does_not_change_a_samples_randomness():
     dist = LatentDist(mean, torch.ones_like(mean))
     text = torch.randn(3, 4, 8)
     density = TimestepDensity()
-    whole = noised_batch(family, dist, text, [5, 6, 7], density, 0.5, True)
-    last = noised_batch(family, LatentDist(mean[2:], torch.ones_like(mean[2:])), text[2:], [7],
-                        density, 0.5, True)
+    whole = noised_batch(family, dist, Conditioning(text), [5, 6, 7], density, 0.5, True)
+    last = noised_batch(family, LatentDist(mean[2:], torch.ones_like(mean[2:])),
+                        Conditioning(text[2:]), [7], density, 0.5, True)
     assert torch.equal(whole.noisy[2:], last.noisy) and torch.equal(whole.t[2:], last.t)
 
 
@@ -75,10 +72,12 @@ def test_uniform_fraction_and_caption_dropout_rates():
     n = 4000
     mean = torch.zeros(n, 1, 1, 1)
     dist = LatentDist(mean, torch.ones_like(mean))
-    text = torch.ones(n, 2, 2)
+    text = Conditioning(torch.ones(n, 2, 2), pooled=torch.ones(n, 3))
     batch = noised_batch(family, dist, text, list(range(n)), TimestepDensity(0, 1, 0.0), 0.25, False)
-    dropped = (batch.text.flatten(1).abs().sum(1) == 0).float().mean()
-    assert 0.22 < dropped < 0.28
+    dropped = batch.cond.sequence.flatten(1).abs().sum(1) == 0
+    assert 0.22 < dropped.float().mean() < 0.28
+    # the whole conditioning of a dropped caption is the empty one, pooled vector included
+    assert torch.equal(batch.cond.pooled.abs().sum(1) == 0, dropped)
     # logit-normal: few timesteps near the ends; uniform: many
     logit_normal = ((batch.t < 0.05) | (batch.t > 0.95)).float().mean()
     uniform = noised_batch(family, dist, text, list(range(n)), TimestepDensity(0, 1, 1.0), 0, False)

@@ -112,7 +112,7 @@ def test_on_the_fly_training_runs_the_text_encoder_where_configured(tmp_path, ti
     family = FLiteFamily(tiny_model_dir)
     for where in ("cpu", "accelerator"):
         source = make_source(ws, ws.config({"train.text_encoder_device": where}), family, [])
-        embedding = source.text_embedding("a red circle")
+        embedding = source.conditioning("a red circle").sequence
         assert embedding.device.type == "cpu"  # batches stay on the CPU, as from the cache
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert devices == ["cpu", expected]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ditctl.errors import ModelError
+from ditctl.models.base import Conditioning
 from ditctl.models.flite import MODEL_INDEX, TEXT_LAYER, FLiteFamily, validate_folder
 from ditctl.models.registry import load_family
 from ditctl.models.tiny import build_tiny_pipeline
@@ -39,8 +40,12 @@ def test_text_encoding_uses_layer_minus_8_and_the_final_norm(tiny_model_dir):
     family = FLiteFamily(tiny_model_dir)
     te = family.load_text_encoder()
     prompts = ["a red circle on a white background", "a cat"]
-    emb = family.encode_prompts(te, prompts)
-    ids = te.tokenizer(prompts, padding="max_length", max_length=te.max_length, truncation=True,
+    cond = family.encode_prompts(te, prompts)
+    emb = cond.sequence
+    assert cond.mask is None and cond.pooled is None and not cond.extras  # F-Lite has neither
+    # always 512 tokens, as FLitePipeline pads them, whatever the tokenizer's model_max_length
+    assert te.max_length == family.text_tokens() == 512
+    ids = te.tokenizer(prompts, padding="max_length", max_length=512, truncation=True,
                        return_tensors="pt").input_ids
     # the same computation, layer by layer, by hand
     encoder = te.model.encoder
@@ -60,9 +65,16 @@ def test_text_encoding_uses_layer_minus_8_and_the_final_norm(tiny_model_dir):
 
 def test_empty_embedding_is_zeros(tiny_model_dir):
     family = FLiteFamily(tiny_model_dir)
-    like = torch.randn(2, 7, 32)
-    assert torch.count_nonzero(family.empty_prompt_embedding(3, like)) == 0
-    assert family.empty_prompt_embedding(3, like).shape == (3, 7, 32)
+    like = Conditioning(torch.randn(2, 7, 32))
+    assert torch.count_nonzero(family.empty_conditioning(3, like).sequence) == 0
+    assert family.empty_conditioning(3, like).sequence.shape == (3, 7, 32)
+    assert family.empty_conditioning(2).sequence.shape == (2, 512, 32)
+
+
+def test_the_tokenizer_of_tiny_models_says_what_the_family_reads(tiny_model_dir):
+    """The folder and ditctl agree: a tiny model's tokenizer declares F-Lite's 512 tokens."""
+    config = json.loads((tiny_model_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == FLiteFamily(tiny_model_dir).text_tokens() == 512
 
 
 def test_vae_encode_decode_uses_scale_and_shift(tiny_model_dir):
@@ -92,7 +104,7 @@ def test_save_and_load_round_trip_gives_identical_outputs(tiny_model_dir, tmp_pa
     assert json.loads((out / "model_index.json").read_text())["dit_model"] == ["f_lite.model", "DiT"]
     reloaded = FLiteFamily(out).load_denoiser()
     x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-    ctx = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    ctx = Conditioning(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2)))
     t = torch.tensor([0.3, 0.9])
     with torch.no_grad():
         assert torch.equal(family.predict(dit, x, t, ctx), family.predict(reloaded, x, t, ctx))

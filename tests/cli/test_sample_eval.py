@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,8 +37,8 @@ def _make_run(root: Path, model_dir: Path, name: str, steps: tuple[int, ...]) ->
 def _small_settings(root: Path) -> None:
     """32 px images, 2 sampling steps, validation loss at 3 timesteps in batches of 8."""
     project = root / "project.toml"
-    project.write_text(project.read_text()
-                       .replace("# steps = 30", "steps = 2")
+    text = re.sub(r"^# steps =.*$", "steps = 2", project.read_text(), count=1, flags=re.M)
+    project.write_text(text
                        .replace("resolution = 64", "resolution = 32")
                        .replace("# eval_batch_size = 1", "eval_batch_size = 8")
                        .replace("# timestep_quantiles = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]",

@@ -40,7 +40,7 @@ def _quantize(model, precision):
 def _lora(model, rank=4):
     settings = build_config({"lora": {"use_lora": True, "train_only_lora": True,
                                       "lora_rank": rank}}).lora
-    add_lora(model, peft_config(settings, TARGETS))
+    add_lora(model, peft_config(settings, TARGETS, TARGETS))
     freeze_base(model)
     return model
 

@@ -135,4 +135,4 @@ def test_sampling_keeps_the_text_encoder_on_the_cpu_when_asked(tiny_model_dir, m
     settings = build_config({"sample": {"text_encoder_device": "cpu", "offload": True}}).sample
     denoiser, vae, embeddings = load_for_sampling(choice, settings, ["a red circle"],
                                                   torch.device("cpu"))
-    assert seen == [torch.device("cpu")] and embeddings.cond.shape[0] == 1
+    assert seen == [torch.device("cpu")] and embeddings.cond.batch_size == 1

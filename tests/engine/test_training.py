@@ -111,8 +111,10 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir)
     a = _train(big, max_steps=2, learning_rate=1e-3)
     b = _train(small, max_steps=2, learning_rate=1e-3)
     wa, wb = _weights(a.result.checkpoint), _weights(b.result.checkpoint)
+    # equal up to summation order: one batch of 4 vs two of 2 (max difference measured 1.6e-6
+    # with F-Lite's 512 text states per prompt)
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-6, rtol=1e-5)
 
 
 def test_train_only_lora_freezes_the_base_and_use_lora_trains_both(tmp_path, tiny_model_dir):
@@ -161,7 +163,7 @@ def test_nonfinite_loss_steps_are_skipped_then_training_stops(tmp_path, tiny_mod
 
     ws = make_workspace(tmp_path / "w", tiny_model_dir, lora=LORA)
     monkeypatch.setattr(FLiteFamily, "predict",
-                        lambda self, model, x, t, c: model(x, c, t) * float("nan"))
+                        lambda self, model, x, t, c: model(x, c.sequence, t) * float("nan"))
     with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
         _train(ws, max_steps=10, max_nonfinite_steps=3, checkpoint_every=1, run_name="nan")
     assert list_checkpoints(ws.root / "runs" / "nan") == []

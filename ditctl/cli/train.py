@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..console import console
+from ..errors import EXIT_INTERRUPTED
 from ..oneshot import command_workspace
 from ._options import JsonOption, WorkspaceOption, config_flags
 from .launch import CHILD_ENV, launch_processes
@@ -58,7 +59,7 @@ def train(
     if result.interrupted:
         console.print(f"stopped at step {result.steps}; checkpoint {result.checkpoint}")
         console.print(f"next: ditctl train --resume latest --run {run.name}")
-        return
+        raise typer.Exit(EXIT_INTERRUPTED)  # not finished: `train && export` must not go on
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     console.print(f"[green]trained[/] {run.name}: {result.steps} steps, final loss {loss}"
                   + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))

@@ -10,10 +10,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..console import console
-from ..errors import EXIT_INTERRUPTED
+from ..errors import EXIT_INTERRUPTED, ConfigError
 from ..oneshot import command_workspace
 from ._options import JsonOption, WorkspaceOption, config_flags
-from .launch import CHILD_ENV, launch_processes
+from .launch import CHILD_ENV, launch_processes, worker_lifeline
 
 
 @config_flags("model", "data", "train", "lora")
@@ -35,6 +35,12 @@ def train(
     *,
     overrides: dict[str, Any],
 ) -> None:
+    if os.environ.get(CHILD_ENV):
+        worker_lifeline()  # a launched process never trains on after its launcher is gone
+    if resume is not None and not resume.strip():
+        raise ConfigError("--resume '' names no checkpoint",
+                          hint="use --resume latest, a step, a checkpoint name or a folder; "
+                               "leave --resume out to start a new run")
     if lora:
         overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
     ws, overrides = command_workspace(workspace, overrides)

@@ -35,4 +35,6 @@ def init(
                       f"prior-preservation scenes of colours the model knows), "
                       f"{ex['n_val']} validation images")
     console.print(f"  config  {ws.project_file}")
+    for note in result.notes:
+        console.warn(note)
     console.print(f"next: cd {name} && ditctl status")

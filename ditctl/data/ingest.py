@@ -233,6 +233,10 @@ def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels
         except OSError as exc:
             problems[path] = ("unreadable", f"cannot read the file ({exc.strerror or exc})")
             continue
+        refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
+        if refused is not None:
+            problems[path] = (refused.code, refused.message)
+            continue
         known = previous.files.get(path)
         if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
             facts[path] = known

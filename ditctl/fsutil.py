@@ -69,7 +69,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; rename it to `final` when the block succeeds.
 
-    With `replace`, an existing `final` is swapped out only after the new folder is complete.
+    With `replace`, an existing `final` is swapped out only after the new folder is complete:
+    it is renamed to `.tmp-<name>.old`, the new folder renamed into place, and the old one
+    deleted. At every instant the old or the new folder is complete under a known name; a kill
+    between the two renames leaves `final` missing and the old one as `.tmp-<name>.old`, which
+    `restore_replaced` (run by the next command before it removes leftovers) puts back.
     On any error (or a kill) the temporary folder is removed or left as a `.tmp-*` leftover,
     and `final` is untouched.
     """
@@ -84,11 +88,14 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
                 with open(os.path.join(root, name), "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists() and replace:
-            old = final.with_name(TEMP_PREFIX + final.name + ".old")
-            if old.exists():
+            old = replaced_name(final)
+            if old.exists():  # a leftover of an earlier replace that finished its renames
                 shutil.rmtree(old)
             os.replace(final, old)
+            fsync_dir(final.parent)
+            _between_renames(final)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)  # fails if final exists: never overwrite silently
@@ -96,6 +103,32 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replaced_name(final: Path) -> Path:
+    """Where `atomic_dir(replace=True)` keeps the old `final` while it swaps in the new one."""
+    return Path(final).with_name(TEMP_PREFIX + Path(final).name + ".old")
+
+
+def _between_renames(final: Path) -> None:
+    """Kill injection point for tests (the instant `final` is absent); does nothing."""
+
+
+def restore_replaced(folder: Path) -> list[Path]:
+    """Put back folders that a replace killed between its renames had moved aside
+    (`.tmp-<name>.old` whose `<name>` is missing): the old content is complete, the new one
+    never finished. Returns the restored paths. Call before removing `.tmp-*` leftovers."""
+    restored = []
+    for entry in temp_leftovers(folder):
+        if not entry.name.endswith(".old") or not entry.is_dir():
+            continue
+        final = entry.with_name(entry.name[len(TEMP_PREFIX):-len(".old")])
+        if final.name and not final.exists():
+            os.replace(entry, final)
+            restored.append(final)
+    if restored:
+        fsync_dir(Path(folder))
+    return restored
 
 
 class HashingWriter:

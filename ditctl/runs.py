@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 from .console import console
 from .errors import CheckpointError
-from .fsutil import HashingWriter, remove_leftovers, temp_leftovers
+from .fsutil import HashingWriter, remove_leftovers, restore_replaced, temp_leftovers
 
 try:
     import tomllib
@@ -184,7 +184,13 @@ def torn_temporaries(runs_dir: Path) -> list[Path]:
 
 def clean_torn_checkpoints(runs_dir: Path) -> tuple[int, int]:
     """Delete the torn checkpoint folders of killed runs; (how many, bytes reclaimed).
-    Only a command holding the workspace lock may call this (no checkpoint is being written)."""
+    Only a command holding the workspace lock may call this (no checkpoint is being written).
+    A checkpoint that a killed re-save had moved aside is put back first."""
+    runs_dir = Path(runs_dir)
+    if runs_dir.is_dir():
+        for run in runs_dir.iterdir():
+            if run.is_dir():
+                restore_replaced(checkpoints_dir(run))
     torn = torn_temporaries(runs_dir)
     return len(torn), remove_leftovers(torn)
 

@@ -58,5 +58,9 @@ class TrainingError(DitctlError):
     """Training cannot go on (non-finite loss, out of memory, ...)."""
 
 
+class DiskError(DitctlError):
+    """A write failed for lack of room: the disk or quota is full, or a file-size limit hit."""
+
+
 class ExportError(DitctlError):
     """An export could not be written or failed its parity check."""

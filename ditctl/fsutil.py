@@ -8,15 +8,40 @@ either the old content or the new, plus at worst a `.tmp-*` leftover that `clean
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 TEMP_PREFIX = ".tmp-"
+
+# A write that fails for lack of room, whatever the file: the user frees space or raises a limit.
+_NO_ROOM = {errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file would exceed the file-size limit (`ulimit -f`) or what the "
+                         "filesystem allows"}
+
+
+def no_room_error(path: Path | str, exc: BaseException):
+    """A DiskError naming `path` when `exc` is a write that failed for lack of room, else None."""
+    from .errors import DiskError
+
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # writers in Rust (safetensors) report the OS error in their message
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code not in _NO_ROOM:
+        return None
+    return DiskError(f"cannot write {path}: {_NO_ROOM[code]}; nothing was half-written "
+                     "(the previous content is intact)",
+                     hint="free some space (e.g. `ditctl precompute --gc`, a lower "
+                          "checkpoints_total_limit) or raise the limit, then run the command "
+                          "again")
 
 
 def _umask() -> int:
@@ -50,9 +75,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        no_room = no_room_error(path, exc)
+        if no_room is not None:
+            raise no_room from None
         raise
     fsync_dir(path.parent)
 
@@ -100,8 +128,11 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         else:
             os.rename(tmp, final)  # fails if final exists: never overwrite silently
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        no_room = no_room_error(final, exc)
+        if no_room is not None:
+            raise no_room from None
         raise
 
 

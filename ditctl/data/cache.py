@@ -312,11 +312,17 @@ class CacheIndex:
     def add(self, entries: Sequence[IndexEntry]) -> None:
         """Record complete entries (their files are already in place), in one transaction."""
         now = time.time()
-        with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
-                  e.source, now) for e in entries))
+        try:
+            with self.db:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
+                      e.source, now) for e in entries))
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL, or an I/O error writing the WAL
+            raise CacheError(f"cannot write the cache index {self.path} ({exc}); the entries "
+                             "written so far are intact",
+                             hint="free some space or raise the file-size limit, then run "
+                                  "`ditctl precompute` again (it continues)") from None
 
     def remove(self, keys: Iterable[str]) -> None:
         with self.db:

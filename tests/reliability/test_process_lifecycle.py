@@ -144,6 +144,33 @@ def test_killed_launcher_leaves_no_worker_training_without_the_lock(tmp_path, ti
             child.kill()
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(tmp_path,
+                                                                       tiny_model_dir):
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=8, lora=LORA)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "ditctl", "train", "-w", str(ws.root), "--num-processes", "2",
+         "--max-steps", "100000", "--checkpoint-every", "100000", "--run-name", "r"],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = ws.root / "runs" / "r" / "train_log.jsonl"
+        _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, 240,
+                  "two training steps")
+        processes = psutil.Process(launcher.pid).children(recursive=True)
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=120)
+        assert launcher.returncode == EXIT_INTERRUPTED, err
+        assert "ditctl train --resume latest --run r" in out
+        checkpoints = sorted((ws.root / "runs" / "r" / "checkpoints").glob("step-*"))
+        assert len(checkpoints) == 1
+        step = json.loads((checkpoints[0] / "checkpoint.json").read_text())["step"]
+        assert step == log.read_text().count("\n")  # saved at the step every process stopped
+        assert _gone([p.pid for p in processes], timeout=5) == []
+    finally:
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+
+
 # --- item 7: killed precompute / ingest leave no workers, and no lock naming a dead PID -------
 
 def _kill_while_stalled(tmp_path: Path, root: Path, command: list[str], stall: str,

@@ -31,7 +31,6 @@ def _logged_steps(run: Path) -> list[int]:
             (run / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_resume_after_a_kill_truncates_the_log_to_the_checkpoint(cli, tmp_path, tiny_model_dir):
     ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=4, lora=LORA)
     result = cli("train", "-w", ws.root, "--max-steps", "3", "--checkpoint-every", "2",

@@ -107,3 +107,15 @@ def test_training_refuses_a_non_finite_cached_batch(cli, cached):
     result = cli("train", "-w", ws.root, "--use-precomputed-data", "--max-steps", "2")
     assert result.exit_code == 1, result.output
     assert str(entry) in result.stderr and "std holds non-finite values" in result.stderr
+
+
+def test_verify_re_encodes_entries_without_a_content_hash(cli, cached):
+    """An entry written before hashes existed cannot have its content checked: --verify
+    re-encodes it once, with a hash."""
+    ws, entry = cached
+    tensors = read_entry_file(entry)
+    save_file(tensors, entry)  # same values, no metadata
+    result = cli("precompute", "-w", ws.root, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "no content hash" in result.stderr
+    assert "sha256" in read_entry(entry)[1]

@@ -64,6 +64,11 @@ def _env(tmp_path: Path, stall: str | None = None) -> dict[str, str]:
     return env
 
 
+def _output(tmp_path: Path, name: str = "stderr"):
+    """A file for a child's output (a pipe nobody reads would fill and block the child)."""
+    return open(tmp_path / name, "w")
+
+
 def _wait_for(condition, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -125,7 +130,7 @@ def test_killed_launcher_leaves_no_worker_training_without_the_lock(tmp_path, ti
     launcher = subprocess.Popen(
         [sys.executable, "-m", "ditctl", "train", "-w", str(ws.root), "--num-processes", "2",
          "--max-steps", "100000", "--checkpoint-every", "100000", "--run-name", "r"],
-        env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=_output(tmp_path))
     try:
         log = ws.root / "runs" / "r" / "train_log.jsonl"
         _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, 240,
@@ -151,14 +156,15 @@ def test_sigterm_to_the_launcher_stops_every_process_at_one_checkpoint(tmp_path,
     launcher = subprocess.Popen(
         [sys.executable, "-m", "ditctl", "train", "-w", str(ws.root), "--num-processes", "2",
          "--max-steps", "100000", "--checkpoint-every", "100000", "--run-name", "r"],
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=_env(tmp_path), stdout=_output(tmp_path, "stdout"), stderr=_output(tmp_path))
     try:
         log = ws.root / "runs" / "r" / "train_log.jsonl"
         _wait_for(lambda: log.is_file() and log.read_text().count("\n") >= 2, 240,
                   "two training steps")
         processes = psutil.Process(launcher.pid).children(recursive=True)
         launcher.send_signal(signal.SIGTERM)
-        out, err = launcher.communicate(timeout=120)
+        launcher.wait(timeout=120)
+        out, err = ((tmp_path / name).read_text() for name in ("stdout", "stderr"))
         assert launcher.returncode == EXIT_INTERRUPTED, err
         assert "ditctl train --resume latest --run r" in out
         checkpoints = sorted((ws.root / "runs" / "r" / "checkpoints").glob("step-*"))
@@ -179,7 +185,7 @@ def _kill_while_stalled(tmp_path: Path, root: Path, command: list[str], stall: s
     reached the stall; (its PID, the PIDs of its children when it was killed)."""
     proc = subprocess.Popen([sys.executable, "-m", "ditctl", *command, "-w", str(root)],
                             env=_env(tmp_path, stall), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=_output(tmp_path))
     try:
         _wait_for(lambda: len(list(tmp_path.glob("stalled.*"))) >= mark_count, 120,
                   f"{command[0]} to reach {stall}")

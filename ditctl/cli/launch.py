@@ -93,7 +93,7 @@ def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *
     console.info(f"starting {config.train.num_processes} training processes")
     with ws.lock("train"):
         code, stopped = _run_agent(command, env)
-    if stopped:
+    if stopped and code != 0:  # (0: the run finished before the signal took effect)
         console.print("stopped; next: ditctl train --resume latest"
                       + (f" --run {overrides['train.run_name']}"
                          if overrides.get("train.run_name") else ""))

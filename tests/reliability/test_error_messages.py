@@ -138,3 +138,31 @@ def test_write_over_the_file_size_limit(tmp_path, tiny_model_dir):
     assert "cannot write" in result.stderr and "file-size limit" in result.stderr
     assert str(ws.root / "exports") in result.stderr
     assert not (ws.root / "exports").exists() or not any((ws.root / "exports").iterdir())
+
+
+def test_a_full_disk_under_the_cache_index_names_it(tmp_path):
+    import sqlite3
+
+    from ditctl.data.cache import CacheIndex, IndexEntry
+    from ditctl.errors import CacheError
+
+    index = CacheIndex(tmp_path / "index.sqlite")
+
+    class FullDatabase:  # sqlite's answer when the WAL cannot grow
+        def __getattr__(self, name):
+            return getattr(index_db, name)
+
+        def executemany(self, *args):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    index_db, index.db = index.db, FullDatabase()
+    with pytest.raises(CacheError, match="cannot write the cache index .*index.sqlite "
+                                         r"\(database or disk is full\)"):
+        index.add([IndexEntry("k", "text", (1, 2), "fp32", 8, False, "a caption")])
+    index_db.close()

@@ -114,7 +114,7 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
         if runs:
             notes.append(f"{len(runs)} run(s) in {runs[0].parent} were trained on the model "
                          "the previous project.toml names; they are kept, and resuming them "
-                         f"on {model_path} is refused")
+                         f"on {model_path} is refused (unless --force)")
 
     templates = templates_dir()
     prompts = (templates / "prompts.txt").read_text()

@@ -111,10 +111,6 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
             settings.update({k: dict(v) for k, v in TINY_MODEL_SETTINGS.items()})
     else:
         settings["model"]["pretrained_model_path"] = str(model_path)
-        if runs:
-            notes.append(f"{len(runs)} run(s) in {runs[0].parent} were trained on the model "
-                         "the previous project.toml names; they are kept, and resuming them "
-                         f"on {model_path} is refused (unless --force)")
 
     templates = templates_dir()
     prompts = (templates / "prompts.txt").read_text()
@@ -133,12 +129,18 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
     result.settings = settings
     result.notes = notes
     toml = activate_keys((templates / "project.toml").read_text(), settings)
-    written = ws.read_state().get("init", {}).get("written", {}) if existing else {}
+    previous = ws.read_state().get("init", {}) if existing else {}
+    written = previous.get("written", {})
     written = {**written, "prompts.txt": _write_unless_edited(root / "prompts.txt", prompts,
                                                               written, notes)}
     atomic_write_text(root / ".gitignore", (templates / "gitignore").read_text())
     # project.toml last: its presence marks a complete workspace
     written[PROJECT_FILE] = _write_unless_edited(root / PROJECT_FILE, toml, written, notes)
+    if runs and model not in BUILTIN_MODELS and written[PROJECT_FILE] == _sha256(toml) \
+            and previous.get("model") != str(model_path):
+        notes.append(f"{len(runs)} run(s) in {runs[0].parent} were trained on the model the "
+                     f"previous project.toml named; they are kept, and resuming them on "
+                     f"{model_path} is refused (unless --force)")
     ws.update_state("init", {"model": str(model_path), "example": bool(example),
                              "written": written})
     return result

@@ -71,3 +71,15 @@ def test_init_force_keeps_edited_files_and_writes_the_new_ones_alongside(cli, wo
     assert prompts.read_text() == "my prompt\n"
     assert (workspace / "prompts.txt.new").is_file()
     assert project.read_text() == edited
+
+
+def test_init_force_onto_another_model_keeps_the_old_one_and_says_so(cli, workspace,
+                                                                     tiny_model_dir):
+    _a_run(workspace)
+    model = _model_files(workspace)
+    result = cli("init", workspace, "--model", tiny_model_dir, "--force")
+    assert result.exit_code == 0, result.output
+    assert "1 run(s)" in result.stderr and "were trained on the model the previous" in \
+        result.stderr and "refused (unless --force)" in result.stderr
+    assert _model_files(workspace) == model  # the runs' base model stays where it was
+    assert str(tiny_model_dir.resolve()) in (workspace / "project.toml").read_text()

@@ -130,6 +130,8 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         fsync_dir(final.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replace:  # failed between the renames: the old folder goes back at once
+            restore_replaced(final.parent, only=final.name)
         no_room = no_room_error(final, exc)
         if no_room is not None:
             raise no_room from None
@@ -145,15 +147,18 @@ def _between_renames(final: Path) -> None:
     """Kill injection point for tests (the instant `final` is absent); does nothing."""
 
 
-def restore_replaced(folder: Path) -> list[Path]:
+def restore_replaced(folder: Path, only: str | None = None) -> list[Path]:
     """Put back folders that a replace killed between its renames had moved aside
     (`.tmp-<name>.old` whose `<name>` is missing): the old content is complete, the new one
-    never finished. Returns the restored paths. Call before removing `.tmp-*` leftovers."""
+    never finished. Returns the restored paths. Call before removing `.tmp-*` leftovers.
+    `only`: just the folder of that name."""
     restored = []
     for entry in temp_leftovers(folder):
         if not entry.name.endswith(".old") or not entry.is_dir():
             continue
         final = entry.with_name(entry.name[len(TEMP_PREFIX):-len(".old")])
+        if only is not None and final.name != only:
+            continue
         if final.name and not final.exists():
             os.replace(entry, final)
             restored.append(final)

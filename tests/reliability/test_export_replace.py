@@ -77,8 +77,8 @@ def test_a_kill_between_the_renames_loses_no_export(cli, exported):
     assert [p.name for p in (exported / "exports").iterdir()] == ["e"]
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL in-process: nothing after the raise point runs."""
+class _Failed(Exception):
+    """An error raised at the instant between the renames."""
 
 
 def test_replace_keeps_the_old_folder_recoverable_at_the_instant_between_renames(
@@ -88,16 +88,33 @@ def test_replace_keeps_the_old_folder_recoverable_at_the_instant_between_renames
     final = tmp_path / "exports" / "e"
     final.mkdir(parents=True)
     (final / "weights").write_text("old")
+    seen = []
 
-    def killed(path):
-        assert not path.exists()  # the instant: e is absent ...
-        assert (fsutil.replaced_name(path) / "weights").read_text() == "old"  # ... old kept
-        raise _Killed
+    def failing(path):
+        seen.append((path.exists(), (fsutil.replaced_name(path) / "weights").read_text()))
+        raise _Failed
 
-    monkeypatch.setattr(fsutil, "_between_renames", killed)
-    with pytest.raises(_Killed):
+    monkeypatch.setattr(fsutil, "_between_renames", failing)
+    with pytest.raises(_Failed):
         with fsutil.atomic_dir(final, replace=True) as tmp:
             (tmp / "weights").write_text("new")
-    assert fsutil.restore_replaced(final.parent) == [final]
-    assert (final / "weights").read_text() == "old"
+    assert seen == [(False, "old")]  # at that instant: e absent, the old one complete aside
+    assert (final / "weights").read_text() == "old"  # an error there puts it back at once
     assert fsutil.temp_leftovers(final.parent) == []
+
+
+def test_restore_puts_back_what_a_killed_replace_moved_aside(tmp_path):
+    """The state SIGKILL leaves between the renames (no handler runs): e missing, the old one
+    as .tmp-e.old, the new one torn; restore puts the old one back, touching nothing else."""
+    from ditctl import fsutil
+
+    exports = tmp_path / "exports"
+    aside = fsutil.replaced_name(exports / "e")
+    aside.mkdir(parents=True)
+    (aside / "weights").write_text("old")
+    (exports / ".tmp-e.k1ll3d").mkdir()
+    (exports / "other").mkdir()
+    assert fsutil.restore_replaced(exports) == [exports / "e"]
+    assert (exports / "e" / "weights").read_text() == "old"
+    assert sorted(p.name for p in exports.iterdir()) == [".tmp-e.k1ll3d", "e", "other"]
+    assert fsutil.restore_replaced(exports) == []  # nothing more to restore

@@ -346,7 +346,8 @@ def test_training_from_the_cache_loads_no_encoder(tmp_path, tiny_model_dir, monk
 def test_caches_written_before_the_conditioning_type_read_or_report_stale(tmp_path,
                                                                           tiny_model_dir):
     """Entries of older ditctl versions: an F-Lite text entry named its one tensor "embedding"
-    (read as the sequence, and accepted by --verify); entries keyed at the tokenizer's
+    (read as the sequence; --verify re-encodes it once, as any entry without a content hash);
+    entries keyed at the tokenizer's
     model_max_length (32 for the tiny models, not F-Lite's 512) no longer match any key, so
     training reports them missing or stale with the fix, instead of training on them."""
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=3, prompts="")
@@ -365,7 +366,7 @@ def test_caches_written_before_the_conditioning_type_read_or_report_stale(tmp_pa
     assert torch.equal(legacy.sequence, current.sequence) and legacy.pooled is None
     with CacheIndex(cache.index_path) as index:
         entry = next(e for e in index.entries() if e.key == cache.spec.text_key(caption))
-    assert cache_mod.check_entry(path, entry) is None
+    assert "no content hash" in cache_mod.check_entry(path, entry)
 
     # the same entries under the keys an older ditctl gave them (token length 32)
     old = dataclasses.replace(cache.spec, text_max_length=32)

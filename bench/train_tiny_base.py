@@ -254,6 +254,7 @@ def write_assets(out: Path, pipeline: Path, checkpoint: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     denoiser.to(torch.float16).save_pretrained(tmp / "dit_model", safe_serialization=True)
+    _drop_rope_buffers(tmp / "dit_model" / "diffusion_pytorch_model.safetensors")
     for component in ("text_encoder", "tokenizer", "vae"):
         shutil.copytree(pipeline / component, tmp / component)
     shutil.copy2(pipeline / "model_index.json", tmp / "model_index.json")
@@ -353,6 +354,18 @@ def training_md(recipe: Recipe, results: dict[str, Any], command: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _drop_rope_buffers(weights: Path) -> None:
+    """F-Lite's RoPE tables (16 MiB here) are recomputed by every loader (ditctl's and F-Lite's
+    own), so the shipped model leaves them out to stay small."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("rope.")}
+    save_file(tensors, weights, metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,7 +172,8 @@ def test_streaming_a_quantized_base_never_holds_a_layer_at_full_precision(full_w
     (3.7x and 5.1x the loaded bytes before slicing), fails it."""
     code = LOAD_CHILD.format(repo=str(REPO), config=str(full_width_block / "config.json"),
                              folder=str(full_width_block), precision=precision)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}  # NF4: ~10 s a thread
+    # two threads: bitsandbytes quantizes NF4 on a CPU with torch ops (~10 s a thread here)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -11,9 +11,12 @@ patch embedding, time embedding, final layers and everything that is not a Linea
 compute dtype (bf16 under autocast; fp32 with mixed_precision 'no', e.g. on CPUs without bf16
 matrix units).
 Layers are quantized one at a time while the weights stream in (`quantizer` is the loader's
-`convert` hook), on the device they will run on, so neither the host nor the GPU ever holds the
-bf16 model. Quantization is a pure function of the weights, so a resumed run rebuilds the same
-base bit for bit.
+`convert` hook), on the device they will run on, each weight read from the file and quantized
+a slice of rows at a time (`quantize_weight`), so neither the host nor the GPU ever holds the
+bf16 model, nor one whole bf16 layer, nor the libraries' whole-layer fp32 intermediates
+(measured before slicing: 3.7x the quantized bytes for fp8, 5.1x for NF4). The result is
+bit-identical to quantizing whole weights. Quantization is a pure function of the weights, so
+a resumed run rebuilds the same base bit for bit.
 
 Why our own linear instead of the libraries' forward: torchao's quantized tensors (and
 diffusers' layerwise casting) dequantize inside `F.linear`, and autograd then saves that bf16

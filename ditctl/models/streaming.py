@@ -10,8 +10,11 @@ size that is cast and moved, then dropped. Peak host memory: the loaded model pl
 single tensor, whatever the shard size.
 
 A module that is complete (all of its own tensors read) is handed to `convert(name, module)`
-before the next one starts: that is where a frozen base is quantized layer by layer
-(ditctl.engine.precision), so not even the target-dtype copy of the full model exists.
+before the next one starts. A converter may also claim a module's tensors before they are read
+(`streamed_tensors`) and read them itself, a slice of rows at a time (`RowSource`,
+`convert_streamed`): that is how a frozen base is quantized (ditctl.engine.precision), so
+neither the target-dtype model nor even one whole layer of it in bf16 ever exists, and the
+peak is the quantized model plus one slice's intermediates.
 
 Only the safetensors container is read (an 8-byte little-endian header length, a JSON header
 of name -> dtype, shape, byte range, then the raw bytes): nothing is unpickled.

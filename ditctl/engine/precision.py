@@ -132,7 +132,7 @@ QUANTIZE_CHUNK = 2**20
 
 
 def quantize_weight(rows, shape: tuple[int, int], precision: str,
-                    chunk: int = QUANTIZE_CHUNK) -> torch.Tensor:
+                    chunk: int | None = None) -> torch.Tensor:
     """The quantized storage of a weight [out, in] whose rows `rows(start, stop)` returns (bf16,
     on the target device), quantized a slice of rows at a time into preallocated storage.
 
@@ -141,9 +141,10 @@ def quantize_weight(rows, shape: tuple[int, int], precision: str,
     consecutive weights, so a slice whose size is a multiple of 64 ends on a block boundary;
     NF4's double quantization (the block scales quantized to 8 bits around their mean) needs
     every block's scale, so it runs once at the end on the collected fp32 scales (1/32 of the
-    bf16 weight's bytes), with bitsandbytes' own steps."""
+    bf16 weight's bytes), with bitsandbytes' own steps. `chunk`: weights a slice (default
+    QUANTIZE_CHUNK)."""
     out_features, in_features = shape
-    step = max(1, chunk // max(1, in_features))
+    step = max(1, (chunk or QUANTIZE_CHUNK) // max(1, in_features))
     if precision == "nf4":
         step = _round_up(step, NF4_BLOCK // math.gcd(in_features, NF4_BLOCK))
         return _nf4_from_rows(rows, shape, step)

@@ -285,6 +285,7 @@ def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, 
     from safetensors.torch import save_file
 
     from ditctl.engine import precision as module
+    from ditctl.models import streaming
     from ditctl.models.flite_dit import DiT
     from ditctl.models.streaming import load_streaming
 
@@ -313,6 +314,14 @@ def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, 
         return original(cls, linear, source, precision)
 
     monkeypatch.setattr(module.QuantizedLinear, "from_rows", classmethod(from_rows))
+    slices = []
+    read_rows = streaming.read_rows
+
+    def spy(stored, start, stop, *args, **kwargs):
+        slices.append((stored.key, stop - start, stored.shape[0]))
+        return read_rows(stored, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "read_rows", spy)
     with torch.device("meta"):
         streamed = DiT(**config)
     streamed = load_streaming(streamed, tmp_path, dtype=torch.bfloat16, convert=convert,
@@ -320,6 +329,9 @@ def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, 
     quantized = {n: m for n, m in reference.named_modules()
                  if isinstance(m, module.QuantizedLinear)}
     assert len(read) == len(quantized) > 0  # every block Linear came through the sliced path
+    # each weight was read from the file a few rows at a time (5 rows of 128, 10 of 64)
+    assert {key for key, _, _ in slices} == {n + ".weight" for n in quantized}
+    assert all(rows <= 10 and rows < total for _, rows, total in slices), slices
     for name, layer in streamed.named_modules():
         assert isinstance(layer, module.QuantizedLinear) == (name in quantized), name
         if name in quantized:

@@ -217,9 +217,11 @@ def _torchao_from_rows(rows, shape: tuple[int, int], precision: str, step: int) 
         for name in names:
             inner = getattr(piece, name)
             if inner.dim() == 0 or inner.shape[0] != stop - start:
-                raise RuntimeError(f"torchao's {kind.__name__}.{name} is not per-row "
-                                   f"({list(inner.shape)} for {stop - start} rows): ditctl "
-                                   "cannot quantize it a slice at a time")
+                raise ConfigError(f"[lora] base_precision = '{precision}': this torchao's "
+                                  f"{kind.__name__}.{name} is not per-row ({list(inner.shape)} "
+                                  f"for {stop - start} rows), so ditctl cannot quantize it while "
+                                  "streaming", hint="install torchao 0.18 (the version ditctl "
+                                  "is tested with), or use --base-precision nf4")
             if name not in parts:
                 parts[name] = torch.empty((out_features, *inner.shape[1:]), dtype=inner.dtype,
                                           device=inner.device)

@@ -1,6 +1,17 @@
 """The `--dry-run` memory plan against measurement, at F-Lite's full width.
 
     python -m bench memory_plan [--quick] [--threads 1]   (run only when named)
+    python -m bench.bench_memory_plan [--quick] [--load-only] [--depths 1,2] [--sizes 64,128]
+        [--precisions bf16,nf4] [--checkpointing on|off|both] [--no-record]
+
+The second form runs part of the grid (or only the loads) and appends its block to
+bench/RESULTS.md just the same; with a selection, every depth x size x precision x
+checkpointing combination is measured (one child process each).
+
+Load-only (`--load-only`): each point streams the DiT (family.load_denoiser with the quantizer,
+exactly what build_denoiser does before injecting LoRA) in a fresh process and records the peak
+RSS above the idle, fully imported baseline against the bytes of what was loaded (the base at
+its target precision, quantized parts included). Target: at most 1.15x, every precision.
 
 Builds F-Lite DiTs of the released width (hidden 3072, 12 heads of 256, text width 4096), one
 and two blocks, written as sharded bf16 safetensors. Each point runs in a fresh process (see
@@ -22,6 +33,7 @@ measured size is compared with the plan's.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +116,34 @@ def train_point(model_dir: str, precision: str, size: int, checkpointing: bool,
             "step_s": step_s}
 
 
+def load_point(model_dir: str, precision: str) -> dict[str, Any]:
+    """Stream the DiT as a frozen `precision` base (no LoRA, no step): the peak RSS above the
+    idle baseline while loading, against the bytes of the loaded base."""
+    from ditctl.engine.precision import quantized_storage_bytes, quantizer, storage_dtype
+    from ditctl.models.flite import FLiteFamily
+
+    import torch
+
+    from ditctl.engine.precision import quantize_weight
+
+    baseline = rss_bytes()
+    first_use = 0
+    if precision in ("fp8", "int8", "nf4"):
+        # What the first quantization costs whatever the model's size (kernel code pages,
+        # lookup tables): measured here so that it is visible, and still counted in the peak
+        # (which stays above the baseline taken before it).
+        weight = torch.zeros(64, 256, dtype=torch.bfloat16)
+        quantize_weight(lambda start, stop: weight[start:stop], (64, 256), precision)
+        first_use = rss_bytes() - baseline
+    family = FLiteFamily(Path(model_dir))
+    started = time.perf_counter()
+    model = family.load_denoiser(storage_dtype(precision, "bf16"), "cpu",
+                                 convert=quantizer(precision))
+    load_s = time.perf_counter() - started
+    return {"load_peak_bytes": peak_rss_bytes() - baseline, "first_use_bytes": first_use,
+            "loaded_bytes": quantized_storage_bytes(model), "load_s": load_s}
+
+
 # --- the plan ----------------------------------------------------------------------------------
 
 def planned(model_dir: Path, precision: str, size: int, checkpointing: bool,
@@ -154,24 +194,66 @@ def build_model(folder: Path, shape: DitShape) -> Path:
     return folder
 
 
-def run(quick: bool) -> dict[str, Any]:
+LOAD_TARGET = 1.15  # host RAM peak while loading, over the loaded bytes
+
+
+def run_loads(quick: bool, depths: tuple[int, ...] = (1, 2),
+              precisions: tuple[str, ...] = PRECISIONS) -> dict[str, Any]:
+    """Host RAM while streaming a full-width DiT in, each precision in a fresh process."""
+    offline_environment()
+    hidden, heads, text_dim = (QUICK if quick else FULL)["width"]
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        for depth in depths:
+            folder = build_model(Path(tmp) / f"d{depth}", DitShape(hidden, depth, heads, text_dim))
+            for precision in precisions:
+                point = measure_isolated({"load": ("bench.bench_memory_plan:load_point", dict(
+                    model_dir=str(folder), precision=precision))})["load"]
+                ratio = point["load_peak_bytes"] / point["loaded_bytes"]
+                rows.append({"depth": depth, "base": precision,
+                             "loaded_mib": mb(point["loaded_bytes"]),
+                             "load_peak_mib": mb(point["load_peak_bytes"]),
+                             "load_vs_loaded": round(ratio, 3),
+                             f"within_{LOAD_TARGET}x": ratio <= LOAD_TARGET,
+                             "first_use_mib": mb(point["first_use_bytes"]),
+                             "load_s": round(point["load_s"], 1)})
+                print(rows[-1], flush=True)
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"table": rows, "model": f"hidden {hidden}, heads {heads}, text {text_dim}",
+            "max_load_vs_loaded": max(r["load_vs_loaded"] for r in rows),
+            f"all_loads_within_{LOAD_TARGET}x": all(r[f"within_{LOAD_TARGET}x"] for r in rows),
+            "elapsed_s": round(time.perf_counter() - started)}
+
+
+def run(quick: bool, *, depths: tuple[int, ...] | None = None,
+        sizes: tuple[int, ...] | None = None, precisions: tuple[str, ...] | None = None,
+        checkpointing: tuple[bool, ...] | None = None) -> dict[str, Any]:
+    """The grid (FULL or QUICK), or with any selection given, every combination of the
+    selected (else default) depths, sizes, precisions and checkpointing settings."""
     offline_environment()
     settings = QUICK if quick else FULL
-    precisions = settings.get("precisions", PRECISIONS)
+    selected = any(v is not None for v in (depths, sizes, precisions, checkpointing))
+    precisions = precisions or settings.get("precisions", PRECISIONS)
     hidden, heads, text_dim = settings["width"]
-    depths = sorted(set(settings["depths"]) | ({settings["slope_depth"]} - {None}))
+    if selected:
+        depths = depths or tuple(settings["depths"])
+        grid = {d: [(p, size, c) for size in (sizes or settings["sizes"]) for p in precisions
+                    for c in (checkpointing or (False, True))] for d in depths}
+    else:
+        depths = sorted(set(settings["depths"]) | ({settings["slope_depth"]} - {None}))
+        grid = {d: [(p, size, c) for size in settings["sizes"] for p in precisions
+                    for c in (False, True)] if d in settings["depths"] else
+                [(p, settings["slope_size"], True)  # the slope point: checkpointing
+                 for p in settings.get("slope_precisions", precisions)] for d in depths}
     started = time.perf_counter()
     rows, results, plans = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
         for depth in depths:
             folder = build_model(Path(tmp) / f"d{depth}", DitShape(hidden, depth, heads, text_dim))
-            if depth in settings["depths"]:
-                points = [(p, size, c) for size in settings["sizes"] for p in precisions
-                          for c in (False, True)]
-            else:  # the slope point: checkpointing, the smaller size
-                points = [(p, settings["slope_size"], True)
-                          for p in settings.get("slope_precisions", precisions)]
-            for precision, size, ckpt in points:
+            for precision, size, ckpt in grid[depth]:
                 label = (depth, precision, size, ckpt)
                 results[label] = measure_isolated({"point": ("bench.bench_memory_plan:train_point", dict(
                     model_dir=str(folder), precision=precision, size=size, checkpointing=ckpt,
@@ -193,30 +275,32 @@ def run(quick: bool) -> dict[str, Any]:
 
             shutil.rmtree(folder, ignore_errors=True)
     extrapolated = []
-    size = settings["slope_size"]
+    measured_sizes = sorted({size for (_, _, size, _) in results})
+    depth = RELEASED_FLITE.depth
     for precision in precisions:
         real = released_plan(precision, 1024)
-        if (2, precision, size, True) not in results:
-            extrapolated.append({"base": precision, "plan_gib_depth40_1024px":
-                                 round(real["total"] / GIB, 2),
-                                 "plan_1024px_by_component_gib":
-                                 {k: round(v / GIB, 2) for k, v in real.items()}})
-            continue
-        one = results[(1, precision, size, True)]["step_peak_bytes"]
-        two = results[(2, precision, size, True)]["step_peak_bytes"]
-        p1, p2 = plans[(1, precision, size, True)]["total"], plans[(2, precision, size, True)]["total"]
-        slope, plan_slope = two - one, p2 - p1
-        extrapolated.append({
-            "base": precision,
-            f"measured_slope_mib_per_block_{size}px": mb(slope),
-            f"plan_slope_mib_per_block_{size}px": mb(plan_slope),
-            f"measured_extrapolated_gib_depth40_{size}px": round((one + 39 * slope) / GIB, 2),
-            f"plan_gib_depth40_{size}px": round(released_plan(precision, size,
-                                                               settings["text_tokens"])["total"]
-                                                / GIB, 2),
-            "plan_gib_depth40_1024px": round(real["total"] / GIB, 2),
-            "plan_1024px_by_component_gib": {k: round(v / GIB, 2) for k, v in real.items()},
-        })
+        entry = {"base": precision}
+        for size in measured_sizes:  # the per-block slope wherever depths 1 and 2 were measured
+            if (1, precision, size, True) not in results or \
+                    (2, precision, size, True) not in results:
+                continue
+            one = results[(1, precision, size, True)]["step_peak_bytes"]
+            two = results[(2, precision, size, True)]["step_peak_bytes"]
+            p1 = plans[(1, precision, size, True)]["total"]
+            p2 = plans[(2, precision, size, True)]["total"]
+            slope, plan_slope = two - one, p2 - p1
+            entry.update({
+                f"measured_slope_mib_per_block_{size}px": mb(slope),
+                f"plan_slope_mib_per_block_{size}px": mb(plan_slope),
+                f"plan_slope_vs_measured_{size}px": round(plan_slope / slope, 3),
+                f"measured_extrapolated_gib_depth{depth}_{size}px":
+                    round((one + (depth - 1) * slope) / GIB, 2),
+                f"plan_gib_depth{depth}_{size}px": round(released_plan(
+                    precision, size, settings["text_tokens"])["total"] / GIB, 2)})
+        entry.update({"plan_gib_depth40_1024px": round(real["total"] / GIB, 2),
+                      "plan_1024px_by_component_gib":
+                      {k: round(v / GIB, 2) for k, v in real.items()}})
+        extrapolated.append(entry)
     targets = {"bf16": 28, "fp8": 16, "nf4": 12}
     return {
         "table": rows,
@@ -233,8 +317,54 @@ def run(quick: bool) -> dict[str, Any]:
     }
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Part of the grid, or only the loads, recorded as `python -m bench` records a block."""
+    import argparse
+
+    from bench.common import RESULTS_FILE, append_results, machine_stamp, results_block
+
+    def listed(kind):
+        return lambda text: tuple(kind(v) for v in text.split(",") if v)
+
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_memory_plan",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small width (smoke run)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="measure host RAM while loading only (no training step)")
+    parser.add_argument("--depths", type=listed(int), help="e.g. 1,2")
+    parser.add_argument("--sizes", type=listed(int), help="pixels, e.g. 64,128")
+    parser.add_argument("--precisions", type=listed(str), help=f"of {','.join(PRECISIONS)}")
+    parser.add_argument("--checkpointing", choices=("on", "off", "both"))
+    parser.add_argument("--threads", type=int, help="torch threads (children inherit them)")
+    parser.add_argument("--no-record", action="store_true", help="append nothing to RESULTS.md")
+    args = parser.parse_args(argv)
+    bad = [p for p in args.precisions or () if p not in PRECISIONS]
+    if bad:
+        parser.error(f"unknown precision(s) {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.load_only:
+        results = run_loads(args.quick, args.depths or (1, 2), args.precisions or PRECISIONS)
+        name = "memory_plan (load only)"
+    else:
+        ckpt = {"on": (True,), "off": (False,), "both": (False, True), None: None}
+        results = run(args.quick, depths=args.depths, sizes=args.sizes,
+                      precisions=args.precisions, checkpointing=ckpt[args.checkpointing])
+        name = "memory_plan"
+    block = results_block(name, args.quick, machine_stamp(), results,
+                          time.perf_counter() - started)
+    block = block.replace("\n\n", f"\n\n`python -m bench.bench_memory_plan "
+                          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n", 1)
+    print(block, flush=True)
+    if not args.no_record:
+        append_results(RESULTS_FILE, block)
+    return 0
+
+
 if __name__ == "__main__":
-    import json
     import sys
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
+    sys.exit(main())

@@ -3,6 +3,9 @@ stored as fp32 (the example's default), fp8 and nf4 (and bf16 under bf16 autocas
 --quick), each scored with the concept check the demo tests use.
 
     python -m bench quantized_lora [--quick]
+    python -m bench.bench_quantized_lora [--quick] [--bases fp8,nf4,bf16,fp32] [--no-record]
+
+(the second form runs only the named bases, in that order, and records its block the same way)
 
 Each run is `ditctl train --lora` with the example's settings (1000 steps, rank 16) from the
 precomputed cache, then `ditctl.demo.concept_check.concept_scores` on the held-out colour's
@@ -69,10 +72,18 @@ def example_run(root: Path, base_precision: str, mixed_precision: str,
             "green_ge_0.7": held["colour"] >= 0.7}
 
 
-def run(quick: bool) -> dict[str, Any]:
+SHORT_NAMES = {"fp8": "fp8", "nf4": "nf4", "fp32": "fp32 (auto, default)",
+               "bf16": "bf16 (bf16 autocast)"}
+
+
+def run(quick: bool, bases: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every base of BASES (quick: all but bf16), or only `bases` (short names), in order."""
     offline_environment()
     rows = []
-    bases = {k: v for k, v in BASES.items() if not (quick and v[1] == "bf16")}
+    if bases:
+        bases = {SHORT_NAMES[b]: BASES[SHORT_NAMES[b]] for b in bases}
+    else:
+        bases = {k: v for k, v in BASES.items() if not (quick and v[1] == "bf16")}
     with tempfile.TemporaryDirectory(prefix="bench-qlora-") as tmp:
         for i, (label, (precision, mixed)) in enumerate(bases.items()):
             result = example_run(Path(tmp) / f"ws{i}", precision, mixed, 20 if quick else None)
@@ -82,8 +93,35 @@ def run(quick: bool) -> dict[str, Any]:
             "all_reach_green_0.7": all(r["green_ge_0.7"] for r in rows) if not quick else None}
 
 
-if __name__ == "__main__":
-    import json
+def main(argv: list[str] | None = None) -> int:
+    import argparse
     import sys
 
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))
+    from bench.common import RESULTS_FILE, append_results, machine_stamp, results_block
+
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_quantized_lora",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 steps a base (smoke run)")
+    parser.add_argument("--bases", type=lambda text: tuple(b for b in text.split(",") if b),
+                        help=f"of {','.join(SHORT_NAMES)} (default: all)")
+    parser.add_argument("--no-record", action="store_true", help="append nothing to RESULTS.md")
+    args = parser.parse_args(argv)
+    bad = [b for b in args.bases or () if b not in SHORT_NAMES]
+    if bad:
+        parser.error(f"unknown base(s) {', '.join(bad)}; choose from {', '.join(SHORT_NAMES)}")
+    started = time.perf_counter()
+    results = run(args.quick, args.bases)
+    block = results_block("quantized_lora", args.quick, machine_stamp(), results,
+                          time.perf_counter() - started)
+    block = block.replace("\n\n", f"\n\n`python -m bench.bench_quantized_lora "
+                          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n", 1)
+    print(block, flush=True)
+    if not args.no_record:
+        append_results(RESULTS_FILE, block)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -10,8 +10,11 @@ size that is cast and moved, then dropped. Peak host memory: the loaded model pl
 single tensor, whatever the shard size.
 
 A module that is complete (all of its own tensors read) is handed to `convert(name, module)`
-before the next one starts: that is where a frozen base is quantized layer by layer
-(ditctl.engine.precision), so not even the target-dtype copy of the full model exists.
+before the next one starts. A converter may also claim a module's tensors before they are read
+(`streamed_tensors`) and read them itself, a slice of rows at a time (`RowSource`,
+`convert_streamed`): that is how a frozen base is quantized (ditctl.engine.precision), so
+neither the target-dtype model nor even one whole layer of it in bf16 ever exists, and the
+peak is the quantized model plus one slice's intermediates.
 
 Only the safetensors container is read (an 8-byte little-endian header length, a JSON header
 of name -> dtype, shape, byte range, then the raw bytes): nothing is unpickled.
@@ -151,6 +154,37 @@ def read_tensor(stored: StoredTensor, dtype: torch.dtype | None = None,
     return buffer.to(device=device, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """A stored tensor not read yet, handed to a streaming converter that reads it a slice of
+    rows at a time (a quantizer: see `load_streaming`). `rows(start, stop)` returns rows
+    [start, stop) as `dtype` on `device`, read with one `readinto` of just those bytes."""
+
+    stored: StoredTensor
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return read_rows(self.stored, start, stop, self.dtype, self.device)
+
+
+def read_rows(stored: StoredTensor, start: int, stop: int, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows [start, stop) of a stored tensor (along its first dimension) as `dtype` on
+    `device`: a row-major tensor's rows are one contiguous byte range, read on their own."""
+    if not stored.shape or not 0 <= start <= stop <= stored.shape[0]:
+        raise ValueError(f"rows {start}:{stop} of {stored.key} {list(stored.shape)}")
+    row_bytes = stored.nbytes // stored.shape[0] if stored.shape[0] else 0
+    part = StoredTensor(stored.file, stored.key, stored.dtype,
+                        (stop - start, *stored.shape[1:]), stored.offset + start * row_bytes,
+                        (stop - start) * row_bytes)
+    return read_tensor(part, dtype, device)
+
+
 def load_streaming(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype,
                    device: torch.device | str = "cpu", convert: Convert | None = None,
                    ignore: Iterable[str] = (), tied: dict[str, str] | None = None,
@@ -162,6 +196,13 @@ def load_streaming(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype,
     `ignore`: regexes of stored names to skip (e.g. recomputed tables). `tied`: names that are
     the same tensor as another (target -> source), restored after loading. Stored names the
     module lacks and module tensors nothing was stored for are errors.
+
+    A `convert` with a `streamed_tensors(name, module)` method may claim tensors of a module
+    before they are read (a quantizer claims a Linear's weight): those are not read here but
+    handed as `RowSource`s to `convert.convert_streamed(name, module, {tensor_name: source})`
+    once the module's other tensors are in, and its result replaces the module. The claimed
+    tensor is then never whole in memory in any dtype: the converter reads it a slice of rows
+    at a time.
     """
     folder = Path(folder)
     stored = stored_tensors(folder)
@@ -188,19 +229,30 @@ def load_streaming(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype,
     for key in tied:
         by_module.setdefault(key.rpartition(".")[0], [])
     root = module
+    streamed = getattr(convert, "streamed_tensors", None)
     with torch.no_grad():
         for module_name, keys in by_module.items():
             owner = root.get_submodule(module_name) if module_name else root
+            is_tied = any(key in tied for key in _own_keys(owner, module_name))
+            claimed = set() if is_tied or streamed is None else set(streamed(module_name, owner))
+            sources = {}
             for key in keys:
                 name = key.rpartition(".")[2]
                 item = stored[key]
                 target = dtype if item.dtype.is_floating_point and not (
                     keep_dtype and keep_dtype(key)) else item.dtype
+                if name in claimed and item.shape:
+                    sources[name] = RowSource(item, target, torch.device(device))
+                    continue
                 tensor = read_tensor(item, target, device)
                 _assign(owner, name, tensor)
-            if any(key in tied for key in _own_keys(owner, module_name)):
+            if is_tied:
                 continue  # tied tensors are restored (and converted) after everything is read
-            root = _convert(root, module_name, owner, convert)
+            if sources:
+                root = _replace(root, module_name, owner,
+                                convert.convert_streamed(module_name, owner, sources))
+            else:
+                root = _convert(root, module_name, owner, convert)
         for target_key, source_key in tied.items():
             source = _lookup(root, source_key)
             parent_name, _, name = target_key.rpartition(".")
@@ -241,7 +293,11 @@ def _convert(root: torch.nn.Module, module_name: str, owner: torch.nn.Module,
              convert: Convert | None) -> torch.nn.Module:
     if convert is None:
         return root
-    replacement = convert(module_name, owner)
+    return _replace(root, module_name, owner, convert(module_name, owner))
+
+
+def _replace(root: torch.nn.Module, module_name: str, owner: torch.nn.Module,
+             replacement: "torch.nn.Module | None") -> torch.nn.Module:
     if replacement is None or replacement is owner:
         return root
     if not module_name:

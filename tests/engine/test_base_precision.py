@@ -230,3 +230,115 @@ def test_sliced_dequantization_equals_torchaos(precision):
                 assert torch.equal(ours.to(torch.bfloat16), layer.weight.dequantize())
     finally:
         module.DEQUANTIZE_CHUNK = original
+
+
+def _parts_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every stored part (data, scales, zero points, NF4's nested state) equal bit for bit."""
+    from ditctl.engine.precision import _tensor_parts
+
+    pa, pb = _tensor_parts(a), _tensor_parts(b)
+    if len(pa) != len(pb):
+        return False
+    for x, y in zip(pa, pb):
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if x.dtype.itemsize == 1:  # float8 has no equality kernel on every build: compare bytes
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        if not torch.equal(x, y):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8", "nf4"])
+@pytest.mark.parametrize("shape", [(300, 48), (323, 40), (70, 3072)])
+def test_quantizing_a_slice_of_rows_at_a_time_equals_the_whole_weight(precision, shape):
+    """Streaming quantizes a weight a few rows at a time (bounded memory); the stored result is
+    bit-identical to the libraries quantizing the whole weight at once (torchao's quantize_,
+    bitsandbytes' Params4bit), including ragged last slices and NF4 blocks that straddle rows
+    (40 weights a row: slices are rounded to whole 64-weight blocks) and its double-quantized
+    scales (their mean is over every block)."""
+    from ditctl.engine.precision import QuantizedLinear, dequantize, quantize_weight
+
+    torch.manual_seed(0)
+    weight = (torch.randn(shape) * 0.02).to(torch.bfloat16)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16)
+    linear.weight.data.copy_(weight)
+    whole = QuantizedLinear.from_linear(linear, precision).weight
+    calls = []
+
+    def rows(start, stop):
+        calls.append(stop - start)
+        return weight[start:stop].clone()
+
+    sliced = quantize_weight(rows, shape, precision, chunk=shape[1] * 7)
+    assert len(calls) > 3 and max(calls) < shape[0]  # several slices, never the whole weight
+    assert _parts_equal(whole, sliced)
+    assert torch.equal(dequantize(whole, precision, torch.float32),
+                       dequantize(sliced, precision, torch.float32))
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nf4"])
+def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, precision,
+                                                                      monkeypatch):
+    """load_streaming hands the quantizer each block Linear's weight unread and it quantizes
+    it from the file in slices: the model is the one quantizing the loaded bf16 model gives."""
+    from safetensors.torch import save_file
+
+    from ditctl.engine import precision as module
+    from ditctl.models import streaming
+    from ditctl.models.flite_dit import DiT
+    from ditctl.models.streaming import load_streaming
+
+    config = dict(in_channels=16, patch_size=2, hidden_size=128, depth=2, num_heads=2,
+                  mlp_ratio=4.0, cross_attn_input_size=64, residual_v=True,
+                  train_bias_and_rms=False, use_rope=True)
+    torch.manual_seed(0)
+    reference = DiT(**config).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.normal_(0.0, 0.02)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()
+               if not k.startswith("rope")}, tmp_path / "model.safetensors")
+    convert = module.quantizer(precision)
+    for name, layer in list(reference.named_modules()):
+        replacement = convert(name, layer)
+        if replacement is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent), child, replacement)
+    monkeypatch.setattr(module, "QUANTIZE_CHUNK", 128 * 5)  # 5 rows a slice
+    read = []
+    original = module.QuantizedLinear.from_rows.__func__
+
+    def from_rows(cls, linear, source, precision):
+        read.append(source.shape)
+        return original(cls, linear, source, precision)
+
+    monkeypatch.setattr(module.QuantizedLinear, "from_rows", classmethod(from_rows))
+    slices = []
+    read_rows = streaming.read_rows
+
+    def spy(stored, start, stop, *args, **kwargs):
+        slices.append((stored.key, stop - start, stored.shape[0]))
+        return read_rows(stored, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "read_rows", spy)
+    with torch.device("meta"):
+        streamed = DiT(**config)
+    streamed = load_streaming(streamed, tmp_path, dtype=torch.bfloat16, convert=convert,
+                              ignore=DiT._keys_to_ignore_on_load_unexpected)
+    quantized = {n: m for n, m in reference.named_modules()
+                 if isinstance(m, module.QuantizedLinear)}
+    assert len(read) == len(quantized) > 0  # every block Linear came through the sliced path
+    # each weight was read from the file a few rows at a time (5 rows of 128, 10 of 64)
+    assert {key for key, _, _ in slices} == {n + ".weight" for n in quantized}
+    assert all(rows <= 10 and rows < total for _, rows, total in slices), slices
+    for name, layer in streamed.named_modules():
+        assert isinstance(layer, module.QuantizedLinear) == (name in quantized), name
+        if name in quantized:
+            assert _parts_equal(layer.weight, quantized[name].weight), name
+    expected = {k: v for k, v in reference.state_dict().items() if ".weight" not in k
+                or not any(k.startswith(q + ".") for q in quantized)}
+    state = streamed.state_dict()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor) and not key.startswith("rope"):
+            assert torch.equal(state[key], value), key

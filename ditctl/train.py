@@ -167,8 +167,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     data.source = make_source(ws, config, family, rows)
     ctx = TrainingContext(accelerator, family, config, data, schedule, seed, training_run,
                           denoiser, info,
-                          sampler=make_sampler(ws, config, family, training_run, data.source),
-                          evaluator=make_evaluator(ws, config, family, training_run, data.source))
+                          sampler=make_sampler(ws, config, family, training_run, data.source,
+                                               writes=accelerator.is_main_process),
+                          evaluator=make_evaluator(ws, config, family, training_run, data.source,
+                                                   writes=accelerator.is_main_process))
     try:
         result = train_loop(ctx, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as exc:

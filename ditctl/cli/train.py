@@ -15,7 +15,7 @@ from ._options import JsonOption, WorkspaceOption, config_flags
 from .launch import CHILD_ENV, launch_processes
 
 
-@config_flags("model", "data", "train", "lora")
+@config_flags("model", "data", "train", "lora", "distributed")
 def train(
     workspace: WorkspaceOption = None,
     lora: Annotated[bool, typer.Option(

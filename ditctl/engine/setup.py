@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
 from ..runs import is_complete_checkpoint, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
+from .sharding import check_fsdp_config
 from .precision import check_base_precision, quantizer, resolve_base_precision, storage_dtype
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,6 +70,7 @@ def build_denoiser(family: ModelFamily, config: Config,
     lora = config.lora
     frozen_base = lora.use_lora and lora.train_only_lora
     check_training_precision(config)
+    check_fsdp_config(config)
     if lora.lora_checkpoint and not lora.use_lora:
         raise ConfigError("[lora] lora_checkpoint is set but use_lora is false",
                           hint="add --use-lora (or --lora)")

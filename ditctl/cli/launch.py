@@ -53,7 +53,7 @@ def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *
     so the run folder) must be on a filesystem every node sees; node 0 holds its lock."""
     dist = config.distributed
     if (config.train.num_processes <= 1 and dist.nnodes <= 1) or os.environ.get(CHILD_ENV) \
-            or "WORLD_SIZE" in os.environ:
+            or "WORLD_SIZE" in os.environ or dry_run:  # a plan needs no processes started
         return False
     overrides = {k: v for k, v in overrides.items() if k != "train.num_processes"}
     if not resume and not dry_run and not config.train.run_name:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -199,7 +200,9 @@ def load_trained_weights(checkpoint: Path, denoiser: torch.nn.Module) -> None:
     if unknown:
         raise CheckpointError(f"{checkpoint} has weights this model lacks: {unknown[:3]}",
                               hint="it was trained on another model configuration")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # no process group here on purpose (one process reads every shard): DCP's note on it
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single")
         # one block's worth at a time keeps DCP's planning (and any staging) small
         for group in _by_block(names):
             targets = {MODEL + n: own[n].data for n in group}

@@ -14,7 +14,7 @@ import torch
 from ..config import Config
 from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
-from ..runs import is_complete_checkpoint, verify_checkpoint
+from ..runs import is_complete_checkpoint, is_sharded, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
 from .sharding import check_fsdp_config
 from .precision import check_base_precision, quantizer, resolve_base_precision, storage_dtype
@@ -131,8 +131,10 @@ def _adapter_folder(path: str) -> Path:
     whose files are then checked against its manifest like any other load)."""
     folder = Path(path)
     folder = folder if folder.is_dir() else folder.parent
-    if is_complete_checkpoint(folder):
-        verify_checkpoint(folder)
+    if is_complete_checkpoint(folder) and is_sharded(verify_checkpoint(folder)):
+        raise ConfigError(f"[lora] lora_checkpoint {folder} is a sharded (fsdp) checkpoint",
+                          hint=f"export its adapter first (`ditctl export --checkpoint {folder}`) "
+                               "and start from the exported folder")
     return folder
 
 

@@ -124,7 +124,7 @@ def test_kill_9_then_resume_on_two_is_bit_identical(runs, tiny_model_dir):
     deadline = time.time() + 240
     while time.time() < deadline and not (checkpoint(ws, 2) / "checkpoint.json").is_file():
         time.sleep(0.1)
-    for pid in reversed(descendants(proc.pid)) + [proc.pid]:  # kill -9, no clean stop
+    for pid in [*reversed(descendants(proc.pid)), proc.pid]:  # kill -9, no clean stop
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

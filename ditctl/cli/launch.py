@@ -19,6 +19,7 @@ from typing import Any
 from ..config import Config
 from ..console import console
 from ..errors import ConfigError, TrainingError
+from ..runs import resolve_checkpoint
 from ..workspace import Workspace
 
 CHILD_ENV = "DITCTL_LAUNCHED"
@@ -68,9 +69,14 @@ def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *
                str(port), "-m", "ditctl", "train", "--workspace", str(ws.root),
                *_flag_args(overrides)]
     if resume:
-        command += ["--resume", resume]
-    if run:
-        command += ["--run", run]
+        # resolved here, so every process (and node) reads the same checkpoint; and the children
+        # get no `--run`, which torch.distributed.run's parser takes for its own `--run-path`
+        checkpoint = resolve_checkpoint(ws.runs_dir(config), resume,
+                                        run=run or config.train.run_name)
+        command += ["--resume", str(checkpoint)]
+    elif run:
+        raise ConfigError("--run picks the run to resume; it needs --resume",
+                          hint="name a new run with --run-name, or add --resume latest")
     if force:
         command.append("--force")
     if dry_run:

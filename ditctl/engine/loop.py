@@ -25,7 +25,7 @@ from .context import TrainingContext, TrainingData
 from .monitor import Monitor
 from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
 from .optim import build_optimizer, build_scheduler
-from .sharding import clip_sharded_grad_norm, gradient_sync, is_fsdp, shard_denoiser
+from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
 
 
 @dataclass
@@ -198,8 +198,9 @@ def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[in
 
 def _sync_context(acc, model, sync: bool, sharded: bool):
     """Gradients are exchanged on the last micro-batch of a step only."""
-    if sharded:
-        return gradient_sync(model, sync)
+    if sharded:  # FSDP reads its flag in the backward, after this block: set, not scoped
+        set_gradient_sync(model, sync)
+        return nullcontext()
     return nullcontext() if sync else acc.no_sync(model)
 
 
@@ -212,7 +213,8 @@ def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer, sche
 
         meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}
         return save_sharded_checkpoint(ctx.run.folder, position, model, optimizer, scheduler,
-                                       meta, rng_state(), keep=ctx.config.train.checkpoints_total_limit)
+                                       meta, rng_state(),
+                                       keep=ctx.config.train.checkpoints_total_limit)
     folder = None
     if acc.is_main_process:
         meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}

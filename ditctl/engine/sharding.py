@@ -22,9 +22,6 @@ gather, logging).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 
 from ..config import Config
@@ -101,14 +98,11 @@ def shard_denoiser(denoiser: torch.nn.Module, config: Config, device: torch.devi
     fully_shard(denoiser, mesh=mesh, mp_policy=policy, offload_policy=offload)
 
 
-@contextmanager
-def gradient_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
-    """FSDP2's no_sync: gradients of non-final micro-batches stay unsharded and local."""
+def set_gradient_sync(model: torch.nn.Module, sync: bool) -> None:
+    """FSDP2's no_sync: gradients of non-final micro-batches stay unsharded and local. FSDP
+    reads the flag in the backward pass, so it is set before the forward and stays in effect;
+    the step's last micro-batch sets it back on."""
     model.set_requires_gradient_sync(sync)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def clip_sharded_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

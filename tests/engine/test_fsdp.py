@@ -177,14 +177,17 @@ def test_export_of_an_fsdp_checkpoint_passes_parity_and_loads_back(runs):
 @pytest.mark.slow
 def test_lora_on_a_sharded_base_over_two_nodes_matches_one_process(tmp_path, tiny_model_dir):
     """Two "nodes" on 127.0.0.1 (one process each, --nnodes 2) train LoRA on an FSDP-sharded
-    frozen base and checkpoint; the result equals single-process LoRA training."""
+    frozen base with gradient accumulation and checkpoint; the result equals single-process
+    LoRA training at the same global batch."""
     lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 4}
     reference = make_workspace(tmp_path / "ref", tiny_model_dir, n_train=8, lora=lora)
     train(reference, "--train-batch-size", "4", *STEPS)
     ws = make_workspace(tmp_path / "nodes", tiny_model_dir, n_train=8, lora=lora)
     from ditctl.cli.launch import _free_port
 
-    common = ["--strategy", "fsdp", "--train-batch-size", "2", "--nnodes", "2",
+    # 1 sample x 2 micro-batches x 2 processes = the reference's 4: also FSDP's no-sync
+    common = ["--strategy", "fsdp", "--train-batch-size", "1", "--gradient-accumulation-steps",
+              "2", "--nnodes", "2",
               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *STEPS]
     nodes = [subprocess.Popen([sys.executable, "-m", "ditctl", "train", "-w", str(ws.root),
                                *common, "--node-rank", str(rank)], env=ENV,
@@ -209,18 +212,6 @@ MEASURE = textwrap.dedent("""
     from ditctl.models.flite_dit import DiT
     from ditctl.models.tiny import tiny_dit_config
 
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model = DiT(**tiny_dit_config(32, hidden=64, depth=4))
-    if sys.argv[2] == "fsdp":
-        config = build_config({"distributed": {"strategy": "fsdp"}})
-        shard_denoiser(model, config, torch.device("cpu"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, t = torch.randn(2, 16, 8, 8), torch.rand(2)
-    model(x, torch.randn(2, 5, 32), t).square().mean().backward()
-    optimizer.step()
-    params = list(model.parameters())
-
     def held(tensors):  # bytes of the distinct storages behind this process's local tensors
         storages = {}
         for t in tensors:
@@ -228,34 +219,43 @@ MEASURE = textwrap.dedent("""
             storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
 
-    sizes = {"params": held(params),
-             "grads": held(p.grad for p in params if p.grad is not None),
-             "optimizer": held(v for s in optimizer.state.values() for v in s.values()
-                               if v.dim() > 0)}
+    def measure(sharded):
+        torch.manual_seed(0)
+        model = DiT(**tiny_dit_config(32, hidden=64, depth=4))
+        if sharded:
+            shard_denoiser(model, build_config({"distributed": {"strategy": "fsdp"}}),
+                           torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, t = torch.randn(2, 16, 8, 8), torch.rand(2)
+        model(x, torch.randn(2, 5, 32), t).square().mean().backward()
+        optimizer.step()
+        params = list(model.parameters())
+        return {"params": held(params),
+                "grads": held(p.grad for p in params if p.grad is not None),
+                "optimizer": held(v for s in optimizer.state.values() for v in s.values()
+                                  if v.dim() > 0)}
+
+    dist.init_process_group("gloo")
+    whole = measure(False)  # what one process holds alone (ddp, or a single process)
     with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as fh:
-        json.dump(sizes, fh)
+        json.dump({"whole": whole, "fsdp": measure(True)}, fh)
 """)
 
 
 @pytest.mark.slow
 def test_fsdp_halves_per_process_parameter_gradient_and_optimiser_bytes(tmp_path):
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE)
-    measured = {}
     from ditctl.cli.launch import _free_port
 
-    for label, processes, strategy in (("one", 1, "ddp"), ("fsdp", 2, "fsdp")):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                        str(processes), "--master_port", str(_free_port()), str(script),
-                        str(tmp_path / label), strategy], env=ENV, check=True,
-                       capture_output=True)
-        measured[label] = [json.loads((tmp_path / f"{label}.{r}").read_text())
-                           for r in range(processes)]
-    single = measured["one"][0]
-    for rank in measured["fsdp"]:
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(_free_port()), str(script), str(tmp_path / "bytes")],
+                   env=ENV, check=True, capture_output=True)
+    for rank in (0, 1):
+        measured = json.loads((tmp_path / f"bytes.{rank}").read_text())
         for kind in ("params", "grads", "optimizer"):
-            ratio = rank[kind] / single[kind]
-            assert 0.45 <= ratio <= 0.56, (kind, ratio)  # half, plus FSDP's padding
+            ratio = measured["fsdp"][kind] / measured["whole"][kind]
+            assert 0.45 <= ratio <= 0.56, (rank, kind, ratio)  # half, plus FSDP's padding
 
 
 def test_fsdp_plan_splits_state_across_processes(tmp_path, tiny_model_dir, cli, monkeypatch):

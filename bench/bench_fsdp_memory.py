@@ -46,8 +46,9 @@ MEASURE = textwrap.dedent("""
                        torch.device("cpu"))
         run = model
     else:
-        run = torch.nn.parallel.DistributedDataParallel(model) if dist.get_world_size() > 1 \\
-            else model
+        # block 0's value-residual mix gets no gradient (there is no earlier V to mix in)
+        run = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) \\
+            if dist.get_world_size() > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for _ in range(2):
         x, t = torch.randn(1, 16, 32, 32), torch.rand(1)

@@ -110,6 +110,28 @@ def test_fsdp_full_finetune_matches_one_process(runs):
     shards = sorted(name for name in meta["files"] if name.startswith("shards/"))
     assert [Path(n).name.split("-model")[0] for n in shards] == ["shard-00001", "shard-00002"]
     assert not list(checkpoint(sharded, 4).rglob(".metadata"))  # DCP's pickle: never written
+    # only global rank 0 logs
+    assert len((sharded.root / "runs" / "r" / "train_log.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_a_damaged_or_missing_shard_is_refused_naming_it(runs, tmp_path):
+    from ditctl.errors import CheckpointError
+    from ditctl.runs import verify_checkpoint
+
+    _, _, sharded = runs
+    for damage in ("missing", "flipped"):
+        copy = tmp_path / damage / "runs" / "r" / "checkpoints" / "step-000004"
+        shutil.copytree(checkpoint(sharded, 4), copy)
+        shard = copy / "shards" / "shard-00002-model-00001-of-00001.safetensors"
+        if damage == "missing":
+            shard.unlink()
+        else:
+            data = bytearray(shard.read_bytes())
+            data[-1] ^= 0xFF
+            shard.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="shards/shard-00002"):
+            verify_checkpoint(copy)
 
 
 @pytest.mark.slow

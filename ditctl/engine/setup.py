@@ -24,7 +24,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def make_accelerator(config: Config, project_dir=None):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     precision = config.train.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -41,8 +41,13 @@ def make_accelerator(config: Config, project_dir=None):
                               "logs without an account), or --report-to tensorboard") from None
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) \
         if project_dir else None
+    # F-Lite's first block has a parameter that never gets a gradient (its value-residual mix:
+    # there is no earlier V): when base weights train, DDP must be told, or its second step fails
+    trains_base = not (config.lora.use_lora and config.lora.train_only_lora)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if trains_base else []
     return Accelerator(mixed_precision=precision, log_with=log_with or None,
-                       project_config=project, cpu=not torch.cuda.is_available())
+                       project_config=project, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=handlers)
 
 
 def process_state():

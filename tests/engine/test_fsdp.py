@@ -115,6 +115,17 @@ def test_fsdp_full_finetune_matches_one_process(runs):
 
 
 @pytest.mark.slow
+def test_ddp_full_finetune_on_two_processes_matches_one_process(runs, tiny_model_dir):
+    """The ddp counterpart (a parameter without a gradient, F-Lite's first-block value mix,
+    once made DDP's second step fail)."""
+    root, reference, _ = runs
+    ws = make_workspace(root / "ddp2", tiny_model_dir, n_train=8)
+    train(ws, "--num-processes", "2", "--train-batch-size", "2", "--max-steps", "2", *STEPS[2:])
+    want, got = losses(reference), losses(ws)
+    assert [got[s] for s in (1, 2)] == pytest.approx([want[s] for s in (1, 2)], rel=LOSS_REL)
+
+
+@pytest.mark.slow
 def test_a_damaged_or_missing_shard_is_refused_naming_it(runs, tmp_path):
     from ditctl.errors import CheckpointError
     from ditctl.runs import verify_checkpoint

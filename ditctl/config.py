@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ except ModuleNotFoundError:  # Python 3.10: the backport (a dependency there)
     import tomli as tomllib
 
 PRECISIONS = ("no", "fp16", "bf16")
+# Seeds go to numpy's generator too (accelerate's set_seed), which takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
 
 def opt(
@@ -40,6 +43,7 @@ def opt(
     min: float | None = None,
     max: float | None = None,
     min_exclusive: bool = False,
+    max_exclusive: bool = False,
     check: Callable[[Any], str | None] | None = None,
     aliases: tuple[str, ...] = (),
     flag: bool = True,
@@ -50,7 +54,7 @@ def opt(
     (the guide's names for the same thing). `flag=False` keeps a key out of the command line.
     """
     meta = dict(help=help, choices=choices, min=min, max=max, min_exclusive=min_exclusive,
-                check=check, aliases=aliases, flag=flag)
+                max_exclusive=max_exclusive, check=check, aliases=aliases, flag=flag)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -142,15 +146,18 @@ class TrainConfig:
                             choices=("linear", "cosine", "constant"))
     num_warmup_steps: int = opt(0, "Steps of linear warm-up from 0 to learning_rate.", min=0)
     use_8bit_adam: bool = opt(False, "Use bitsandbytes' 8-bit AdamW (smaller optimiser state).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
-    adam_beta2: float = opt(0.95, "AdamW beta2 (F-Lite uses 0.95).", min=0.0, max=1.0)
+    # beta = 1 never updates the moment and divides by 1 - beta^t = 0 in the bias correction
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0, max_exclusive=True)
+    adam_beta2: float = opt(0.95, "AdamW beta2 (F-Lite uses 0.95).", min=0.0, max=1.0,
+                            max_exclusive=True)
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0, min_exclusive=True)
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
                                               "to save memory.")
     mixed_precision: str = opt("no", "Autocast precision; trained weights stay fp32.",
                                choices=PRECISIONS)
-    seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0)
+    seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0,
+                           max=MAX_SEED)
     batch_multiplicity: int = opt(
         1, "Repeat each sample this many times per batch, each with its own noise and timestep.",
         min=1)
@@ -252,7 +259,8 @@ class SampleConfig:
                             min=16, check=_multiple_of_16)
     height: int | None = opt(None, "Image height (default: the training resolution, else 1024).",
                              min=16, check=_multiple_of_16)
-    seed: int = opt(0, "Base seed; image k of prompt p always gets the same derived seed.", min=0)
+    seed: int = opt(0, "Base seed; image k of prompt p always gets the same derived seed.", min=0,
+                    max=MAX_SEED)
     num_images_per_prompt: int = opt(1, "Images per prompt.", min=1)
     batch_size: int = opt(1, "Images generated together.", min=1)
     apg: bool = opt(False, "Adaptive projected guidance instead of plain CFG.")
@@ -398,7 +406,18 @@ def _coerce_scalar(hint: Any, value: Any) -> Any:
     }[hint]
     if not ok:
         raise ValueError(f"expected {_type_name(hint)}, got {type(value).__name__}")
-    return float(value) if hint is float else value
+    if hint is float:
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):  # nan would pass every range comparison
+            raise ValueError("expected a finite number")
+    return value
+
+
+def _number(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
 
 def _range_error(spec: dataclasses.Field, value: Any) -> str | None:
@@ -409,9 +428,9 @@ def _range_error(spec: dataclasses.Field, value: Any) -> str | None:
         return "must be one of " + ", ".join(repr(c) for c in meta["choices"])
     low, high = meta["min"], meta["max"]
     if low is not None and (value < low or (meta["min_exclusive"] and value == low)):
-        return f"must be {'>' if meta['min_exclusive'] else '>='} {low:g}"
-    if high is not None and value > high:
-        return f"must be <= {high:g}"
+        return f"must be {'>' if meta['min_exclusive'] else '>='} {_number(low)}"
+    if high is not None and (value > high or (meta["max_exclusive"] and value == high)):
+        return f"must be {'<' if meta['max_exclusive'] else '<='} {_number(high)}"
     if meta["check"] is not None:
         return meta["check"](value)
     return None
@@ -501,6 +520,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file", hint="run `ditctl init NAME` to create a workspace")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})", hint="fix the syntax at that line")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start}); TOML files are UTF-8",
+                          hint=f"save {Path(path).name} as UTF-8") from None
 
 
 def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:

@@ -6,6 +6,11 @@ Library code raises these; the CLI turns them into one line on stderr plus the n
 
 from __future__ import annotations
 
+# Exit status of a command stopped by SIGTERM or Ctrl-C after saving what it needs to continue
+# (train: the resume checkpoint). sysexits' EX_TEMPFAIL: "try again later" — not success, so
+# `ditctl train && ditctl export` and job schedulers see an unfinished run.
+EXIT_INTERRUPTED = 75
+
 
 class DitctlError(Exception):
     """A problem the user can fix. `hint` says how (the next command or the flag to change)."""
@@ -51,6 +56,10 @@ class CheckpointError(DitctlError):
 
 class TrainingError(DitctlError):
     """Training cannot go on (non-finite loss, out of memory, ...)."""
+
+
+class DiskError(DitctlError):
+    """A write failed for lack of room: the disk or quota is full, or a file-size limit hit."""
 
 
 class ExportError(DitctlError):

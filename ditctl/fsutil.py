@@ -8,15 +8,40 @@ either the old content or the new, plus at worst a `.tmp-*` leftover that `clean
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 TEMP_PREFIX = ".tmp-"
+
+# A write that fails for lack of room, whatever the file: the user frees space or raises a limit.
+_NO_ROOM = {errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EFBIG: "the file would exceed the file-size limit (`ulimit -f`) or what the "
+                         "filesystem allows"}
+
+
+def no_room_error(path: Path | str, exc: BaseException):
+    """A DiskError naming `path` when `exc` is a write that failed for lack of room, else None."""
+    from .errors import DiskError
+
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # writers in Rust (safetensors) report the OS error in their message
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code not in _NO_ROOM:
+        return None
+    return DiskError(f"cannot write {path}: {_NO_ROOM[code]}; nothing was half-written "
+                     "(the previous content is intact)",
+                     hint="free some space (e.g. `ditctl precompute --gc`, a lower "
+                          "checkpoints_total_limit) or raise the limit, then run the command "
+                          "again")
 
 
 def _umask() -> int:
@@ -50,9 +75,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        no_room = no_room_error(path, exc)
+        if no_room is not None:
+            raise no_room from None
         raise
     fsync_dir(path.parent)
 
@@ -69,7 +97,11 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `final`; rename it to `final` when the block succeeds.
 
-    With `replace`, an existing `final` is swapped out only after the new folder is complete.
+    With `replace`, an existing `final` is swapped out only after the new folder is complete:
+    it is renamed to `.tmp-<name>.old`, the new folder renamed into place, and the old one
+    deleted. At every instant the old or the new folder is complete under a known name; a kill
+    between the two renames leaves `final` missing and the old one as `.tmp-<name>.old`, which
+    `restore_replaced` (run by the next command before it removes leftovers) puts back.
     On any error (or a kill) the temporary folder is removed or left as a `.tmp-*` leftover,
     and `final` is untouched.
     """
@@ -84,18 +116,55 @@ def atomic_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
                 with open(os.path.join(root, name), "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists() and replace:
-            old = final.with_name(TEMP_PREFIX + final.name + ".old")
-            if old.exists():
+            old = replaced_name(final)
+            if old.exists():  # a leftover of an earlier replace that finished its renames
                 shutil.rmtree(old)
             os.replace(final, old)
+            fsync_dir(final.parent)
+            _between_renames(final)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)  # fails if final exists: never overwrite silently
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replace:  # failed between the renames: the old folder goes back at once
+            restore_replaced(final.parent, only=final.name)
+        no_room = no_room_error(final, exc)
+        if no_room is not None:
+            raise no_room from None
         raise
+
+
+def replaced_name(final: Path) -> Path:
+    """Where `atomic_dir(replace=True)` keeps the old `final` while it swaps in the new one."""
+    return Path(final).with_name(TEMP_PREFIX + Path(final).name + ".old")
+
+
+def _between_renames(final: Path) -> None:
+    """Kill injection point for tests (the instant `final` is absent); does nothing."""
+
+
+def restore_replaced(folder: Path, only: str | None = None) -> list[Path]:
+    """Put back folders that a replace killed between its renames had moved aside
+    (`.tmp-<name>.old` whose `<name>` is missing): the old content is complete, the new one
+    never finished. Returns the restored paths. Call before removing `.tmp-*` leftovers.
+    `only`: just the folder of that name."""
+    restored = []
+    for entry in temp_leftovers(folder):
+        if not entry.name.endswith(".old") or not entry.is_dir():
+            continue
+        final = entry.with_name(entry.name[len(TEMP_PREFIX):-len(".old")])
+        if only is not None and final.name != only:
+            continue
+        if final.name and not final.exists():
+            os.replace(entry, final)
+            restored.append(final)
+    if restored:
+        fsync_dir(Path(folder))
+    return restored
 
 
 class HashingWriter:

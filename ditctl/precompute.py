@@ -45,6 +45,7 @@ from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, sta
 from .errors import DataError
 from .fsutil import atomic_write_bytes, check_free_space, clean_temp, folder_size
 from .models.base import ModelFamily
+from .procutil import worker_started
 from .models.registry import load_family
 from .workspace import Workspace
 
@@ -332,6 +333,7 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
         _ImageJobs(jobs, config.data.center_crop, config.data.max_image_pixels),
         batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
         collate_fn=_stack_batch, persistent_workers=workers > 0,
+        worker_init_fn=worker_started,  # workers die with us and never keep the lock
         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
     batches = iter(loader)  # workers start, and decode ahead, while the VAE loads
     try:

@@ -48,14 +48,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .console import console
 from .errors import CheckpointError
-from .fsutil import HashingWriter, remove_leftovers, temp_leftovers
+from .fsutil import (TEMP_PREFIX, HashingWriter, remove_leftovers, restore_replaced,
+                     temp_leftovers)
 
 try:
     import tomllib
@@ -197,7 +200,13 @@ def torn_temporaries(runs_dir: Path) -> list[Path]:
 
 def clean_torn_checkpoints(runs_dir: Path) -> tuple[int, int]:
     """Delete the torn checkpoint folders of killed runs; (how many, bytes reclaimed).
-    Only a command holding the workspace lock may call this (no checkpoint is being written)."""
+    Only a command holding the workspace lock may call this (no checkpoint is being written).
+    A checkpoint that a killed re-save had moved aside is put back first."""
+    runs_dir = Path(runs_dir)
+    if runs_dir.is_dir():
+        for run in runs_dir.iterdir():
+            if run.is_dir():
+                restore_replaced(checkpoints_dir(run))
     torn = torn_temporaries(runs_dir)
     return len(torn), remove_leftovers(torn)
 
@@ -378,8 +387,27 @@ class _Problem(Exception):
     """What is wrong with a checkpoint (turned into a CheckpointError with a hint)."""
 
 
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a checkpoint (pruning): renamed out of sight first, so that a reader (eval during
+    training) sees it vanish whole rather than half-deleted, and is told it was removed."""
+    checkpoint = Path(checkpoint)
+    doomed = checkpoint.with_name(f"{TEMP_PREFIX}{checkpoint.name}.pruned")
+    try:
+        os.replace(checkpoint, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _gone(checkpoint: Path) -> _Problem:
+    return _Problem(f"checkpoint {describe(checkpoint)} no longer exists: it was removed while "
+                    "in use (training keeps only the newest checkpoints_total_limit checkpoints)")
+
+
 def _marker(checkpoint: Path) -> dict:
     marker = Path(checkpoint) / CHECKPOINT_MARKER
+    if not Path(checkpoint).exists():
+        raise _gone(checkpoint)
     if not marker.is_file():
         raise _Problem(f"{checkpoint} is not a complete ditctl checkpoint (no {CHECKPOINT_MARKER})")
     try:
@@ -453,6 +481,8 @@ def _checked(checkpoint: Path, contents: bool) -> dict:
         try:
             stat = (checkpoint / name).stat()
         except FileNotFoundError:
+            if not checkpoint.exists():
+                raise _gone(checkpoint) from None
             raise _damaged(checkpoint, f"{name} is missing") from None
         if stat.st_size != record.get("bytes"):
             raise _damaged(checkpoint, f"{name} has {stat.st_size} bytes, its manifest says "
@@ -461,7 +491,12 @@ def _checked(checkpoint: Path, contents: bool) -> dict:
     key, signature = str(checkpoint.resolve()), tuple(signature)
     if contents and _verified.get(key) != signature:
         for name, record in sorted(files.items()):
-            if file_sha256(checkpoint / name) != record.get("sha256"):
+            try:
+                digest = file_sha256(checkpoint / name)
+            except FileNotFoundError:
+                raise (_gone(checkpoint) if not checkpoint.exists()
+                       else _damaged(checkpoint, f"{name} is missing")) from None
+            if digest != record.get("sha256"):
                 raise _damaged(checkpoint, f"{name} is damaged (its content does not match the "
                                            "sha256 in the manifest)")
         _verified[key] = signature
@@ -506,6 +541,8 @@ def previous_good_checkpoint(checkpoint: Path) -> Path | None:
 
 
 def _previous_hint(checkpoint: Path) -> str:
+    if not Path(checkpoint).exists():
+        return "use one that still exists: --checkpoint latest (`ditctl status` lists them)"
     previous = previous_good_checkpoint(checkpoint)
     if previous is None:
         return "no earlier good checkpoint of this run: start a new run with `ditctl train`"

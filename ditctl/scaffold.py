@@ -1,14 +1,22 @@
-"""Creating a workspace from `templates/`: project.toml, prompts.txt, .gitignore, model, data."""
+"""Creating a workspace from `templates/`: project.toml, prompts.txt, .gitignore, model, data.
+
+`--force` re-scaffolds an existing workspace under its lock, and destroys nothing a user made:
+runs, cache and exports are kept; a project.toml or prompts.txt that differs from what init
+last wrote (state.json records their sha256) is kept and the new one written next to it as
+`<name>.new`; and a model folder that runs were trained on is never replaced.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import activate_keys
-from .errors import WorkspaceError
+from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_text
 from .workspace import PROJECT_FILE, Workspace
 
@@ -52,6 +60,7 @@ class InitResult:
     model_path: Path
     example: dict[str, Any] | None = None
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what --force kept, and where it wrote
 
 
 def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
@@ -63,12 +72,20 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
     folder (validated, referenced by absolute path, never copied).
     """
     root = Path(root).resolve()
-    if (root / PROJECT_FILE).exists() and not force:
+    existing = (root / PROJECT_FILE).exists()
+    if existing and not force:
         raise WorkspaceError(f"{root} is already a workspace (it has {PROJECT_FILE})",
                              hint="pick another name, or pass --force to re-scaffold it "
                                   "(runs, cache and exports are kept)")
     if root.exists() and not root.is_dir():
         raise WorkspaceError(f"{root} exists and is not a folder", hint="pick another name")
+    # re-scaffolding changes the workspace: not while another command (training) uses it
+    with Workspace(root).lock("init --force") if existing else contextlib.nullcontext():
+        return _scaffold(root, model=model, example=example, seed=seed, existing=existing)
+
+
+def _scaffold(root: Path, *, model: str, example: bool, seed: int,
+              existing: bool) -> InitResult:
 
     if model not in BUILTIN_MODELS:
         from .models.flite_layout import validate_folder
@@ -79,8 +96,15 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
     ws = Workspace(root)
     settings: dict[str, dict[str, Any]] = {"model": {}}
 
+    notes: list[str] = []
+    runs = _trained_runs(ws) if existing else []
     if model in BUILTIN_MODELS:
         model_path = root / "model"
+        if model_path.exists() and runs:
+            raise WorkspaceError(
+                f"{model_path} is the base model of {len(runs)} run(s) in {runs[0].parent}; "
+                "init --force would replace it",
+                hint="keep it (leave --force out), or move the runs away (or the model) first")
         _build_builtin_model(model, model_path, seed)
         settings["model"]["pretrained_model_path"] = "model"
         if model == "tiny":
@@ -103,13 +127,57 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
         prompts = _prompt_header(prompts) + "\n".join(example_prompts()) + "\n"
 
     result.settings = settings
+    result.notes = notes
     toml = activate_keys((templates / "project.toml").read_text(), settings)
-    atomic_write_text(root / "prompts.txt", prompts)
+    previous = ws.read_state().get("init", {}) if existing else {}
+    written = previous.get("written", {})
+    written = {**written, "prompts.txt": _write_unless_edited(root / "prompts.txt", prompts,
+                                                              written, notes)}
     atomic_write_text(root / ".gitignore", (templates / "gitignore").read_text())
     # project.toml last: its presence marks a complete workspace
-    atomic_write_text(root / PROJECT_FILE, toml)
-    ws.update_state("init", {"model": str(model_path), "example": bool(example)})
+    written[PROJECT_FILE] = _write_unless_edited(root / PROJECT_FILE, toml, written, notes)
+    if runs and model not in BUILTIN_MODELS and written[PROJECT_FILE] == _sha256(toml) \
+            and previous.get("model") != str(model_path):
+        notes.append(f"{len(runs)} run(s) in {runs[0].parent} were trained on the model the "
+                     f"previous project.toml named; they are kept, and resuming them on "
+                     f"{model_path} is refused (unless --force)")
+    ws.update_state("init", {"model": str(model_path), "example": bool(example),
+                             "written": written})
     return result
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write_unless_edited(path: Path, text: str, written: dict[str, str],
+                         notes: list[str]) -> str:
+    """Write a user-editable file, unless the one there differs from what init last wrote
+    (`written`: name -> sha256): then the new one goes to `<name>.new`. Returns the sha256
+    init has now written under the name (the kept file's, when it was kept)."""
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current is not None and hashlib.sha256(current).hexdigest() != written.get(path.name):
+        if current == text.encode("utf-8"):
+            return _sha256(text)
+        atomic_write_text(path.with_name(path.name + ".new"), text)
+        notes.append(f"kept your {path.name}; the new one is {path.name}.new (compare and merge)")
+        return written.get(path.name, "")
+    atomic_write_text(path, text)
+    return _sha256(text)
+
+
+def _trained_runs(ws: Workspace) -> list[Path]:
+    """Run folders of the workspace (their checkpoints depend on its base model)."""
+    from .runs import list_runs
+
+    try:
+        runs_dir = ws.runs_dir(ws.config())
+    except DitctlError:  # an invalid project.toml: the default place
+        runs_dir = ws.root / "runs"
+    return list_runs(runs_dir)
 
 
 def _prompt_header(text: str) -> str:

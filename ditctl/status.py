@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from .config import Config
@@ -12,6 +15,9 @@ from .workspace import Workspace
 
 
 def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
+    """What the workspace holds. Counts come from the manifest and the cache index, which are
+    the truth (state.json only records what the last command reported: a kill between writing
+    the manifest and the state would leave it stale)."""
     state = ws.read_state()
     summary: dict[str, Any] = {"workspace": str(ws.root)}
 
@@ -25,13 +31,20 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
                             "problem": str(exc)}
 
     ingest = state.get("ingest")
+    counts = _manifest_counts(ws)
+    if counts is not None:
+        ingest = {**(ingest or {}), "train_count": counts["train"], "val_count": counts["val"]}
     summary["data"] = {"train_data_path": config.data.train_data_path,
                        "val_data_path": config.data.val_data_path,
                        "ingest": ingest,
                        "ingested_other_data": bool(ingest) and _ingested_other_data(ws, config,
                                                                                      ingest)}
     cache_dir = ws.cache_dir(config)
-    summary["cache"] = {"path": str(cache_dir), "precompute": state.get("precompute"),
+    precompute = state.get("precompute")
+    entries = _cache_entries(cache_dir)
+    if entries is not None:
+        precompute = {**(precompute or {}), "entries": entries}
+    summary["cache"] = {"path": str(cache_dir), "precompute": precompute,
                         "bytes": folder_size(cache_dir) if cache_dir.is_dir() else 0}
     runs = []
     for run in list_runs(ws.runs_dir(config)):
@@ -48,6 +61,25 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
                             torn_temporaries(ws.runs_dir(config)) + temp_leftovers(ws.exports_dir)]
     summary["next"] = next_step(summary)
     return summary
+
+
+def _manifest_counts(ws: Workspace) -> dict[str, int] | None:
+    from .data.manifest import manifest_counts  # sqlite and PIL, no torch
+
+    return manifest_counts(ws)
+
+
+def _cache_entries(cache_dir: Path) -> int | None:
+    """Complete entries in the cache index (data/cache.py's index.sqlite; read here with
+    sqlite alone, as that module needs torch)."""
+    index = cache_dir / "index.sqlite"
+    if not index.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+    except sqlite3.DatabaseError:
+        return None
 
 
 def _ingested_other_data(ws: Workspace, config: Config, ingest: dict[str, Any]) -> bool:

@@ -181,6 +181,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         raise TrainingError("out of memory (nothing was saved from the failed step): "
                             + str(exc).splitlines()[0],
                             hint="try " + "; ".join(memory_advice(config))) from exc
+    if result.checkpoint is None and checkpoint is not None:
+        result.checkpoint = checkpoint  # a finished run resumed: nothing new, its last checkpoint
     if accelerator.is_main_process:
         ws.update_state("train", {"run": training_run.name, "step": result.steps,
                                   "checkpoint": str(result.checkpoint) if result.checkpoint else None,

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 from .config import Config, load_config
 from .errors import LockError, WorkspaceError
 from .fsutil import atomic_write_json
+from .procutil import register_lock_fd, unregister_lock_fd
 
 PROJECT_FILE = "project.toml"
 STATE_DIR = ".ditctl"
@@ -108,12 +109,17 @@ class Workspace:
     def read_state(self) -> dict[str, Any]:
         """The machine-written state (what each command last did); {} for a new workspace."""
         try:
-            return json.loads(self.state_file.read_text())
+            state = json.loads(self.state_file.read_bytes())
         except FileNotFoundError:
             return {}
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or not UTF-8
             raise WorkspaceError(f"{self.state_file} is not valid JSON ({exc})",
+                                 hint=f"delete {self.state_file}; commands re-create it") from None
+        if not isinstance(state, dict):
+            raise WorkspaceError(f"{self.state_file} holds a JSON {type(state).__name__}, "
+                                 "not the object ditctl writes",
                                  hint=f"delete {self.state_file}; commands re-create it")
+        return state
 
     def update_state(self, section: str, values: dict[str, Any]) -> None:
         """Replace one section of the state file atomically (old state stays readable on a crash)."""
@@ -137,12 +143,7 @@ class Workspace:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(fd)
-                raise LockError(
-                    f"workspace {self.root} is busy: `{holder.get('command', '?')}` "
-                    f"(PID {holder.get('pid', '?')}, started {holder.get('started', '?')}) "
-                    "holds its lock",
-                    hint="wait for it to finish, or stop that process") from None
+                raise _busy(self, _read_holder(fd)) from None
             previous = _read_holder(fd)
             if previous.get("pid"):
                 console.warn(
@@ -151,22 +152,70 @@ class Workspace:
                     "taking it over")
             _write_holder(fd, {"pid": os.getpid(), "command": command, "host": socket.gethostname(),
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            register_lock_fd(fd)  # forked workers close their copy (procutil)
             try:
                 yield
             finally:
+                unregister_lock_fd(fd)
                 _write_holder(fd, {})
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
 
+def _busy(ws: Workspace, holder: dict[str, Any]) -> LockError:
+    """The error for a held lock, naming the processes that hold it. The PID the lock file
+    names may have exited while processes it started (holding the lock's inherited file) live
+    on; then the live ones are named instead."""
+    command, started = holder.get("command", "?"), holder.get("started", "?")
+    pid = holder.get("pid")
+    if isinstance(pid, int) and pid > 0 and not _alive(pid) \
+            and holder.get("host", socket.gethostname()) == socket.gethostname():
+        others = _processes_with_open(ws.lock_file)
+        who = (f"process(es) {', '.join(map(str, others))} started by `{command}` "
+               f"(PID {pid}, started {started}, no longer running) still hold its lock"
+               if others else f"a process started by `{command}` (PID {pid}, no longer "
+                              "running) still holds its lock")
+        return LockError(f"workspace {ws.root} is busy: {who}",
+                         hint="wait a few seconds for them to exit, or stop them")
+    return LockError(f"workspace {ws.root} is busy: `{command}` (PID {pid or '?'}, started "
+                     f"{started}) holds its lock",
+                     hint="wait for it to finish, or stop that process")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _processes_with_open(path: Path) -> list[int]:
+    """PIDs (of this user, on Linux) that have `path` open."""
+    target = str(path.resolve())
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pid for pid in found if pid != os.getpid())
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
+    """Who holds the lock, as written by its holder; {} when unreadable (a lock file torn or
+    garbled must never block every command)."""
     os.lseek(fd, 0, os.SEEK_SET)
     raw = os.read(fd, 65536)
     try:
-        return json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError:
+        holder = json.loads(raw) if raw.strip() else {}
+    except ValueError:  # not JSON, or not UTF-8
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def _write_holder(fd: int, holder: dict[str, Any]) -> None:

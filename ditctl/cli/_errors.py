@@ -13,6 +13,7 @@ import typer
 
 from ..console import console
 from ..errors import DitctlError
+from ..fsutil import no_room_error
 
 # Set by the app's callback from `--debug` before any command runs. Not read from click's
 # context: typer >= 0.2x carries its own copy of click, whose context `click` cannot see.
@@ -45,11 +46,21 @@ def reports_errors(command: Callable) -> Callable:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except OSError as exc:
+            no_room = no_room_error(exc.filename or "a file", exc)
+            if no_room is None or _debug():  # not a full disk: a bug, as below
+                return _internal_error(exc)
+            console.error(str(no_room), no_room.hint)
+            raise typer.Exit(no_room.exit_code) from None
         except Exception as exc:  # a bug: say so briefly, keep the traceback for --debug
-            if _debug():
-                raise
-            console.error(f"internal error: {type(exc).__name__}: {exc}",
-                          "re-run with --debug for the traceback, and please report it")
-            raise typer.Exit(1) from None
+            return _internal_error(exc)
 
     return wrapper
+
+
+def _internal_error(exc: Exception):
+    if _debug():
+        raise exc
+    console.error(f"internal error: {type(exc).__name__}: {exc}",
+                  "re-run with --debug for the traceback, and please report it")
+    raise typer.Exit(1) from None

@@ -18,7 +18,9 @@ def init(
     example: Annotated[bool, typer.Option(
         "--example", help="Add a small generated example dataset (train + validation).")] = False,
     force: Annotated[bool, typer.Option(
-        "--force", help="Re-scaffold an existing workspace (runs, cache, exports are kept).")] = False,
+        "--force", help="Re-scaffold an existing workspace: runs, cache and exports are kept, "
+        "an edited project.toml or prompts.txt too (the new one is written as *.new); a model "
+        "that runs were trained on is never replaced.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the tiny model and example data.")] = 0,
 ) -> None:
     from ..scaffold import init_workspace  # numpy/PIL for --example; torch for tiny-random
@@ -35,4 +37,6 @@ def init(
                       f"prior-preservation scenes of colours the model knows), "
                       f"{ex['n_val']} validation images")
     console.print(f"  config  {ws.project_file}")
+    for note in result.notes:
+        console.warn(note)
     console.print(f"next: cd {name} && ditctl status")

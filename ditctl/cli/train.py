@@ -10,9 +10,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..console import console
+from ..errors import EXIT_INTERRUPTED, ConfigError
 from ..oneshot import command_workspace
 from ._options import JsonOption, WorkspaceOption, config_flags
-from .launch import CHILD_ENV, launch_processes
+from .launch import CHILD_ENV, launch_processes, worker_lifeline
 
 
 @config_flags("model", "data", "train", "lora", "distributed")
@@ -34,6 +35,12 @@ def train(
     *,
     overrides: dict[str, Any],
 ) -> None:
+    if os.environ.get(CHILD_ENV):
+        worker_lifeline()  # a launched process never trains on after its launcher is gone
+    if resume is not None and not resume.strip():
+        raise ConfigError("--resume '' names no checkpoint",
+                          hint="use --resume latest, a step, a checkpoint name or a folder; "
+                               "leave --resume out to start a new run")
     if lora:
         overrides = {**overrides, "lora.use_lora": True, "lora.train_only_lora": True}
     ws, overrides = command_workspace(workspace, overrides)
@@ -58,7 +65,7 @@ def train(
     if result.interrupted:
         console.print(f"stopped at step {result.steps}; checkpoint {result.checkpoint}")
         console.print(f"next: ditctl train --resume latest --run {run.name}")
-        return
+        raise typer.Exit(EXIT_INTERRUPTED)  # not finished: `train && export` must not go on
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     console.print(f"[green]trained[/] {run.name}: {result.steps} steps, final loss {loss}"
                   + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))

@@ -21,6 +21,11 @@ its index row is committed, and readers trust only the index. A kill at any mome
 worst a file without a row (invisible, re-encoded and replaced on the next run) or a `.tmp-*`
 leftover (removed by the next run).
 
+Content checks: every entry file carries the sha256 of its tensor bytes in its safetensors
+metadata (`sha256`), so garbage written over the tensors with the header intact is caught by
+`precompute --verify` and when training reads the entry; training also refuses latents outside
+the range a VAE posterior can take (`LATENT_MEAN_LIMIT`, `LATENT_STD_RANGE`), naming the entry.
+
 Reading needs the models' identities (fingerprints of their files) but never their weights.
 """
 
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +67,14 @@ STORAGE_DTYPES: dict[str, tuple[str, torch.dtype]] = {
     "fp16": ("fp16", torch.float16),
 }
 _DTYPE_BY_NAME = {name: dtype for name, dtype in STORAGE_DTYPES.values()}
+
+# The range of a VAE posterior, for catching corrupt latents. The std comes from diffusers'
+# DiagonalGaussianDistribution, which clamps logvar to [-30, 20]: std = exp(logvar / 2) lies in
+# [exp(-15), exp(10)] (widened by the rounding of fp16/bf16 storage). The mean is not clamped,
+# but trained KL VAEs put it within a few tens (their scaling_factor maps it to unit variance);
+# 1e4 is far beyond anything a posterior gives and far below what garbage bytes decode to.
+LATENT_MEAN_LIMIT = 1e4
+LATENT_STD_RANGE = (math.exp(-15) * 0.5, math.exp(10) * 1.01)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -297,11 +312,17 @@ class CacheIndex:
     def add(self, entries: Sequence[IndexEntry]) -> None:
         """Record complete entries (their files are already in place), in one transaction."""
         now = time.time()
-        with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
-                  e.source, now) for e in entries))
+        try:
+            with self.db:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
+                      e.source, now) for e in entries))
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL, or an I/O error writing the WAL
+            raise CacheError(f"cannot write the cache index {self.path} ({exc}); the entries "
+                             "written so far are intact",
+                             hint="free some space or raise the file-size limit, then run "
+                                  "`ditctl precompute` again (it continues)") from None
 
     def remove(self, keys: Iterable[str]) -> None:
         with self.db:
@@ -359,8 +380,10 @@ class Cache:
         return tensors["embedding"].float().unsqueeze(0)
 
     def _load(self, path: Path, what: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The entry's tensors, checked against its stored content hash and the range its
+        kind can take: a corrupt entry stops training here, named, instead of training on it."""
         try:
-            tensors = read_entry_file(path)
+            tensors, metadata = read_entry(path)
         except FileNotFoundError:
             raise CacheError(f"{what} is not in the cache {self.root} (no {path.name})",
                              hint="run `ditctl precompute`") from None
@@ -370,6 +393,10 @@ class Cache:
         if set(names) - set(tensors):
             raise CacheError(f"{path}: cache entry for {what} lacks {', '.join(names)}",
                              hint="run `ditctl precompute --verify`")
+        problem = content_problem(tensors, metadata)
+        if problem:
+            raise CacheError(f"{path}: corrupt cache entry for {what}: {problem}",
+                             hint="run `ditctl precompute --verify` (it re-encodes bad entries)")
         return tensors
 
 
@@ -378,26 +405,79 @@ class Cache:
 def read_entry_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an entry file, in memory of their own. (`load_file` would map the file:
     its tensors would change if the file were overwritten in place, and pin the mapping.)"""
-    return load(Path(path).read_bytes())
+    return read_entry(path)[0]
+
+
+def read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of an entry file and its safetensors metadata (which holds `sha256`)."""
+    data = Path(path).read_bytes()
+    return load(data), _safetensors_metadata(data)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (load() checks the header; this only reads it)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensors' bytes, in name order: the content hash an entry carries."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode() + b"\0")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _entry_bytes(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
+    return save(tensors, metadata={"format": "ditctl-cache", "kind": kind,
+                                   "sha256": tensors_sha256(tensors)})
 
 
 def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> bytes:
     """The safetensors bytes of one posterior ([C, h, w] each), stored in `dtype`."""
-    return save({"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()},
-                metadata={"format": "ditctl-cache", "kind": "latent"})
+    return _entry_bytes({"mean": mean.to(dtype).contiguous(),
+                         "std": std.to(dtype).contiguous()}, "latent")
 
 
 def text_file_bytes(embedding: torch.Tensor, dtype: torch.dtype) -> bytes:
     """The safetensors bytes of one caption embedding [L, D], stored in `dtype`."""
-    return save({"embedding": embedding.to(dtype).contiguous()},
-                metadata={"format": "ditctl-cache", "kind": "text"})
+    return _entry_bytes({"embedding": embedding.to(dtype).contiguous()}, "text")
+
+
+def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
+    """Why an entry's values cannot be what the encoders wrote, or None: a content hash that
+    does not match, non-finite values, or latents outside a VAE posterior's range. (Entries
+    written before hashes existed carry none; their values are still range-checked.)"""
+    stored = metadata.get("sha256")
+    if stored is not None and stored != tensors_sha256(tensors):
+        return "its tensors do not match the content hash stored with them"
+    for name, tensor in sorted(tensors.items()):
+        if not torch.isfinite(tensor).all():
+            return f"{name} holds non-finite values"
+    if "mean" in tensors:
+        peak = tensors["mean"].float().abs().max().item() if tensors["mean"].numel() else 0.0
+        if peak > LATENT_MEAN_LIMIT:
+            return (f"mean reaches {peak:.3g}, beyond any VAE posterior "
+                    f"(|mean| <= {LATENT_MEAN_LIMIT:g})")
+    if "std" in tensors and tensors["std"].numel():
+        low, high = LATENT_STD_RANGE
+        std = tensors["std"].float()
+        if std.min().item() < low or std.max().item() > high:
+            return (f"std spans [{std.min().item():.3g}, {std.max().item():.3g}], outside a VAE "
+                    f"posterior's [{low:.3g}, {high:.3g}]")
+    return None
 
 
 def check_entry(path: Path, entry: IndexEntry) -> str | None:
-    """Why an entry's file is bad (unreadable, wrong tensors/shape/dtype, non-finite), or None."""
+    """Why an entry's file is bad (unreadable, wrong tensors/shape/dtype, content not matching
+    its hash, non-finite or out-of-range values, no hash to check), or None."""
     names = ("mean", "std") if entry.kind == "latent" else ("embedding",)
     try:
-        tensors = read_entry_file(path)
+        tensors, metadata = read_entry(path)
     except FileNotFoundError:
         return "file missing"
     except (SafetensorError, OSError, ValueError) as exc:
@@ -410,9 +490,12 @@ def check_entry(path: Path, entry: IndexEntry) -> str | None:
             return f"{name} has shape {list(tensor.shape)}, expected {list(entry.shape)}"
         if tensor.dtype != _DTYPE_BY_NAME.get(entry.dtype):
             return f"{name} is {tensor.dtype}, expected {entry.dtype}"
-        if not torch.isfinite(tensor).all():
-            return f"{name} holds non-finite values"
-    return None
+    problem = content_problem(tensors, metadata)
+    if problem is None and "sha256" not in metadata:
+        # written before entries carried hashes: its content cannot be checked, so --verify
+        # re-encodes it once (training still reads it, range-checked)
+        return "no content hash (written by an older ditctl), so its content cannot be checked"
+    return problem
 
 
 # --- what training checks before it starts ---------------------------------------------------

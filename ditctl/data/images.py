@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat as stat_module
 import threading
 import warnings
 from dataclasses import dataclass
@@ -159,12 +160,56 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file the bomb guard lets through: the biggest encoding ditctl reads
+    is uncompressed 16-bit RGBA (TIFF, 8 bytes per pixel), plus room for metadata (EXIF, ICC,
+    XMP). Anything larger cannot hold an image of at most `max_pixels` pixels."""
+    return max_pixels * 8 + 64 * 2**20
+
+
+def file_problem(stat: os.stat_result, max_pixels: int) -> ImageProblem | None:
+    """Why a file must not be read as an image at all (from its stat alone), or None: only
+    regular files, no bigger than `max_file_bytes` (a FIFO would block a reader forever, and
+    /dev/zero or a huge sparse file would fill memory)."""
+    if stat_module.S_ISDIR(stat.st_mode):
+        return ImageProblem("not_image", "is a folder, not an image file")
+    if not stat_module.S_ISREG(stat.st_mode):
+        kind = ("a FIFO" if stat_module.S_ISFIFO(stat.st_mode) else
+                "a device" if stat_module.S_ISCHR(stat.st_mode) or
+                stat_module.S_ISBLK(stat.st_mode) else
+                "a socket" if stat_module.S_ISSOCK(stat.st_mode) else "special")
+        return ImageProblem("not_regular_file", f"is {kind} file, not a regular image file; "
+                                                "ditctl reads only regular files")
+    limit = max_file_bytes(max_pixels)
+    if stat.st_size > limit:
+        return ImageProblem("too_large", f"{stat.st_size:,} bytes, more than any image within "
+                                         f"max_image_pixels ({max_pixels:,}) can take "
+                                         f"({limit:,} bytes; decompression-bomb guard)")
+    return None
+
+
+def read_image_file(path: str | os.PathLike, max_pixels: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular image file and its stat, read with a bound; raises ImageProblem
+    (or OSError) for anything else. The open never blocks (O_NONBLOCK, for a FIFO swapped in
+    after a stat), and the type and size are checked on the open file before reading."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as fh:
+        stat = os.fstat(fh.fileno())
+        problem = file_problem(stat, max_pixels)
+        if problem is not None:
+            raise problem
+        limit = max_file_bytes(max_pixels)
+        data = fh.read(limit + 1)  # bounded even if the file grows after the stat
+    if len(data) > limit:
+        raise ImageProblem("too_large", f"grew past {limit:,} bytes while being read "
+                                        f"(max_image_pixels {max_pixels:,}; bomb guard)")
+    return data, stat
+
+
 def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
     """Read a file once, hash its bytes and fully decode them; raises ImageProblem if bad."""
     try:
-        with open(path, "rb") as fh:
-            stat = os.fstat(fh.fileno())
-            data = fh.read()
+        data, stat = read_image_file(path, max_pixels)
     except FileNotFoundError:
         raise ImageProblem("missing", "file not found") from None
     except IsADirectoryError:

@@ -39,6 +39,7 @@ from ..config import Config, DataConfig
 from ..console import console
 from ..errors import DataError
 from ..fsutil import atomic_write_json
+from ..procutil import worker_started
 from ..workspace import Workspace
 from . import images
 from .buckets import BucketPlan, plan_buckets
@@ -232,6 +233,10 @@ def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels
         except OSError as exc:
             problems[path] = ("unreadable", f"cannot read the file ({exc.strerror or exc})")
             continue
+        refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
+        if refused is not None:
+            problems[path] = (refused.code, refused.message)
+            continue
         known = previous.files.get(path)
         if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
             facts[path] = known
@@ -286,7 +291,9 @@ def _probe_all(paths: list[str], max_pixels: int, workers: int | None) -> list[P
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
         size = max(1, min(MAX_CHUNK, math.ceil(len(paths) / (workers * 4))))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # worker_started: the workers die with ingest (a kill must not leave them reading).
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=worker_started)
         try:
             with _main_module_hidden():  # the workers start during these submits
                 futures = [pool.submit(images.probe_chunk, paths[i:i + size], max_pixels)

@@ -188,6 +188,16 @@ def _row(values: tuple) -> ManifestRow:
     return ManifestRow(**fields)
 
 
+def manifest_counts(ws: Workspace) -> dict[str, int] | None:
+    """Good samples per split, counted in the manifest itself; None without a readable one."""
+    try:
+        with _open(ws) as db:
+            found = dict(db.execute("SELECT split, COUNT(*) FROM samples GROUP BY split"))
+    except (WorkspaceError, DataError):
+        return None
+    return {split: int(found.get(split, 0)) for split in SPLITS}
+
+
 def manifest_fingerprint(ws: Workspace) -> str:
     """The fingerprint of the current manifest (training checkpoints record it)."""
     with _open(ws) as db:

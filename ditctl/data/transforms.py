@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import decode_rgb
+from .images import decode_rgb, read_image_file
 
 Crop = Literal["center"] | tuple[int, int]
 DEFAULT_MAX_PIXELS = 100_000_000  # matches [data] max_image_pixels' default
@@ -54,7 +54,7 @@ def load_training_image(path: str | Path, target_w: int, target_h: int, *,
     `crop` is "center" or explicit (left, top) offsets within `crop_offset_range`;
     `flip` mirrors the cropped image left/right.
     """
-    image = decode_rgb(Path(path).read_bytes(), max_pixels=max_pixels)
+    image = decode_rgb(read_image_file(path, max_pixels)[0], max_pixels=max_pixels)
     return transform_image(image, target_w, target_h, crop=crop, flip=flip)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from ..errors import CheckpointError
 from ..fsutil import atomic_dir, check_free_space
 from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, OPTIMIZER_STATE, RNG_STATE, SCHEDULER_STATE,
                     TRAINABLE_FILE, CheckpointWriter, checkpoint_dir, checkpoint_holds, is_sharded,
-                    list_checkpoints, verify_checkpoint)
+                    list_checkpoints, remove_checkpoint, verify_checkpoint)
 from ..tensorfile import write_safetensors
 from .lora import adapter_config_dict, has_lora, load_adapter_weights, peft_state_dict
 from .optim import load_state, save_state, scheduler_state
@@ -90,7 +89,7 @@ def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module
         files.finish({**meta, **asdict(position), "ditctl_version": __version__})
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)  # vanishes whole: a reader is told it was removed
     return folder
 
 

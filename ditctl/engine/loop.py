@@ -176,6 +176,9 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
             next_epoch, next_index = _next_position(data, epoch, batch_index)
             here = Position(step, next_epoch, next_index)
+            if world > 1:  # a signal reaches processes at different steps: stop together
+                stop["stop"] = bool(acc.gather(torch.tensor([int(stop["stop"])],
+                                                            device=acc.device)).max())
             final = step == schedule.total_steps or stop["stop"]
             if train.sample_every and step % train.sample_every == 0:
                 monitor.sample(model, step)

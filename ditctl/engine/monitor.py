@@ -41,6 +41,27 @@ def peak_memory_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def truncate_log(path, step: int) -> None:
+    """Drop the lines of steps after `step` from a train_log.jsonl (a run killed after its last
+    checkpoint logged steps that the resume trains again), so every step appears once."""
+    from ..fsutil import atomic_write_text
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            entry_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by the kill
+        if entry_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
+        atomic_write_text(path, "".join(kept))
+
+
 class _Bar:
     def __init__(self, task) -> None:
         self.task = task
@@ -59,6 +80,8 @@ class Monitor:
         # the smoothed loss carries over a resume, so its curve continues where it stopped
         self.smoothed: float | None = (state or {}).get("loss_smoothed")
         self.start_step = start_step
+        if self.main:
+            truncate_log(train_log_file(ctx.run.folder), start_step)
         if self.main and ctx.accelerator.log_with:
             ctx.accelerator.init_trackers(ctx.config.train.project_name,
                                           config=_flat_config(ctx.config.to_dict()))

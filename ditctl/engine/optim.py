@@ -32,7 +32,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_
     """The schedule bound to the optimiser that is actually stepped (warm-up, then the curve)."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(train.lr_scheduler, optimizer=optimizer,
+    # diffusers' "constant" ignores num_warmup_steps; with a warm-up it is what users mean
+    name = train.lr_scheduler
+    if name == "constant" and train.num_warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer=optimizer,
                          num_warmup_steps=train.num_warmup_steps,
                          num_training_steps=max(total_steps, 1))
 

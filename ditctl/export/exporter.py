@@ -27,7 +27,7 @@ from ..console import console
 from ..engine.loading import load_denoiser, trained_base_precision
 from ..engine.lora import adapter_config_dict, adapters_disabled, has_lora, peft_state_dict
 from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
-                      temp_leftovers)
+                      restore_replaced, temp_leftovers)
 from ..models.base import ModelFamily
 from ..models.registry import load_family
 from ..runs import read_run_info
@@ -74,6 +74,12 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     The caller holds the workspace lock. Raises ExportError (nothing written) when the export
     cannot be made or fails its parity check.
     """
+    # first of all (before the plan looks for an existing export), put back an export that a
+    # killed `export --force` had moved aside: it is complete; its replacement never finished
+    for folder in dict.fromkeys([ws.exports_dir, *([Path(out).resolve().parent] if out else [])]):
+        for restored in restore_replaced(folder):
+            console.warn(f"restored the export {restored} that a killed `export --force` was "
+                         "replacing (its replacement never finished)")
     plan = plan_export(ws, config, run=run, checkpoint=checkpoint, name=name, out=out,
                        force=force, lora_only=lora_only)
     family = load_family(plan.model_path, plan.family)

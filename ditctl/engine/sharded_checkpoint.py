@@ -17,7 +17,6 @@ place. A save killed at any point leaves a `.tmp-*` folder, never a checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +28,7 @@ from ..errors import CheckpointError
 from ..fsutil import atomic_dir, check_free_space
 from ..runs import (ADAPTER_CONFIG, OPTIMIZER_GROUPS, RNG_STATE, SCHEDULER_STATE, SHARDS_DIR,
                     CheckpointWriter, checkpoint_dir, file_sha256, is_sharded, list_checkpoints,
-                    verify_checkpoint)
+                    remove_checkpoint, verify_checkpoint)
 from .lora import adapter_config_dict, has_lora
 from .optim import load_state, save_state, scheduler_state
 
@@ -130,7 +129,7 @@ def save_sharded_checkpoint(run_dir: Path, position, model: torch.nn.Module,
         dist.barrier()
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)  # vanishes whole, as every pruned checkpoint
     return folder
 
 

@@ -38,6 +38,8 @@ BENCHMARKS = {
 ON_REQUEST = {
     "memory_plan": ("bench.bench_memory_plan", "the --dry-run memory plan vs measured peaks, "
                     "full width, every base precision"),
+    "fsdp_memory": ("bench.bench_fsdp_memory", "per-process memory ddp vs fsdp at 1 and 2 "
+                    "processes (~95 M DiT), and the plan's GPUs for a 10B full fine-tune"),
     "quantized_lora": ("bench.bench_quantized_lora", "the --example LoRA's concept score on "
                        "fp8, nf4, fp32 and bf16 bases"),
 }

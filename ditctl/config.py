@@ -228,6 +228,28 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """[distributed]: how training processes share the model, and multi-node launch."""
+
+    strategy: str = opt(
+        "ddp", "ddp: every process holds the whole model (data parallel; best for LoRA). fsdp: "
+        "weights, gradients and optimiser state sharded across processes (PyTorch FSDP2, "
+        "each DiT block a unit): for full fine-tuning of models that do not fit one GPU.",
+        choices=("ddp", "fsdp"))
+    cpu_offload: bool = opt(
+        False, "fsdp: keep the sharded parameters, gradients and optimiser state in host "
+        "memory (the optimiser steps on the CPU); the accelerator holds one block at a time.")
+    nnodes: int = opt(1, "Machines taking part (torch.distributed.run --nnodes).", min=1)
+    node_rank: int = opt(0, "This machine's index among --nnodes (0 on the first).", min=0)
+    master_addr: str = opt(
+        "127.0.0.1", "Address of node 0, where the processes meet (multi-node: reachable from "
+        "every node).")
+    master_port: int | None = opt(
+        None, "Port on node 0 where the processes meet (default: a free one; multi-node: "
+        "set it, the same on every node).", min=1, max=65535)
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """[sample]: image generation (ditctl sample, and samples during training)."""
 
@@ -295,6 +317,7 @@ class Config:
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -484,6 +507,14 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
     if lora["train_only_lora"] and not lora["use_lora"]:
         errors.append("[lora] train_only_lora = true needs use_lora = true "
                       "(or use `ditctl train --lora`, which sets both)")
+    distributed = {**_defaults("distributed"), **values["distributed"]}
+    if distributed["node_rank"] >= distributed["nnodes"]:
+        errors.append(f"[distributed] node_rank = {distributed['node_rank']} must be below "
+                      f"nnodes = {distributed['nnodes']} (nodes count from 0)")
+    if distributed["nnodes"] > 1 and distributed["master_port"] is None:
+        errors.append("[distributed] nnodes > 1 needs master_port (the same on every node)")
+    if distributed["cpu_offload"] and distributed["strategy"] != "fsdp":
+        errors.append("[distributed] cpu_offload offloads FSDP shards: it needs strategy = 'fsdp'")
 
 
 def _defaults(section: str) -> dict[str, Any]:

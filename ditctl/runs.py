@@ -18,6 +18,17 @@ checkpoints/step-000100/
   rng.safetensors/.json                   python, numpy and torch RNG states
   checkpoint.json                         written last: step, data position, fingerprints and
                                           the manifest ("files": name -> bytes, sha256)
+
+checkpoints/step-000100/ of a sharded run ([distributed] strategy = "fsdp"):
+  shards/shard-0000R-model-00001-of-00001.safetensors
+                                          rank R-1's shards of the trained weights ("model.*")
+                                          and optimiser state ("optim.*"), written by
+                                          torch.distributed.checkpoint's Hugging Face writer;
+                                          each file's header records where its pieces lie in
+                                          the whole tensors (no pickled .metadata)
+  optimizer_groups.json                   the optimiser's hyper-parameters per parameter
+  adapter_config.json, scheduler.json, rng.*  as above (rank 0)
+  checkpoint.json                         as above, with "sharded": {world_size, trains_base}
 ```
 
 A checkpoint is complete when its `checkpoint.json` exists (it is written last, and the folder
@@ -74,6 +85,8 @@ TRAINABLE_FILE = "trainable.safetensors"  # non-LoRA trained weights (full fine-
 SCHEDULER_STATE = "scheduler.json"
 OPTIMIZER_STATE = "optimizer"  # optimizer.safetensors + optimizer.json
 RNG_STATE = "rng"  # rng.safetensors + rng.json
+SHARDS_DIR = "shards"  # sharded checkpoints: every rank's safetensors shards
+OPTIMIZER_GROUPS = "optimizer_groups.json"  # sharded checkpoints: optimiser hyper-parameters
 
 LATEST = "latest"
 _STEP_NAME = re.compile(rf"^{STEP_PREFIX}(\d+)$")
@@ -339,6 +352,10 @@ class CheckpointWriter:
     def write_json(self, name: str, value: Any, **dumps: Any) -> None:
         self.write_bytes(name, json.dumps(value, **dumps).encode("utf-8"))
 
+    def record(self, name: str, size: int, sha256: str) -> None:
+        """Enter a file written by someone else (another rank's shard) into the manifest."""
+        self.files[name] = {"bytes": size, "sha256": sha256}
+
     def finish(self, meta: dict[str, Any]) -> None:
         """Write checkpoint.json (meta + the manifest): the last file of the checkpoint."""
         marker = {**meta, "files": dict(sorted(self.files.items()))}
@@ -414,6 +431,19 @@ def checkpoint_holds(checkpoint: Path, meta: dict, name: str) -> bool:
     """Whether the checkpoint says it holds `name` (its manifest; the folder for old ones)."""
     files = meta.get("files")
     return name in files if isinstance(files, dict) else (Path(checkpoint) / name).is_file()
+
+
+def is_sharded(meta: dict) -> bool:
+    """Whether a checkpoint was written shard by shard (strategy fsdp)."""
+    return isinstance(meta.get("sharded"), dict)
+
+
+def holds_trained_base(checkpoint: Path, meta: dict) -> bool:
+    """Whether the checkpoint holds trained base weights (full fine-tuning, or LoRA with the
+    base trained too), in either layout."""
+    if is_sharded(meta):
+        return bool(meta["sharded"].get("trains_base"))
+    return checkpoint_holds(checkpoint, meta, TRAINABLE_FILE)
 
 
 _verified: dict[str, tuple] = {}  # checkpoint -> file signature at its last full check

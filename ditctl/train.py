@@ -137,6 +137,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     seed = resolve_seed(config) if meta is None else meta["seed"]
     world = state.num_processes
     seed = broadcast_object_list([seed])[0] if world > 1 else seed
+    if dry_run and world == 1:  # the plan is made in one process for the processes asked for
+        world = config.train.num_processes * config.distributed.nnodes
     data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
@@ -167,8 +169,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     data.source = make_source(ws, config, family, rows)
     ctx = TrainingContext(accelerator, family, config, data, schedule, seed, training_run,
                           denoiser, info,
-                          sampler=make_sampler(ws, config, family, training_run, data.source),
-                          evaluator=make_evaluator(ws, config, family, training_run, data.source))
+                          sampler=make_sampler(ws, config, family, training_run, data.source,
+                                               writes=accelerator.is_main_process),
+                          evaluator=make_evaluator(ws, config, family, training_run, data.source,
+                                                   writes=accelerator.is_main_process))
     try:
         result = train_loop(ctx, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as exc:

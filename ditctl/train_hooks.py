@@ -26,14 +26,17 @@ from .errors import DitctlError
 from .evaluation.inputs import cached_embeddings, validation_set
 from .models.base import ModelFamily
 from .runs import DURING_TRAINING_EVAL, eval_dir, training_samples_dir
-from .sampling import (default_prompts_file, encode_prompts, read_prompts, sample_during_training,
+from .sampling import (default_prompts_file, encode_prompts, generate, read_prompts,
+                       sample_during_training,
                        sample_size)
 from .workspace import Workspace
 
 
 def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
-                 source: Any) -> SampleHook | None:
-    """A `(denoiser, step) -> grid image` hook, or None when there is nothing to sample."""
+                 source: Any, writes: bool = True) -> SampleHook | None:
+    """A `(denoiser, step) -> grid image` hook, or None when there is nothing to sample.
+    `writes=False` (the other processes of a sharded run): the same denoising passes, which
+    the sharded model needs every process to take part in, and nothing written."""
     if not config.train.sample_every:
         return None
     try:
@@ -48,7 +51,12 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
     embeddings = (encode_prompts(family, text_encoder, prompts, negative) if text_encoder is not None
                   else cached_embeddings(source, prompts, negative))
 
-    def sample(denoiser, step: int) -> Image.Image:
+    def sample(denoiser, step: int) -> Image.Image | None:
+        if not writes:
+            generate(family, denoiser, vae if vae is not None else family.load_vae(), prompts,
+                     config.sample, width=width, height=height, embeddings=embeddings,
+                     show_progress=False)
+            return None
         decoder = vae if vae is not None else family.load_vae()
         out_dir = training_samples_dir(run.folder, step)
         grid = sample_during_training(family, denoiser, decoder, prompts, out_dir, config.sample,
@@ -64,7 +72,7 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
 
 
 def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
-                   source: Any) -> EvalHook | None:
+                   source: Any, writes: bool = True) -> EvalHook | None:
     """A `(denoiser, step) -> metrics` hook on the validation set (fixed timesteps and noise),
     appending each result to runs/<run>/eval/during_training.jsonl."""
     if not config.train.eval_every:
@@ -86,6 +94,8 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
                                  resolution_shift=config.train.resolution_shift)
         metrics = {"val_loss": result["overall"],
                    **{f"val_loss_t{q:.2f}": v for q, v in result["per_quantile"].items()}}
+        if not writes:  # another process of a sharded run: only the main one records
+            return metrics
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **metrics, "data": val.description}) + "\n")

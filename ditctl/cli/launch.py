@@ -1,4 +1,5 @@
-"""`ditctl train --num-processes N`: start N data-parallel training processes on this machine.
+"""`ditctl train --num-processes N [--nnodes M --node-rank R ...]`: start N training processes
+on this machine (one of M machines).
 
 The parent holds the workspace lock and starts `torch.distributed.run` with the same command
 line; each child then runs the ordinary single-command path with accelerate's process group
@@ -20,14 +21,16 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import typer
 
 from ..config import Config
 from ..console import console
-from ..errors import EXIT_INTERRUPTED, TrainingError
+from ..errors import EXIT_INTERRUPTED, ConfigError, TrainingError
 from ..procutil import die_with_parent
+from ..runs import resolve_checkpoint
 from ..workspace import Workspace
 
 CHILD_ENV = "DITCTL_LAUNCHED"
@@ -70,28 +73,45 @@ def _flag_args(overrides: dict[str, Any]) -> list[str]:
 def launch_processes(ws: Workspace, config: Config, overrides: dict[str, Any], *,
                      resume: str | None, run: str | None = None, force: bool,
                      dry_run: bool) -> bool:
-    """Start the child processes and wait for them; False when this process should train."""
-    if config.train.num_processes <= 1 or os.environ.get(CHILD_ENV) or "WORLD_SIZE" in os.environ:
+    """Start the child processes and wait for them; False when this process should train.
+
+    Multi-node ([distributed] nnodes > 1): run the same command on every node with its
+    --node-rank; the nodes meet at --master-addr:--master-port (node 0). The workspace (and
+    so the run folder) must be on a filesystem every node sees; node 0 holds its lock."""
+    dist = config.distributed
+    if (config.train.num_processes <= 1 and dist.nnodes <= 1) or os.environ.get(CHILD_ENV) \
+            or "WORLD_SIZE" in os.environ or dry_run:  # a plan needs no processes started
         return False
     overrides = {k: v for k, v in overrides.items() if k != "train.num_processes"}
     if not resume and not dry_run and not config.train.run_name:
+        if dist.nnodes > 1:  # every node must write into the same run
+            raise ConfigError("multi-node training needs --run-name (the same on every node)",
+                              hint="add --run-name NAME to the command on every node")
         overrides["train.run_name"] = time.strftime("run-%Y%m%d-%H%M%S")
+    port = dist.master_port if dist.master_port is not None else _free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-               str(config.train.num_processes), "--master_addr", "127.0.0.1", "--master_port",
-               str(_free_port()), "-m", "ditctl", "train", "--workspace", str(ws.root),
+               str(config.train.num_processes), "--nnodes", str(dist.nnodes), "--node_rank",
+               str(dist.node_rank), "--master_addr", dist.master_addr, "--master_port",
+               str(port), "-m", "ditctl", "train", "--workspace", str(ws.root),
                *_flag_args(overrides)]
     if resume:
-        command += ["--resume", resume]
-    if run:
-        command += ["--run", run]
+        # resolved here, so every process (and node) reads the same checkpoint; and the children
+        # get no `--run`, which torch.distributed.run's parser takes for its own `--run-path`
+        checkpoint = resolve_checkpoint(ws.runs_dir(config), resume,
+                                        run=run or config.train.run_name)
+        command += ["--resume", str(checkpoint)]
+    elif run:
+        raise ConfigError("--run picks the run to resume; it needs --resume",
+                          hint="name a new run with --run-name, or add --resume latest")
     if force:
         command.append("--force")
     if dry_run:
         command.append("--dry-run")
     env = {**os.environ, CHILD_ENV: "1", LAUNCHER_ENV: str(os.getpid()),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    console.info(f"starting {config.train.num_processes} training processes")
-    with ws.lock("train"):
+    nodes = f" on node {dist.node_rank} of {dist.nnodes}" if dist.nnodes > 1 else ""
+    console.info(f"starting {config.train.num_processes} training processes{nodes}")
+    with ws.lock("train") if dist.node_rank == 0 else nullcontext():
         code, stopped = _run_agent(command, env)
     if stopped and code != 0:  # (0: the run finished before the signal took effect)
         console.print("stopped; next: ditctl train --resume latest"

@@ -16,7 +16,7 @@ from ._options import JsonOption, WorkspaceOption, config_flags
 from .launch import CHILD_ENV, launch_processes, worker_lifeline
 
 
-@config_flags("model", "data", "train", "lora")
+@config_flags("model", "data", "train", "lora", "distributed")
 def train(
     workspace: WorkspaceOption = None,
     lora: Annotated[bool, typer.Option(
@@ -90,13 +90,19 @@ def _print_plan(plan: dict) -> None:
              + (", checkpointing" if memory["gradient_checkpointing"] else "")
              + (", base blocks streamed (2 on the device)" if memory["offload_base_blocks"]
                 else ""))
-    table.add_row("peak memory per device (plan)", shape)
+    table.add_row("peak memory per process (plan)", shape)
+    if plan.get("strategy") == "fsdp":
+        table.add_row("  sharded", f"fsdp: weights, gradients and optimiser state / "
+                                   f"{plan['shards']} processes")
     for key, label in (("base_weights", "frozen base weights"),
                        ("trainable_weights", "trainable weights (fp32)"),
                        ("gradients", "gradients (fp32)"), ("optimizer", "optimiser state"),
                        ("activations", "activations"), ("working_set", "working set"),
+                       ("gathered_weights", "gathered blocks (fsdp)"),
+                       ("host_offloaded", "in host memory (cpu_offload, not in total)"),
                        ("total", "total")):
-        table.add_row(f"  {label}", gib(memory[key]))
+        if key in memory:
+            table.add_row(f"  {label}", gib(memory[key]))
     toggled = "with" if not memory["gradient_checkpointing"] else "without"
     table.add_row(f"  (activations {toggled} checkpointing)",
                   gib(memory["activations_if_checkpointing_toggled"]))

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..fsutil import atomic_dir, check_free_space
 from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, OPTIMIZER_STATE, RNG_STATE, SCHEDULER_STATE,
-                    TRAINABLE_FILE, CheckpointWriter, checkpoint_dir, checkpoint_holds,
+                    TRAINABLE_FILE, CheckpointWriter, checkpoint_dir, checkpoint_holds, is_sharded,
                     list_checkpoints, remove_checkpoint, verify_checkpoint)
 from ..tensorfile import write_safetensors
 from .lora import adapter_config_dict, has_lora, load_adapter_weights, peft_state_dict
@@ -98,6 +98,10 @@ def load_checkpoint(folder: Path, denoiser: torch.nn.Module, optimizer: torch.op
     """Restore weights, optimiser, schedule and RNG from a checkpoint into a prepared run,
     after checking its files against its manifest."""
     meta = verify_checkpoint(folder)
+    if is_sharded(meta):
+        raise CheckpointError(f"{folder} was written by a [distributed] strategy = 'fsdp' run "
+                              "(sharded); this run holds the whole model (ddp)",
+                              hint="resume it with --strategy fsdp (any number of processes)")
     if has_lora(denoiser) and not checkpoint_holds(folder, meta, LORA_WEIGHTS):
         raise CheckpointError(f"{folder} holds no LoRA weights, but this run trains LoRA",
                               hint="resume with the settings the run was trained with")

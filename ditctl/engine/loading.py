@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ..errors import CheckpointError
 from ..models.base import ModelFamily
 from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, checkpoint_holds,
-                    verify_checkpoint)
+                    holds_trained_base, is_sharded, verify_checkpoint)
 from .lora import adapter_from_config_dict, add_lora, load_adapter_weights, set_lora_scale
 from .precision import QUANTIZED, QuantizedLinear, quantizer
 
@@ -73,8 +73,9 @@ def apply_checkpoint(family: ModelFamily, denoiser: torch.nn.Module, checkpoint:
     taken for the base model."""
     checkpoint = Path(checkpoint)
     meta = verify_checkpoint(checkpoint)
+    sharded = is_sharded(meta)
     has_adapter = checkpoint_holds(checkpoint, meta, ADAPTER_CONFIG)
-    has_trainable = checkpoint_holds(checkpoint, meta, TRAINABLE_FILE)
+    has_trainable = holds_trained_base(checkpoint, meta)
     if not (has_adapter or has_trainable):
         raise CheckpointError(f"{checkpoint} holds no trained weights (neither {ADAPTER_CONFIG} "
                               f"+ {LORA_WEIGHTS} nor {TRAINABLE_FILE})",
@@ -88,7 +89,13 @@ def apply_checkpoint(family: ModelFamily, denoiser: torch.nn.Module, checkpoint:
     if has_adapter:
         saved = json.loads((checkpoint / ADAPTER_CONFIG).read_text())
         add_lora(denoiser, adapter_from_config_dict(saved))
-        load_adapter_weights(denoiser, checkpoint)
+        if not sharded:
+            load_adapter_weights(denoiser, checkpoint)
+    if sharded:  # an FSDP run's shards, reassembled piece by piece into the whole weights
+        from .sharded_checkpoint import load_trained_weights
+
+        load_trained_weights(checkpoint, denoiser)
+        return meta
     trainable = checkpoint / TRAINABLE_FILE
     if has_trainable:
         state = load_file(trainable)

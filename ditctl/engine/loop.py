@@ -20,11 +20,12 @@ import torch
 from ..console import console
 from ..errors import TrainingError
 from ..models.base import LatentDist
-from .checkpoint import Position, load_checkpoint, save_checkpoint
+from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
 from .monitor import Monitor
 from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
 from .optim import build_optimizer, build_scheduler
+from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
 
 
 @dataclass
@@ -77,17 +78,33 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     train, schedule = config.train, ctx.schedule
     density = TimestepDensity.from_config(train)
     rank, world = acc.process_index, acc.num_processes
+    sharded = is_fsdp(config)
+    if sharded:  # FSDP2: shard before the optimiser exists, so it steps the local shards
+        shard_denoiser(ctx.denoiser, config, acc.device)
 
     trainable = [p for p in ctx.denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, train)
     scheduler = build_scheduler(optimizer, train, schedule.total_steps)
     position, resumed_meta = Position(0, 0, 0), {}
-    if resume_from is not None:
+    if resume_from is not None and sharded:
+        from .sharded_checkpoint import load_sharded_checkpoint
+
+        resumed_meta, rng = load_sharded_checkpoint(resume_from, ctx.denoiser, optimizer,
+                                                    scheduler)
+        restore_rng(rng)
+        position = Position(resumed_meta["step"], resumed_meta["epoch"],
+                            resumed_meta["batch_index"])
+    elif resume_from is not None:
         position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
+    if resume_from is not None:
         console.info(f"resumed from {resume_from} at step {position.step}")
-    # with block streaming the model is already placed: its base blocks stay in host memory
-    streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
-    model, optimizer = acc.prepare(ctx.denoiser, optimizer, device_placement=[not streamed, True])
+    if sharded:  # already distributed by fully_shard: no DDP wrapper, the plain optimiser
+        model = ctx.denoiser
+    else:
+        # with block streaming the model is already placed: its base blocks stay in host memory
+        streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
+        model, optimizer = acc.prepare(ctx.denoiser, optimizer,
+                                       device_placement=[not streamed, True])
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)
@@ -118,7 +135,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 data_time += time.perf_counter() - tick
                 # 3. predict and compare; gradients sync across processes on the last micro-batch
                 sync = micro == schedule.accumulation - 1
-                with (nullcontext() if sync else acc.no_sync(model)), acc.autocast():
+                with _sync_context(acc, model, sync, sharded), acc.autocast():
                     prediction = family.predict(model, noised.noisy.to(device), noised.t.to(device),
                                                 noised.cond.to(device))
                     per_sample = per_sample_mse(prediction, noised.target.to(device))
@@ -129,8 +146,10 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 losses.append(per_sample.detach())
                 timesteps.append(noised.t)
             # 4. clip, step, schedule — unless something was non-finite
-            grad_norm = acc.clip_grad_norm_(trainable, train.max_grad_norm) \
-                if finite and train.max_grad_norm > 0 else None
+            grad_norm = None
+            if finite and train.max_grad_norm > 0:
+                grad_norm = clip_sharded_grad_norm(trainable, train.max_grad_norm) if sharded \
+                    else acc.clip_grad_norm_(trainable, train.max_grad_norm)
             if grad_norm is not None and not torch.isfinite(grad_norm):
                 finite = False
             if finite:
@@ -180,10 +199,25 @@ def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[in
     return epoch + 1, 0
 
 
+def _sync_context(acc, model, sync: bool, sharded: bool):
+    """Gradients are exchanged on the last micro-batch of a step only."""
+    if sharded:  # FSDP reads its flag in the backward, after this block: set, not scoped
+        set_gradient_sync(model, sync)
+        return nullcontext()
+    return nullcontext() if sync else acc.no_sync(model)
+
+
 def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer, scheduler,
                 monitor: Monitor) -> Path | None:
     acc = ctx.accelerator
     acc.wait_for_everyone()
+    if is_fsdp(ctx.config):  # every rank writes its own shards
+        from .sharded_checkpoint import save_sharded_checkpoint
+
+        meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}
+        return save_sharded_checkpoint(ctx.run.folder, position, model, optimizer, scheduler,
+                                       meta, rng_state(),
+                                       keep=ctx.config.train.checkpoints_total_limit)
     folder = None
     if acc.is_main_process:
         meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}

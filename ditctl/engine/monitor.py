@@ -122,19 +122,25 @@ class Monitor:
         """What a checkpoint keeps of the monitor (JSON, in checkpoint.json)."""
         return {"loss_smoothed": self.smoothed}
 
+    def _runs_hooks(self) -> bool:
+        """The main process samples and evaluates; with a sharded model every process runs
+        the forward passes with it (each one all-gathers weights), and only the main one
+        writes (the hooks know whether they write, see train_hooks)."""
+        return self.main or self.ctx.config.distributed.strategy == "fsdp"
+
     def sample(self, model, step: int) -> None:
-        if self.main and self.ctx.sampler is not None:
+        if self._runs_hooks() and self.ctx.sampler is not None:
             with self.ctx.accelerator.autocast():  # a bf16-held frozen base needs autocast
                 grid = self.ctx.sampler(self.ctx.accelerator.unwrap_model(model), step)
-            if grid is not None:
+            if grid is not None and self.main:
                 self._log_image("samples", grid, step)
         self.ctx.accelerator.wait_for_everyone()
 
     def evaluate(self, model, step: int) -> None:
-        if self.main and self.ctx.evaluator is not None:
+        if self._runs_hooks() and self.ctx.evaluator is not None:
             with self.ctx.accelerator.autocast():
                 metrics = self.ctx.evaluator(self.ctx.accelerator.unwrap_model(model), step)
-            if metrics and self.ctx.accelerator.log_with:
+            if metrics and self.main and self.ctx.accelerator.log_with:
                 self.ctx.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         self.ctx.accelerator.wait_for_everyone()
 

@@ -28,7 +28,12 @@ measurement by `python -m bench memory_plan` (within 10%) and bench/gpu_check.py
                    buffers, 38·T·H bytes (measured once per block kind, see bench/RESULTS.md
                    memory_plan), plus, for a quantized base, its largest weight dequantized
                    to the compute dtype (adaLN, H x 9H: 2 B x 9·H² under bf16).
-Everything is bytes; `total` is their sum.
+Under [distributed] strategy = fsdp with N processes (per process): base weights, trainable
+masters, gradients and optimiser state / N (in host memory with cpu_offload: `host_offloaded`,
+not counted in `total`), plus `gathered_weights`: two blocks' whole weights (the running one
+and the prefetched next) and the root's, in the compute dtype, and one block's unsharded fp32
+gradients before the reduce-scatter. Activations are per process as under ddp.
+Everything is bytes; `total` is the device's sum.
 """
 
 from __future__ import annotations
@@ -165,10 +170,41 @@ def working_set_bytes(config: DenoiserShape, shape: StepShape, precision: str, b
     return int(grads + dequantized)
 
 
+def _params(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    return sum(p.numel() for p in module.parameters()
+               if trainable is None or p.requires_grad == trainable)
+
+
+def sharded_memory(memory: dict[str, int], denoiser: torch.nn.Module, config: Config,
+                   shards: int) -> dict[str, int]:
+    """Per-process memory under [distributed] strategy = fsdp with `shards` processes (see
+    the module doc): the base, trainable masters, gradients and optimiser state are split
+    `shards` ways (held in host memory with cpu_offload), plus what FSDP gathers: the running
+    block's and the prefetched next block's whole weights and the root's (in the compute
+    dtype), and the running block's unsharded fp32 gradients before they are reduce-scattered."""
+    from .sharding import transformer_blocks
+
+    blocks = transformer_blocks(denoiser)
+    largest = max((_params(b) for b in blocks), default=0)
+    largest_trained = max((_params(b, True) for b in blocks), default=0)
+    root = _params(denoiser) - sum(_params(b) for b in blocks)
+    unit = 2 if config.train.mixed_precision == "bf16" else 4
+    split = {k: -(-memory[k] // shards)
+             for k in ("base_weights", "trainable_weights", "gradients", "optimizer")}
+    host = sum(split.values()) if config.distributed.cpu_offload else 0
+    if host:
+        split = dict.fromkeys(split, 0)
+    gathered = (2 * largest + root) * unit + largest_trained * 4
+    return {**memory, **split, "gathered_weights": gathered, "host_offloaded": host}
+
+
 def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config: Config,
-                    latent_hw: tuple[int, int], text_tokens: int) -> tuple[dict[str, int], int]:
-    """The planned peak of one training step, by component (bytes), and the activations the
-    other gradient-checkpointing setting would give."""
+                    latent_hw: tuple[int, int], text_tokens: int,
+                    shards: int = 1) -> tuple[dict[str, int], int]:
+    """The planned peak of one training step on one process, by component (bytes), and the
+    activations the other gradient-checkpointing setting would give. Under fsdp, `shards`
+    processes share the model (`sharded_memory`); `host_offloaded` is host memory, not part
+    of the device total."""
     from .setup import base_storage
 
     train, lora_settings = config.train, config.lora
@@ -188,7 +224,7 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config
         weights = 0  # everything trains: counted as trainable fp32 masters
     other = activation_bytes(dit_config, shape, train.mixed_precision,
                              not train.gradient_checkpointing, lora)
-    return {
+    memory = {
         "base_weights": weights,
         "trainable_weights": trainable * 4,
         "gradients": trainable * 4,
@@ -196,7 +232,15 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config
         "activations": activation_bytes(dit_config, shape, train.mixed_precision,
                                         train.gradient_checkpointing, lora),
         "working_set": working_set_bytes(dit_config, shape, train.mixed_precision, base),
-    }, other
+    }
+    if config.distributed.strategy == "fsdp":
+        memory = sharded_memory(memory, denoiser, config, shards)
+    return memory, other
+
+
+def device_total(memory: dict[str, int]) -> int:
+    """The planned peak on the accelerator: every component but what is held in host memory."""
+    return sum(v for k, v in memory.items() if k != "host_offloaded")
 
 
 def training_plan(schedule: Schedule, denoiser: torch.nn.Module, family: ModelFamily,
@@ -207,13 +251,17 @@ def training_plan(schedule: Schedule, denoiser: torch.nn.Module, family: ModelFa
     w, h = (int(v) for v in largest.split("x"))
     _, latent_h, latent_w = family.latent.latent_shape(w, h)
     text_tokens = family.text_tokens()
+    fsdp = config.distributed.strategy == "fsdp"
     memory, other = memory_estimate(denoiser, family.denoiser_shape(), config,
-                                    (latent_h, latent_w), text_tokens)
+                                    (latent_h, latent_w), text_tokens,
+                                    shards=world_size if fsdp else 1)
     from .setup import base_storage
 
     train = config.train
     return {
         "processes": world_size,
+        "strategy": config.distributed.strategy,
+        "shards": world_size if fsdp else 1,
         "steps_per_epoch": schedule.steps_per_epoch,
         "total_steps": schedule.total_steps,
         "epochs": round(schedule.total_steps / schedule.steps_per_epoch, 2),
@@ -222,7 +270,7 @@ def training_plan(schedule: Schedule, denoiser: torch.nn.Module, family: ModelFa
         "trainable_parameters": trainable,
         "frozen_parameters": frozen,
         "base_precision": base_storage(config),
-        "memory_estimate_bytes": {**memory, "total": sum(memory.values()),
+        "memory_estimate_bytes": {**memory, "total": device_total(memory),
                                   "largest_bucket": largest, "text_tokens": text_tokens,
                                   "gradient_checkpointing": train.gradient_checkpointing,
                                   "activations_if_checkpointing_toggled": other,

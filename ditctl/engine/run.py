@@ -28,6 +28,9 @@ RESUME_SAFE = {
               "precomputed_data_dir", "use_precomputed_data", "max_nonfinite_steps",
               "eval_batch_size"},
     "sample": None, "eval": None, "export": None, "precompute": None,  # None: whole section
+    # how processes share the model and meet: a sharded checkpoint reshards on load; only a
+    # change of strategy (another checkpoint format) is a change of the run
+    "distributed": {"cpu_offload", "nnodes", "node_rank", "master_addr", "master_port"},
     "model": {"pretrained_model_path"},  # the model identity is checked separately
     "data": {"train_data_path", "val_data_path", "base_image_dir"},  # the data fingerprint is
 }

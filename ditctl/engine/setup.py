@@ -14,8 +14,9 @@ import torch
 from ..config import Config
 from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
-from ..runs import is_complete_checkpoint, verify_checkpoint
+from ..runs import is_complete_checkpoint, is_sharded, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
+from .sharding import check_fsdp_config
 from .precision import check_base_precision, quantizer, resolve_base_precision, storage_dtype
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,7 +24,7 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def make_accelerator(config: Config, project_dir=None):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     precision = config.train.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
@@ -40,8 +41,13 @@ def make_accelerator(config: Config, project_dir=None):
                               "logs without an account), or --report-to tensorboard") from None
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir)) \
         if project_dir else None
+    # F-Lite's first block has a parameter that never gets a gradient (its value-residual mix:
+    # there is no earlier V): when base weights train, DDP must be told, or its second step fails
+    trains_base = not (config.lora.use_lora and config.lora.train_only_lora)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if trains_base else []
     return Accelerator(mixed_precision=precision, log_with=log_with or None,
-                       project_config=project, cpu=not torch.cuda.is_available())
+                       project_config=project, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=handlers)
 
 
 def process_state():
@@ -69,6 +75,7 @@ def build_denoiser(family: ModelFamily, config: Config,
     lora = config.lora
     frozen_base = lora.use_lora and lora.train_only_lora
     check_training_precision(config)
+    check_fsdp_config(config)
     if lora.lora_checkpoint and not lora.use_lora:
         raise ConfigError("[lora] lora_checkpoint is set but use_lora is false",
                           hint="add --use-lora (or --lora)")
@@ -129,8 +136,10 @@ def _adapter_folder(path: str) -> Path:
     whose files are then checked against its manifest like any other load)."""
     folder = Path(path)
     folder = folder if folder.is_dir() else folder.parent
-    if is_complete_checkpoint(folder):
-        verify_checkpoint(folder)
+    if is_complete_checkpoint(folder) and is_sharded(verify_checkpoint(folder)):
+        raise ConfigError(f"[lora] lora_checkpoint {folder} is a sharded (fsdp) checkpoint",
+                          hint=f"export its adapter first (`ditctl export --checkpoint {folder}`) "
+                               "and start from the exported folder")
     return folder
 
 

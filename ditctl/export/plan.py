@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError, ExportError
-from ..runs import (ADAPTER_CONFIG, TRAINABLE_FILE, checkpoint_holds, checkpoint_step,
+from ..runs import (ADAPTER_CONFIG, checkpoint_holds, holds_trained_base, checkpoint_step,
                     read_run_config, read_run_info, resolve_checkpoint, run_of_checkpoint,
                     verify_checkpoint)
 from ..workspace import Workspace
@@ -90,7 +90,7 @@ def _kind(checkpoint: Path, meta: dict, run_name: str, merge_lora: bool,
           lora_only: bool | None) -> str:
     """From what the checkpoint's manifest says it holds (its files were checked against it)."""
     has_lora = checkpoint_holds(checkpoint, meta, ADAPTER_CONFIG)
-    has_base_weights = checkpoint_holds(checkpoint, meta, TRAINABLE_FILE)
+    has_base_weights = holds_trained_base(checkpoint, meta)
     if merge_lora and lora_only:
         raise ExportError("--merge-lora writes a full pipeline; --format chooses the layout of a "
                           "LoRA-only export: pick one",

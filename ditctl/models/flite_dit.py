@@ -355,6 +355,11 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order: the units that training shards (FSDP), checkpoints
+        and streams one at a time. Engines reach the blocks only through this."""
+        return list(self.blocks)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained, plus F-Lite's RoPE buffers (`rope.freqs_hw_cos/sin`,
         [512, 512, head_dim/2] each, in the weights' dtype): F-Lite's DiT registers them as

@@ -91,18 +91,19 @@ def run(quick: bool) -> dict:
         n = len(jobs)
         latent = (16, size // 8, size // 8)
         noise = torch.stack([initial_noise(job.seed, latent) for job in jobs])
-        cond = cond_per_prompt[[job.prompt_index for job in jobs]]
+        cond = cond_per_prompt.rows([job.prompt_index for job in jobs])
         shift = resolve_shift(family, settings, size, size)
         grid = time_grid(steps, shift)
         g = settings.guidance_scale
 
         ours = sample_latents(family, dit, noise, cond, None, steps=steps,
                               guidance=Guidance(g), shift=shift)
-        theirs = bare_loop(dit, noise, cond, grid, g, per_image=True)
+        theirs = bare_loop(dit, noise, cond.sequence, grid, g, per_image=True)
         assert torch.equal(ours, theirs), "the sampler and the bare loop disagree"
 
-        bare_s = best_of(repeats, lambda: bare_loop(dit, noise, cond, grid, g, per_image=True))
-        batched_s = best_of(repeats, lambda: bare_loop(dit, noise, cond, grid, g, per_image=False))
+        text = cond.sequence  # the bare loop feeds the DiT its text states directly
+        bare_s = best_of(repeats, lambda: bare_loop(dit, noise, text, grid, g, per_image=True))
+        batched_s = best_of(repeats, lambda: bare_loop(dit, noise, text, grid, g, per_image=False))
         sampler_s = best_of(repeats, lambda: sample_latents(
             family, dit, noise, cond, None, steps=steps, guidance=Guidance(g), shift=shift))
         with torch.no_grad():

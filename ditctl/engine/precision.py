@@ -310,6 +310,11 @@ class QuantizedLinear(nn.Linear):
             linear.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
             quantize_(linear, config)  # replaces linear.weight by its quantized tensor
             stored = linear.weight
+        return cls._adopt(linear, stored, precision)
+
+    @classmethod
+    def _adopt(cls, linear: nn.Linear, stored: torch.Tensor, precision: str) -> "QuantizedLinear":
+        """Make `linear` a frozen QuantizedLinear holding `stored` as its weight, in place."""
         linear.weight = stored if isinstance(stored, nn.Parameter) else \
             nn.Parameter(stored, requires_grad=False)
         if linear.bias is not None:
@@ -328,13 +333,7 @@ class QuantizedLinear(nn.Linear):
             return source.rows(start, stop).to(torch.bfloat16)
 
         stored = quantize_weight(rows, tuple(source.shape), precision)
-        linear.weight = stored if isinstance(stored, nn.Parameter) else \
-            nn.Parameter(stored, requires_grad=False)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
-        linear.__class__ = cls
-        linear.precision = precision
-        return linear
+        return cls._adopt(linear, stored, precision)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype` (a fresh tensor each call)."""

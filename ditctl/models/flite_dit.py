@@ -276,6 +276,8 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # The repeated block, as diffusers models declare theirs: the engine finds the units it
+    # shards, streams, quantizes and plans per block through this (ditctl.models.blocks).
     _no_split_modules = ["DiTBlock"]
     # Checkpoints written by the reference (and by save_pretrained) carry its RoPE tables; we
     # recompute them.
@@ -354,11 +356,6 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.final_modulation[-1].bias)
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
-
-    def transformer_blocks(self) -> list[nn.Module]:
-        """The repeated blocks, in order: the units that training shards (FSDP), checkpoints
-        and streams one at a time. Engines reach the blocks only through this."""
-        return list(self.blocks)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained, plus F-Lite's RoPE buffers (`rope.freqs_hw_cos/sin`,

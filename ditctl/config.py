@@ -179,7 +179,9 @@ class TrainConfig:
     resolution_shift: bool = opt(
         True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
     use_precomputed_data: bool = opt(
-        False, "Train from the precomputed cache without loading the VAE or text encoder.")
+        True, "Train from the precompute cache (no VAE or text encoder loaded) when it is "
+        "complete, or fill it first when the run sees its images more than once; off: "
+        "encode every step on the fly.", aliases=(" /--no-precomputed-data",))
     precomputed_data_dir: str | None = opt(
         None, "Cache folder to train from (default: [precompute] output_dir).")
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimiser steps.", min=1,

@@ -176,6 +176,9 @@ class TrainConfig:
                                   min_exclusive=True)
     resolution_shift: bool = opt(
         True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
+    embedded_guidance: float | None = opt(
+        None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
+        "input): the scale fed in training. Unset: the model family's default.", min=0.0)
     use_precomputed_data: bool = opt(
         False, "Train from the precomputed cache without loading the VAE or text encoder.")
     precomputed_data_dir: str | None = opt(

@@ -23,7 +23,8 @@ from ..models.base import LatentDist
 from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
 from .monitor import Monitor
-from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
+from .objective import (TimestepDensity, noised_batch, per_sample_mse, sample_seed,
+                        training_guidance)
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
 
@@ -130,7 +131,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 seeds = [sample_seed(ctx.seed, epoch, batch_index, j, r)
                          for j in mine for r in range(reps)]
                 noised = noised_batch(family, dist, cond, seeds, density, train.caption_dropout,
-                                      train.resolution_shift)
+                                      train.resolution_shift, training_guidance(family, train))
                 device = acc.device
                 data_time += time.perf_counter() - tick
                 # 3. predict and compare; gradients sync across processes on the last micro-batch

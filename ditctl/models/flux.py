@@ -157,10 +157,14 @@ class FluxFamily:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoders of {self.path}: {exc}") from exc
         with torch.device("meta"):
-            clip = _build(CLIPTextModel, clip_config, self.path / "text_encoder")
             t5 = _build(T5EncoderModel, t5_config, self.path / "text_encoder_2")
-        clip = load_streaming(clip, self.path / "text_encoder", dtype=dtype, device=device,
-                              ignore=(r"position_ids$",))
+        # CLIP-L is small (123M); its position-id buffer is not in its files, so it is loaded
+        # with its own loader, straight into `dtype`
+        try:
+            clip = CLIPTextModel.from_pretrained(self.path / "text_encoder", config=clip_config,
+                                                 torch_dtype=dtype).to(device)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load {self.path / 'text_encoder'}: {exc}") from exc
         # T5 ties the encoder's token embedding to `shared`; files hold one of the two
         t5 = load_streaming(t5, self.path / "text_encoder_2", dtype=dtype, device=device,
                             tied={"encoder.embed_tokens.weight": "shared.weight"})

@@ -167,7 +167,9 @@ class TrainConfig:
         1, "Repeat each sample this many times per batch, each with its own noise and timestep.",
         min=1)
     caption_dropout: float = opt(
-        0.01, "Fraction of captions replaced by the empty (all-zero) embedding.", min=0.0, max=1.0)
+        0.01, "Fraction of captions replaced by the model's unconditional input (an all-zero "
+        "embedding, or an empty prompt's encoding where the model's pipeline uses that).",
+        min=0.0, max=1.0)
     uniform_timestep_fraction: float = opt(
         0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
         min=0.0, max=1.0)
@@ -180,7 +182,9 @@ class TrainConfig:
         None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
         "input): the scale fed in training. Unset: the model family's default.", min=0.0)
     use_precomputed_data: bool = opt(
-        False, "Train from the precomputed cache without loading the VAE or text encoder.")
+        True, "Train from the precompute cache (no VAE or text encoder loaded) when it is "
+        "complete, or fill it first when the run sees its images more than once; off: "
+        "encode every step on the fly.", aliases=(" /--no-precomputed-data",))
     precomputed_data_dir: str | None = opt(
         None, "Cache folder to train from (default: [precompute] output_dir).")
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimiser steps.", min=1,

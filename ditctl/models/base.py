@@ -242,6 +242,12 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x0 - noise
 
 
+def unconditional_text(family: "ModelFamily", negative_prompt: str | None) -> str | None:
+    """The text whose encoding is a run's unconditional input: the user's negative prompt, else
+    the family's unconditional prompt; None means the family's `empty_conditioning`."""
+    return negative_prompt if negative_prompt else family.unconditional_prompt
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """One model family, bound to one model folder. Everything shared code may ask a family.
@@ -255,7 +261,8 @@ class ModelFamily(Protocol):
     (an unconditional pass), or, for a guidance-distilled denoiser that reads the guidance
     scale as an input (`GUIDANCE_EXTRA`), the value fed in training by default ([train]
     embedded_guidance overrides it; sampling feeds [sample] guidance_scale and runs no
-    unconditional pass); `lora_layout` (how its ecosystem stores LoRA files).
+    unconditional pass); `lora_layout` (how its ecosystem stores LoRA files);
+    `unconditional_prompt` (see `unconditional_text`).
     """
 
     name: str
@@ -269,6 +276,10 @@ class ModelFamily(Protocol):
     copied_components: tuple[str, ...]  # folders an export carries over from the base unchanged
     embedded_guidance: float | None
     lora_layout: LoraLayout
+    # The unconditional input (caption dropout, the guidance branch): None, the fixed tensors of
+    # `empty_conditioning` (F-Lite: zeros); a string, that prompt's encoding (pipelines that
+    # encode an empty negative prompt), cached by precompute like any caption.
+    unconditional_prompt: str | None
 
     # --- loading (each component on its own, so training from a cache loads only the DiT) ---
     # Each streams its weights straight into `dtype` on `device` (never a full-precision copy);

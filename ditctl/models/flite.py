@@ -66,6 +66,7 @@ class FLiteFamily:
     sampling_defaults = SamplingDefaults(steps=30, guidance_scale=6.0, resolution=1024)
     licence = ("creativeml-openrail-m", "CreativeML Open RAIL-M")
     copied_components = ("text_encoder", "tokenizer", "vae")  # exports carry the base's own
+    unconditional_prompt = None  # FLitePipeline's unconditional input is zeros, not ""
     usage_note = ("ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` reads "
                   "the same folder")
     embedded_guidance = None  # classifier-free guidance: an unconditional pass

@@ -250,3 +250,51 @@ def test_cli_chain_ends_in_exports_flux_pipeline_loads(tmp_path, cli, monkeypatc
     base = FluxPipeline.from_pretrained(root / "model")
     base.load_lora_weights(exports / "lora")
     assert _relative(reference, parity.predict(merged, base.transformer, inputs)) <= 1e-3
+
+
+def test_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
+    """A run stopped after step 1 (SIGTERM, as a job scheduler) and resumed ends with exactly
+    the weights and losses of the run that never stopped (guidance input and packed tokens
+    included)."""
+    import os
+    import signal
+
+    from accelerate.state import AcceleratorState
+    from conftest import make_workspace
+    from safetensors.torch import load_file
+
+    from ditctl.engine.monitor import Monitor
+    from ditctl.train import run_training
+
+    lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 2, "lora_alpha": 2}
+    settings = dict(n_train=4, n_val=0, lora=lora, train={"train_batch_size": 2,
+                                                          "caption_dropout": 0.5})
+
+    def train(ws, resume=None):
+        try:
+            return run_training(ws, ws.config({"train.max_steps": 3, "train.run_name": "r",
+                                               "eval.holdout_fraction": 0.0}), resume=resume)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    straight = train(make_workspace(tmp_path / "a", tiny, **settings))
+    split = make_workspace(tmp_path / "b", tiny, **settings)
+    original = Monitor.log_step
+
+    def log_step(self, at, *args, **kwargs):
+        original(self, at, *args, **kwargs)
+        if at == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "log_step", log_step)
+    assert train(split).result.steps == 1
+    monkeypatch.undo()
+    resumed = train(split, resume="latest")
+    assert resumed.result.steps == 3
+    a = load_file(straight.result.checkpoint / "lora.safetensors")
+    b = load_file(resumed.result.checkpoint / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(ws / "runs" / "r" / "train_log.jsonl").read_text() for ws in (tmp_path / "a",
+                                                                            tmp_path / "b")]
+    losses = [[json.loads(line).get("train/loss") for line in log.splitlines()] for log in logs]
+    assert losses[0] == losses[1]

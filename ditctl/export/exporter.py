@@ -132,7 +132,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
                          files=files, dataset_images=images, base_precision=base_precision,
                          trained_parity=trained_report, family_licence=family.licence,
-                         usage_note=family.usage_note)
+                         usage_note=family.usage_note, lora_layout=family.lora_layout)
 
     result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,

@@ -89,6 +89,10 @@ class LoraLayout:
     key_prefix: str = ""
     to_single_file: Callable[..., dict] | None = None
     from_single_file: Callable[..., tuple] | None = None
+    # for the model card: the diffusers pipeline class whose `load_lora_weights` reads both
+    # files (None: they load through ditctl / peft), and the single file's key naming
+    pipeline_class: str | None = None
+    single_file_keys: str = "`diffusion_model.<module>.lora_down/lora_up/alpha`"
 
 
 def with_guidance(cond: "Conditioning", scale: float) -> "Conditioning":

@@ -196,6 +196,8 @@ def _block_diagonal(rows: tuple[torch.Tensor, ...], size: int) -> bool:
     return True
 
 
-FLUX_LORA_LAYOUT = LoraLayout(weights_file="pytorch_lora_weights.safetensors",
-                              key_prefix="transformer.", to_single_file=peft_to_kohya,
-                              from_single_file=kohya_to_peft)
+FLUX_LORA_LAYOUT = LoraLayout(
+    weights_file="pytorch_lora_weights.safetensors", key_prefix="transformer.",
+    to_single_file=peft_to_kohya, from_single_file=kohya_to_peft, pipeline_class="FluxPipeline",
+    single_file_keys="Black Forest Labs' module names, "
+                     "`lora_unet_double_blocks_0_img_attn_qkv.lora_down/lora_up.weight/.alpha`")

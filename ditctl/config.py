@@ -177,7 +177,7 @@ class TrainConfig:
     logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
                                   min_exclusive=True)
     resolution_shift: bool = opt(
-        True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
+        True, "Shift timesteps towards noise for larger images, by the model family's rule.")
     embedded_guidance: float | None = opt(
         None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
         "input): the scale fed in training. Unset: the model family's default.", min=0.0)

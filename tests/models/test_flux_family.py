@@ -298,3 +298,35 @@ def test_resume_is_bit_identical(tiny, tmp_path, monkeypatch):
                                                                             tmp_path / "b")]
     losses = [[json.loads(line).get("train/loss") for line in log.splitlines()] for log in logs]
     assert losses[0] == losses[1]
+
+
+def test_schnell_samples_what_flux_pipeline_samples(tiny, tmp_path, cli):
+    """schnell: no guidance input, 256 T5 tokens, no time shift; `ditctl sample` (its defaults:
+    4 steps, guidance 0) draws FluxPipeline's image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from PIL import Image
+
+    folder = tmp_path / "schnell"
+    shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("transformer", "scheduler"))
+    config = json.loads((tiny / "transformer" / "config.json").read_text())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        FluxTransformer2DModel(**tiny_transformer_config(
+            text_dim=config["joint_attention_dim"], pooled_dim=config["pooled_projection_dim"],
+            guidance=False)).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(**scheduler_config(schnell=True)).save_pretrained(
+        folder / "scheduler")
+    family = registry.load_family(folder)
+    assert family.embedded_guidance is None and family.text_tokens() == 256
+
+    out = tmp_path / "ours"
+    assert cli("sample", "--model", folder, "--prompt", PROMPT, "--width", "32", "--height", "48",
+               "--seed", "3", "--out", out).exit_code == 0
+    index = json.loads((out / "index.json").read_text())
+    assert (index["settings"]["steps"], index["settings"]["guidance_scale"]) == (4, 0.0)
+    ours = np.asarray(Image.open(out / index["images"][0]["file"])).astype(int)
+    pipe = FluxPipeline.from_pretrained(folder)
+    image = pipe(PROMPT, height=48, width=32, num_inference_steps=4, guidance_scale=0.0,
+                 generator=torch.Generator().manual_seed(derive_seed(3, 0, 0)),
+                 max_sequence_length=256, output_type="np").images[0]
+    assert ours.std() > 1 and np.abs(ours - (image * 255).round().astype(int)).max() <= 1

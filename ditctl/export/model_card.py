@@ -326,19 +326,21 @@ def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:
     folder, base, cls = str(plan.out_dir), str(plan.model_path), layout.pipeline_class
     if plan.format == "comfy":
         target = f"{folder}/{plan.name}.safetensors"
-        intro = [f"`{plan.name}.safetensors` uses the key naming of kohya's scripts and ComfyUI "
-                 f"({layout.single_file_keys}); ComfyUI's LoRA loader reads it, and so does "
-                 "diffusers (its kohya converter):"]
+        intro = [f"`{plan.name}.safetensors` uses the key naming of kohya's sd-scripts "
+                 f"({layout.single_file_keys}), the layout community UIs such as ComfyUI load; "
+                 "diffusers reads it through its kohya converter:"]
+        resume = ("To continue training it with ditctl, export the run in the default (peft) "
+                  "format and set `[lora] lora_checkpoint` to that folder.")
     else:
         target = folder
         intro = [f"`{layout.weights_file}` is in diffusers' LoRA layout "
                  f"(`{layout.key_prefix}<module>.lora_A/lora_B.weight`):"]
+        resume = ("With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
+                  f"\"{folder}\"` in project.toml.")
     return [*intro, "", "```python", f"from diffusers import {cls}",
             f"pipe = {cls}.from_pretrained({base!r})",
             f"pipe.load_lora_weights({target!r})", "```", "",
-            "With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
-            f"\"{folder}\"` in project.toml (the diffusers folder). For `ditctl sample --model`, "
-            "export the run with `--merge-lora`."]
+            resume + " For `ditctl sample --model`, export the run with `--merge-lora`."]
 
 
 def _metrics_lines(metrics: dict, step: int) -> list[str]:

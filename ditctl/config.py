@@ -263,7 +263,8 @@ class SampleConfig:
     steps: int | None = opt(None, "Sampling steps (unset: the model family's default).", min=1)
     guidance_scale: float | None = opt(
         None, "Classifier-free guidance scale; at most 1: no guidance (the conditional "
-        "prediction alone, as the families' own pipelines). Unset: the family's default.",
+        "prediction alone, as the families' own pipelines). Guidance-distilled models read it "
+        "as an input instead (no unconditional pass). Unset: the family's default.",
         min=0.0)
     negative_prompt: str | None = opt(None, "Negative prompt (unset: the empty embedding).")
     width: int | None = opt(None, "Image width (default: the training resolution, else the "

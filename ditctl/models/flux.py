@@ -173,7 +173,8 @@ class FluxFamily:
             model.eval().requires_grad_(False)
         return TextEncoders(clip_tokenizer, clip, t5_tokenizer, t5, self.text_tokens())
 
-    def load_vae(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
+    def load_vae(self, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Any:
         from diffusers import AutoencoderKL
 
         folder = self.path / "vae"

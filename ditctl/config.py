@@ -159,6 +159,12 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
                                               "to save memory.")
+    attention_backend: str = opt(
+        "sdpa", "Attention kernel for train, sample and eval: sdpa (torch), math (reference), "
+        "flash / flash3 / sage / xformers (CUDA, package needed), flex.",
+        choices=("sdpa", "math", "flash", "flash3", "sage", "xformers", "flex"))
+    compile: bool = opt(False, "Compile each repeated transformer block once with torch.compile "
+                        "(regional compilation); the first step includes the compile time.")
     mixed_precision: str = opt("no", "Autocast precision; trained weights stay fp32.",
                                choices=PRECISIONS)
     seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0,

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Config
 from .console import console
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
+from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
 from .engine.plan import memory_advice, training_plan
@@ -155,7 +156,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
                           evaluator=make_evaluator(ws, config, family, training_run, data.source,
                                                    writes=accelerator.is_main_process))
     try:
-        result = train_loop(ctx, resume_from=checkpoint)
+        with attention_context(config.train.attention_backend, state.device):
+            result = train_loop(ctx, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise

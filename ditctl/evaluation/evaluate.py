@@ -144,25 +144,15 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
                                  dtype=dtype, device=device)
-<<<<<<< HEAD
-        model.loss = validation_loss(family, denoiser, validation.rows, inputs,
-                                     config.eval.timestep_quantiles, VALIDATION_SEED,
-                                     config.train.eval_batch_size,
-                                     resolution_shift=config.train.resolution_shift,
-                                     guidance=training_guidance(family, config.train))
-        if embeddings is not None:
-            model.images = generate(family, denoiser, vae, prompts, settings, width=width,
-                                    height=height, embeddings=embeddings)
-=======
         with attention_context(config.train.attention_backend, device):
             model.loss = validation_loss(family, denoiser, validation.rows, inputs,
                                          config.eval.timestep_quantiles, VALIDATION_SEED,
                                          config.train.eval_batch_size,
-                                         resolution_shift=config.train.resolution_shift)
+                                         resolution_shift=config.train.resolution_shift,
+                                         guidance=training_guidance(family, config.train))
             if embeddings is not None:
                 model.images = generate(family, denoiser, vae, prompts, settings, width=width,
                                         height=height, embeddings=embeddings)
->>>>>>> main
         del denoiser
         free_accelerator_memory()
 

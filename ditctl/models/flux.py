@@ -81,10 +81,11 @@ class FluxFamily:
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                     "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                     "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-    # every name with a kohya/BFL counterpart (`flux_lora`): also the single blocks' MLP in
-    # and out, and the modulation layers
-    lora_target_candidates = lora_targets + ("proj_mlp", "proj_out", "norm1.linear",
-                                             "norm1_context.linear", "norm.linear")
+    # every name with a kohya/BFL counterpart (`flux_lora`): also the single blocks' MLP input
+    # and the modulation layers. Not `proj_out`: it names the single blocks' output and the
+    # final layer alike, whose kohya LoRA diffusers' converter loses
+    lora_target_candidates = lora_targets + ("proj_mlp", "norm1.linear", "norm1_context.linear",
+                                             "norm.linear")
     copied_components = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2",
                          "tokenizer_2", "vae")
     usage_note = ("diffusers: `FluxPipeline.from_pretrained(folder)`; LoRA files: "

@@ -17,7 +17,10 @@ BFL fuses layers diffusers keeps apart, so their LoRAs are fused exactly:
 | norm1.linear / norm1_context.linear                            | img_mod.lin / txt_mod.lin                |
 | single: attn.to_q, attn.to_k, attn.to_v, proj_mlp              | linear1                                  |
 | single: proj_out / norm.linear                                 | linear2 / modulation.lin                 |
-| proj_out (the final layer)                                     | final_layer.linear                       |
+
+The final layer (`proj_out` outside the blocks, BFL's final_layer.linear) is left out:
+diffusers' kohya converter loses its LoRA (its keys come out without the `transformer.`
+prefix), so no target name reaches it (`proj_out` is not a target candidate).
 
 A fused layer's output is its parts' outputs stacked, so the fused LoRA is the parts' downs
 concatenated (rank = the ranks summed) and their ups placed block-diagonally: up @ down is
@@ -55,7 +58,6 @@ SINGLE = {
 }
 BLOCKS = {"transformer_blocks": ("double_blocks", DOUBLE),
           "single_transformer_blocks": ("single_blocks", SINGLE)}
-TOP = {"proj_out": "final_layer_linear"}
 PREFIX = "lora_unet_"
 
 _BLOCK_MODULE = re.compile(r"^(?P<kind>transformer_blocks|single_transformer_blocks)\."
@@ -67,8 +69,6 @@ _KOHYA_BLOCK = re.compile(r"^(?P<kind>double_blocks|single_blocks)_(?P<index>\d+
 
 def kohya_target(module: str) -> tuple[str, tuple[str, ...]]:
     """(kohya name, the diffusers module paths fused into it, in order) of a diffusers module."""
-    if module in TOP:
-        return TOP[module], (module,)
     match = _BLOCK_MODULE.match(module)
     if match:
         bfl_kind, table = BLOCKS[match["kind"]]
@@ -82,9 +82,6 @@ def kohya_target(module: str) -> tuple[str, tuple[str, ...]]:
 
 def diffusers_parts(name: str) -> tuple[str, ...]:
     """The diffusers module paths a kohya name (without `lora_unet_`) stands for."""
-    for module, kohya in TOP.items():
-        if name == kohya:
-            return (module,)
     match = _KOHYA_BLOCK.match(name)
     if match:
         kind = next(k for k, (bfl, _) in BLOCKS.items() if bfl == match["kind"])

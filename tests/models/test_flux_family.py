@@ -142,7 +142,7 @@ def test_kohya_layout_fuses_qkv_exactly_and_diffusers_converter_reads_it(tiny, t
             single_layers=0)).save_pretrained(folder / "transformer")
     family = registry.load_family(folder)
     denoiser = family.load_denoiser()
-    _random_lora(denoiser, family.lora_targets + ("norm1.linear", "norm1_context.linear"))
+    _random_lora(denoiser, family.lora_target_candidates)
     inputs = parity.fixed_inputs(family, denoiser)
     reference = parity.predict(family, denoiser, inputs)
 

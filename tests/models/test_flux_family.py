@@ -330,3 +330,10 @@ def test_schnell_samples_what_flux_pipeline_samples(tiny, tmp_path, cli):
                  generator=torch.Generator().manual_seed(derive_seed(3, 0, 0)),
                  max_sequence_length=256, output_type="np").images[0]
     assert ours.std() > 1 and np.abs(ours - (image * 255).round().astype(int)).max() <= 1
+
+
+def test_init_on_a_flux_folder_names_the_family(tiny, tmp_path, cli):
+    assert cli("init", tmp_path / "ws", "--model", tiny).exit_code == 0
+    assert 'family = "flux"' in (tmp_path / "ws" / "project.toml").read_text()
+    status = json.loads(cli("status", "--json", "--workspace", tmp_path / "ws").stdout)
+    assert "flux" in json.dumps(status["model"])

@@ -18,9 +18,11 @@ from typing import Any
 from .config import activate_keys
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_text
+from .models.registry import check_folder, family_of_tiny_model, tiny_model_names
 from .workspace import PROJECT_FILE, Workspace
 
-BUILTIN_MODELS = ("tiny", "tiny-random")
+# "tiny-<family>": a random tiny model of that registered family (real classes, small configs)
+BUILTIN_MODELS = ("tiny", "tiny-random", *tiny_model_names())
 
 
 # `--model tiny`: how the shipped base model was trained and measured (bench/train_tiny_base.py):
@@ -88,10 +90,8 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
               existing: bool) -> InitResult:
 
     if model not in BUILTIN_MODELS:
-        from .models.registry import check_folder
-
         model_path = Path(model).expanduser().resolve()
-        check_folder(model_path)  # any registered family's layout; loads no library
+        family = check_folder(model_path)  # any registered family's layout; loads no library
     root.mkdir(parents=True, exist_ok=True)
     ws = Workspace(root)
     settings: dict[str, dict[str, Any]] = {"model": {}}
@@ -107,10 +107,13 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
                 hint="keep it (leave --force out), or move the runs away (or the model) first")
         _build_builtin_model(model, model_path, seed)
         settings["model"]["pretrained_model_path"] = "model"
+        if model in tiny_model_names():
+            settings["model"]["family"] = family_of_tiny_model(model)
         if model == "tiny":
             settings.update({k: dict(v) for k, v in TINY_MODEL_SETTINGS.items()})
     else:
         settings["model"]["pretrained_model_path"] = str(model_path)
+        settings["model"]["family"] = family
 
     templates = templates_dir()
     prompts = (templates / "prompts.txt").read_text()
@@ -202,6 +205,10 @@ def _build_builtin_model(kind: str, target: Path, seed: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "tiny":
         shutil.copytree(shipped_tiny_model(), tmp)  # a copy: the workspace may change its model
+    elif kind in tiny_model_names():
+        from .models.registry import build_tiny  # the family's builder: torch, diffusers
+
+        build_tiny(family_of_tiny_model(kind), tmp, seed=seed)
     else:
         from .models.tiny import build_tiny_pipeline  # torch, diffusers, transformers: seconds
 

@@ -38,6 +38,10 @@ class SamplingDefaults:
     steps: int
     guidance_scale: float
     resolution: int
+    # the sampling grid before the shift: `steps` times from 1 down to `grid_end`, then 0.
+    # None: down to 1/steps (t_i = i/N); diffusers' FlowMatchEulerDiscreteScheduler ends at its
+    # sigma_min instead, and a family sampling as that scheduler does says so here
+    grid_end: float | None = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,9 @@ class ModelFamily(Protocol):
     may target); `sampling_defaults`; `latent` (channels, VAE factor, size multiple);
     `licence` ((Hugging Face id, display name) of the released weights, for model cards
     when the folder carries no licence) and `usage_note` (how the family's own tools load an
-    export, for the model card).
+    export, for the model card); `lora_formats` (the LoRA-only export layouts it can write:
+    "peft", "comfy", "diffusers") and `lora_component` (the pipeline attribute a
+    diffusers-format LoRA adapts, e.g. "transformer"; None without that format).
     """
 
     name: str
@@ -230,6 +236,8 @@ class ModelFamily(Protocol):
     latent: LatentGeometry
     licence: tuple[str, str]
     usage_note: str
+    lora_formats: tuple[str, ...]
+    lora_component: str | None
     copied_components: tuple[str, ...]  # folders an export carries over from the base unchanged
 
     # --- loading (each component on its own, so training from a cache loads only the DiT) ---

@@ -193,7 +193,7 @@ def test_one_training_step_through_the_engine_cached_equals_on_the_fly(tiny, tmp
                             sizes=((side, side),), lora=lora,
                             data={"resolution": side}, train={"max_steps": 1})
         config = ws.config({"train.use_precomputed_data": cached,
-                            "eval.holdout_fraction": 0.0})
+                            "eval.holdout_fraction": 0.0, "model.family": family.name})
         if cached:
             ensure_manifest(ws, config)
             run_precompute(ws, config)

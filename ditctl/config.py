@@ -167,7 +167,9 @@ class TrainConfig:
         1, "Repeat each sample this many times per batch, each with its own noise and timestep.",
         min=1)
     caption_dropout: float = opt(
-        0.01, "Fraction of captions replaced by the empty (all-zero) embedding.", min=0.0, max=1.0)
+        0.01, "Fraction of captions replaced by the model's unconditional input (an all-zero "
+        "embedding, or an empty prompt's encoding where the model's pipeline uses that).",
+        min=0.0, max=1.0)
     uniform_timestep_fraction: float = opt(
         0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
         min=0.0, max=1.0)

@@ -43,7 +43,7 @@ from .engine.objective import shift_timesteps
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
-from .models.base import Conditioning, ModelFamily
+from .models.base import Conditioning, ModelFamily, unconditional_text
 from .models.registry import load_family
 from .runs import SAMPLES, resolve_checkpoint, run_of_checkpoint, samples_dir
 from .workspace import Workspace
@@ -213,7 +213,8 @@ class PromptEmbeddings:
 
 def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str],
                    negative_prompt: str | None = None) -> PromptEmbeddings:
-    """Encode prompts (warning about any the text encoder truncates) and the negative prompt."""
+    """Encode prompts (warning about any the text encoder truncates) and the negative prompt
+    (unset: the family's unconditional prompt, if it has one)."""
     limit = family.text_tokens()
     for i, prompt in enumerate(prompts):
         n = family.count_tokens(text_encoder, prompt)
@@ -222,7 +223,9 @@ def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str
                          f"first {limit}, the rest is ignored: {prompt[:60]!r}...")
     chunks = [family.encode_prompts(text_encoder, list(prompts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(prompts), ENCODE_CHUNK)]
-    negative = family.encode_prompts(text_encoder, [negative_prompt]) if negative_prompt else None
+    negative_text = unconditional_text(family, negative_prompt)
+    negative = None if negative_text is None else family.encode_prompts(text_encoder,
+                                                                        [negative_text])
     return PromptEmbeddings(Conditioning.cat(chunks).cpu(),
                             None if negative is None else negative.cpu())
 

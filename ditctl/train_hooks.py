@@ -49,7 +49,7 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
     vae = getattr(source, "vae", None)
     text_encoder = getattr(source, "text_encoder", None)
     embeddings = (encode_prompts(family, text_encoder, prompts, negative) if text_encoder is not None
-                  else cached_embeddings(source, prompts, negative))
+                  else cached_embeddings(family, source, prompts, negative))
 
     def sample(denoiser, step: int) -> Image.Image | None:
         if not writes:

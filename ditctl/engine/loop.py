@@ -108,6 +108,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)
+    unconditional = unconditional_input(family, data, train.caption_dropout)
     consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
     with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar:
         for step in range(position.step + 1, schedule.total_steps + 1):
@@ -130,7 +131,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 seeds = [sample_seed(ctx.seed, epoch, batch_index, j, r)
                          for j in mine for r in range(reps)]
                 noised = noised_batch(family, dist, cond, seeds, density, train.caption_dropout,
-                                      train.resolution_shift)
+                                      train.resolution_shift, unconditional)
                 device = acc.device
                 data_time += time.perf_counter() - tick
                 # 3. predict and compare; gradients sync across processes on the last micro-batch
@@ -191,6 +192,15 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     monitor.close()
     return TrainResult(step if schedule.total_steps > position.step else position.step,
                        last_loss, checkpoint, stop["stop"], skipped)
+
+
+def unconditional_input(family: ModelFamily, data: TrainingData,
+                        caption_dropout: float) -> Conditioning | None:
+    """What a dropped caption trains on, read once: the family's unconditional prompt from the
+    data source (cached by precompute, or encoded); None: the family's empty conditioning."""
+    if caption_dropout <= 0 or family.unconditional_prompt is None:
+        return None
+    return data.source.conditioning(family.unconditional_prompt)
 
 
 def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[int, int]:

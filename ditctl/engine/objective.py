@@ -56,10 +56,12 @@ class NoisedBatch:
 
 def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
                 generator: torch.Generator, density: TimestepDensity, alpha: float,
-                caption_dropout: float):
+                caption_dropout: float, unconditional: Conditioning | None = None):
     """Everything random about one training sample, drawn from its own generator in a fixed
     order: posterior ε, diffusion noise, logit-normal draw, uniform draw, uniform switch,
-    caption dropout. Returns (noisy, t, cond, target) for a batch of one."""
+    caption dropout. A dropped caption becomes `unconditional` (the encoding of the family's
+    unconditional prompt), or without one the family's empty conditioning. Returns
+    (noisy, t, cond, target) for a batch of one."""
     x0 = family.sample_latents(dist, generator)  # [1, C, h, w]
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
     logit = torch.randn(1, generator=generator) * density.logit_std + density.logit_mean
@@ -69,13 +71,16 @@ def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
 
     t = torch.where(use_uniform, uniform_t, shift_timesteps(torch.sigmoid(logit), alpha))
     if drop_caption:
-        cond = family.empty_conditioning(1, like=cond)
+        cond = unconditional if unconditional is not None else \
+            family.empty_conditioning(1, like=cond)
     return flow_noisy(x0, noise, t), t, cond, flow_target(x0, noise)
 
 
 def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
-                 density: TimestepDensity, caption_dropout: float, shift: bool) -> NoisedBatch:
-    """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`)."""
+                 density: TimestepDensity, caption_dropout: float, shift: bool,
+                 unconditional: Conditioning | None = None) -> NoisedBatch:
+    """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`); dropped
+    captions become `unconditional` (see `draw_sample`)."""
     h, w = dist.mean.shape[-2:]
     alpha = family.resolution_shift(h, w) if shift else 1.0
     parts = []
@@ -83,7 +88,7 @@ def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seed
         one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
         generator = torch.Generator().manual_seed(seed)
         parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
-                                 caption_dropout))
+                                 caption_dropout, unconditional))
     noisy, t, conds, target = zip(*parts)
     return NoisedBatch(torch.cat(noisy), torch.cat(t), Conditioning.cat(conds), torch.cat(target))
 

@@ -24,7 +24,7 @@ from ..engine.loading import load_denoiser
 from ..engine.validation import VALIDATION_SEED, MaterializedSource, validation_loss
 from ..errors import DitctlError
 from ..fsutil import atomic_write_text
-from ..models.base import ModelFamily
+from ..models.base import ModelFamily, unconditional_text
 from ..models.registry import load_family
 from ..report import render_comparison
 from ..runs import (EVAL, checkpoint_step, eval_dir, latest_checkpoint, list_checkpoints,
@@ -118,7 +118,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     # Inputs once, for every model: from the precompute cache where it has them (then the text
     # encoder is never loaded), else encoded here; the text encoder is freed before any DiT.
     vae = family.load_vae(torch.float32, device)
-    texts = prompts + ([settings.negative_prompt] if settings.negative_prompt else [])
+    negative_text = unconditional_text(family, settings.negative_prompt)
+    texts = prompts + ([negative_text] if negative_text is not None else [])
     source, text_source = cached_inputs(ws, config, family, validation.rows, texts)
     source_how = "read from the precompute cache" if source is not None else "encoded on the fly"
     text_encoder = None
@@ -128,7 +129,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
                                 validation.rows)
     embeddings = None
     if prompts and text_source is not None:
-        embeddings = cached_embeddings(text_source, prompts, settings.negative_prompt)
+        embeddings = cached_embeddings(family, text_source, prompts, settings.negative_prompt)
     elif prompts:
         embeddings = encode_prompts(family, text_encoder, prompts, settings.negative_prompt)
     del source, text_source, text_encoder

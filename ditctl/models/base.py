@@ -214,6 +214,12 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x0 - noise
 
 
+def unconditional_text(family: "ModelFamily", negative_prompt: str | None) -> str | None:
+    """The text whose encoding is a run's unconditional input: the user's negative prompt, else
+    the family's unconditional prompt; None means the family's `empty_conditioning`."""
+    return negative_prompt if negative_prompt else family.unconditional_prompt
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """One model family, bound to one model folder. Everything shared code may ask a family.
@@ -223,9 +229,10 @@ class ModelFamily(Protocol):
     may target); `sampling_defaults`; `latent` (channels, VAE factor, size multiple);
     `licence` ((Hugging Face id, display name) of the released weights, for model cards
     when the folder carries no licence) and `usage_note` (how the family's own tools load an
-    export, for the model card); `lora_formats` (the LoRA-only export layouts it can write:
-    "peft", "comfy", "diffusers") and `lora_component` (the pipeline attribute a
-    diffusers-format LoRA adapts, e.g. "transformer"; None without that format).
+    export, for the model card); `unconditional_prompt` (see `unconditional_text`);
+    `lora_formats` (the LoRA-only export layouts it can write: "peft", "comfy", "diffusers")
+    and `lora_component` (the pipeline attribute a diffusers-format LoRA adapts, e.g.
+    "transformer"; None without that format).
     """
 
     name: str
@@ -239,6 +246,10 @@ class ModelFamily(Protocol):
     lora_formats: tuple[str, ...]
     lora_component: str | None
     copied_components: tuple[str, ...]  # folders an export carries over from the base unchanged
+    # The unconditional input (caption dropout, the guidance branch): None, the fixed tensors of
+    # `empty_conditioning` (F-Lite: zeros); a string, that prompt's encoding (pipelines that
+    # encode an empty negative prompt), cached by precompute like any caption.
+    unconditional_prompt: str | None
 
     # --- loading (each component on its own, so training from a cache loads only the DiT) ---
     # Each streams its weights straight into `dtype` on `device` (never a full-precision copy);

@@ -67,6 +67,7 @@ class FLiteFamily:
     lora_component = None
     licence = ("creativeml-openrail-m", "CreativeML Open RAIL-M")
     copied_components = ("text_encoder", "tokenizer", "vae")  # exports carry the base's own
+    unconditional_prompt = None  # FLitePipeline's unconditional input is zeros, not ""
     usage_note = ("ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` reads "
                   "the same folder")
 

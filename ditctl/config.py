@@ -302,7 +302,9 @@ class ExportConfig:
     dtype: str = opt("bf16", "Precision of the exported DiT weights.",
                      choices=("fp32", "fp16", "bf16"))
     merge_lora: bool = opt(False, "Merge the LoRA into the base DiT and write a full pipeline.")
-    format: str = opt("peft", "LoRA-only export format.", choices=("peft", "comfy"))
+    format: str = opt("peft", "LoRA-only export format (diffusers: the layout the family's "
+                      "pipeline loads with load_lora_weights, where the family has one).",
+                      choices=("peft", "comfy", "diffusers"))
     copy_encoders: bool = opt(
         True, "Copy (hard-link where possible) vae/text_encoder/tokenizer into the export; "
         "off: reference the base model's folders instead.")

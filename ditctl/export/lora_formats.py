@@ -1,4 +1,5 @@
-"""LoRA adapters on disk: the PEFT folder layout and the single-file "comfy" layout.
+"""LoRA adapters on disk: the PEFT folder layout, the single-file "comfy" layout and diffusers'
+pipeline layout.
 
 PEFT layout (a folder; what peft's `set_peft_model_state_dict` and diffusers'
 `load_lora_adapter(folder, weight_name="adapter_model.safetensors", prefix=None)` read):
@@ -28,6 +29,17 @@ rank comes from the tensor shapes, a module without an `.alpha` gets alpha = ran
 common convention), and ranks/alphas that differ between modules go into peft's
 `rank_pattern` / `alpha_pattern`.
 
+Diffusers layout (a folder; what `pipe.load_lora_weights(folder)` reads for a family whose
+denoiser is a diffusers pipeline component, `ModelFamily.lora_component`, e.g. "transformer"):
+
+```
+pytorch_lora_weights.safetensors   transformer.transformer_blocks.0.attn.to_q.lora_A.weight
+                                   (the PEFT keys under "<component>.")
+                                   metadata lora_adapter_metadata: the LoraConfig fields as
+                                   "<component>.r", "<component>.lora_alpha", ...
+```
+as diffusers' own `save_lora_weights` writes it.
+
 Every file also carries str→str safetensors metadata (base model identity, rank, alpha, targets,
 steps, dataset size, ditctl version); the PEFT file additionally carries diffusers'
 `lora_adapter_metadata` so that diffusers recovers alpha exactly instead of guessing it.
@@ -49,6 +61,7 @@ from ..errors import ExportError
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 COMFY_PREFIX = "diffusion_model."
+DIFFUSERS_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 # diffusers reads the LoraConfig kwargs from this safetensors metadata key
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 # the LoraConfig fields diffusers needs to rebuild the adapter exactly
@@ -102,6 +115,39 @@ def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ExportError(f"{folder} is not a PEFT adapter folder (needs {PEFT_CONFIG_FILE} "
                           f"and {PEFT_WEIGHTS_FILE})", hint="pass the folder an export wrote")
     return json.loads(config_file.read_text()), load_file(weights)
+
+
+# --- diffusers ------------------------------------------------------------------------------------
+
+def write_diffusers(folder: Path, state: dict[str, torch.Tensor], adapter_config: dict,
+                    metadata: dict[str, str], component: str) -> list[Path]:
+    """Write pytorch_lora_weights.safetensors with `component`-prefixed keys and diffusers'
+    prefixed adapter metadata; returns the files."""
+    prefix = component + "."
+    lora_config = {prefix + k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS
+                   if k in adapter_config}
+    weights = Path(folder) / DIFFUSERS_WEIGHTS_FILE
+    save_file(_contiguous({prefix + k: v for k, v in state.items()}), weights,
+              metadata={"format": "pt", **metadata,
+                        DIFFUSERS_METADATA_KEY: json.dumps(lora_config, sort_keys=True)})
+    return [weights]
+
+
+def read_diffusers(folder: Path, component: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(LoraConfig kwargs, PEFT state dict) of a diffusers-layout LoRA folder."""
+    weights = Path(folder) / DIFFUSERS_WEIGHTS_FILE
+    if not weights.is_file():
+        raise ExportError(f"{folder} is not a diffusers LoRA folder (needs "
+                          f"{DIFFUSERS_WEIGHTS_FILE})", hint="pass the folder an export wrote")
+    prefix = component + "."
+    state = load_file(weights)
+    foreign = [k for k in state if not k.startswith(prefix)]
+    if foreign:
+        raise ExportError(f"{weights}: keys outside {component!r}, e.g. {foreign[0]!r}",
+                          hint="only LoRAs of the denoiser can be read")
+    config = json.loads(read_metadata(weights).get(DIFFUSERS_METADATA_KEY, "{}"))
+    return ({k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)},
+            {k[len(prefix):]: v for k, v in state.items()})
 
 
 # --- comfy ---------------------------------------------------------------------------------------

@@ -295,6 +295,12 @@ def _usage(plan: ExportPlan, usage_note: str = "") -> list[str]:
             f"dit = load_family({base!r}).load_denoiser()",
             f"config, state = comfy_to_peft(load_file({f'{folder}/{plan.name}.safetensors'!r}))",
             "inject_adapter(dit, config, state)", "```"]
+    if plan.format == "diffusers":
+        return [
+            "`pytorch_lora_weights.safetensors` is in diffusers' own LoRA layout:", "",
+            "```python", "from diffusers import DiffusionPipeline",
+            f"pipe = DiffusionPipeline.from_pretrained({base!r})",
+            f"pipe.load_lora_weights({folder!r})", "```"]
     load_base = ["from ditctl.models.registry import load_family",
                  f"dit = load_family({base!r}).load_denoiser()  # the base DiT"]
     return [

@@ -206,6 +206,36 @@ def test_one_training_step_through_the_engine_cached_equals_on_the_fly(tiny, tmp
         assert torch.equal(weights[0][name], weights[1][name]), name
 
 
+@pytest.mark.slow
+def test_resuming_a_run_is_bit_identical_to_running_it_straight(tiny, tmp_path):
+    """2 LoRA steps straight, and 1 step then a resume to 2: the same adapter, bit for bit
+    (a constant learning rate: a decaying schedule is planned over max_steps)."""
+    from safetensors.torch import load_file
+
+    from ditctl.train import run_training
+
+    family, folder = tiny
+    side = _image_side(family)
+    lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 2, "lora_alpha": 2}
+    finals = []
+    for split in (False, True):
+        ws = make_workspace(tmp_path / f"ws-{split}", folder, n_train=4, n_val=0,
+                            sizes=((side, side),), lora=lora, data={"resolution": side},
+                            train={"train_batch_size": 2, "learning_rate": 1e-3,
+                                   "lr_scheduler": "constant", "num_warmup_steps": 0,
+                                   "run_name": "r"})
+        config = {"eval.holdout_fraction": 0.0, "model.family": family.name}
+        if split:
+            run_training(ws, ws.config({**config, "train.max_steps": 1}))
+        outcome = run_training(ws, ws.config({**config, "train.max_steps": 2}),
+                               resume="latest" if split else None)
+        assert outcome.result.steps == 2
+        finals.append(load_file(outcome.result.checkpoint / "lora.safetensors"))
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
+
+
 # --- no family in shared code -----------------------------------------------------------------
 
 def test_no_shared_module_names_a_registered_family():

@@ -159,6 +159,12 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
                                               "to save memory.")
+    attention_backend: str = opt(
+        "sdpa", "Attention kernel for train, sample and eval: sdpa (torch), math (reference), "
+        "flash / flash3 / sage / xformers (CUDA, package needed), flex.",
+        choices=("sdpa", "math", "flash", "flash3", "sage", "xformers", "flex"))
+    compile: bool = opt(False, "Compile each repeated transformer block once with torch.compile "
+                        "(regional compilation); the first step includes the compile time.")
     mixed_precision: str = opt("no", "Autocast precision; trained weights stay fp32.",
                                choices=PRECISIONS)
     seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0,
@@ -179,7 +185,9 @@ class TrainConfig:
     resolution_shift: bool = opt(
         True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
     use_precomputed_data: bool = opt(
-        False, "Train from the precomputed cache without loading the VAE or text encoder.")
+        True, "Train from the precompute cache (no VAE or text encoder loaded) when it is "
+        "complete, or fill it first when the run sees its images more than once; off: "
+        "encode every step on the fly.", aliases=(" /--no-precomputed-data",))
     precomputed_data_dir: str | None = opt(
         None, "Cache folder to train from (default: [precompute] output_dir).")
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimiser steps.", min=1,

@@ -37,6 +37,7 @@ from PIL import Image
 from . import __version__
 from .config import Config
 from .console import console
+from .engine.attention import attention_context
 from .engine.inference import inference_context, param_dtype
 from .engine.loading import load_denoiser
 from .engine.objective import shift_timesteps
@@ -527,9 +528,11 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
     device = device or inference_device()
     settings = resolve_settings(choice.family, config.sample)
     width, height = sample_size(config, choice.family)
+    attention = attention_context(config.train.attention_backend, device)
     denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)
-    images = generate(choice.family, denoiser, vae, prompts, settings, width=width, height=height,
-                      embeddings=embeddings)
+    with attention:
+        images = generate(choice.family, denoiser, vae, prompts, settings, width=width,
+                          height=height, embeddings=embeddings)
     seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
                                              settings.seed)]
     resolved = dict(width=width, height=height,

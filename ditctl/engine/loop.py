@@ -19,7 +19,8 @@ import torch
 
 from ..console import console
 from ..errors import TrainingError
-from ..models.base import LatentDist
+from ..models.base import Conditioning, LatentDist, ModelFamily
+from .compile import compile_blocks
 from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
 from .monitor import Monitor
@@ -105,6 +106,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
         streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
         model, optimizer = acc.prepare(ctx.denoiser, optimizer,
                                        device_placement=[not streamed, True])
+    compiled = compile_blocks(ctx.denoiser) if train.compile else 0
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     stream = batch_stream(data, position)
@@ -171,9 +173,14 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             all_losses = acc.gather(torch.cat(losses).to(acc.device)).float().cpu()
             all_t = acc.gather(torch.cat(timesteps).to(acc.device)).float().cpu()
             last_loss = float(all_losses.mean()) if finite else float("nan")
+            step_time = time.perf_counter() - t0
+            compiling = bool(compiled) and step == position.step + 1
+            if compiling:
+                console.info(f"first step {step_time:.1f} s, including compiling {compiled} "
+                             "blocks (later steps reuse the compiled code)")
             monitor.log_step(step, all_losses, all_t, scheduler.get_last_lr()[0],
                              float(grad_norm) if grad_norm is not None else None,
-                             data_time, time.perf_counter() - t0, skipped=not finite)
+                             data_time, step_time, skipped=not finite, compiling=compiling)
             bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
             next_epoch, next_index = _next_position(data, epoch, batch_index)
             here = Position(step, next_epoch, next_index)

@@ -305,6 +305,6 @@ def memory_advice(config: Config) -> list[str]:
     elif lora.lora_rank > 16:
         advice.append(f"--lora-rank 16 (now {lora.lora_rank})")
     if not train.use_precomputed_data:
-        advice.append("`ditctl precompute`, then --use-precomputed-data (no VAE/text encoder "
-                      "in memory)")
+        advice.append("`ditctl precompute` and train without --no-use-precomputed-data (no "
+                      "VAE/text encoder in memory)")
     return advice

@@ -20,6 +20,7 @@ from PIL import Image
 from ..config import Config
 from ..console import console
 from ..data.batches import OnTheFlySource
+from ..engine.attention import attention_context, check_attention_backend
 from ..engine.loading import load_denoiser
 from ..engine.validation import VALIDATION_SEED, MaterializedSource, validation_loss
 from ..errors import DitctlError
@@ -111,6 +112,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     dtype = inference_dtype(device)
     family = plan.family
     settings = config.sample
+    check_attention_backend(config.train.attention_backend, device)  # fail before any work
     width, height = sample_size(config, family)
     validation = validation_set(ws, config)
     prompts, prompts_note = _comparison_prompts(ws, config)
@@ -141,13 +143,14 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
                                  dtype=dtype, device=device)
-        model.loss = validation_loss(family, denoiser, validation.rows, inputs,
-                                     config.eval.timestep_quantiles, VALIDATION_SEED,
-                                     config.train.eval_batch_size,
-                                     resolution_shift=config.train.resolution_shift)
-        if embeddings is not None:
-            model.images = generate(family, denoiser, vae, prompts, settings, width=width,
-                                    height=height, embeddings=embeddings)
+        with attention_context(config.train.attention_backend, device):
+            model.loss = validation_loss(family, denoiser, validation.rows, inputs,
+                                         config.eval.timestep_quantiles, VALIDATION_SEED,
+                                         config.train.eval_batch_size,
+                                         resolution_shift=config.train.resolution_shift)
+            if embeddings is not None:
+                model.images = generate(family, denoiser, vae, prompts, settings, width=width,
+                                        height=height, embeddings=embeddings)
         del denoiser
         free_accelerator_memory()
 

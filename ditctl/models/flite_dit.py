@@ -33,10 +33,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
@@ -202,9 +202,17 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k = self.qk_norm(q, k)  # after RoPE: RoPE is a rotation, the norm is unchanged by it
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, head_dim], scale 1/sqrt(d)
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, H]
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, h, d]
+        out = out.reshape(b, n, -1)  # [B, L, H]
         return self.proj(out), v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim), no mask: q [B, L, heads, d], k/v
+    [B, Lk, heads, d] -> [B, L, heads, d]. Through diffusers' attention dispatcher, so the
+    backend ditctl selects (`[train] attention_backend`) applies here as in diffusers' own
+    models; the default (native) is torch's scaled_dot_product_attention on the same tensors."""
+    return dispatch_attention_fn(q, k, v)
 
 
 class CrossAttention(nn.Module):
@@ -226,8 +234,7 @@ class CrossAttention(nn.Module):
         k, v = kv.unbind(2)  # each [B, Lc, heads, head_dim], split as (k h d)
         q, k = self.qk_norm(q, k)
         # F-Lite attends to every text position, T5 padding included: no mask, on purpose.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, H]
+        out = attention(q, k, v).reshape(b, n, -1)  # [B, L, H]
         return self.proj(out)
 
 

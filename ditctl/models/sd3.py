@@ -178,8 +178,13 @@ class SD3Family:
             return self._skeleton(self.path / "transformer").to(dtype)
 
     def _skeleton(self, folder: Path) -> torch.nn.Module:
+        """The transformer's modules, its attention through diffusers' dispatcher (so that
+        `[train] attention_backend` reaches it; see sd3_attention.py)."""
+        from .sd3_attention import use_dispatched_attention
+
         cls = self._transformer_class()
-        return _build(cls, cls.from_config, self._config("transformer"), folder)
+        return use_dispatched_attention(_build(cls, cls.from_config, self._config("transformer"),
+                                               folder))
 
     def load_text_encoder(self, dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu") -> TextEncoders:

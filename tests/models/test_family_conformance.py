@@ -95,6 +95,33 @@ def test_images_encode_and_decode_at_the_family_geometry(tiny):
     assert family.decode_latents(vae, latents).shape == images.shape
 
 
+def test_the_attention_switch_reaches_every_block(tiny, monkeypatch):
+    """`[train] attention_backend` selects the kernel of the family's attention too: every
+    repeated block attends through diffusers' dispatcher, and math agrees with sdpa."""
+    from diffusers.models import attention_dispatch
+
+    from ditctl.engine.attention import attention_context
+    from ditctl.models.blocks import repeated_blocks
+
+    family, _ = tiny
+    denoiser = family.load_denoiser()
+    x, t = _inputs(family)
+    cond = family.encode_prompts(family.load_text_encoder(), PROMPTS)
+    calls = []
+    registry = attention_dispatch._AttentionBackendRegistry
+    name = attention_dispatch.AttentionBackendName("_native_math")
+    original = registry._backends[name]
+    monkeypatch.setitem(registry._backends, name,
+                        lambda **kw: calls.append(kw["query"].shape) or original(**kw))
+    with torch.no_grad():
+        with attention_context("math", "cpu"):
+            math = family.predict(denoiser, x, t, cond)
+        with attention_context("sdpa", "cpu"):
+            sdpa = family.predict(denoiser, x, t, cond)
+    assert len(calls) >= len(repeated_blocks(denoiser)) > 0
+    torch.testing.assert_close(math, sdpa, rtol=1e-4, atol=1e-5)
+
+
 # --- the denoiser's contract ------------------------------------------------------------------
 
 def test_predict_returns_the_shape_of_its_input(tiny):

@@ -63,6 +63,7 @@ def test_prompts_encode_as_the_pipeline_encodes_them(tiny, pipe):
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             [PROMPT, "a blue star"], None, None, do_classifier_free_guidance=True)
+    # measured: equal, or up to 1e-5 apart between runs (CPU GEMM kernels under load)
     torch.testing.assert_close(cond.sequence, embeds, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(cond.pooled, pooled, rtol=0, atol=0)
     assert cond.mask is None and cond.sequence.shape[1] == 77 + 256

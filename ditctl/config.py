@@ -183,7 +183,10 @@ class TrainConfig:
     logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
                                   min_exclusive=True)
     resolution_shift: bool = opt(
-        True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
+        True, "Shift timesteps towards noise for larger images, by the model family's rule.")
+    embedded_guidance: float | None = opt(
+        None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
+        "input): the scale fed in training. Unset: the model family's default.", min=0.0)
     use_precomputed_data: bool = opt(
         True, "Train from the precompute cache (no VAE or text encoder loaded) when it is "
         "complete, or fill it first when the run sees its images more than once; off: "
@@ -266,7 +269,8 @@ class SampleConfig:
     steps: int | None = opt(None, "Sampling steps (unset: the model family's default).", min=1)
     guidance_scale: float | None = opt(
         None, "Classifier-free guidance scale; at most 1: no guidance (the conditional "
-        "prediction alone, as the families' own pipelines). Unset: the family's default.",
+        "prediction alone, as the families' own pipelines). Guidance-distilled models read it "
+        "as an input instead (no unconditional pass). Unset: the family's default.",
         min=0.0)
     negative_prompt: str | None = opt(None, "Negative prompt (unset: the empty embedding).")
     width: int | None = opt(None, "Image width (default: the training resolution, else the "
@@ -310,9 +314,7 @@ class ExportConfig:
     dtype: str = opt("bf16", "Precision of the exported DiT weights.",
                      choices=("fp32", "fp16", "bf16"))
     merge_lora: bool = opt(False, "Merge the LoRA into the base DiT and write a full pipeline.")
-    format: str = opt("peft", "LoRA-only export format (diffusers: the layout the family's "
-                      "pipeline loads with load_lora_weights, where the family has one).",
-                      choices=("peft", "comfy", "diffusers"))
+    format: str = opt("peft", "LoRA-only export format.", choices=("peft", "comfy"))
     copy_encoders: bool = opt(
         True, "Copy (hard-link where possible) vae/text_encoder/tokenizer into the export; "
         "off: reference the base model's folders instead.")

@@ -44,7 +44,7 @@ from .engine.objective import shift_timesteps
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
-from .models.base import Conditioning, ModelFamily, unconditional_text
+from .models.base import Conditioning, ModelFamily, unconditional_text, with_guidance
 from .models.registry import load_family
 from .runs import SAMPLES, resolve_checkpoint, run_of_checkpoint, samples_dir
 from .workspace import Workspace
@@ -138,9 +138,15 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
                     cond: Conditioning, uncond: Conditioning | None,
                     guidance: Guidance) -> torch.Tensor:
     """The guided velocity at time t (fp32): one forward on [uncond; cond] (or on cond alone
-    when the scale is at most 1). `uncond` None means the family's empty conditioning."""
+    when the scale is at most 1). `uncond` None means the family's empty conditioning. A
+    family with `embedded_guidance` gets the scale as an input instead (cond alone, `uncond`
+    unused), as its own pipeline does."""
     dtype = param_dtype(denoiser)
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    if family.embedded_guidance is not None:
+        # a guidance-distilled denoiser reads the scale itself: one conditional forward
+        return family.predict(denoiser, x.to(dtype), t_vec,
+                              with_guidance(cond, guidance.scale).to(dtype=dtype)).float()
     if not uses_guidance(guidance.scale):
         return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype=dtype)).float()
     if uncond is None:
@@ -164,7 +170,7 @@ def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.
     step of every forward.
     """
     grid = time_grid(steps, shift, family.sampling_defaults.grid_end)
-    if uncond is None and uses_guidance(guidance.scale):
+    if uncond is None and uses_guidance(guidance.scale) and family.embedded_guidance is None:
         uncond = family.empty_conditioning(cond.batch_size, like=cond)
     with inference_context(denoiser):
         if not batch_invariant:

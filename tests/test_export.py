@@ -353,31 +353,6 @@ def test_comfy_key_mapping_and_round_trip(lora_ws):
     assert config["target_modules"] == modules and config["rank_pattern"] == {}
 
 
-def test_diffusers_layout_prefixes_keys_and_metadata_and_round_trips(lora_ws, tmp_path):
-    _, checkpoint = lora_ws
-    state = load_file(checkpoint / "lora.safetensors")
-    config = {"r": 4, "lora_alpha": 4.0, "target_modules": ["qkv"], "peft_type": "LORA"}
-    written, = lora_formats.write_diffusers(tmp_path, state, config, {"rank": "4"}, "transformer")
-    assert written.name == "pytorch_lora_weights.safetensors"
-    assert all(k.startswith("transformer.") for k in load_file(written))
-    metadata = lora_formats.read_metadata(written)
-    assert json.loads(metadata["lora_adapter_metadata"]) == {
-        "transformer.r": 4, "transformer.lora_alpha": 4.0, "transformer.target_modules": ["qkv"]}
-    back_config, back = lora_formats.read_diffusers(tmp_path, "transformer")
-    assert back_config == {"r": 4, "lora_alpha": 4.0, "target_modules": ["qkv"]}
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    with pytest.raises(ExportError, match="keys outside 'unet'"):
-        lora_formats.read_diffusers(tmp_path, "unet")
-
-
-def test_a_lora_format_the_family_lacks_is_refused_with_the_ones_it_has(lora_ws):
-    ws, _ = lora_ws
-    with pytest.raises(ExportError, match="no 'diffusers' LoRA layout") as info:
-        export_checkpoint(ws, ws.config({"export.format": "diffusers"}), lora_only=True)
-    assert "peft, comfy" in info.value.hint
-    assert not (ws.root / "exports").exists() or not any((ws.root / "exports").iterdir())
-
-
 def test_comfy_to_peft_keeps_per_module_ranks_and_alphas(tiny_model_dir):
     from peft.tuners.lora import LoraLayer
 

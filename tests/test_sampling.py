@@ -53,6 +53,7 @@ class SpyFamily:
     """A family whose 'denoiser' output is a known function of its inputs; records every call."""
 
     sampling_defaults = SamplingDefaults(steps=2, guidance_scale=1.0, resolution=16)
+    embedded_guidance = None  # classifier-free guidance
 
     def __init__(self):
         self.calls = []

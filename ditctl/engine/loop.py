@@ -24,7 +24,8 @@ from .compile import compile_blocks
 from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
 from .monitor import Monitor
-from .objective import NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed
+from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed,
+                        training_guidance)
 from .prefetch import MicroJob, Peekable, Prefetcher, to_device
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
@@ -111,6 +112,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
     unconditional = unconditional_input(family, data, train.caption_dropout)
+    guidance = training_guidance(family, train)  # guidance-distilled denoisers read it
     reps = train.batch_multiplicity
 
     def prepare(job: MicroJob) -> NoisedBatch:
@@ -121,7 +123,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                           batch.dist.std.repeat_interleave(reps, 0))
         return noised_batch(family, dist, batch.cond.repeat_interleave(reps), list(job.seeds),
                             density, train.caption_dropout, train.resolution_shift,
-                            unconditional)
+                            unconditional, guidance)
 
     jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
     device = acc.device

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..models.base import Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target
+from ..models.base import (Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target,
+                           with_guidance)
 
 
 def shift_timesteps(t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -76,11 +77,22 @@ def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
     return flow_noisy(x0, noise, t), t, cond, flow_target(x0, noise)
 
 
+def training_guidance(family: ModelFamily, train: TrainConfig) -> float | None:
+    """The guidance scale a guidance-distilled denoiser reads in training ([train]
+    embedded_guidance, else the family's default); None for a family without that input."""
+    if family.embedded_guidance is None:
+        return None
+    return float(train.embedded_guidance if train.embedded_guidance is not None
+                 else family.embedded_guidance)
+
+
 def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
                  density: TimestepDensity, caption_dropout: float, shift: bool,
-                 unconditional: Conditioning | None = None) -> NoisedBatch:
+                 unconditional: Conditioning | None = None,
+                 guidance: float | None = None) -> NoisedBatch:
     """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`); dropped
-    captions become `unconditional` (see `draw_sample`)."""
+    captions become `unconditional` (see `draw_sample`). `guidance`: the scale a
+    guidance-distilled denoiser reads (`training_guidance`), None for others."""
     h, w = dist.mean.shape[-2:]
     alpha = family.resolution_shift(h, w) if shift else 1.0
     parts = []
@@ -90,7 +102,10 @@ def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seed
         parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
                                  caption_dropout, unconditional))
     noisy, t, conds, target = zip(*parts)
-    return NoisedBatch(torch.cat(noisy), torch.cat(t), Conditioning.cat(conds), torch.cat(target))
+    cond = Conditioning.cat(conds)
+    if guidance is not None:
+        cond = with_guidance(cond, guidance)
+    return NoisedBatch(torch.cat(noisy), torch.cat(t), cond, torch.cat(target))
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def build_denoiser(family: ModelFamily, config: Config,
     if lora.use_lora:
         add_lora(denoiser, peft_config(lora, family.lora_target_candidates, family.lora_targets))
         if lora.lora_checkpoint:
-            load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint))
+            load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint),
+                                 family.lora_layout)
         if not lora.train_only_lora:  # the guide's --use_lora alone: base and LoRA both train
             denoiser.requires_grad_(True)  # (peft froze the base when injecting)
         else:

@@ -22,6 +22,7 @@ from ..console import console
 from ..data.batches import OnTheFlySource
 from ..engine.attention import attention_context, check_attention_backend
 from ..engine.loading import load_denoiser
+from ..engine.objective import training_guidance
 from ..engine.validation import VALIDATION_SEED, MaterializedSource, validation_loss
 from ..errors import DitctlError
 from ..fsutil import atomic_write_text
@@ -147,7 +148,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
             model.loss = validation_loss(family, denoiser, validation.rows, inputs,
                                          config.eval.timestep_quantiles, VALIDATION_SEED,
                                          config.train.eval_batch_size,
-                                         resolution_shift=config.train.resolution_shift)
+                                         resolution_shift=config.train.resolution_shift,
+                                         guidance=training_guidance(family, config.train))
             if embeddings is not None:
                 model.images = generate(family, denoiser, vae, prompts, settings, width=width,
                                         height=height, embeddings=embeddings)

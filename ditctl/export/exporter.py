@@ -25,7 +25,6 @@ from .. import __version__
 from ..config import Config
 from ..console import console
 from ..engine.loading import load_denoiser, trained_base_precision
-from ..errors import ExportError
 from ..engine.lora import adapter_config_dict, adapters_disabled, has_lora, peft_state_dict
 from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
                       restore_replaced, temp_leftovers)
@@ -83,10 +82,6 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
     plan = plan_export(ws, config, run=run, checkpoint=checkpoint, name=name, out=out,
                        force=force, lora_only=lora_only)
     family = load_family(plan.model_path, plan.family)
-    if plan.kind == "lora" and plan.format not in family.lora_formats:
-        raise ExportError(f"the {family.name} family has no {plan.format!r} LoRA layout",
-                          hint=f"pass --format with one of: {', '.join(family.lora_formats)} "
-                               "(or --merge-lora for a full pipeline)")
     base_precision = trained_base_precision(plan.checkpoint)
     trained = None
     if plan.verify and base_precision is not None:
@@ -115,7 +110,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
         if plan.kind == "lora":
             metadata = lora_metadata(plan, base_identity, lora, images)
-            files = write_adapter(tmp, plan, family, denoiser, metadata)
+            files = write_adapter(tmp, plan, denoiser, metadata, family)
         else:
             files = write_pipeline(tmp, plan, family, denoiser)
         # One fp32 copy of the model at a time: the reload below would double the memory.
@@ -137,7 +132,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
                          files=files, dataset_images=images, base_precision=base_precision,
                          trained_parity=trained_report, family_licence=family.licence,
-                         usage_note=family.usage_note)
+                         usage_note=family.usage_note, lora_layout=family.lora_layout)
 
     result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
@@ -181,25 +176,24 @@ def write_pipeline(folder: Path, plan: ExportPlan, family: ModelFamily,
     return _listing(folder, family.copied_components)
 
 
-def write_adapter(folder: Path, plan: ExportPlan, family: ModelFamily, denoiser: torch.nn.Module,
-                  metadata: dict[str, str]) -> list[str]:
-    """The LoRA alone, in the export dtype: a PEFT folder, one comfy file, or the family's
-    pipeline's own layout (diffusers)."""
+def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
+                  metadata: dict[str, str], family: ModelFamily) -> list[str]:
+    """The LoRA alone, in the export dtype: a PEFT folder or one single file ("comfy"), in the
+    family's LoRA layout (`family.lora_layout`)."""
     dtype = DTYPES[plan.dtype]
     state = {k: v.to(dtype) for k, v in peft_state_dict(denoiser).items()}
+    layout = family.lora_layout
     if plan.format == "comfy":
-        comfy = lora_formats.peft_to_comfy(state, lora_formats.comfy_alphas(denoiser))
+        comfy = lora_formats.to_single_file(state, lora_formats.comfy_alphas(denoiser),
+                                            denoiser, layout)
         lora = lora_summary(denoiser)
         kohya = {"ss_network_dim": str(lora["rank"]), "ss_network_alpha": f"{lora['alpha']:g}"}
         lora_formats.write_comfy(folder / f"{plan.name}.safetensors", comfy,
                                  {**metadata, **kohya, "format": "comfy"})
-    elif plan.format == "diffusers":
-        lora_formats.write_diffusers(folder, state, adapter_config_dict(denoiser), metadata,
-                                     family.lora_component)
     else:
         config = {**adapter_config_dict(denoiser), "base_model_name_or_path": str(plan.model_path),
                   "inference_mode": True}
-        lora_formats.write_peft(folder, state, config, metadata)
+        lora_formats.write_peft(folder, state, config, metadata, layout)
     return _listing(folder)
 
 
@@ -232,15 +226,13 @@ def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.
     if plan.kind != "lora":
         return load_family(folder, plan.family).load_denoiser(torch.float32)
     base = family.load_denoiser(torch.float32)
+    layout = family.lora_layout
     if plan.format == "comfy":
-        config, state = lora_formats.comfy_to_peft(
-            lora_formats.read_comfy(folder / f"{plan.name}.safetensors"))
-        lora_formats.inject_adapter(base, config, state)
-    elif plan.format == "diffusers":
-        config, state = lora_formats.read_diffusers(folder, family.lora_component)
+        config, state = lora_formats.from_single_file(
+            lora_formats.read_comfy(folder / f"{plan.name}.safetensors"), base, layout)
         lora_formats.inject_adapter(base, config, state)
     else:
-        _, state = lora_formats.read_peft(folder)
+        _, state = lora_formats.read_peft(folder, layout)
         lora_formats.inject_adapter(base, LoraConfig.from_pretrained(str(folder)), state)
     return base.eval().requires_grad_(False)
 

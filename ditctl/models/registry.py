@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ModelError
-from . import flite_layout, sd3_layout
+from . import flite_layout, flux_layout, sd3_layout
 
 if TYPE_CHECKING:
     from .base import ModelFamily
@@ -40,6 +40,9 @@ FAMILIES: dict[str, FamilyEntry] = {entry.name: entry for entry in (
     FamilyEntry("flite", "ditctl.models.flite:FLiteFamily", ("FLitePipeline",),
                 flite_layout.validate_folder, flite_layout.SIZE_MULTIPLE,
                 flite_layout.SIZE_REASON, "ditctl.models.tiny:build_tiny_pipeline"),
+    FamilyEntry("flux", "ditctl.models.flux:FluxFamily", (flux_layout.PIPELINE_CLASS,),
+                flux_layout.validate_folder, flux_layout.SIZE_MULTIPLE, flux_layout.SIZE_REASON,
+                "ditctl.models.tiny_flux:build_tiny_flux"),
     FamilyEntry("sd3", "ditctl.models.sd3:SD3Family", (sd3_layout.PIPELINE_CLASS,),
                 sd3_layout.validate_folder, sd3_layout.SIZE_MULTIPLE, sd3_layout.SIZE_REASON,
                 "ditctl.models.tiny_sd3:build_tiny_sd3"),
@@ -84,15 +87,6 @@ def check_folder(path: Path, family: str | None = None) -> str:
     name = family or detect_family(path)
     family_entry(name).check_layout(Path(path))
     return name
-
-
-def tiny_model_names() -> tuple[str, ...]:
-    """`init --model tiny-<family>`: a random tiny model of each registered family."""
-    return tuple(f"tiny-{name}" for name in FAMILIES)
-
-
-def family_of_tiny_model(model: str) -> str:
-    return family_entry(model.removeprefix("tiny-")).name
 
 
 def build_tiny(name: str, folder: Path, seed: int = 0) -> Path:

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
-from .base import Conditioning, DenoiserShape, LatentDist, LatentGeometry, SamplingDefaults
+from ..errors import ExportError, ModelError
+from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
+                   SamplingDefaults)
 from .fingerprint import folder_fingerprint
 from .flite import _build, _link_or_copy, _read_config
 from .sd3_layout import has_t5, validate_folder
@@ -41,6 +42,21 @@ CLIP_TOKENS = 77  # both CLIPs: the pipeline pads and truncates to tokenizer.mod
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default
 CLIP_LAYER = -2  # hidden_states[-2]: the penultimate layer (the pipeline's clip_skip=None)
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+def _no_single_file(*_: Any) -> dict:
+    """SD3 has no separate single-file LoRA layout: its community tools read diffusers' own."""
+    raise ExportError("SD3 LoRAs have no single-file (comfy) layout in ditctl",
+                      hint="export without --format: pytorch_lora_weights.safetensors is "
+                           "diffusers' layout, which `pipe.load_lora_weights` reads")
+
+
+# diffusers' pipeline LoRA layout: `StableDiffusion3Pipeline.load_lora_weights(folder)` reads
+# pytorch_lora_weights.safetensors with `transformer.<module>` keys (as `save_lora_weights`)
+SD3_LORA_LAYOUT = LoraLayout(weights_file="pytorch_lora_weights.safetensors",
+                             key_prefix="transformer.", to_single_file=_no_single_file,
+                             from_single_file=_no_single_file,
+                             pipeline_class="StableDiffusion3Pipeline")
 
 
 @dataclass
@@ -75,11 +91,8 @@ class SD3Family:
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",  # SD3.5-medium's dual attention
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
         "norm1.linear", "norm1_context.linear")
-    # LoRA export layouts this family has: PEFT (ditctl) and diffusers' own
-    # (`StableDiffusion3Pipeline.load_lora_weights`); a comfy file would need the original
-    # MMDiT key names, which this family does not write
-    lora_formats = ("peft", "diffusers")
-    lora_component = "transformer"  # the pipeline component a diffusers-format LoRA adapts
+    lora_layout = SD3_LORA_LAYOUT
+    embedded_guidance = None  # classifier-free guidance: an unconditional pass
     unconditional_prompt = ""  # the pipeline's default negative prompt: CFG's other branch
     licence = ("other", "Stability AI Community License")
     usage_note = ("diffusers: `StableDiffusion3Pipeline.from_pretrained(folder)`; a LoRA "

@@ -3,7 +3,7 @@
 init -> ingest -> precompute -> train --lora -> sample -> eval -> export --merge-lora, then:
 - `ditctl sample --model EXPORT` and `StableDiffusion3Pipeline.from_pretrained(EXPORT)` draw the
   same image (same prompt, seed, steps, guidance);
-- `export --format diffusers` loaded with `pipe.load_lora_weights()` predicts what the merged
+- the LoRA export (diffusers' layout) loaded with `pipe.load_lora_weights()` predicts what the merged
   export predicts (relative difference <= 1e-3, fp32), and the LoRA changed the base enough
   for that comparison to mean something.
 """
@@ -55,14 +55,14 @@ def test_tiny_sd3_through_the_whole_chain(tmp_path, cli, monkeypatch):
     for command in (("ingest",), ("precompute",), ("train", "--lora", "--max-steps", "4"),
                     ("sample", "--prompt", PROMPT), ("eval",),
                     ("export", "--merge-lora", "--dtype", "fp32", "--name", "merged"),
-                    ("export", "--format", "diffusers", "--dtype", "fp32", "--name", "lora")):
+                    ("export", "--dtype", "fp32", "--name", "lora")):
         result = cli(*command)
         assert result.exit_code == 0, (command, result.output)
     merged, lora = root / "exports" / "merged", root / "exports" / "lora"
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
     assert "load_lora_weights" in (lora / "README.md").read_text()
     refused = cli("export", "--format", "comfy", "--name", "comfy")
-    assert refused.exit_code == 1 and "no 'comfy' LoRA layout" in refused.stderr
+    assert refused.exit_code == 1 and "no single-file (comfy) layout" in refused.stderr
 
     # ditctl sample on the merged export vs diffusers' pipeline loaded from it
     out = tmp_path / "samples"

@@ -3,8 +3,8 @@
 init -> ingest -> precompute -> train --lora -> sample -> eval -> export --merge-lora, then:
 - `ditctl sample --model EXPORT` and `StableDiffusion3Pipeline.from_pretrained(EXPORT)` draw the
   same image (same prompt, seed, steps, guidance);
-- the LoRA export (diffusers' layout) loaded with `pipe.load_lora_weights()` predicts what the merged
-  export predicts (relative difference <= 1e-3, fp32), and the LoRA changed the base enough
+- the LoRA export (diffusers' layout) loaded with `pipe.load_lora_weights()` predicts what the
+  merged export predicts (relative difference <= 1e-3, fp32), and the LoRA changed the base enough
   for that comparison to mean something.
 """
 

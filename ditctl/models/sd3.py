@@ -221,7 +221,8 @@ class SD3Family:
         joint_dim = int(self._config("transformer")["joint_attention_dim"])
         return TextEncoders(tuple(tokenizers), tuple(models), T5_TOKENS, joint_dim)
 
-    def load_vae(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
+    def load_vae(self, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Any:
         from diffusers import AutoencoderKL
 
         folder = self.path / "vae"
@@ -314,7 +315,8 @@ class SD3Family:
         if like is not None:
             return like.rows([0] * batch).map(lambda _, t: torch.zeros_like(t))
         config = self._config("transformer")
-        return Conditioning(torch.zeros(batch, self.text_tokens(), int(config["joint_attention_dim"])),
+        width = int(config["joint_attention_dim"])
+        return Conditioning(torch.zeros(batch, self.text_tokens(), width),
                             pooled=torch.zeros(batch, int(config["pooled_projection_dim"])))
 
     @torch.no_grad()

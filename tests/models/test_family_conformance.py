@@ -3,8 +3,9 @@
 Parametrized over `ditctl.models.registry.FAMILIES`, each on its own tiny random model (built
 offline by the family's `tiny` builder): load, encode, predict shapes, the training target's
 sign, save/load round trip, one training step through the engine (cached = on the fly), exact
-resume, the cache round trip and the export round trip. A new family is registered only when this whole file passes for it; this is
-the one place tests name families in general (a family's own behaviour has its own test file).
+resume, the attention switch, the cache round trip and the export round trip. A new family is
+registered only when this whole file passes for it; this is the one place tests name families
+in general (a family's own behaviour has its own test file).
 """
 
 from __future__ import annotations

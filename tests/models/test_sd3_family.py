@@ -102,3 +102,14 @@ def test_a_folder_without_t5_encodes_zeros_for_it(tiny, tmp_path):
     cond = family.encode_prompts(family.load_text_encoder(), [PROMPT])
     assert cond.sequence.shape[1] == 77 + 256 and not cond.sequence[:, 77:].any()
     assert family.text_encoder_identity() != load_family(tiny).text_encoder_identity()
+
+
+def test_init_on_an_sd3_folder_writes_its_family(tiny, tmp_path):
+    import tomllib
+
+    from ditctl.scaffold import init_workspace
+
+    init_workspace(tmp_path / "ws", model=str(tiny))
+    settings = tomllib.loads((tmp_path / "ws" / "project.toml").read_text())
+    assert settings["model"]["family"] == "sd3"
+    assert load_family(tiny).sampling_defaults.steps == 40  # dual attention: SD3.5-medium's card

@@ -82,6 +82,29 @@ def test_the_sampling_grid_is_the_schedulers(tiny, pipe):
     torch.testing.assert_close(grid.float(), pipe.scheduler.sigmas.float(), rtol=0, atol=1e-6)
 
 
+def test_a_dynamic_shift_config_gives_the_pipelines_grid(tiny, tmp_path):
+    """With `use_dynamic_shifting` the shift depends on the image's token count as in
+    StableDiffusion3Pipeline (mu = calculate_shift(...), sigmas shifted by exp(mu))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    folder = tmp_path / "dynamic"
+    shutil.copytree(tiny, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.16)
+    config_file.write_text(json.dumps(config))
+    family = load_family(folder)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    for side in (8, 32):  # latent pixels: 16 and 256 tokens
+        tokens = (side // 2) ** 2
+        mu = calculate_shift(tokens, 256, 4096, 0.5, 1.16)
+        scheduler.set_timesteps(STEPS, mu=mu)
+        grid = time_grid(STEPS, family.resolution_shift(side, side),
+                         family.sampling_defaults.grid_end)
+        torch.testing.assert_close(grid.float(), scheduler.sigmas.float(), rtol=0, atol=1e-6)
+
+
 def test_ditctl_sample_matches_the_diffusers_pipeline(tiny, pipe):
     ours, theirs = ditctl_image(tiny), pipeline_image(pipe, tiny)
     assert ours.shape == theirs.shape == (SIZE, SIZE, 3)

@@ -228,3 +228,40 @@ def test_dry_run_plan_counts_the_ema_copy_on_the_device_or_in_host_memory(tmp_pa
     assert memory["device"]["ema_weights"] == ema and "ema_weights" not in memory["off"]
     assert memory["device"]["total"] == memory["off"]["total"] + ema
     assert memory["host"]["ema_host"] == ema and memory["host"]["total"] == memory["off"]["total"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_the_same_ema_and_rank_0_saves_it(tmp_path, tiny_model_dir):
+    """Two DDP processes (gloo): every rank's EMA after the last update, dumped by a
+    sitecustomize hook, is bit-identical, and equals the checkpoint's."""
+    import subprocess
+    import textwrap
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os
+        if os.environ.get("RANK") is not None:
+            from safetensors.torch import save_file
+            from ditctl.engine.ema import EmaWeights
+            _update = EmaWeights.update
+            def update(self, step):
+                done = _update(self, step)
+                save_file(self.state_dict(), "{hooks}/rank" + os.environ["RANK"] + ".safetensors")
+                return done
+            EmaWeights.update = update
+    """))
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=8, lora=LORA)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "ditctl", "train", "-w", str(ws.root),
+                           "--num-processes", "2", "--train-batch-size", "2", "--max-steps", "3",
+                           "--learning-rate", "1e-2", "--ema-decay", "0.5", "--run-name", "r"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [load_file(hooks / f"rank{r}.safetensors") for r in (0, 1)]
+    saved = load_file(ws.root / "runs" / "r" / "checkpoints" / "step-000003" / EMA_WEIGHTS)
+    assert ranks[0].keys() == ranks[1].keys() == saved.keys()
+    for name in saved:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(ranks[0][name], saved[name]), name

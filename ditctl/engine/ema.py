@@ -8,7 +8,8 @@ base is the same in both. After optimiser step s, when s is a multiple of `[trai
 with d = ema_decay, or with `ema_warmup` d = min(ema_decay, (1 + n) / (10 + n)) where n is the
 number of EMA updates before this one (n = s // ema_every - 1) — the warm-up rule of
 TensorFlow's ExponentialMovingAverage(num_updates) and diffusers' EMAModel. The EMA starts
-equal to the weights training starts from.
+equal to the weights training starts from. A step skipped for a non-finite loss changes no
+weight and is not averaged in; n still counts from the step, so a resume continues exactly.
 
 Why not torch.optim.swa_utils.AveragedModel: it deep-copies the whole module (with a frozen
 base that doubles the base's memory) and its decay is a constant; this keeps only the trained

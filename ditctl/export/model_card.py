@@ -257,7 +257,8 @@ def _evaluation_section(plan: ExportPlan, parity: ParityReport | None,
     lines = ["## Evaluation", ""]
     metrics = read_metrics(plan.run_dir)
     if metrics:
-        lines += ["From the run's `eval/metrics.json`:", "", *_metrics_lines(metrics, plan.step)]
+        lines += ["From the run's `eval/metrics.json`:", "",
+                  *_metrics_lines(metrics, plan.step, plan.weights)]
     else:
         lines.append("No evaluation metrics (run `ditctl eval` before exporting to include them).")
     if parity is not None:
@@ -356,7 +357,7 @@ def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:
             resume + " For `ditctl sample --model`, export the run with `--merge-lora`."]
 
 
-def _metrics_lines(metrics: dict, step: int) -> list[str]:
+def _metrics_lines(metrics: dict, step: int, weights: str | None = None) -> list[str]:
     """`ditctl eval` metrics: validation loss (and CLIP score, when computed) of the base model
     and of the evaluated checkpoints; any other JSON: its scalar values."""
     models = metrics.get("models")
@@ -368,7 +369,9 @@ def _metrics_lines(metrics: dict, step: int) -> list[str]:
              "|---|---|---|" + ("---|" if clip else "")]
     for model in models:
         label = model.get("label", "?")
-        mark = " (this export)" if model.get("step") == step else ""
+        # a checkpoint with an EMA is listed twice (raw, ema): the export is one of them
+        same_weights = model.get("weights") in (None, weights)
+        mark = " (this export)" if model.get("step") == step and same_weights else ""
         row = f"| {label}{mark} | {model.get('step', '?')} | {_format(model.get('val_loss'))} |"
         lines.append(row + (f" {_format(clip.get(label, '-'))} |" if clip else ""))
     validation = metrics.get("validation") or {}

@@ -158,22 +158,6 @@ def test_sample_with_weights_ema_and_raw_differ_and_record_which(ema_run, cli, t
     assert images["ema"] != images["raw"]
 
 
-def test_export_with_weights_ema_and_raw_each_passes_its_parity_and_says_which(ema_run):
-    from ditctl.export import export_checkpoint
-
-    ws, checkpoint = ema_run
-    exported = {}
-    for weights in ("ema", "raw"):
-        result = export_checkpoint(ws, ws.config({"export.weights": weights,
-                                                  "export.dtype": "fp32"}),
-                                   checkpoint=str(checkpoint), name=f"x-{weights}")
-        assert result.weights == weights and result.parity.passed
-        card = (result.path / "README.md").read_text()
-        assert ("exponential moving average (EMA)" in card) == (weights == "ema")
-        exported[weights] = load_file(next(result.path.glob("*.safetensors")))
-    assert any(not torch.equal(exported["ema"][k], exported["raw"][k]) for k in exported["ema"])
-
-
 def test_eval_shows_raw_and_ema_side_by_side(ema_run, cli):
     ws, _ = ema_run
     result = cli("eval", "-w", ws.root, "--run", "r", "--steps", "1")
@@ -185,6 +169,26 @@ def test_eval_shows_raw_and_ema_side_by_side(ema_run, cli):
     assert models["step-000003 (raw)"]["val_loss"] != models["step-000003 (ema)"]["val_loss"]
     assert [p["label"] for p in metrics["curve"]] == ["base", "step-000003 (ema)"]
     assert "step-000003 (ema)" in (ws.root / "runs" / "r" / "eval" / "report.html").read_text()
+
+
+def test_export_with_weights_ema_and_raw_each_passes_its_parity_and_says_which(ema_run, cli):
+    from ditctl.export import export_checkpoint
+
+    ws, checkpoint = ema_run
+    if not (ws.root / "runs" / "r" / "eval" / "metrics.json").is_file():  # run on its own
+        assert cli("eval", "-w", ws.root, "--run", "r", "--steps", "1").exit_code == 0
+    exported = {}
+    for weights in ("ema", "raw"):
+        result = export_checkpoint(ws, ws.config({"export.weights": weights,
+                                                  "export.dtype": "fp32"}),
+                                   checkpoint=str(checkpoint), name=f"x-{weights}")
+        assert result.weights == weights and result.parity.passed
+        card = (result.path / "README.md").read_text()
+        assert ("exponential moving average (EMA)" in card) == (weights == "ema")
+        assert f"| step-000003 ({weights}) (this export) |" in card
+        assert card.count("(this export)") == 1
+        exported[weights] = load_file(next(result.path.glob("*.safetensors")))
+    assert any(not torch.equal(exported["ema"][k], exported["raw"][k]) for k in exported["ema"])
 
 
 def test_bad_ema_combinations_are_one_line_errors(tmp_path, tiny_model_dir, cli):

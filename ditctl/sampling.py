@@ -41,7 +41,7 @@ from .engine.attention import attention_context
 from .engine.inference import inference_context, param_dtype
 from .engine.loading import checkpoint_weights, load_denoiser
 from .engine.objective import shift_timesteps
-from .errors import DitctlError, WorkspaceError
+from .errors import ConfigError, DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
 from .models.base import Conditioning, ModelFamily, unconditional_text, with_guidance
@@ -537,6 +537,10 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
     device = device or inference_device()
     settings = resolve_settings(choice.family, config.sample)
     width, height = sample_size(config, choice.family)
+    if choice.checkpoint is None and settings.weights == "ema":
+        raise ConfigError(f"--weights ema picks a checkpoint's moving average; "
+                          f"{choice.describe()} has none",
+                          hint="sample a checkpoint (--run / --checkpoint), or --weights auto")
     weights = checkpoint_weights(choice.checkpoint, settings.weights)  # refused before any load
     attention = attention_context(config.train.attention_backend, device)
     denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)

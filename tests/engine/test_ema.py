@@ -208,7 +208,12 @@ def test_bad_ema_combinations_are_one_line_errors(tmp_path, tiny_model_dir, cli)
     result = cli("sample", "-w", ws.root, "--checkpoint", plain, "--weights", "ema",
                  "--prompt", "x")
     assert result.exit_code == 1 and "holds no EMA" in result.stderr
+    result = cli("sample", "-w", ws.root, "--base", "--weights", "ema", "--prompt", "x")
+    assert result.exit_code == 1
+    assert "error: --weights ema picks a checkpoint's moving average; base model" in result.stderr
     assert "Traceback" not in result.output
+    plan = cli("train", "-w", ws.root, "--dry-run", "--ema-decay", "0.99", "--ema-on-cpu")
+    assert plan.exit_code == 0 and "EMA in host memory" in plan.stdout
 
 
 def test_resuming_a_run_without_ema_with_ema_on_is_refused(tmp_path, tiny_model_dir):

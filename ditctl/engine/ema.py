@@ -24,7 +24,9 @@ of the denoiser as built, so `engine.loading` can put it in place of the raw tra
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -69,6 +71,21 @@ class EmaWeights:
             for name, shadow in self.shadow.items():
                 shadow.lerp_(self.params[name].detach().to(shadow.device, torch.float32), weight)
         return True
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The EMA in place of the trained weights for the block (validation during training);
+        the trained weights are put back bit for bit afterwards, so training is unchanged."""
+        with torch.no_grad():
+            raw = {name: p.detach().clone() for name, p in self.params.items()}
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(raw[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: t.detach().cpu().contiguous() for name, t in self.shadow.items()}

@@ -202,6 +202,9 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 monitor.sample(model, step)
             if train.eval_every and step % train.eval_every == 0:
                 monitor.evaluate(model, step)
+                if ema is not None and ctx.evaluator is not None:  # raw and EMA side by side
+                    with ema.swapped_in():
+                        monitor.evaluate(model, step, weights="ema")
             if finite and (step % train.checkpoint_every == 0 or final):
                 checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor, ema)
             if stop["stop"]:

@@ -71,7 +71,8 @@ def test_trained_ema_equals_the_ema_hand_computed_from_each_steps_weights(
     monkeypatch.setattr(EmaWeights, "__init__", spy)
     ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=4, lora=LORA if lora else None,
                         train={"gradient_accumulation_steps": 2, "learning_rate": 1e-2})
-    out = _train(ws, max_steps=3, checkpoint_every=1, ema_decay=0.5, lr_scheduler="constant")
+    out = _train(ws, max_steps=3, checkpoint_every=1, ema_decay=0.5, lr_scheduler="constant",
+                 eval_every=1 if lora else 0)
     checkpoints = sorted((out.run.folder / "checkpoints").iterdir())
     expected = {k: v.double() for k, v in start.items()}
     for checkpoint in checkpoints:
@@ -82,6 +83,12 @@ def test_trained_ema_equals_the_ema_hand_computed_from_each_steps_weights(
         for name, value in expected.items():
             torch.testing.assert_close(saved[name].double(), value, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the EMA lags the weights
+    if lora:  # validation during training measured raw and EMA, and left training unchanged
+        log = out.run.folder / "eval" / "during_training.jsonl"
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [(d["step"], d["weights"]) for d in lines] == [
+            (s, w) for s in (1, 2, 3) for w in ("raw", "ema")]
+        assert lines[-1]["val_loss"] != lines[-2]["val_loss"]
     meta = json.loads((checkpoints[-1] / "checkpoint.json").read_text())
     assert meta["ema"] == {"decay": 0.5, "warmup": False, "every": 1}
 
@@ -104,14 +111,18 @@ def test_resumed_ema_equals_the_uninterrupted_runs_bit_for_bit(tmp_path, tiny_mo
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Monitor, "log_step", stop_at_3)
-    assert _train(split, max_steps=5, checkpoint_every=100, run_name="r").result.steps == 3
+    # the split run also measures raw and EMA validation loss at every step: swapping the EMA
+    # in and out for it must leave training exactly as it was
+    assert _train(split, max_steps=5, checkpoint_every=100, run_name="r",
+                  eval_every=1).result.steps == 3
     monkeypatch.setattr(Monitor, "log_step", log_step)
-    resumed = _train(split, max_steps=5, checkpoint_every=100, resume="latest")
-    a = load_file(full.result.checkpoint / EMA_WEIGHTS)
-    b = load_file(resumed.result.checkpoint / EMA_WEIGHTS)
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    resumed = _train(split, max_steps=5, checkpoint_every=100, eval_every=1, resume="latest")
+    for name in (EMA_WEIGHTS, "lora.safetensors"):
+        a = load_file(full.result.checkpoint / name)
+        b = load_file(resumed.result.checkpoint / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,12 @@ stored as fp32 (the example's default), fp8 and nf4 (and bf16 under bf16 autocas
 --quick), each scored with the concept check the demo tests use.
 
     python -m bench quantized_lora [--quick]
-    python -m bench.bench_quantized_lora [--quick] [--bases fp8,nf4,bf16,fp32] [--no-record]
+    python -m bench.bench_quantized_lora [--quick] [--bases fp8,nf4,bf16,fp32] [--threads N]
+                                         [--no-record]
 
-(the second form runs only the named bases, in that order, and records its block the same way)
+(the second form runs only the named bases, in that order, and records its block the same way;
+--threads sets torch's CPU threads, recorded in the block's machine line: on a shared, loaded
+machine one thread a process avoids OpenMP workers waiting on each other at every small op)
 
 Each run is `ditctl train --lora` with the example's settings (1000 steps, rank 16) from the
 precomputed cache, then `ditctl.demo.concept_check.concept_scores` on the held-out colour's
@@ -104,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20 steps a base (smoke run)")
     parser.add_argument("--bases", type=lambda text: tuple(b for b in text.split(",") if b),
                         help=f"of {','.join(SHORT_NAMES)} (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-record", action="store_true", help="append nothing to RESULTS.md")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     bad = [b for b in args.bases or () if b not in SHORT_NAMES]
     if bad:
         parser.error(f"unknown base(s) {', '.join(bad)}; choose from {', '.join(SHORT_NAMES)}")

@@ -281,7 +281,7 @@ def dequantize(weight: torch.Tensor, precision: str, dtype: torch.dtype) -> torc
     materialises the whole layer in fp32 and more (measured: ~1 GB of transients for the 10B model's
     3072 x 27648 adaLN layer), ours holds the `dtype` result plus one 16 MiB fp32 slice. A weight
     within one slice is dequantized in place in its fp32 slice (no second buffer, no copy); fp8
-    widens through a 256-entry table on CPUs (`_float8_to_float32`)."""
+    widens through a 256-entry table on CPUs (`_to_float32`)."""
     if precision == "nf4":
         import bitsandbytes.functional as bnbf
 
@@ -317,7 +317,7 @@ def _to_float32(qdata: torch.Tensor) -> torch.Tensor:
     bit patterns, so on a CPU a lookup in the table of their fp32 values (each widened by that
     same conversion) gives the same numbers several times faster. GPUs convert natively."""
     if qdata.device.type != "cpu" or qdata.element_size() != 1 or not qdata.is_floating_point():
-        return qdata.to(torch.float32)
+        return qdata.to(torch.float32, copy=True)  # always fresh: the caller works in place
     key = (qdata.dtype, qdata.device)
     table = _FLOAT8_TABLES.get(key)
     if table is None:

@@ -136,6 +136,8 @@ def build_quantized(shape: DitShape, precision: str, device: torch.device, confi
     with torch.device("meta"):
         model = DiT(**shape.config())
     convert = quantizer(precision)
+    if convert:
+        convert.bind(model)
     generator = torch.Generator(device=device).manual_seed(0)
     dtype = storage_dtype(precision)
     for name, module in list(model.named_modules()):

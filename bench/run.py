@@ -40,6 +40,8 @@ ON_REQUEST = {
                     "full width, every base precision"),
     "fsdp_memory": ("bench.bench_fsdp_memory", "per-process memory ddp vs fsdp at 1 and 2 "
                     "processes (~95 M DiT), and the plan's GPUs for a 10B full fine-tune"),
+    "speed": ("bench.bench_speed", "the guide's one-shot run on the fly vs with the cache used "
+              "by itself (and --compile); --compile vs eager on the 94.6 M config"),
     "quantized_lora": ("bench.bench_quantized_lora", "the --example LoRA's concept score on "
                        "fp8, nf4, fp32 and bf16 bases"),
 }

@@ -159,6 +159,12 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).", min=0.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass "
                                               "to save memory.")
+    attention_backend: str = opt(
+        "sdpa", "Attention kernel for train, sample and eval: sdpa (torch), math (reference), "
+        "flash / flash3 / sage / xformers (CUDA, package needed), flex.",
+        choices=("sdpa", "math", "flash", "flash3", "sage", "xformers", "flex"))
+    compile: bool = opt(False, "Compile each repeated transformer block once with torch.compile "
+                        "(regional compilation); the first step includes the compile time.")
     mixed_precision: str = opt("no", "Autocast precision; trained weights stay fp32.",
                                choices=PRECISIONS)
     seed: int | None = opt(None, "Random seed (unset: drawn once and recorded in the run).", min=0,
@@ -167,7 +173,9 @@ class TrainConfig:
         1, "Repeat each sample this many times per batch, each with its own noise and timestep.",
         min=1)
     caption_dropout: float = opt(
-        0.01, "Fraction of captions replaced by the empty (all-zero) embedding.", min=0.0, max=1.0)
+        0.01, "Fraction of captions replaced by the model's unconditional input (an all-zero "
+        "embedding, or an empty prompt's encoding where the model's pipeline uses that).",
+        min=0.0, max=1.0)
     uniform_timestep_fraction: float = opt(
         0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
         min=0.0, max=1.0)
@@ -175,9 +183,14 @@ class TrainConfig:
     logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
                                   min_exclusive=True)
     resolution_shift: bool = opt(
-        True, "Shift timesteps towards noise for larger images (alpha = 2*sqrt(h*w/4096)).")
+        True, "Shift timesteps towards noise for larger images, by the model family's rule.")
+    embedded_guidance: float | None = opt(
+        None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
+        "input): the scale fed in training. Unset: the model family's default.", min=0.0)
     use_precomputed_data: bool = opt(
-        False, "Train from the precomputed cache without loading the VAE or text encoder.")
+        True, "Train from the precompute cache (no VAE or text encoder loaded) when it is "
+        "complete, or fill it first when the run sees its images more than once; off: "
+        "encode every step on the fly.", aliases=(" /--no-precomputed-data",))
     precomputed_data_dir: str | None = opt(
         None, "Cache folder to train from (default: [precompute] output_dir).")
     checkpoint_every: int = opt(500, "Save a checkpoint every N optimiser steps.", min=1,
@@ -256,7 +269,8 @@ class SampleConfig:
     steps: int | None = opt(None, "Sampling steps (unset: the model family's default).", min=1)
     guidance_scale: float | None = opt(
         None, "Classifier-free guidance scale; at most 1: no guidance (the conditional "
-        "prediction alone, as the families' own pipelines). Unset: the family's default.",
+        "prediction alone, as the families' own pipelines). Guidance-distilled models read it "
+        "as an input instead (no unconditional pass). Unset: the family's default.",
         min=0.0)
     negative_prompt: str | None = opt(None, "Negative prompt (unset: the empty embedding).")
     width: int | None = opt(None, "Image width (default: the training resolution, else the "

@@ -128,7 +128,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
     notes: list[str] = []
     family = load_family(ws.model_path(config), config.model.family)
     rows = _manifest_rows(ws, config, notes)
-    prompts = prompts_to_cache(ws, config)
+    prompts = prompts_to_cache(ws, config, family)
     cache_root = ws.cache_dir(config)
     _clean_leftovers(cache_root)
 

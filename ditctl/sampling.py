@@ -37,13 +37,14 @@ from PIL import Image
 from . import __version__
 from .config import Config
 from .console import console
+from .engine.attention import attention_context
 from .engine.inference import inference_context, param_dtype
 from .engine.loading import load_denoiser
 from .engine.objective import shift_timesteps
 from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
-from .models.base import Conditioning, ModelFamily
+from .models.base import Conditioning, ModelFamily, unconditional_text, with_guidance
 from .models.registry import load_family
 from .runs import SAMPLES, resolve_checkpoint, run_of_checkpoint, samples_dir
 from .workspace import Workspace
@@ -132,9 +133,15 @@ def guided_velocity(family: ModelFamily, denoiser: torch.nn.Module, x: torch.Ten
                     cond: Conditioning, uncond: Conditioning | None,
                     guidance: Guidance) -> torch.Tensor:
     """The guided velocity at time t (fp32): one forward on [uncond; cond] (or on cond alone
-    when the scale is at most 1). `uncond` None means the family's empty conditioning."""
+    when the scale is at most 1). `uncond` None means the family's empty conditioning. A
+    family with `embedded_guidance` gets the scale as an input instead (cond alone, `uncond`
+    unused), as its own pipeline does."""
     dtype = param_dtype(denoiser)
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+    if family.embedded_guidance is not None:
+        # a guidance-distilled denoiser reads the scale itself: one conditional forward
+        return family.predict(denoiser, x.to(dtype), t_vec,
+                              with_guidance(cond, guidance.scale).to(dtype=dtype)).float()
     if not uses_guidance(guidance.scale):
         return family.predict(denoiser, x.to(dtype), t_vec, cond.to(dtype=dtype)).float()
     if uncond is None:
@@ -158,7 +165,7 @@ def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.
     step of every forward.
     """
     grid = time_grid(steps, shift)
-    if uncond is None and uses_guidance(guidance.scale):
+    if uncond is None and uses_guidance(guidance.scale) and family.embedded_guidance is None:
         uncond = family.empty_conditioning(cond.batch_size, like=cond)
     with inference_context(denoiser):
         if not batch_invariant:
@@ -208,7 +215,8 @@ class PromptEmbeddings:
 
 def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str],
                    negative_prompt: str | None = None) -> PromptEmbeddings:
-    """Encode prompts (warning about any the text encoder truncates) and the negative prompt."""
+    """Encode prompts (warning about any the text encoder truncates) and the negative prompt
+    (unset: the family's unconditional prompt, if it has one)."""
     limit = family.text_tokens()
     for i, prompt in enumerate(prompts):
         n = family.count_tokens(text_encoder, prompt)
@@ -217,7 +225,9 @@ def encode_prompts(family: ModelFamily, text_encoder: Any, prompts: Sequence[str
                          f"first {limit}, the rest is ignored: {prompt[:60]!r}...")
     chunks = [family.encode_prompts(text_encoder, list(prompts[i:i + ENCODE_CHUNK]))
               for i in range(0, len(prompts), ENCODE_CHUNK)]
-    negative = family.encode_prompts(text_encoder, [negative_prompt]) if negative_prompt else None
+    negative_text = unconditional_text(family, negative_prompt)
+    negative = None if negative_text is None else family.encode_prompts(text_encoder,
+                                                                        [negative_text])
     return PromptEmbeddings(Conditioning.cat(chunks).cpu(),
                             None if negative is None else negative.cpu())
 
@@ -519,9 +529,11 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
     device = device or inference_device()
     settings = resolve_settings(choice.family, config.sample)
     width, height = sample_size(config, choice.family)
+    attention = attention_context(config.train.attention_backend, device)
     denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)
-    images = generate(choice.family, denoiser, vae, prompts, settings, width=width, height=height,
-                      embeddings=embeddings)
+    with attention:
+        images = generate(choice.family, denoiser, vae, prompts, settings, width=width,
+                          height=height, embeddings=embeddings)
     seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
                                              settings.seed)]
     resolved = dict(width=width, height=height,

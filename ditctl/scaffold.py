@@ -20,7 +20,22 @@ from .errors import DitctlError, WorkspaceError
 from .fsutil import atomic_write_text
 from .workspace import PROJECT_FILE, Workspace
 
-BUILTIN_MODELS = ("tiny", "tiny-random")
+TINY_PREFIX = "tiny-"  # `tiny-<family>`: that family's tiny random model (registry.build_tiny)
+
+
+def builtin_models() -> tuple[str, ...]:
+    """"tiny", "tiny-random" (the first family's tiny random model) and "tiny-<family>" for
+    every registered family."""
+    from .models.registry import family_names  # torch-free
+
+    return ("tiny", "tiny-random", *(TINY_PREFIX + name for name in family_names()))
+
+
+def _tiny_family(model: str) -> str:
+    """The family whose tiny random model `model` ("tiny-random" or "tiny-<family>") names."""
+    from .models.registry import DEFAULT_FAMILY
+
+    return DEFAULT_FAMILY if model == "tiny-random" else model[len(TINY_PREFIX):]
 
 
 # `--model tiny`: how the shipped base model was trained and measured (bench/train_tiny_base.py):
@@ -68,7 +83,8 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
     """Scaffold a workspace at `root`.
 
     `model` is "tiny" (the shipped trained tiny model, copied into the workspace), "tiny-random"
-    (a random tiny pipeline built inside the workspace) or the path of a local pipeline
+    or "tiny-<family>" (a random tiny pipeline of the first / that family, built inside the
+    workspace) or the path of a local pipeline
     folder (validated, referenced by absolute path, never copied).
     """
     root = Path(root).resolve()
@@ -87,18 +103,23 @@ def init_workspace(root: Path, *, model: str = "tiny", example: bool = False,
 def _scaffold(root: Path, *, model: str, example: bool, seed: int,
               existing: bool) -> InitResult:
 
-    if model not in BUILTIN_MODELS:
-        from .models.registry import check_folder
+    from .models.registry import DEFAULT_FAMILY, check_folder
 
+    builtin = builtin_models()
+    if model not in builtin:
         model_path = Path(model).expanduser().resolve()
-        check_folder(model_path)  # any registered family's layout; loads no library
+        family = check_folder(model_path)  # any registered family's layout; loads no library
+    else:
+        family = DEFAULT_FAMILY if model == "tiny" else _tiny_family(model)
     root.mkdir(parents=True, exist_ok=True)
     ws = Workspace(root)
     settings: dict[str, dict[str, Any]] = {"model": {}}
+    if family != DEFAULT_FAMILY:
+        settings["model"]["family"] = family
 
     notes: list[str] = []
     runs = _trained_runs(ws) if existing else []
-    if model in BUILTIN_MODELS:
+    if model in builtin:
         model_path = root / "model"
         if model_path.exists() and runs:
             raise WorkspaceError(
@@ -136,7 +157,7 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
     atomic_write_text(root / ".gitignore", (templates / "gitignore").read_text())
     # project.toml last: its presence marks a complete workspace
     written[PROJECT_FILE] = _write_unless_edited(root / PROJECT_FILE, toml, written, notes)
-    if runs and model not in BUILTIN_MODELS and written[PROJECT_FILE] == _sha256(toml) \
+    if runs and model not in builtin and written[PROJECT_FILE] == _sha256(toml) \
             and previous.get("model") != str(model_path):
         notes.append(f"{len(runs)} run(s) in {runs[0].parent} were trained on the model the "
                      f"previous project.toml named; they are kept, and resuming them on "
@@ -197,15 +218,16 @@ def shipped_tiny_model() -> Path:
 
 def _build_builtin_model(kind: str, target: Path, seed: int) -> None:
     """Put the tiny pipeline in a temporary folder and move it into place when complete:
-    "tiny" copies the shipped trained model, "tiny-random" builds random weights from `seed`."""
+    "tiny" copies the shipped trained model, "tiny-random" / "tiny-<family>" build random
+    weights from `seed`."""
     tmp = target.with_name(".tmp-" + target.name)
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "tiny":
         shutil.copytree(shipped_tiny_model(), tmp)  # a copy: the workspace may change its model
     else:
-        from .models.tiny import build_tiny_pipeline  # torch, diffusers, transformers: seconds
+        from .models.registry import build_tiny  # the builder imports torch: seconds
 
-        build_tiny_pipeline(tmp, seed=seed)
+        build_tiny(_tiny_family(kind), tmp, seed=seed)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -16,6 +16,7 @@ from . import __version__
 from .config import Config
 from .console import console
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
+from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
 from .engine.plan import memory_advice, training_plan
@@ -30,6 +31,7 @@ from .models.registry import load_family
 from .runs import (checkpoint_step, clean_torn_checkpoints, resolve_checkpoint, run_of_checkpoint,
                    verify_checkpoint)
 from .train_hooks import make_evaluator, make_sampler
+from .training_source import make_source
 from .workspace import Workspace
 
 
@@ -63,27 +65,6 @@ def training_rows(ws: Workspace, config: Config, rows: list[ManifestRow]) -> lis
     console.info(f"no validation split: training on {len(train)} images, {len(held)} held out "
                  "for validation ([eval] holdout_fraction; 0 trains on all)")
     return train
-
-
-def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow]):
-    """The precomputed cache when asked for (verified complete), else on-the-fly encoding."""
-    from .data.batches import CachedSource, OnTheFlySource
-
-    if config.train.use_precomputed_data:
-        from .data.cache import Cache, check_cache_complete
-
-        check_cache_complete(ws, config, family, rows)
-        return CachedSource(Cache.open(ws, config, family))
-    console.info("encoding images and captions on the fly (run `ditctl precompute` and train "
-                 "with --use-precomputed-data to skip the VAE and text encoder)")
-    text_device = "cpu" if config.train.text_encoder_device == "cpu" else process_device()
-    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(device=text_device),
-                          config.data)
-
-
-def process_device() -> torch.device:
-    """This process's accelerator (its rank's GPU), or the CPU."""
-    return process_state().device
 
 
 def run_info(ws: Workspace, config: Config, family: ModelFamily, rows, seed: int,
@@ -166,7 +147,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     training_run = broadcast_object_list([training_run])[0] if world > 1 else training_run
     accelerator = make_accelerator(config, project_dir=training_run.logs_dir)
 
-    data.source = make_source(ws, config, family, rows)
+    data.source = make_source(ws, config, family, rows,
+                              encodes_on_the_fly=schedule.total_steps * schedule.step_batch)
     ctx = TrainingContext(accelerator, family, config, data, schedule, seed, training_run,
                           denoiser, info,
                           sampler=make_sampler(ws, config, family, training_run, data.source,
@@ -174,7 +156,8 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
                           evaluator=make_evaluator(ws, config, family, training_run, data.source,
                                                    writes=accelerator.is_main_process))
     try:
-        result = train_loop(ctx, resume_from=checkpoint)
+        with attention_context(config.train.attention_backend, state.device):
+            result = train_loop(ctx, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_out_of_memory(exc):
             raise

@@ -20,6 +20,7 @@ from PIL import Image
 from .config import Config
 from .console import console
 from .engine.context import EvalHook, SampleHook
+from .engine.objective import training_guidance
 from .engine.run import Run
 from .engine.validation import MaterializedSource, validation_loss
 from .errors import DitctlError
@@ -49,7 +50,7 @@ def make_sampler(ws: Workspace, config: Config, family: ModelFamily, run: Run,
     vae = getattr(source, "vae", None)
     text_encoder = getattr(source, "text_encoder", None)
     embeddings = (encode_prompts(family, text_encoder, prompts, negative) if text_encoder is not None
-                  else cached_embeddings(source, prompts, negative))
+                  else cached_embeddings(family, source, prompts, negative))
 
     def sample(denoiser, step: int) -> Image.Image | None:
         if not writes:
@@ -91,7 +92,8 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
         result = validation_loss(family, denoiser, val.rows, inputs["source"],
                                  config.eval.timestep_quantiles,
                                  batch_size=config.train.eval_batch_size,
-                                 resolution_shift=config.train.resolution_shift)
+                                 resolution_shift=config.train.resolution_shift,
+                                 guidance=training_guidance(family, config.train))
         metrics = {"val_loss": result["overall"],
                    **{f"val_loss_t{q:.2f}": v for q, v in result["per_quantile"].items()}}
         if not writes:  # another process of a sharded run: only the main one records

@@ -106,6 +106,7 @@ def make_workspace(root: Path, model_dir: Path, *, n_train: int = 8, n_val: int 
     import tomli_w
 
     from ditctl.demo.scenes import random_scenes, write_dataset
+    from ditctl.models.registry import detect_family
     from ditctl.workspace import Workspace
 
     root.mkdir(parents=True)
@@ -114,7 +115,7 @@ def make_workspace(root: Path, model_dir: Path, *, n_train: int = 8, n_val: int 
     if n_val:
         write_dataset(root / "data", scenes[n_train:], csv_name="val.csv")
     settings = {
-        "model": {"pretrained_model_path": str(model_dir)},
+        "model": {"pretrained_model_path": str(model_dir), "family": detect_family(model_dir)},
         "data": {"train_data_path": "data/train.csv", "resolution": sizes[0][0],
                  **({"val_data_path": "data/val.csv"} if n_val else {}), **(data or {})},
         "train": {"sample_every": 0, "eval_every": 0, "report_to": "none", "seed": 7,

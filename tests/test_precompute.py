@@ -550,17 +550,22 @@ def test_gc_removes_exactly_the_unreferenced_entries(tmp_path, tiny_model_dir):
 
 # --- prompts, precision, errors ---------------------------------------------------------------
 
+class _ZerosFamily:
+    unconditional_prompt = None  # the unconditional input is fixed tensors, not a prompt
+
+
 def test_prompts_to_cache(tmp_path):
     ws = Workspace(tmp_path)
     (tmp_path / "project.toml").write_text("")
-    assert prompts_to_cache(ws, ws.config()) == []
+    family = _ZerosFamily()
+    assert prompts_to_cache(ws, ws.config(), family) == []
     (tmp_path / "prompts.txt").write_text("# a comment\n\n  one  \ntwo\none\n   # indented\n")
-    assert prompts_to_cache(ws, ws.config()) == ["one", "two"]
+    assert prompts_to_cache(ws, ws.config(), family) == ["one", "two"]
     config = ws.config({"sample.negative_prompt": "ugly", "train.sample_prompts_file": "p2.txt"})
     with pytest.raises(DataError, match="p2.txt: no such file"):
-        prompts_to_cache(ws, config)
+        prompts_to_cache(ws, config, family)
     (tmp_path / "p2.txt").write_text("three\n")
-    assert prompts_to_cache(ws, config) == ["three", "ugly"]
+    assert prompts_to_cache(ws, config, family) == ["three", "ugly"]
 
 
 def test_bf16_storage_halves_the_latents(tmp_path, tiny_model_dir):

@@ -46,6 +46,8 @@ def test_euler_steps_match_a_hand_computation():
 class SpyFamily:
     """A family whose 'denoiser' output is a known function of its inputs; records every call."""
 
+    embedded_guidance = None  # classifier-free guidance
+
     def __init__(self):
         self.calls = []
 

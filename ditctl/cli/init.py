@@ -14,7 +14,8 @@ def init(
     name: Annotated[Path, typer.Argument(help="Folder of the new workspace.")],
     model: Annotated[str, typer.Option(
         "--model", help="'tiny' (the tiny trained model shipped with ditctl, for trying it), "
-        "'tiny-random' (random weights, for tests) or the path of a local model folder (any supported family).")] = "tiny",
+        "'tiny-random' (random weights, for tests), 'tiny-<family>' (that family's tiny random model) "
+        "or the path of a local model folder (any supported family).")] = "tiny",
     example: Annotated[bool, typer.Option(
         "--example", help="Add a small generated example dataset (train + validation).")] = False,
     force: Annotated[bool, typer.Option(

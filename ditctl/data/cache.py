@@ -50,7 +50,7 @@ from safetensors.torch import load, save
 
 from ..config import Config
 from ..errors import CacheError, DataError
-from ..models.base import Conditioning, LatentDist, ModelFamily
+from ..models.base import Conditioning, LatentDist, ModelFamily, unconditional_text
 from ..workspace import Workspace
 from .batches import crop_for, sample_variants
 from .manifest import ManifestRow
@@ -211,9 +211,10 @@ def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *, random_flip: boo
     return CachePlan(latents, texts, variants, flipped)
 
 
-def prompts_to_cache(ws: Workspace, config: Config) -> list[str]:
-    """Sample prompts (the prompts file, blank and # lines skipped) and the negative prompt,
-    cached so that training from the cache can sample without the text encoder."""
+def prompts_to_cache(ws: Workspace, config: Config, family: ModelFamily) -> list[str]:
+    """Sample prompts (the prompts file, blank and # lines skipped), the negative prompt and the
+    family's unconditional prompt, cached so that training from the cache can sample and drop
+    captions without the text encoder."""
     named = config.train.sample_prompts_file
     path = ws.resolve(named or "prompts.txt")
     prompts: list[str] = []
@@ -228,9 +229,17 @@ def prompts_to_cache(ws: Workspace, config: Config) -> list[str]:
     elif named:
         raise DataError(f"{path}: no such file ([train] sample_prompts_file)",
                         hint="create it (one prompt per line) or unset sample_prompts_file")
-    if config.sample.negative_prompt:
-        prompts.append(config.sample.negative_prompt)
+    prompts += [text for text in (unconditional_text(family, config.sample.negative_prompt),
+                                  family.unconditional_prompt) if text is not None]
     return list(dict.fromkeys(prompts))
+
+
+def training_texts(config: Config, family: ModelFamily) -> list[str]:
+    """Texts training encodes besides the captions: the unconditional prompt when captions
+    are dropped (families whose unconditional input is a prompt's encoding)."""
+    if config.train.caption_dropout > 0 and family.unconditional_prompt is not None:
+        return [family.unconditional_prompt]
+    return []
 
 
 # --- the index --------------------------------------------------------------------------------
@@ -521,7 +530,8 @@ def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,
     """
     cache = Cache.open(ws, config, family)
     if prompts is None:
-        prompts = prompts_to_cache(ws, config) if config.train.sample_every > 0 else []
+        prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
+        prompts = list(prompts) + training_texts(config, family)
     plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
     if cache.index_path.is_file():
         with CacheIndex(cache.index_path) as index:

@@ -19,11 +19,14 @@ import torch
 
 from ..console import console
 from ..errors import TrainingError
-from ..models.base import LatentDist
+from ..models.base import Conditioning, LatentDist, ModelFamily
+from .compile import compile_blocks
 from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
 from .monitor import Monitor
-from .objective import TimestepDensity, noised_batch, per_sample_mse, sample_seed
+from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed,
+                        training_guidance)
+from .prefetch import MicroJob, Peekable, Prefetcher, to_device
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
 
@@ -105,40 +108,44 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
         streamed = getattr(ctx.denoiser, "_ditctl_block_streamer", None) is not None
         model, optimizer = acc.prepare(ctx.denoiser, optimizer,
                                        device_placement=[not streamed, True])
+    compiled = compile_blocks(ctx.denoiser) if train.compile else 0
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
-    stream = batch_stream(data, position)
+    unconditional = unconditional_input(family, data, train.caption_dropout)
+    guidance = training_guidance(family, train)  # guidance-distilled denoisers read it
+    reps = train.batch_multiplicity
+
+    def prepare(job: MicroJob) -> NoisedBatch:
+        """2. the micro-batch's rows, each repeated batch_multiplicity times with its own
+        randomness, noised (runs in the prefetch thread; see engine/prefetch.py)."""
+        batch = data.load(list(job.rows), job.epoch)
+        dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
+                          batch.dist.std.repeat_interleave(reps, 0))
+        return noised_batch(family, dist, batch.cond.repeat_interleave(reps), list(job.seeds),
+                            density, train.caption_dropout, train.resolution_shift,
+                            unconditional, guidance)
+
+    jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
+    device = acc.device
     consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
-    with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar:
+    with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar, \
+            Prefetcher(prepare, pin_memory=device.type == "cuda") as prefetcher:
         for step in range(position.step + 1, schedule.total_steps + 1):
             t0 = time.perf_counter()
             data_time, losses, timesteps, finite = 0.0, [], [], True
-            # 1. the step's planned batch; micro-batch m is its m-th slice, and this process
-            #    takes every world-th sample of it (j: the sample's position in the step batch)
-            epoch, batch_index, indices = next(stream)
             for micro in range(schedule.accumulation):
+                # 1. this micro-batch (prepared while the previous one trained); start the next
+                job = next(jobs)
                 tick = time.perf_counter()
-                first = micro * schedule.micro_batch
-                mine = list(range(first + rank, first + schedule.micro_batch, world))
-                rows = [indices[j] for j in mine]
-                batch = data.load(rows, epoch)
-                # 2. repeat each sample batch_multiplicity times, each with its own randomness
-                reps = train.batch_multiplicity
-                dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
-                                  batch.dist.std.repeat_interleave(reps, 0))
-                cond = batch.cond.repeat_interleave(reps)
-                seeds = [sample_seed(ctx.seed, epoch, batch_index, j, r)
-                         for j in mine for r in range(reps)]
-                noised = noised_batch(family, dist, cond, seeds, density, train.caption_dropout,
-                                      train.resolution_shift)
-                device = acc.device
+                noised = to_device(prefetcher.take(job), device)
                 data_time += time.perf_counter() - tick
+                if jobs.peek().step <= schedule.total_steps:
+                    prefetcher.start(jobs.peek())
                 # 3. predict and compare; gradients sync across processes on the last micro-batch
                 sync = micro == schedule.accumulation - 1
                 with _sync_context(acc, model, sync, sharded), acc.autocast():
-                    prediction = family.predict(model, noised.noisy.to(device), noised.t.to(device),
-                                                noised.cond.to(device))
-                    per_sample = per_sample_mse(prediction, noised.target.to(device))
+                    prediction = family.predict(model, noised.noisy, noised.t, noised.cond)
+                    per_sample = per_sample_mse(prediction, noised.target)
                     loss = per_sample.mean()
                 finite &= bool(torch.isfinite(loss))
                 if finite:
@@ -170,11 +177,16 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             all_losses = acc.gather(torch.cat(losses).to(acc.device)).float().cpu()
             all_t = acc.gather(torch.cat(timesteps).to(acc.device)).float().cpu()
             last_loss = float(all_losses.mean()) if finite else float("nan")
+            step_time = time.perf_counter() - t0
+            compiling = bool(compiled) and step == position.step + 1
+            if compiling:
+                console.info(f"first step {step_time:.1f} s, including compiling {compiled} "
+                             "blocks (later steps reuse the compiled code)")
             monitor.log_step(step, all_losses, all_t, scheduler.get_last_lr()[0],
                              float(grad_norm) if grad_norm is not None else None,
-                             data_time, time.perf_counter() - t0, skipped=not finite)
+                             data_time, step_time, skipped=not finite, compiling=compiling)
             bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
-            next_epoch, next_index = _next_position(data, epoch, batch_index)
+            next_epoch, next_index = _next_position(data, job.epoch, job.batch_index)
             here = Position(step, next_epoch, next_index)
             if world > 1:  # a signal reaches processes at different steps: stop together
                 stop["stop"] = bool(acc.gather(torch.tensor([int(stop["stop"])],
@@ -191,6 +203,31 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     monitor.close()
     return TrainResult(step if schedule.total_steps > position.step else position.step,
                        last_loss, checkpoint, stop["stop"], skipped)
+
+
+def micro_jobs(data: TrainingData, position: Position, schedule, rank: int, world: int,
+               reps: int, seed: int) -> Iterator[MicroJob]:
+    """Every micro-batch this process trains from `position` on, in order: step s's planned
+    batch is cut into `accumulation` slices, and this process takes every world-th sample of a
+    slice (j: the sample's position in the step batch, which keys its randomness)."""
+    step = position.step
+    for epoch, batch_index, indices in batch_stream(data, position):
+        step += 1
+        for micro in range(schedule.accumulation):
+            first = micro * schedule.micro_batch
+            mine = list(range(first + rank, first + schedule.micro_batch, world))
+            yield MicroJob(step, epoch, batch_index, micro, tuple(indices[j] for j in mine),
+                           tuple(sample_seed(seed, epoch, batch_index, j, r)
+                                 for j in mine for r in range(reps)))
+
+
+def unconditional_input(family: ModelFamily, data: TrainingData,
+                        caption_dropout: float) -> Conditioning | None:
+    """What a dropped caption trains on, read once: the family's unconditional prompt from the
+    data source (cached by precompute, or encoded); None: the family's empty conditioning."""
+    if caption_dropout <= 0 or family.unconditional_prompt is None:
+        return None
+    return data.source.conditioning(family.unconditional_prompt)
 
 
 def _next_position(data: TrainingData, epoch: int, batch_index: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ..config import LoraConfig as LoraSettings
 from ..errors import CheckpointError, ConfigError
+from ..models.base import LoraLayout
 from ..runs import ADAPTER_CONFIG, LORA_WEIGHTS
 
 ADAPTER = "default"
@@ -101,11 +102,19 @@ def adapter_config_dict(denoiser: torch.nn.Module) -> dict:
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
 
-def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(folder: Path, layout: LoraLayout | None = None
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config, PEFT state dict) from a folder holding adapter_config.json and
-    adapter_model.safetensors (an export) or lora.safetensors (a checkpoint)."""
+    adapter_model.safetensors (an export) or lora.safetensors (a checkpoint), or an export in
+    the family's LoRA layout (`layout`: its weights file, keys under its prefix)."""
     folder = Path(folder)
     config_file = folder / ADAPTER_CONFIG
+    if layout is not None and (folder / layout.weights_file).is_file():
+        prefix = layout.key_prefix
+        state = load_file(folder / layout.weights_file)
+        if config_file.is_file() and all(k.startswith(prefix) for k in state):
+            return (json.loads(config_file.read_text()),
+                    {k[len(prefix):]: v for k, v in state.items()})
     weights = next((folder / n for n in (PEFT_WEIGHTS, LORA_WEIGHTS)
                     if (folder / n).is_file()), None)
     if not config_file.is_file() or weights is None:
@@ -115,11 +124,13 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads(config_file.read_text()), load_file(weights)
 
 
-def load_adapter_weights(denoiser: torch.nn.Module, folder: Path) -> None:
-    """Load saved LoRA weights into a denoiser that already has matching adapters."""
+def load_adapter_weights(denoiser: torch.nn.Module, folder: Path,
+                         layout: LoraLayout | None = None) -> None:
+    """Load saved LoRA weights into a denoiser that already has matching adapters (`layout`:
+    the family's, for an export in its own LoRA layout)."""
     from peft import set_peft_model_state_dict
 
-    saved_config, state = read_adapter(folder)
+    saved_config, state = read_adapter(folder, layout)
     live = denoiser.peft_config[ADAPTER]
     mismatch = []
     if int(saved_config.get("r", -1)) != live.r:

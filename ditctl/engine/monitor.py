@@ -95,10 +95,14 @@ class Monitor:
             yield _Bar(task)
 
     def log_step(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, lr: float,
-                 grad_norm: float | None, data_time: float, step_time: float, skipped: bool) -> None:
+                 grad_norm: float | None, data_time: float, step_time: float, skipped: bool,
+                 compiling: bool = False) -> None:
+        """One step's record. A step that compiled (`compiling`) reports its time as
+        time/compile_step_s instead of time/step_s, so step-time statistics stay steady-state."""
         if not self.main:
             return
-        values: dict[str, float] = {"lr": lr, "time/step_s": step_time, "time/data_s": data_time,
+        timing = "time/compile_step_s" if compiling else "time/step_s"
+        values: dict[str, float] = {"lr": lr, timing: step_time, "time/data_s": data_time,
                                     "time/compute_s": step_time - data_time,
                                     "throughput/samples_per_s": len(losses) / max(step_time, 1e-9),
                                     "memory/peak_mb": peak_memory_mb(),

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..models.base import Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target
+from ..models.base import (Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target,
+                           with_guidance)
 
 
 def shift_timesteps(t: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -56,10 +57,12 @@ class NoisedBatch:
 
 def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
                 generator: torch.Generator, density: TimestepDensity, alpha: float,
-                caption_dropout: float):
+                caption_dropout: float, unconditional: Conditioning | None = None):
     """Everything random about one training sample, drawn from its own generator in a fixed
     order: posterior ε, diffusion noise, logit-normal draw, uniform draw, uniform switch,
-    caption dropout. Returns (noisy, t, cond, target) for a batch of one."""
+    caption dropout. A dropped caption becomes `unconditional` (the encoding of the family's
+    unconditional prompt), or without one the family's empty conditioning. Returns
+    (noisy, t, cond, target) for a batch of one."""
     x0 = family.sample_latents(dist, generator)  # [1, C, h, w]
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
     logit = torch.randn(1, generator=generator) * density.logit_std + density.logit_mean
@@ -69,13 +72,27 @@ def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
 
     t = torch.where(use_uniform, uniform_t, shift_timesteps(torch.sigmoid(logit), alpha))
     if drop_caption:
-        cond = family.empty_conditioning(1, like=cond)
+        cond = unconditional if unconditional is not None else \
+            family.empty_conditioning(1, like=cond)
     return flow_noisy(x0, noise, t), t, cond, flow_target(x0, noise)
 
 
+def training_guidance(family: ModelFamily, train: TrainConfig) -> float | None:
+    """The guidance scale a guidance-distilled denoiser reads in training ([train]
+    embedded_guidance, else the family's default); None for a family without that input."""
+    if family.embedded_guidance is None:
+        return None
+    return float(train.embedded_guidance if train.embedded_guidance is not None
+                 else family.embedded_guidance)
+
+
 def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
-                 density: TimestepDensity, caption_dropout: float, shift: bool) -> NoisedBatch:
-    """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`)."""
+                 density: TimestepDensity, caption_dropout: float, shift: bool,
+                 unconditional: Conditioning | None = None,
+                 guidance: float | None = None) -> NoisedBatch:
+    """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`); dropped
+    captions become `unconditional` (see `draw_sample`). `guidance`: the scale a
+    guidance-distilled denoiser reads (`training_guidance`), None for others."""
     h, w = dist.mean.shape[-2:]
     alpha = family.resolution_shift(h, w) if shift else 1.0
     parts = []
@@ -83,9 +100,12 @@ def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seed
         one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
         generator = torch.Generator().manual_seed(seed)
         parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
-                                 caption_dropout))
+                                 caption_dropout, unconditional))
     noisy, t, conds, target = zip(*parts)
-    return NoisedBatch(torch.cat(noisy), torch.cat(t), Conditioning.cat(conds), torch.cat(target))
+    cond = Conditioning.cat(conds)
+    if guidance is not None:
+        cond = with_guidance(cond, guidance)
+    return NoisedBatch(torch.cat(noisy), torch.cat(t), cond, torch.cat(target))
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

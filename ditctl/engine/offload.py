@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.blocks import repeated_blocks
 from .precision import _tensor_parts
 
 
@@ -151,7 +152,7 @@ def _keep_kind(original: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
 def stream_base_blocks(denoiser: nn.Module, device: torch.device | str) -> BlockStreamer:
     """Install block streaming on a LoRA denoiser whose base is frozen: everything except the
     blocks' frozen tensors goes to `device` now; those stay in host memory until used."""
-    streamer = BlockStreamer(denoiser.blocks, device)
+    streamer = BlockStreamer(repeated_blocks(denoiser), device)
     parked = {id(t) for slot in streamer.slots for t in slot.host.values()}
     for module in denoiser.modules():
         for name, param in list(module._parameters.items()):

@@ -45,6 +45,7 @@ import torch
 
 from ..config import Config
 from ..models.base import DenoiserShape, ModelFamily
+from ..models.blocks import block_names, in_block, repeated_blocks
 from .setup import Schedule
 
 # bytes per (token x hidden) of the backward working set of one block under bf16 autocast (its
@@ -78,10 +79,10 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
                       blocks_resident: int | None = None, mixed_precision: str = "bf16") -> int:
     """Bytes of the frozen base stored as `precision` (see the module doc). `blocks_resident`:
     only that many blocks' weights count (block streaming)."""
-    from .precision import QUANTIZED, is_quantized_layer_name
+    from .precision import QUANTIZED, is_quantized_layer_name, storage_dtype
 
-    depth = len(getattr(denoiser, "blocks", [])) or 1
-    from .precision import storage_dtype
+    blocks = tuple(block_names(denoiser))
+    depth = len(blocks) or 1
 
     other = storage_dtype(precision, mixed_precision).itemsize
     lora = {id(p) for n, p in denoiser.named_parameters() if "lora_" in n}
@@ -89,13 +90,13 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
     block_bytes = rest_bytes = 0.0
     for name, fan_in, fan_out, bias in _linear_layers(denoiser):
         n = fan_in * fan_out
-        if precision in QUANTIZED and is_quantized_layer_name(name):
+        if precision in QUANTIZED and is_quantized_layer_name(name, blocks):
             weight = n * NF4_BYTES_PER_WEIGHT if precision == "nf4" else \
                 n + ROW_SCALE_BYTES[precision] * fan_out
         else:
             weight = n * other
         size = weight + (fan_out * other if bias else 0)
-        if name.startswith("blocks."):
+        if in_block(name, blocks):
             block_bytes += size
         else:
             rest_bytes += size
@@ -105,7 +106,7 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
         if id(param) in lora or module_name in linear_weights:
             continue
         size = param.numel() * other
-        if name.startswith("blocks."):
+        if in_block(name, blocks):
             block_bytes += size
         else:
             rest_bytes += size
@@ -115,10 +116,12 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
 
 
 def lora_layout(denoiser: torch.nn.Module) -> tuple[int, int, int]:
-    """(adapter parameters per block, adapted layers per block, rank) of the model's LoRA."""
+    """(adapter parameters per block, adapted layers per block, rank) of the model's LoRA, as
+    its first block holds them."""
     per_block = layers = rank = 0
+    first = tuple(block_names(denoiser)[:1])
     for name, param in denoiser.named_parameters():
-        if "lora_" in name and name.startswith("blocks.0."):
+        if "lora_" in name and in_block(name, first):
             per_block += param.numel()
             if "lora_A" in name:
                 layers += 1
@@ -182,9 +185,7 @@ def sharded_memory(memory: dict[str, int], denoiser: torch.nn.Module, config: Co
     `shards` ways (held in host memory with cpu_offload), plus what FSDP gathers: the running
     block's and the prefetched next block's whole weights and the root's (in the compute
     dtype), and the running block's unsharded fp32 gradients before they are reduce-scattered."""
-    from .sharding import transformer_blocks
-
-    blocks = transformer_blocks(denoiser)
+    blocks = repeated_blocks(denoiser)
     largest = max((_params(b) for b in blocks), default=0)
     largest_trained = max((_params(b, True) for b in blocks), default=0)
     root = _params(denoiser) - sum(_params(b) for b in blocks)
@@ -304,6 +305,6 @@ def memory_advice(config: Config) -> list[str]:
     elif lora.lora_rank > 16:
         advice.append(f"--lora-rank 16 (now {lora.lora_rank})")
     if not train.use_precomputed_data:
-        advice.append("`ditctl precompute`, then --use-precomputed-data (no VAE/text encoder "
-                      "in memory)")
+        advice.append("`ditctl precompute` and train without --no-use-precomputed-data (no "
+                      "VAE/text encoder in memory)")
     return advice

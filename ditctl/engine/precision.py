@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.blocks import block_names, in_block
 
 BASE_PRECISIONS = ("auto", "bf16", "fp8", "int8", "nf4")
 QUANTIZED = ("fp8", "int8", "nf4")
@@ -90,14 +91,30 @@ def storage_dtype(precision: str, mixed_precision: str = "bf16") -> torch.dtype:
     return STORAGE_DTYPES[precision]
 
 
-def is_quantized_layer_name(name: str) -> bool:
-    """The layers a quantized base stores reduced: every Linear inside a DiT block."""
-    return name.startswith("blocks.")
+def is_quantized_layer_name(name: str, block_prefixes: tuple[str, ...]) -> bool:
+    """The layers a quantized base stores reduced: every Linear inside a repeated block
+    (`block_prefixes`: the blocks' names, `ditctl.models.blocks.block_names`)."""
+    return in_block(name, block_prefixes)
 
 
 def quantizer(precision: str) -> "Quantizer | None":
     """The loader's `convert` hook for a base stored as `precision` (None: nothing to do)."""
     return Quantizer(precision) if precision in QUANTIZED else None
+
+
+def quantize_loaded(model: nn.Module, precision: str) -> nn.Module:
+    """Quantize an already loaded model's block Linears in place (tests, in-memory models; the
+    loader's path is the streaming `Quantizer`, which never holds the unquantized weights)."""
+    convert = quantizer(precision)
+    if convert is None:
+        return model
+    convert.bind(model)
+    for name, module in list(model.named_modules()):
+        replacement = convert(name, module)
+        if replacement is not None and replacement is not module:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, replacement)
+    return model
 
 
 class Quantizer:
@@ -109,9 +126,16 @@ class Quantizer:
 
     def __init__(self, precision: str):
         self.precision = precision
+        self.block_prefixes: tuple[str, ...] | None = None
+
+    def bind(self, root: nn.Module) -> None:
+        """Learn which modules are the repeated blocks from the (meta) model before loading."""
+        self.block_prefixes = tuple(block_names(root))
 
     def _claims(self, name: str, module: nn.Module) -> bool:
-        return type(module) is nn.Linear and is_quantized_layer_name(name)
+        if self.block_prefixes is None:
+            raise RuntimeError("Quantizer.bind(model) must run before it converts modules")
+        return type(module) is nn.Linear and is_quantized_layer_name(name, self.block_prefixes)
 
     def __call__(self, name: str, module: nn.Module) -> nn.Module | None:
         if self._claims(name, module):

@@ -16,6 +16,7 @@ from ..errors import ConfigError, DataError
 from ..models.base import ModelFamily
 from ..runs import is_complete_checkpoint, is_sharded, verify_checkpoint
 from .lora import add_lora, freeze_base, load_adapter_weights, peft_config
+from .compile import check_compile_config
 from .sharding import check_fsdp_config
 from .precision import check_base_precision, quantizer, resolve_base_precision, storage_dtype
 
@@ -91,7 +92,8 @@ def build_denoiser(family: ModelFamily, config: Config,
     if lora.use_lora:
         add_lora(denoiser, peft_config(lora, family.lora_target_candidates, family.lora_targets))
         if lora.lora_checkpoint:
-            load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint))
+            load_adapter_weights(denoiser, _adapter_folder(lora.lora_checkpoint),
+                                 family.lora_layout)
         if not lora.train_only_lora:  # the guide's --use_lora alone: base and LoRA both train
             denoiser.requires_grad_(True)  # (peft froze the base when injecting)
         else:
@@ -125,6 +127,7 @@ def check_training_precision(config: Config) -> None:
     if lora.offload_base_blocks and not frozen_base:
         raise ConfigError("[lora] offload_base_blocks streams the frozen base: it needs a "
                           "frozen base", hint="add --lora, or drop --offload-base-blocks")
+    check_compile_config(config)
     if lora.offload_base_blocks and not train.gradient_checkpointing:
         raise ConfigError("[lora] offload_base_blocks needs gradient checkpointing: without it "
                           "the backward pass keeps every block's weights on the accelerator",

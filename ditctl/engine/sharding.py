@@ -5,7 +5,7 @@ DistributedDataParallel and gradients are all-reduced. Checkpoints are written b
 (engine/checkpoint.py).
 
 `fsdp`: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`), called directly: each transformer
-block (the denoiser's `transformer_blocks()`) is one unit, then the root. Parameters, gradients
+block (`ditctl.models.blocks.repeated_blocks`) is one unit, then the root. Parameters, gradients
 and optimiser state live sharded across the processes (1/N each); a block's full weights exist
 only while it runs (all-gathered before, freed after). Mixed precision: with
 mixed_precision = bf16 the gathered weights compute in bf16, gradients are reduced in fp32 and
@@ -26,16 +26,17 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError
+from ..models.blocks import repeated_blocks
 
 
 def transformer_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
-    """The denoiser's repeated blocks, as its family lists them (the FSDP units)."""
-    blocks = getattr(denoiser, "transformer_blocks", None)
-    if blocks is None:
-        raise ConfigError(f"{type(denoiser).__name__} does not list its transformer blocks, "
-                          "so it cannot be sharded",
+    """The denoiser's repeated blocks (the FSDP units; `ditctl.models.blocks`)."""
+    blocks = repeated_blocks(denoiser)
+    if not blocks:
+        raise ConfigError(f"{type(denoiser).__name__} does not declare its repeated blocks "
+                          "(_repeated_blocks / _no_split_modules), so it cannot be sharded",
                           hint="train it with --strategy ddp")
-    return blocks()
+    return blocks
 
 
 def check_fsdp_config(config: Config) -> None:

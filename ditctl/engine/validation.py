@@ -14,7 +14,8 @@ import torch
 from ..console import console
 from ..data.manifest import ManifestRow
 from ..errors import DataError
-from ..models.base import Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target
+from ..models.base import (Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target,
+                           with_guidance)
 from .inference import inference_context, param_dtype
 from .objective import per_sample_mse, sample_seed, shift_timesteps
 
@@ -51,12 +52,14 @@ def validation_generator(seed: int, index: int) -> torch.Generator:
 
 def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequence[ManifestRow],
                     source: Any, quantiles: Sequence[float], seed: int = VALIDATION_SEED,
-                    batch_size: int = 1, *, resolution_shift: bool = True) -> dict[str, Any]:
+                    batch_size: int = 1, *, resolution_shift: bool = True,
+                    guidance: float | None = None) -> dict[str, Any]:
     """The training loss at fixed timesteps, with fixed noise.
 
     Sample i draws, from `validation_generator(seed, i)`, its posterior eps (x0 =
     family.sample_latents) and then one noise tensor per quantile in order; the timestep of
-    quantile q is q warped by the resolution shift (as in training, when `resolution_shift`).
+    quantile q is q warped by the resolution shift (as in training, when `resolution_shift`);
+    a guidance-distilled denoiser reads `guidance` (`objective.training_guidance`).
     Loss = MSE(prediction, flow_target(x0, noise)) per sample (fp32), averaged per
     quantile; "overall" is the mean over quantiles. Returns {"per_quantile": {q: loss},
     "overall": loss, "n": samples}.
@@ -80,6 +83,8 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
                 chunk = members[start:start + batch_size]
                 x0 = torch.cat([inputs[i][0] for i in chunk])
                 cond = Conditioning.cat([inputs[i][2] for i in chunk])
+                if guidance is not None:
+                    cond = with_guidance(cond, guidance)
                 for j, q in enumerate(losses):
                     noise = torch.cat([inputs[i][1][j] for i in chunk])
                     t = shift_timesteps(torch.full((len(chunk),), q, dtype=torch.float32), alpha)

@@ -20,11 +20,13 @@ from PIL import Image
 from ..config import Config
 from ..console import console
 from ..data.batches import OnTheFlySource
+from ..engine.attention import attention_context, check_attention_backend
 from ..engine.loading import load_denoiser
+from ..engine.objective import training_guidance
 from ..engine.validation import VALIDATION_SEED, MaterializedSource, validation_loss
 from ..errors import DitctlError
 from ..fsutil import atomic_write_text
-from ..models.base import ModelFamily
+from ..models.base import ModelFamily, unconditional_text
 from ..models.registry import load_family
 from ..report import render_comparison
 from ..runs import (EVAL, checkpoint_step, eval_dir, latest_checkpoint, list_checkpoints,
@@ -111,6 +113,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     dtype = inference_dtype(device)
     family = plan.family
     settings = config.sample
+    check_attention_backend(config.train.attention_backend, device)  # fail before any work
     width, height = sample_size(config, family)
     validation = validation_set(ws, config)
     prompts, prompts_note = _comparison_prompts(ws, config)
@@ -118,7 +121,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     # Inputs once, for every model: from the precompute cache where it has them (then the text
     # encoder is never loaded), else encoded here; the text encoder is freed before any DiT.
     vae = family.load_vae(torch.float32, device)
-    texts = prompts + ([settings.negative_prompt] if settings.negative_prompt else [])
+    negative_text = unconditional_text(family, settings.negative_prompt)
+    texts = prompts + ([negative_text] if negative_text is not None else [])
     source, text_source = cached_inputs(ws, config, family, validation.rows, texts)
     source_how = "read from the precompute cache" if source is not None else "encoded on the fly"
     text_encoder = None
@@ -128,7 +132,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
                                 validation.rows)
     embeddings = None
     if prompts and text_source is not None:
-        embeddings = cached_embeddings(text_source, prompts, settings.negative_prompt)
+        embeddings = cached_embeddings(family, text_source, prompts, settings.negative_prompt)
     elif prompts:
         embeddings = encode_prompts(family, text_encoder, prompts, settings.negative_prompt)
     del source, text_source, text_encoder
@@ -140,13 +144,15 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
                                  dtype=dtype, device=device)
-        model.loss = validation_loss(family, denoiser, validation.rows, inputs,
-                                     config.eval.timestep_quantiles, VALIDATION_SEED,
-                                     config.train.eval_batch_size,
-                                     resolution_shift=config.train.resolution_shift)
-        if embeddings is not None:
-            model.images = generate(family, denoiser, vae, prompts, settings, width=width,
-                                    height=height, embeddings=embeddings)
+        with attention_context(config.train.attention_backend, device):
+            model.loss = validation_loss(family, denoiser, validation.rows, inputs,
+                                         config.eval.timestep_quantiles, VALIDATION_SEED,
+                                         config.train.eval_batch_size,
+                                         resolution_shift=config.train.resolution_shift,
+                                         guidance=training_guidance(family, config.train))
+            if embeddings is not None:
+                model.images = generate(family, denoiser, vae, prompts, settings, width=width,
+                                        height=height, embeddings=embeddings)
         del denoiser
         free_accelerator_memory()
 

@@ -16,7 +16,7 @@ from ..data.batches import CachedSource
 from ..data.cache import Cache, check_cache_complete
 from ..data.manifest import ManifestRow, read_manifest
 from ..errors import CacheError, DataError
-from ..models.base import Conditioning, ModelFamily
+from ..models.base import Conditioning, ModelFamily, unconditional_text
 from ..sampling import PromptEmbeddings
 from ..workspace import Workspace
 
@@ -74,8 +74,10 @@ def cached_inputs(ws: Workspace, config: Config, family: ModelFamily,
     return found[0], found[1]
 
 
-def cached_embeddings(source: Any, prompts: Sequence[str],
+def cached_embeddings(family: ModelFamily, source: Any, prompts: Sequence[str],
                       negative_prompt: str | None) -> PromptEmbeddings:
+    """`encode_prompts`' result read from the cache (the negative as `unconditional_text`)."""
     cond = Conditioning.cat([source.conditioning(p) for p in prompts])
-    negative = source.conditioning(negative_prompt) if negative_prompt else None
+    negative_text = unconditional_text(family, negative_prompt)
+    negative = None if negative_text is None else source.conditioning(negative_text)
     return PromptEmbeddings(cond, negative)

@@ -110,7 +110,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         console.info(f"writing {plan.kind} export ({plan.format}, {plan.dtype})")
         if plan.kind == "lora":
             metadata = lora_metadata(plan, base_identity, lora, images)
-            files = write_adapter(tmp, plan, denoiser, metadata)
+            files = write_adapter(tmp, plan, denoiser, metadata, family)
         else:
             files = write_pipeline(tmp, plan, family, denoiser)
         # One fp32 copy of the model at a time: the reload below would double the memory.
@@ -132,7 +132,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         write_model_card(tmp, plan, base_identity=base_identity, lora=lora, parity=report,
                          files=files, dataset_images=images, base_precision=base_precision,
                          trained_parity=trained_report, family_licence=family.licence,
-                         usage_note=family.usage_note)
+                         usage_note=family.usage_note, lora_layout=family.lora_layout)
 
     result = ExportResult(path=plan.out_dir, name=plan.name, kind=plan.kind, format=plan.format,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
@@ -177,12 +177,15 @@ def write_pipeline(folder: Path, plan: ExportPlan, family: ModelFamily,
 
 
 def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
-                  metadata: dict[str, str]) -> list[str]:
-    """The LoRA alone, in the export dtype: a PEFT folder or one comfy file."""
+                  metadata: dict[str, str], family: ModelFamily) -> list[str]:
+    """The LoRA alone, in the export dtype: a PEFT folder or one single file ("comfy"), in the
+    family's LoRA layout (`family.lora_layout`)."""
     dtype = DTYPES[plan.dtype]
     state = {k: v.to(dtype) for k, v in peft_state_dict(denoiser).items()}
+    layout = family.lora_layout
     if plan.format == "comfy":
-        comfy = lora_formats.peft_to_comfy(state, lora_formats.comfy_alphas(denoiser))
+        comfy = lora_formats.to_single_file(state, lora_formats.comfy_alphas(denoiser),
+                                            denoiser, layout)
         lora = lora_summary(denoiser)
         kohya = {"ss_network_dim": str(lora["rank"]), "ss_network_alpha": f"{lora['alpha']:g}"}
         lora_formats.write_comfy(folder / f"{plan.name}.safetensors", comfy,
@@ -190,7 +193,7 @@ def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
     else:
         config = {**adapter_config_dict(denoiser), "base_model_name_or_path": str(plan.model_path),
                   "inference_mode": True}
-        lora_formats.write_peft(folder, state, config, metadata)
+        lora_formats.write_peft(folder, state, config, metadata, layout)
     return _listing(folder)
 
 
@@ -223,12 +226,13 @@ def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.
     if plan.kind != "lora":
         return load_family(folder, plan.family).load_denoiser(torch.float32)
     base = family.load_denoiser(torch.float32)
+    layout = family.lora_layout
     if plan.format == "comfy":
-        config, state = lora_formats.comfy_to_peft(
-            lora_formats.read_comfy(folder / f"{plan.name}.safetensors"))
+        config, state = lora_formats.from_single_file(
+            lora_formats.read_comfy(folder / f"{plan.name}.safetensors"), base, layout)
         lora_formats.inject_adapter(base, config, state)
     else:
-        _, state = lora_formats.read_peft(folder)
+        _, state = lora_formats.read_peft(folder, layout)
         lora_formats.inject_adapter(base, LoraConfig.from_pretrained(str(folder)), state)
     return base.eval().requires_grad_(False)
 

@@ -28,6 +28,12 @@ rank comes from the tensor shapes, a module without an `.alpha` gets alpha = ran
 common convention), and ranks/alphas that differ between modules go into peft's
 `rank_pattern` / `alpha_pattern`.
 
+A family whose ecosystem names LoRA files otherwise says so in its `lora_layout`
+(`models.base.LoraLayout`): the PEFT folder's weights file name and key prefix (diffusers'
+pipeline layout: `pytorch_lora_weights.safetensors` with `transformer.<module>` keys, which
+`load_lora_weights` reads), and its own single-file layout in place of comfy's (converters to
+and from the PEFT state). This module holds no family's names.
+
 Every file also carries str→str safetensors metadata (base model identity, rank, alpha, targets,
 steps, dataset size, ditctl version); the PEFT file additionally carries diffusers'
 `lora_adapter_metadata` so that diffusers recovers alpha exactly instead of guessing it.
@@ -45,6 +51,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ExportError
+from ..models.base import LoraLayout
+
+DEFAULT_LAYOUT = LoraLayout()
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -81,27 +90,38 @@ def adapter_modules(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def write_peft(folder: Path, state: dict[str, torch.Tensor], adapter_config: dict,
-               metadata: dict[str, str]) -> list[Path]:
-    """Write adapter_config.json + adapter_model.safetensors into `folder`; returns the files."""
+               metadata: dict[str, str], layout: LoraLayout = DEFAULT_LAYOUT) -> list[Path]:
+    """Write adapter_config.json + the layout's weights file (adapter_model.safetensors by
+    default) into `folder`; returns the files."""
     folder = Path(folder)
-    lora_config = {k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS if k in adapter_config}
+    prefix = layout.key_prefix
+    lora_config = {prefix + k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS
+                   if k in adapter_config}
     full_metadata = {"format": "pt", **metadata,
                      DIFFUSERS_METADATA_KEY: json.dumps(lora_config, sort_keys=True)}
-    weights = folder / PEFT_WEIGHTS_FILE
-    save_file(_contiguous(state), weights, metadata=full_metadata)
+    weights = folder / layout.weights_file
+    save_file(_contiguous({prefix + k: v for k, v in state.items()}), weights,
+              metadata=full_metadata)
     config_file = folder / PEFT_CONFIG_FILE
     config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     return [config_file, weights]
 
 
-def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config dict, state dict) of a PEFT adapter folder."""
+def read_peft(folder: Path, layout: LoraLayout = DEFAULT_LAYOUT
+              ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config dict, state dict with bare module paths) of a PEFT adapter folder."""
     folder = Path(folder)
-    config_file, weights = folder / PEFT_CONFIG_FILE, folder / PEFT_WEIGHTS_FILE
+    config_file, weights = folder / PEFT_CONFIG_FILE, folder / layout.weights_file
     if not config_file.is_file() or not weights.is_file():
         raise ExportError(f"{folder} is not a PEFT adapter folder (needs {PEFT_CONFIG_FILE} "
-                          f"and {PEFT_WEIGHTS_FILE})", hint="pass the folder an export wrote")
-    return json.loads(config_file.read_text()), load_file(weights)
+                          f"and {layout.weights_file})", hint="pass the folder an export wrote")
+    prefix = layout.key_prefix
+    state = load_file(weights)
+    stray = [k for k in state if not k.startswith(prefix)]
+    if stray:
+        raise ExportError(f"{weights}: key {stray[0]!r} lacks the prefix {prefix!r}",
+                          hint="pass the folder an export wrote")
+    return json.loads(config_file.read_text()), {k[len(prefix):]: v for k, v in state.items()}
 
 
 # --- comfy ---------------------------------------------------------------------------------------
@@ -136,6 +156,12 @@ def comfy_to_peft(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch
             alphas[module] = float(value.item())
         else:
             peft_state[f"{module}.lora_{'A' if part == 'lora_down.weight' else 'B'}.weight"] = value
+    return lora_config_kwargs(peft_state, alphas), peft_state
+
+
+def lora_config_kwargs(peft_state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict:
+    """LoraConfig kwargs of a PEFT state whose modules have the comfy alphas `alphas` (scale x
+    rank; a module without one: alpha = rank)."""
     modules = adapter_modules(peft_state)
     ranks = {m: int(peft_state[f"{m}.lora_A.weight"].shape[0]) for m in modules}
     alphas = {m: alphas.get(m, float(ranks[m])) for m in modules}
@@ -144,7 +170,7 @@ def comfy_to_peft(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": modules,
               "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
               "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False}
-    return config, peft_state
+    return config
 
 
 def _common_value(per_module: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -161,6 +187,25 @@ def write_comfy(file: Path, state: dict[str, torch.Tensor], metadata: dict[str, 
 
 def read_comfy(file: Path) -> dict[str, torch.Tensor]:
     return load_file(file)
+
+
+def to_single_file(state: dict[str, torch.Tensor], alphas: dict[str, float],
+                   denoiser: torch.nn.Module, layout: LoraLayout = DEFAULT_LAYOUT
+                   ) -> dict[str, torch.Tensor]:
+    """The single-file state of a PEFT state: the layout's own, else the comfy layout."""
+    if layout.to_single_file is None:
+        return peft_to_comfy(state, alphas)
+    adapter_modules(state)  # plain LoRA A/B only
+    return layout.to_single_file(state, alphas, denoiser)
+
+
+def from_single_file(state: dict[str, torch.Tensor], denoiser: torch.nn.Module,
+                     layout: LoraLayout = DEFAULT_LAYOUT) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(LoraConfig kwargs, PEFT state) of a single-file state: the inverse of `to_single_file`."""
+    if layout.from_single_file is None:
+        return comfy_to_peft(state)
+    peft_state, alphas = layout.from_single_file(state, denoiser)
+    return lora_config_kwargs(peft_state, alphas), peft_state
 
 
 def read_metadata(file: Path) -> dict[str, str]:

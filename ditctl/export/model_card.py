@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..runs import METRICS, eval_dir, read_run_info, run_config_file, samples_dir
+from ..models.base import LoraLayout
 from .parity import ParityReport, TrainedBaseReport
 from .plan import ExportPlan
 
@@ -135,9 +136,10 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
                      base_precision: str | None = None,
                      trained_parity: TrainedBaseReport | None = None,
                      family_licence: tuple[str, str] = UNKNOWN_LICENCE,
-                     usage_note: str = "") -> Path:
+                     usage_note: str = "", lora_layout: LoraLayout = LoraLayout()) -> Path:
     """Write README.md (plus samples.png and the licence file when they exist) into `folder`.
-    `family_licence` and `usage_note` are the family's (`ModelFamily.licence`, `.usage_note`)."""
+    `family_licence`, `usage_note` and `lora_layout` are the family's (`ModelFamily.licence`,
+    `.usage_note`, `.lora_layout`)."""
     folder = Path(folder)
     licence = find_licence(plan.model_path, plan.family, family_licence)
     if licence.file is not None:
@@ -149,7 +151,8 @@ def write_model_card(folder: Path, plan: ExportPlan, *, base_identity: str,
                              files=files, licence=licence,
                              samples_label=grid.parent.name if grid else None,
                              dataset_images=dataset_images, base_precision=base_precision,
-                             trained_parity=trained_parity, usage_note=usage_note)
+                             trained_parity=trained_parity, usage_note=usage_note,
+                             lora_layout=lora_layout)
     (folder / "README.md").write_text(text)
     return folder / "README.md"
 
@@ -159,7 +162,7 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
                       samples_label: str | None, dataset_images: int | None,
                       base_precision: str | None = None,
                       trained_parity: TrainedBaseReport | None = None,
-                      usage_note: str = "") -> str:
+                      usage_note: str = "", lora_layout: LoraLayout = LoraLayout()) -> str:
     sections = [
         _front_matter_block(plan, licence),
         [f"# {plan.name}", "",
@@ -173,7 +176,7 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
         _evaluation_section(plan, parity, trained_parity),
         _samples_section(samples_label),
         _licence_section(licence),
-        ["## How to load it", "", *_usage(plan, usage_note)],
+        ["## How to load it", "", *_usage(plan, usage_note, lora_layout)],
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -272,7 +275,8 @@ def _licence_section(licence: Licence) -> list[str]:
     return lines + ["Its use restrictions apply to this derivative as well."]
 
 
-def _usage(plan: ExportPlan, usage_note: str = "") -> list[str]:
+def _usage(plan: ExportPlan, usage_note: str = "",
+           lora_layout: LoraLayout = LoraLayout()) -> list[str]:
     folder = str(plan.out_dir)
     if plan.kind != "lora":
         return [
@@ -284,6 +288,8 @@ def _usage(plan: ExportPlan, usage_note: str = "") -> list[str]:
             "dit = family.load_denoiser()  # the fine-tuned DiT",
             "```"]
     base = str(plan.model_path)
+    if lora_layout.pipeline_class is not None:
+        return _pipeline_lora_usage(plan, lora_layout)
     if plan.format == "comfy":
         return [
             f"`{plan.name}.safetensors` uses the key naming of community UIs "
@@ -313,6 +319,28 @@ def _usage(plan: ExportPlan, usage_note: str = "") -> list[str]:
         "With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
         f"\"{folder}\"` in project.toml. For `ditctl sample --model`, export the run with "
         "`--merge-lora`."]
+
+
+def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:
+    """A LoRA of a family whose diffusers pipeline reads its LoRA files itself."""
+    folder, base, cls = str(plan.out_dir), str(plan.model_path), layout.pipeline_class
+    if plan.format == "comfy":
+        target = f"{folder}/{plan.name}.safetensors"
+        intro = [f"`{plan.name}.safetensors` uses the key naming of kohya's sd-scripts "
+                 f"({layout.single_file_keys}), the layout community UIs such as ComfyUI load; "
+                 "diffusers reads it through its kohya converter:"]
+        resume = ("To continue training it with ditctl, export the run in the default (peft) "
+                  "format and set `[lora] lora_checkpoint` to that folder.")
+    else:
+        target = folder
+        intro = [f"`{layout.weights_file}` is in diffusers' LoRA layout "
+                 f"(`{layout.key_prefix}<module>.lora_A/lora_B.weight`):"]
+        resume = ("With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
+                  f"\"{folder}\"` in project.toml.")
+    return [*intro, "", "```python", f"from diffusers import {cls}",
+            f"pipe = {cls}.from_pretrained({base!r})",
+            f"pipe.load_lora_weights({target!r})", "```", "",
+            resume + " For `ditctl sample --model`, export the run with `--merge-lora`."]
 
 
 def _metrics_lines(metrics: dict, step: int) -> list[str]:

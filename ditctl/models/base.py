@@ -67,6 +67,42 @@ class DenoiserShape:
     largest_linear: int  # weights of the largest linear layer of a block (dequantized at once)
 
 
+# The extras name of a guidance scale the denoiser reads as an input (guidance-distilled
+# families, `ModelFamily.embedded_guidance`): [B] floats, set by the sampler and the objective.
+GUIDANCE_EXTRA = "guidance"
+
+
+@dataclass(frozen=True)
+class LoraLayout:
+    """How a family's ecosystem stores a LoRA of its denoiser (`ModelFamily.lora_layout`).
+
+    The PEFT-format export writes `weights_file` with `key_prefix` before every module path
+    (and before the LoraConfig keys of its metadata), next to adapter_config.json: the bare
+    PEFT layout by default, diffusers' pipeline LoRA layout (`pytorch_lora_weights.safetensors`,
+    `transformer.<module>...`) for families whose pipeline loads LoRAs with `load_lora_weights`.
+    The single-file export uses `to_single_file(peft_state, alphas, denoiser)` and reads back
+    with `from_single_file(state, denoiser) -> (LoraConfig kwargs, peft state)`; None: the
+    generic comfy layout (`diffusion_model.<module>.lora_down/lora_up/alpha`).
+    """
+
+    weights_file: str = "adapter_model.safetensors"
+    key_prefix: str = ""
+    to_single_file: Callable[..., dict] | None = None
+    from_single_file: Callable[..., tuple] | None = None
+    # for the model card: the diffusers pipeline class whose `load_lora_weights` reads both
+    # files (None: they load through ditctl / peft), and the single file's key naming
+    pipeline_class: str | None = None
+    single_file_keys: str = "`diffusion_model.<module>.lora_down/lora_up/alpha`"
+
+
+def with_guidance(cond: "Conditioning", scale: float) -> "Conditioning":
+    """`cond` with the guidance scale `scale` for every sample (see GUIDANCE_EXTRA)."""
+    extras = dict(cond.extras)
+    extras[GUIDANCE_EXTRA] = torch.full((cond.batch_size,), float(scale), dtype=torch.float32,
+                                        device=cond.sequence.device)
+    return Conditioning(cond.sequence, cond.mask, cond.pooled, extras)
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """Everything a prompt gives the denoiser, as named tensors with the batch first.
@@ -210,6 +246,12 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x0 - noise
 
 
+def unconditional_text(family: "ModelFamily", negative_prompt: str | None) -> str | None:
+    """The text whose encoding is a run's unconditional input: the user's negative prompt, else
+    the family's unconditional prompt; None means the family's `empty_conditioning`."""
+    return negative_prompt if negative_prompt else family.unconditional_prompt
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """One model family, bound to one model folder. Everything shared code may ask a family.
@@ -219,7 +261,12 @@ class ModelFamily(Protocol):
     may target); `sampling_defaults`; `latent` (channels, VAE factor, size multiple);
     `licence` ((Hugging Face id, display name) of the released weights, for model cards
     when the folder carries no licence) and `usage_note` (how the family's own tools load an
-    export, for the model card).
+    export, for the model card); `embedded_guidance`: None when guidance is classifier-free
+    (an unconditional pass), or, for a guidance-distilled denoiser that reads the guidance
+    scale as an input (`GUIDANCE_EXTRA`), the value fed in training by default ([train]
+    embedded_guidance overrides it; sampling feeds [sample] guidance_scale and runs no
+    unconditional pass); `lora_layout` (how its ecosystem stores LoRA files);
+    `unconditional_prompt` (see `unconditional_text`).
     """
 
     name: str
@@ -231,6 +278,12 @@ class ModelFamily(Protocol):
     licence: tuple[str, str]
     usage_note: str
     copied_components: tuple[str, ...]  # folders an export carries over from the base unchanged
+    embedded_guidance: float | None
+    lora_layout: LoraLayout
+    # The unconditional input (caption dropout, the guidance branch): None, the fixed tensors of
+    # `empty_conditioning` (F-Lite: zeros); a string, that prompt's encoding (pipelines that
+    # encode an empty negative prompt), cached by precompute like any caption.
+    unconditional_prompt: str | None
 
     # --- loading (each component on its own, so training from a cache loads only the DiT) ---
     # Each streams its weights straight into `dtype` on `device` (never a full-precision copy);

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from .base import Conditioning, DenoiserShape, LatentDist, LatentGeometry, SamplingDefaults
+from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
+                   SamplingDefaults)
 from .fingerprint import folder_fingerprint
 from .flite_dit import DiT
 from .flite_layout import COMPONENTS, MODEL_INDEX, validate_folder  # noqa: F401 (re-exported)
@@ -65,8 +66,11 @@ class FLiteFamily:
     sampling_defaults = SamplingDefaults(steps=30, guidance_scale=6.0, resolution=1024)
     licence = ("creativeml-openrail-m", "CreativeML Open RAIL-M")
     copied_components = ("text_encoder", "tokenizer", "vae")  # exports carry the base's own
+    unconditional_prompt = None  # FLitePipeline's unconditional input is zeros, not ""
     usage_note = ("ditctl's F-Lite loader; F-Lite's own `FLitePipeline.from_pretrained` reads "
                   "the same folder")
+    embedded_guidance = None  # classifier-free guidance: an unconditional pass
+    lora_layout = LoraLayout()  # bare PEFT folder; single file: the generic comfy layout
 
     def __init__(self, path: Path):
         self.path = Path(path).resolve()

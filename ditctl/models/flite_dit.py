@@ -33,10 +33,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
@@ -202,9 +202,17 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k = self.qk_norm(q, k)  # after RoPE: RoPE is a rotation, the norm is unchanged by it
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, head_dim], scale 1/sqrt(d)
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, H]
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, L, h, d]
+        out = out.reshape(b, n, -1)  # [B, L, H]
         return self.proj(out), v
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention, scale 1/sqrt(head_dim), no mask: q [B, L, heads, d], k/v
+    [B, Lk, heads, d] -> [B, L, heads, d]. Through diffusers' attention dispatcher, so the
+    backend ditctl selects (`[train] attention_backend`) applies here as in diffusers' own
+    models; the default (native) is torch's scaled_dot_product_attention on the same tensors."""
+    return dispatch_attention_fn(q, k, v)
 
 
 class CrossAttention(nn.Module):
@@ -226,8 +234,7 @@ class CrossAttention(nn.Module):
         k, v = kv.unbind(2)  # each [B, Lc, heads, head_dim], split as (k h d)
         q, k = self.qk_norm(q, k)
         # F-Lite attends to every text position, T5 padding included: no mask, on purpose.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(b, n, -1)  # [B, L, H]
+        out = attention(q, k, v).reshape(b, n, -1)  # [B, L, H]
         return self.proj(out)
 
 
@@ -276,6 +283,8 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # The repeated block, as diffusers models declare theirs: the engine finds the units it
+    # shards, streams, quantizes and plans per block through this (ditctl.models.blocks).
     _no_split_modules = ["DiTBlock"]
     # Checkpoints written by the reference (and by save_pretrained) carry its RoPE tables; we
     # recompute them.
@@ -354,11 +363,6 @@ class DiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         nn.init.zeros_(self.final_modulation[-1].bias)
         nn.init.zeros_(self.final_proj.weight)
         nn.init.zeros_(self.final_proj.bias)
-
-    def transformer_blocks(self) -> list[nn.Module]:
-        """The repeated blocks, in order: the units that training shards (FSDP), checkpoints
-        and streams one at a time. Engines reach the blocks only through this."""
-        return list(self.blocks)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """diffusers' save_pretrained, plus F-Lite's RoPE buffers (`rope.freqs_hw_cos/sin`,

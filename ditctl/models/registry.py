@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ModelError
-from . import flite_layout
+from . import flite_layout, flux_layout
 
 if TYPE_CHECKING:
     from .base import ModelFamily
@@ -40,6 +40,9 @@ FAMILIES: dict[str, FamilyEntry] = {entry.name: entry for entry in (
     FamilyEntry("flite", "ditctl.models.flite:FLiteFamily", ("FLitePipeline",),
                 flite_layout.validate_folder, flite_layout.SIZE_MULTIPLE,
                 flite_layout.SIZE_REASON, "ditctl.models.tiny:build_tiny_pipeline"),
+    FamilyEntry("flux", "ditctl.models.flux:FluxFamily", (flux_layout.PIPELINE_CLASS,),
+                flux_layout.validate_folder, flux_layout.SIZE_MULTIPLE, flux_layout.SIZE_REASON,
+                "ditctl.models.tiny_flux:build_tiny_flux"),
 )}
 # `init --model tiny`: the trained tiny model that ships in ditctl/assets/ (a folder of this family)
 SHIPPED_TINY_MODEL = "tiny-flite"  # an F-Lite-layout folder

@@ -197,7 +197,8 @@ def load_streaming(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype,
     the same tensor as another (target -> source), restored after loading. Stored names the
     module lacks and module tensors nothing was stored for are errors.
 
-    A `convert` with a `streamed_tensors(name, module)` method may claim tensors of a module
+    A `convert` with a `bind(module)` method sees the whole meta model first (a quantizer
+    learns which modules are the repeated blocks). One with a `streamed_tensors(name, module)` method may claim tensors of a module
     before they are read (a quantizer claims a Linear's weight): those are not read here but
     handed as `RowSource`s to `convert.convert_streamed(name, module, {tensor_name: source})`
     once the module's other tensors are in, and its result replaces the module. The claimed
@@ -229,6 +230,8 @@ def load_streaming(module: torch.nn.Module, folder: Path, *, dtype: torch.dtype,
     for key in tied:
         by_module.setdefault(key.rpartition(".")[0], [])
     root = module
+    if hasattr(convert, "bind"):
+        convert.bind(module)  # a converter may need the whole (meta) model's structure first
     streamed = getattr(convert, "streamed_tensors", None)
     with torch.no_grad():
         for module_name, keys in by_module.items():

@@ -299,12 +299,7 @@ def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, 
             param.normal_(0.0, 0.02)
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()
                if not k.startswith("rope")}, tmp_path / "model.safetensors")
-    convert = module.quantizer(precision)
-    for name, layer in list(reference.named_modules()):
-        replacement = convert(name, layer)
-        if replacement is not None:
-            parent, _, child = name.rpartition(".")
-            setattr(reference.get_submodule(parent), child, replacement)
+    module.quantize_loaded(reference, precision)
     monkeypatch.setattr(module, "QUANTIZE_CHUNK", 128 * 5)  # 5 rows a slice
     read = []
     original = module.QuantizedLinear.from_rows.__func__
@@ -324,7 +319,7 @@ def test_a_streamed_quantized_base_equals_one_quantized_after_loading(tmp_path, 
     monkeypatch.setattr(streaming, "read_rows", spy)
     with torch.device("meta"):
         streamed = DiT(**config)
-    streamed = load_streaming(streamed, tmp_path, dtype=torch.bfloat16, convert=convert,
+    streamed = load_streaming(streamed, tmp_path, dtype=torch.bfloat16, convert=module.quantizer(precision),
                               ignore=DiT._keys_to_ignore_on_load_unexpected)
     quantized = {n: m for n, m in reference.named_modules()
                  if isinstance(m, module.QuantizedLinear)}

@@ -13,7 +13,7 @@ import torch
 from ditctl.config import build_config
 from ditctl.engine.lora import add_lora, freeze_base, peft_config
 from ditctl.engine.plan import StepShape, base_weight_bytes, lora_layout, saved_per_block
-from ditctl.engine.precision import QuantizedLinear, quantized_storage_bytes, quantizer
+from ditctl.engine.precision import QuantizedLinear, quantized_storage_bytes, quantize_loaded, quantizer
 from ditctl.models.flite import shape_of_config
 from ditctl.models.flite_dit import DiT
 
@@ -28,13 +28,7 @@ def _config(hidden=96, heads=4, text_dim=40, depth=2):
 
 
 def _quantize(model, precision):
-    convert = quantizer(precision)
-    for name, module in list(model.named_modules()):
-        replacement = convert(name, module) if convert else None
-        if replacement is not None and replacement is not module:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, replacement)
-    return model
+    return quantize_loaded(model, precision)
 
 
 def _lora(model, rank=4):

@@ -90,3 +90,23 @@ def test_per_sample_mse_is_fp32_mean_per_sample():
     target[1] = 3
     loss = per_sample_mse(pred, target)
     assert loss.dtype == torch.float32 and torch.equal(loss, torch.tensor([1.0, 4.0]))
+
+
+def test_a_dropped_caption_becomes_the_families_unconditional_encoding():
+    """Families whose unconditional input is a prompt's encoding hand it to the objective:
+    every dropped caption trains on exactly that, pooled vector included."""
+    family = FakeFamily()
+    n = 400
+    mean = torch.zeros(n, 1, 1, 1)
+    dist = LatentDist(mean, torch.ones_like(mean))
+    text = Conditioning(torch.ones(n, 2, 2), pooled=torch.ones(n, 3))
+    empty_prompt = Conditioning(torch.full((1, 2, 2), 7.0), pooled=torch.full((1, 3), 5.0))
+    batch = noised_batch(family, dist, text, list(range(n)), TimestepDensity(0, 1, 0.0), 0.25,
+                         False, unconditional=empty_prompt)
+    dropped = batch.cond.sequence[:, 0, 0] == 7.0
+    assert 0.18 < dropped.float().mean() < 0.32
+    assert torch.equal(batch.cond.sequence[dropped], empty_prompt.sequence.expand(
+        int(dropped.sum()), 2, 2))
+    assert torch.equal(batch.cond.pooled[dropped], empty_prompt.pooled.expand(
+        int(dropped.sum()), 3))
+    assert torch.equal(batch.cond.sequence[~dropped], text.sequence[~dropped])

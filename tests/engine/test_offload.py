@@ -98,7 +98,7 @@ def test_training_with_streamed_blocks_equals_training_without(tmp_path, tiny_mo
 def test_on_the_fly_training_runs_the_text_encoder_where_configured(tmp_path, tiny_model_dir,
                                                                    monkeypatch):
     from ditctl.models.flite import FLiteFamily
-    from ditctl.train import make_source
+    from ditctl.training_source import make_source
 
     devices = []
     original = FLiteFamily.load_text_encoder
@@ -111,7 +111,8 @@ def test_on_the_fly_training_runs_the_text_encoder_where_configured(tmp_path, ti
     ws = make_workspace(tmp_path / "w", tiny_model_dir)
     family = FLiteFamily(tiny_model_dir)
     for where in ("cpu", "accelerator"):
-        source = make_source(ws, ws.config({"train.text_encoder_device": where}), family, [])
+        source = make_source(ws, ws.config({"train.text_encoder_device": where,
+                                            "train.use_precomputed_data": False}), family, [])
         embedding = source.conditioning("a red circle").sequence
         assert embedding.device.type == "cpu"  # batches stay on the CPU, as from the cache
     expected = "cuda" if torch.cuda.is_available() else "cpu"

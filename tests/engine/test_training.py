@@ -198,7 +198,12 @@ def test_out_of_memory_saves_nothing_and_lists_the_options_not_in_use(tmp_path, 
         _train(ws, max_steps=3, checkpoint_every=1, run_name="oom", gradient_checkpointing=True)
     hint = err.value.hint
     for flag in ("--train-batch-size 1", "--gradient-accumulation-steps 2", "--use-8bit-adam",
-                 "--mixed-precision bf16", "--lora", "--use-precomputed-data"):
+                 "--mixed-precision bf16", "--lora"):
         assert flag in hint, flag
     assert "--gradient-checkpointing" not in hint  # already in use
+    assert "precompute" not in hint  # the cache is used by default
+    from ditctl.engine.plan import memory_advice
+
+    on_the_fly = ws.config({"train.use_precomputed_data": False})
+    assert any("ditctl precompute" in line for line in memory_advice(on_the_fly))
     assert list_checkpoints(ws.root / "runs" / "oom") == []

@@ -1,0 +1,124 @@
+"""Where training time goes away: the cache used by itself, and compiled blocks.
+
+    python -m bench speed [--quick]
+
+1. The F-Lite guide's one-shot shape of run: an F-Lite-layout model (MID_FLITE, 23.7 M
+   parameters), 32 images at 256x256, batch 2, 10 epochs, bf16 autocast, nothing precomputed.
+   Run three ways on the same workspace data, one after the other:
+     on_the_fly   --no-use-precomputed-data: every step encodes its images and captions
+     auto_cache   the default: the run repeats its images, so ditctl fills the cache once
+                  (fill_s, reported apart) and then trains from it
+     auto_compile the same plus --compile (compile_step_s reported apart)
+   steady_step_s is the median `time/step_s` after the warm-up steps; ratio_vs_on_the_fly
+   divides it by on_the_fly's (the #18 target: <= 0.8).
+2. --compile on the 94.6 M config (SMALL_FLITE) from the cache, fp32: eager vs compiled
+   steady-state step and the compiling step's time.
+Runs are sequential (each is a whole `ditctl train`), so on a shared machine compare ratios
+from one invocation only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (MID_FLITE, SMALL_FLITE, SMALL_T5, SMALL_VAE, TINY_FLITE, TINY_T5,
+                          TINY_VAE, build_bench_pipeline, make_bench_workspace,
+                          offline_environment, quiet_console, read_train_log, reset_accelerate)
+
+FULL = dict(oneshot_shape=MID_FLITE, t5=SMALL_T5, vae=SMALL_VAE, images=32, size=256, batch=2,
+            epochs=10, warmup=3, compile_shape=SMALL_FLITE, compile_steps=12)
+QUICK = dict(oneshot_shape=TINY_FLITE, t5=TINY_T5, vae=TINY_VAE, images=4, size=64, batch=2,
+             epochs=3, warmup=1, compile_shape=TINY_FLITE, compile_steps=4)
+
+
+def timed_run(ws, overrides: dict[str, Any], name: str, warmup: int) -> dict[str, Any]:
+    """One `ditctl train` with `overrides`; steady-state and first-step timings."""
+    from ditctl.train import run_training
+
+    reset_accelerate()
+    config = ws.config({**overrides, "train.run_name": name})
+    started = time.perf_counter()
+    with quiet_console():
+        run_training(ws, config)
+    wall = time.perf_counter() - started
+    log = read_train_log(ws.runs_dir(config) / name)
+    steady = [e["time/step_s"] for e in log[warmup:] if "time/step_s" in e]
+    data = [e["time/data_s"] for e in log[warmup:]]
+    first = log[0].get("time/compile_step_s", log[0].get("time/step_s"))
+    train_s = sum(e.get("time/step_s", e.get("time/compile_step_s", 0.0)) for e in log)
+    return {"run": name, "steps": len(log), "steady_step_s": round(statistics.median(steady), 4),
+            "data_wait_pct": round(100 * statistics.median(d / s for d, s in zip(data, steady)),
+                                   1),
+            "first_step_s": round(first, 2), "wall_s": round(wall, 1),
+            "outside_steps_s": round(wall - train_s, 1)}
+
+
+def oneshot(settings: dict, tmp: Path) -> dict[str, Any]:
+    model = build_bench_pipeline(tmp / "model-oneshot", settings["oneshot_shape"],
+                                 settings["t5"], settings["vae"])
+    common = {"train.train_batch_size": settings["batch"], "train.num_epochs": settings["epochs"],
+              "train.mixed_precision": "bf16", "train.checkpoint_every": 10**6,
+              "data.random_flip": False}
+    rows = []
+    for name, extra in (("on_the_fly", {"train.use_precomputed_data": False}),
+                        ("auto_cache", {}),
+                        ("auto_compile", {"train.compile": True})):
+        ws = make_bench_workspace(tmp / f"ws-{name}", model, images=settings["images"],
+                                  size=settings["size"])
+        row = timed_run(ws, {**common, **extra}, name, settings["warmup"])
+        rows.append(row)
+        print(row, flush=True)
+    base = rows[0]["steady_step_s"]
+    for row in rows:
+        row["ratio_vs_on_the_fly"] = round(row["steady_step_s"] / base, 3)
+    # the cache fill happens before the first step: it is the wall time not spent in steps,
+    # beyond what the on-the-fly run spends there (model loading and set-up)
+    rows[1]["fill_s"] = round(rows[1]["outside_steps_s"] - rows[0]["outside_steps_s"], 1)
+    return {"table": rows, "model": settings["oneshot_shape"].label(),
+            "images": settings["images"], "size": settings["size"],
+            "batch": settings["batch"], "epochs": settings["epochs"],
+            "target_auto_le_0.8": rows[1]["ratio_vs_on_the_fly"] <= 0.8}
+
+
+def compile_speed(settings: dict, tmp: Path) -> dict[str, Any]:
+    from ditctl.precompute import run_precompute
+
+    model = build_bench_pipeline(tmp / "model-compile", settings["compile_shape"],
+                                 settings["t5"], settings["vae"])
+    ws = make_bench_workspace(tmp / "ws-compile", model, images=8, size=256)
+    with quiet_console():
+        run_precompute(ws, ws.config())
+    common = {"train.max_steps": settings["compile_steps"], "train.train_batch_size": 1,
+              "train.checkpoint_every": 10**6}
+    rows = [timed_run(ws, {**common, "train.compile": compiled}, f"compile-{compiled}",
+                      settings["warmup"]) for compiled in (False, True)]
+    return {"table": rows, "model": settings["compile_shape"].label(),
+            "compiled_vs_eager": round(rows[1]["steady_step_s"] / rows[0]["steady_step_s"], 3)}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    offline_environment()
+    settings = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+        first = oneshot(settings, Path(tmp))
+        second = compile_speed(settings, Path(tmp))
+    return {"tables": {f"one-shot guide run ({first.pop('model')})": first.pop("table"),
+                       f"--compile from the cache, fp32 ({second.pop('model')})":
+                           second.pop("table")},
+            "oneshot": first, "compile": second}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

@@ -93,7 +93,7 @@ def run(quick: bool) -> dict:
         noise = torch.stack([initial_noise(job.seed, latent) for job in jobs])
         cond = cond_per_prompt.rows([job.prompt_index for job in jobs])
         shift = resolve_shift(family, settings, size, size)
-        grid = time_grid(steps, shift)
+        grid = time_grid(steps, shift, family.sampling_defaults.grid_end)
         g = settings.guidance_scale
 
         ours = sample_latents(family, dit, noise, cond, None, steps=steps,

@@ -69,12 +69,17 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
-def time_grid(steps: int, shift: float) -> torch.Tensor:
-    """[steps + 1] times from 1 (pure noise) down to 0: t_i = i/N for i = N..0, warped by the
-    resolution shift as in training (float64)."""
+def time_grid(steps: int, shift: float, end: float | None = None) -> torch.Tensor:
+    """[steps + 1] times from 1 (pure noise) down to 0: t_i = i/N for i = N..0 or, with `end`
+    (a family's `SamplingDefaults.grid_end`), N times evenly from 1 down to `end` then 0;
+    warped by the resolution shift as in training (float64)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    t = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+    if end is None:
+        t = torch.arange(steps, -1, -1, dtype=torch.float64) / steps
+    else:
+        t = torch.cat([torch.linspace(1.0, float(end), steps, dtype=torch.float64),
+                       torch.zeros(1, dtype=torch.float64)])
     return shift_timesteps(t, float(shift))
 
 
@@ -164,7 +169,7 @@ def sample_latents(family: ModelFamily, denoiser: torch.nn.Module, noise: torch.
     `batch_invariant` each image runs alone (see module doc); `on_step` is called after every
     step of every forward.
     """
-    grid = time_grid(steps, shift)
+    grid = time_grid(steps, shift, family.sampling_defaults.grid_end)
     if uncond is None and uses_guidance(guidance.scale) and family.embedded_guidance is None:
         uncond = family.empty_conditioning(cond.batch_size, like=cond)
     with inference_context(denoiser):

@@ -13,7 +13,7 @@ from PIL import Image
 from ditctl.config import SampleConfig
 from ditctl.errors import DitctlError
 from ditctl.grids import read_png_text
-from ditctl.models.base import Conditioning
+from ditctl.models.base import Conditioning, SamplingDefaults
 from ditctl.sampling import (Guidance, apg, cfg, derive_seed, euler_sample, generate,
                              guided_velocity, plan_images, read_prompts, sample_during_training,
                              sample_latents, time_grid, write_samples)
@@ -28,6 +28,12 @@ def test_time_grid_is_the_warped_uniform_grid():
     assert time_grid(4, shift=1.0).tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
     with pytest.raises(ValueError):
         time_grid(0, 1.0)
+
+
+def test_time_grid_can_end_where_a_scheduler_ends():
+    # 3 times evenly from 1 down to 0.1, then 0 (shift 1 keeps them)
+    assert time_grid(3, shift=1.0, end=0.1).tolist() == pytest.approx([1.0, 0.55, 0.1, 0.0])
+    assert time_grid(1, shift=3.0, end=0.1).tolist() == [1.0, 0.0]
 
 
 def test_euler_steps_match_a_hand_computation():
@@ -46,6 +52,7 @@ def test_euler_steps_match_a_hand_computation():
 class SpyFamily:
     """A family whose 'denoiser' output is a known function of its inputs; records every call."""
 
+    sampling_defaults = SamplingDefaults(steps=2, guidance_scale=1.0, resolution=16)
     embedded_guidance = None  # classifier-free guidance
 
     def __init__(self):

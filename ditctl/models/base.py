@@ -38,6 +38,10 @@ class SamplingDefaults:
     steps: int
     guidance_scale: float
     resolution: int
+    # the sampling grid before the shift: `steps` times from 1 down to `grid_end`, then 0.
+    # None: down to 1/steps (t_i = i/N); diffusers' FlowMatchEulerDiscreteScheduler ends at its
+    # sigma_min instead, and a family sampling as that scheduler does says so here
+    grid_end: float | None = None
 
 
 @dataclass(frozen=True)

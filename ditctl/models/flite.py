@@ -64,6 +64,8 @@ class FLiteFamily:
     lora_target_candidates = ("qkv", "q", "context_kv", "proj", "mlp.0", "mlp.2",
                               "adaLN_modulation.1")
     sampling_defaults = SamplingDefaults(steps=30, guidance_scale=6.0, resolution=1024)
+    lora_formats = ("peft", "comfy")  # its DiT is no diffusers pipeline component
+    lora_component = None
     licence = ("creativeml-openrail-m", "CreativeML Open RAIL-M")
     copied_components = ("text_encoder", "tokenizer", "vae")  # exports carry the base's own
     unconditional_prompt = None  # FLitePipeline's unconditional input is zeros, not ""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import ModelError
-from . import flite_layout, flux_layout
+from . import flite_layout, flux_layout, sd3_layout
 
 if TYPE_CHECKING:
     from .base import ModelFamily
@@ -43,6 +43,9 @@ FAMILIES: dict[str, FamilyEntry] = {entry.name: entry for entry in (
     FamilyEntry("flux", "ditctl.models.flux:FluxFamily", (flux_layout.PIPELINE_CLASS,),
                 flux_layout.validate_folder, flux_layout.SIZE_MULTIPLE, flux_layout.SIZE_REASON,
                 "ditctl.models.tiny_flux:build_tiny_flux"),
+    FamilyEntry("sd3", "ditctl.models.sd3:SD3Family", (sd3_layout.PIPELINE_CLASS,),
+                sd3_layout.validate_folder, sd3_layout.SIZE_MULTIPLE, sd3_layout.SIZE_REASON,
+                "ditctl.models.tiny_sd3:build_tiny_sd3"),
 )}
 # `init --model tiny`: the trained tiny model that ships in ditctl/assets/ (a folder of this family)
 SHIPPED_TINY_MODEL = "tiny-flite"  # an F-Lite-layout folder

@@ -2,9 +2,10 @@
 
 Parametrized over `ditctl.models.registry.FAMILIES`, each on its own tiny random model (built
 offline by the family's `tiny` builder): load, encode, predict shapes, the training target's
-sign, save/load round trip, one training step through the engine, the cache round trip and the
-export round trip. A new family is registered only when this whole file passes for it; this is
-the one place tests name families in general (a family's own behaviour has its own test file).
+sign, save/load round trip, one training step through the engine (cached = on the fly), exact
+resume, the attention switch, the cache round trip and the export round trip. A new family is
+registered only when this whole file passes for it; this is the one place tests name families
+in general (a family's own behaviour has its own test file).
 """
 
 from __future__ import annotations
@@ -93,6 +94,33 @@ def test_images_encode_and_decode_at_the_family_geometry(tiny):
     assert tuple(dist.mean.shape[1:]) == family.latent.latent_shape(side, side)
     latents = family.sample_latents(dist, torch.Generator().manual_seed(0))
     assert family.decode_latents(vae, latents).shape == images.shape
+
+
+def test_the_attention_switch_reaches_every_block(tiny, monkeypatch):
+    """`[train] attention_backend` selects the kernel of the family's attention too: every
+    repeated block attends through diffusers' dispatcher, and math agrees with sdpa."""
+    from diffusers.models import attention_dispatch
+
+    from ditctl.engine.attention import attention_context
+    from ditctl.models.blocks import repeated_blocks
+
+    family, _ = tiny
+    denoiser = family.load_denoiser()
+    x, t = _inputs(family)
+    cond = family.encode_prompts(family.load_text_encoder(), PROMPTS)
+    calls = []
+    registry = attention_dispatch._AttentionBackendRegistry
+    name = attention_dispatch.AttentionBackendName("_native_math")
+    original = registry._backends[name]
+    monkeypatch.setitem(registry._backends, name,
+                        lambda **kw: calls.append(kw["query"].shape) or original(**kw))
+    with torch.no_grad():
+        with attention_context("math", "cpu"):
+            math = family.predict(denoiser, x, t, cond)
+        with attention_context("sdpa", "cpu"):
+            sdpa = family.predict(denoiser, x, t, cond)
+    assert len(calls) >= len(repeated_blocks(denoiser)) > 0
+    torch.testing.assert_close(math, sdpa, rtol=1e-4, atol=1e-5)
 
 
 # --- the denoiser's contract ------------------------------------------------------------------
@@ -193,7 +221,7 @@ def test_one_training_step_through_the_engine_cached_equals_on_the_fly(tiny, tmp
                             sizes=((side, side),), lora=lora,
                             data={"resolution": side}, train={"max_steps": 1})
         config = ws.config({"train.use_precomputed_data": cached,
-                            "eval.holdout_fraction": 0.0})
+                            "eval.holdout_fraction": 0.0, "model.family": family.name})
         if cached:
             ensure_manifest(ws, config)
             run_precompute(ws, config)
@@ -204,6 +232,36 @@ def test_one_training_step_through_the_engine_cached_equals_on_the_fly(tiny, tmp
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+@pytest.mark.slow
+def test_resuming_a_run_is_bit_identical_to_running_it_straight(tiny, tmp_path):
+    """2 LoRA steps straight, and 1 step then a resume to 2: the same adapter, bit for bit
+    (a constant learning rate: a decaying schedule is planned over max_steps)."""
+    from safetensors.torch import load_file
+
+    from ditctl.train import run_training
+
+    family, folder = tiny
+    side = _image_side(family)
+    lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 2, "lora_alpha": 2}
+    finals = []
+    for split in (False, True):
+        ws = make_workspace(tmp_path / f"ws-{split}", folder, n_train=4, n_val=0,
+                            sizes=((side, side),), lora=lora, data={"resolution": side},
+                            train={"train_batch_size": 2, "learning_rate": 1e-3,
+                                   "lr_scheduler": "constant", "num_warmup_steps": 0,
+                                   "run_name": "r"})
+        config = {"eval.holdout_fraction": 0.0, "model.family": family.name}
+        if split:
+            run_training(ws, ws.config({**config, "train.max_steps": 1}))
+        outcome = run_training(ws, ws.config({**config, "train.max_steps": 2}),
+                               resume="latest" if split else None)
+        assert outcome.result.steps == 2
+        finals.append(load_file(outcome.result.checkpoint / "lora.safetensors"))
+    assert finals[0].keys() == finals[1].keys()
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name
 
 
 # --- no family in shared code -----------------------------------------------------------------

@@ -38,16 +38,6 @@ from ditctl.workspace import Workspace
 SIZES = ((64, 64), (80, 48), (48, 80))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP
-    threads that wait for each other make every small convolution many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_workspace(root: Path, model_dir: Path, *, n: int = 6, n_val: int = 0, seed: int = 0,
                    data: dict | None = None, precompute: dict | None = None,
                    prompts: str | None = None, sample: dict | None = None,

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_workspace  # noqa: E402
+from conftest import family_class, make_workspace  # noqa: E402
 
 from ditctl.config import build_config  # noqa: E402
 from ditctl.train import run_training  # noqa: E402
@@ -26,12 +26,12 @@ def fresh_accelerate_state():
 
 def _lora_model(tiny_model_dir, precision):
     from ditctl.engine.setup import build_denoiser
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
     config = build_config({"lora": {**LORA, "base_precision": precision},
                            "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
     torch.manual_seed(0)
-    model = build_denoiser(FLiteFamily(tiny_model_dir), config)
+    model = build_denoiser(load_family(tiny_model_dir), config)
     with torch.no_grad():  # adapters that change the output, so their gradients are real
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -39,13 +39,10 @@ def _lora_model(tiny_model_dir, precision):
     return model
 
 
-def _step(model):
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 16, 8, 8, generator=gen)
-    text = torch.randn(2, 6, 32, generator=gen)
-    t = torch.tensor([0.3, 0.8])
+def _step(family, model):
+    x, t, cond = family.parity_inputs(model, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, text, t)
+        out = family.predict(model, x, t, cond)
     out.float().pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -55,18 +52,21 @@ def _step(model):
 @pytest.mark.parametrize("precision", ["bf16", "nf4"])
 def test_streamed_blocks_give_identical_outputs_and_gradients(tiny_model_dir, precision):
     from ditctl.engine.offload import stream_base_blocks
+    from ditctl.models.blocks import repeated_blocks
+    from ditctl.models.registry import load_family
 
+    family = load_family(tiny_model_dir)
     plain = _lora_model(tiny_model_dir, precision)
-    expected_out, expected_grads = _step(plain)
+    expected_out, expected_grads = _step(family, plain)
     streamed = _lora_model(tiny_model_dir, precision)
     streamer = stream_base_blocks(streamed, "cpu")
-    out, grads = _step(streamed)
+    out, grads = _step(family, streamed)
     assert torch.equal(out, expected_out)
     assert grads.keys() == expected_grads.keys() and grads
     for name in grads:
         assert torch.equal(grads[name], expected_grads[name]), name
     # forward (2 blocks) and the recomputation in backward (reverse order) each ran every block
-    depth = len(streamed.blocks)
+    depth = len(repeated_blocks(streamed))
     assert streamer.copies == 2 * depth
     assert streamer.resident_peak <= 2  # the running block and the prefetched one
     # the backward's last recomputation may stop before the block's end (no post-hook): at most
@@ -97,19 +97,20 @@ def test_training_with_streamed_blocks_equals_training_without(tmp_path, tiny_mo
 
 def test_on_the_fly_training_runs_the_text_encoder_where_configured(tmp_path, tiny_model_dir,
                                                                    monkeypatch):
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
     from ditctl.training_source import make_source
 
     devices = []
-    original = FLiteFamily.load_text_encoder
+    cls = family_class(tiny_model_dir)
+    original = cls.load_text_encoder
 
     def record(self, dtype=torch.float32, device="cpu"):
         devices.append(torch.device(device).type)
         return original(self, dtype, device)
 
-    monkeypatch.setattr(FLiteFamily, "load_text_encoder", record)
+    monkeypatch.setattr(cls, "load_text_encoder", record)
     ws = make_workspace(tmp_path / "w", tiny_model_dir)
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     for where in ("cpu", "accelerator"):
         source = make_source(ws, ws.config({"train.text_encoder_device": where,
                                             "train.use_precomputed_data": False}), family, [])
@@ -120,18 +121,19 @@ def test_on_the_fly_training_runs_the_text_encoder_where_configured(tmp_path, ti
 
 
 def test_sampling_keeps_the_text_encoder_on_the_cpu_when_asked(tiny_model_dir, monkeypatch):
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
     from ditctl.sampling import ModelChoice, load_for_sampling
 
     seen = []
-    original = FLiteFamily.load_text_encoder
+    cls = family_class(tiny_model_dir)
+    original = cls.load_text_encoder
 
     def record(self, dtype=torch.float32, device="cpu"):
         seen.append(torch.device(device))
         return original(self, dtype, device)
 
-    monkeypatch.setattr(FLiteFamily, "load_text_encoder", record)
-    family = FLiteFamily(tiny_model_dir)
+    monkeypatch.setattr(cls, "load_text_encoder", record)
+    family = load_family(tiny_model_dir)
     choice = ModelChoice(family, None, None, "base")
     settings = build_config({"sample": {"text_encoder_device": "cpu", "offload": True}}).sample
     denoiser, vae, embeddings = load_for_sampling(choice, settings, ["a red circle"],

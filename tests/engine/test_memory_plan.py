@@ -12,7 +12,7 @@ from ditctl.models.blocks import repeated_blocks
 from ditctl.models.registry import load_family
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import family_class, make_workspace  # noqa: E402, I001
+from conftest import family_class, make_workspace  # noqa: E402
 
 
 def test_dry_run_plans_each_base_precision_from_the_skeleton(tmp_path, tiny_model_dir,

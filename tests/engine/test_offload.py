@@ -1,4 +1,6 @@
-"""Offload: the frozen base streamed block by block, and where the text encoder runs."""
+"""Offload: training with the frozen base streamed block by block, and where the text encoder
+runs. (That streamed blocks give the same outputs and gradients is checked for every family in
+tests/models/test_family_conformance.py.)"""
 
 import sys
 from pathlib import Path
@@ -22,63 +24,6 @@ def fresh_accelerate_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _lora_model(tiny_model_dir, precision):
-    from ditctl.engine.setup import build_denoiser
-    from ditctl.models.registry import load_family
-
-    config = build_config({"lora": {**LORA, "base_precision": precision},
-                           "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
-    torch.manual_seed(0)
-    model = build_denoiser(load_family(tiny_model_dir), config)
-    with torch.no_grad():  # adapters that change the output, so their gradients are real
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model
-
-
-def _step(family, model):
-    x, t, cond = family.parity_inputs(model, seed=3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = family.predict(model, x, t, cond)
-    out.float().pow(2).mean().backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out.detach(), grads
-
-
-@pytest.mark.parametrize("precision", ["bf16", "nf4"])
-def test_streamed_blocks_give_identical_outputs_and_gradients(tiny_model_dir, precision):
-    from ditctl.engine.offload import stream_base_blocks
-    from ditctl.models.blocks import repeated_blocks
-    from ditctl.models.registry import load_family
-
-    family = load_family(tiny_model_dir)
-    plain = _lora_model(tiny_model_dir, precision)
-    expected_out, expected_grads = _step(family, plain)
-    streamed = _lora_model(tiny_model_dir, precision)
-    streamer = stream_base_blocks(streamed, "cpu")
-    out, grads = _step(family, streamed)
-    assert torch.equal(out, expected_out)
-    assert grads.keys() == expected_grads.keys() and grads
-    for name in grads:
-        assert torch.equal(grads[name], expected_grads[name]), name
-    # forward (2 blocks) and the recomputation in backward (reverse order) each ran every block
-    depth = len(repeated_blocks(streamed))
-    assert streamer.copies == 2 * depth
-    assert streamer.resident_peak <= 2  # the running block and the prefetched one
-    # the backward's last recomputation may stop before the block's end (no post-hook): at most
-    # that one block is still resident; parked, every block points at its host tensors again
-    assert sum(slot.live is not None for slot in streamer.slots) <= 1
-    streamer.park_all()
-    for slot in streamer.slots:
-        assert slot.live is None
-        for (module, name), host in slot.host.items():
-            current = module._parameters.get(name, module._buffers.get(name))
-            assert current is host and not host.requires_grad
-    assert all(p.requires_grad for n, p in streamed.named_parameters() if "lora_" in n)
 
 
 def test_training_with_streamed_blocks_equals_training_without(tmp_path, tiny_model_dir):

@@ -3,9 +3,10 @@
 Parametrized over `ditctl.models.registry.FAMILIES`, each on its own tiny random model (built
 offline by the family's `tiny` builder): load, encode, predict shapes, the training target's
 sign, save/load round trip, one training step through the engine (cached = on the fly), exact
-resume, the attention switch, the cache round trip and the export round trip. A new family is
-registered only when this whole file passes for it; this is the one place tests name families
-in general (a family's own behaviour has its own test file).
+resume, the attention switch, the cache round trip, the export round trip, the memory plan's
+base bytes and block streaming. A new family is registered only when this whole file passes
+for it; this is the one place tests name families in general (a family's own behaviour has its
+own test file; every other test is family-neutral, which the last test here checks).
 """
 
 from __future__ import annotations
@@ -199,6 +200,65 @@ def test_planned_base_bytes_are_the_stored_bytes(tiny, precision):
     block_bytes = sum(quantized_storage_bytes(b) for b in blocks)
     assert base_weight_bytes(skeleton, precision, blocks_resident=1) == pytest.approx(
         stored - block_bytes + block_bytes / len(blocks), rel=0.01)
+
+
+def _streaming_lora_model(family: ModelFamily, precision: str) -> torch.nn.Module:
+    """The denoiser as a frozen-base LoRA run builds it (bf16 compute, checkpointing), with
+    adapters that change the output, so their gradients are real."""
+    from ditctl.config import build_config
+    from ditctl.engine.setup import build_denoiser
+
+    config = build_config({"lora": {"use_lora": True, "train_only_lora": True, "lora_rank": 2,
+                                    "lora_alpha": 2, "base_precision": precision},
+                           "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
+    torch.manual_seed(0)
+    model = build_denoiser(family, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _streaming_step(family: ModelFamily, model: torch.nn.Module):
+    x, t, cond = family.parity_inputs(model, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = family.predict(model, x, t, cond)
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_streamed_base_blocks_give_identical_outputs_and_gradients(tiny, precision):
+    """`[lora] offload_base_blocks`: the family's blocks streamed to the device one at a time
+    (prefetching the next) give the outputs and gradients of the resident model, bit for bit."""
+    from ditctl.engine.offload import stream_base_blocks
+    from ditctl.models.blocks import repeated_blocks
+
+    family, _ = tiny
+    expected_out, expected_grads = _streaming_step(family, _streaming_lora_model(family, precision))
+    streamed = _streaming_lora_model(family, precision)
+    streamer = stream_base_blocks(streamed, "cpu")
+    out, grads = _streaming_step(family, streamed)
+    assert torch.equal(out, expected_out)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
+    # forward and the recomputation in backward (reverse order) each ran every block
+    assert streamer.copies == 2 * len(repeated_blocks(streamed))
+    assert streamer.resident_peak <= 2  # the running block and the prefetched one
+    # the backward's last recomputation may stop before the block's end (no post-hook): at most
+    # that one block is still resident; parked, every block points at its host tensors again
+    assert sum(slot.live is not None for slot in streamer.slots) <= 1
+    streamer.park_all()
+    for slot in streamer.slots:
+        assert slot.live is None
+        for (module, name), host in slot.host.items():
+            current = module._parameters.get(name, module._buffers.get(name))
+            assert current is host and not host.requires_grad
+    assert all(p.requires_grad for n, p in streamed.named_parameters() if "lora_" in n)
 
 
 # --- round trips ------------------------------------------------------------------------------

@@ -208,6 +208,15 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(
         5, "Stop after this many consecutive steps with a non-finite loss.", min=1)
     num_processes: int = opt(1, "Training processes (data parallel) on this machine.", min=1)
+    ema_decay: float = opt(
+        0.0, "Keep an exponential moving average (EMA) of the trained weights with this decay "
+        "(e.g. 0.999); 0: no EMA.", min=0.0, max=1.0, max_exclusive=True)
+    ema_warmup: bool = opt(
+        False, "Warm the EMA up: update n uses decay min(ema_decay, (1 + n) / (10 + n)), so "
+        "early updates follow the weights closely.")
+    ema_every: int = opt(1, "Update the EMA every N optimiser steps.", min=1)
+    ema_on_cpu: bool = opt(False, "Keep the EMA copy in host memory instead of on the "
+                                  "accelerator (slower updates, no accelerator memory).")
     text_encoder_device: str = opt(
         "cpu", "Where training without the cache runs the text encoder: cpu (it never takes "
         "accelerator memory; encoding is slower) or accelerator (next to the DiT).",
@@ -287,6 +296,10 @@ class SampleConfig:
     shift: float | None = opt(None, "Resolution shift alpha (default: from the image size).",
                               min=0.0, min_exclusive=True)
     lora_scale: float = opt(1.0, "Strength of the LoRA when sampling a LoRA run.")
+    weights: str = opt(
+        "auto", "Which trained weights of a checkpoint to use: ema (the moving average), raw "
+        "(as last trained), auto (ema when the checkpoint has it, else raw; eval: both).",
+        choices=("auto", "ema", "raw"))
     offload: bool = opt(False, "Free the text encoder before the DiT runs (less peak memory).")
     text_encoder_device: str = opt(
         "accelerator", "Where prompts are encoded: accelerator, or cpu (the text encoder never "
@@ -320,6 +333,10 @@ class ExportConfig:
         "off: reference the base model's folders instead.")
     verify: bool = opt(True, "Reload the export and check it predicts what the run predicts.")
     max_shard_size: str = opt("5GB", "Largest safetensors shard of an exported DiT.")
+    weights: str = opt(
+        "auto", "Which trained weights to export: ema (the moving average), raw (as last "
+        "trained), auto (ema when the checkpoint has it, else raw).",
+        choices=("auto", "ema", "raw"))
 
 
 @dataclass(frozen=True)
@@ -529,6 +546,14 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
         errors.append("[distributed] nnodes > 1 needs master_port (the same on every node)")
     if distributed["cpu_offload"] and distributed["strategy"] != "fsdp":
         errors.append("[distributed] cpu_offload offloads FSDP shards: it needs strategy = 'fsdp'")
+    train = {**_defaults("train"), **values["train"]}
+    if train["ema_decay"] > 0 and distributed["strategy"] == "fsdp":
+        errors.append("[train] ema_decay needs [distributed] strategy = 'ddp' (an FSDP run's EMA "
+                      "is not kept); set ema_decay = 0 or use strategy = 'ddp'")
+    if train["ema_decay"] == 0 and (train["ema_warmup"] or train["ema_every"] != 1
+                                    or train["ema_on_cpu"]):
+        errors.append("[train] ema_warmup / ema_every / ema_on_cpu need ema_decay > 0 "
+                      "(e.g. ema_decay = 0.999)")
 
 
 def _defaults(section: str) -> dict[str, Any]:

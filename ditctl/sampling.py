@@ -39,9 +39,9 @@ from .config import Config
 from .console import console
 from .engine.attention import attention_context
 from .engine.inference import inference_context, param_dtype
-from .engine.loading import load_denoiser
+from .engine.loading import checkpoint_weights, load_denoiser
 from .engine.objective import shift_timesteps
-from .errors import DitctlError, WorkspaceError
+from .errors import ConfigError, DitctlError, WorkspaceError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .grids import image_grid, png_bytes
 from .models.base import Conditioning, ModelFamily, unconditional_text, with_guidance
@@ -422,7 +422,9 @@ def sample_during_training(family: ModelFamily, denoiser: torch.nn.Module, vae: 
                       show_progress=False)  # training's own bar stays the only one
     seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
                                              settings.seed)]
-    resolved = dict(width=width, height=height, shift=resolve_shift(family, settings, width, height))
+    # the live model's weights as they are at this step, never its EMA
+    resolved = dict(width=width, height=height, shift=resolve_shift(family, settings, width, height),
+                    weights="raw")
     write_samples(images, prompts, seeds, settings_dict(settings, **resolved), out_dir,
                   metadata=metadata)
     return Path(out_dir) / "grid.png"
@@ -520,7 +522,8 @@ def load_for_sampling(choice: ModelChoice, settings: Any, prompts: Sequence[str]
         del text_encoder
         free_accelerator_memory()
     denoiser = load_denoiser(choice.family, choice.checkpoint, lora_scale=settings.lora_scale,
-                             dtype=dtype, device=device)
+                             dtype=dtype, device=device,
+                             weights=getattr(settings, "weights", "auto"))
     vae = choice.family.load_vae(torch.float32, device)
     if not settings.offload:
         embeddings = encode_prompts(choice.family, text_encoder, prompts, settings.negative_prompt)
@@ -534,6 +537,11 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
     device = device or inference_device()
     settings = resolve_settings(choice.family, config.sample)
     width, height = sample_size(config, choice.family)
+    if choice.checkpoint is None and settings.weights == "ema":
+        raise ConfigError(f"--weights ema picks a checkpoint's moving average; "
+                          f"{choice.describe()} has none",
+                          hint="sample a checkpoint (--run / --checkpoint), or --weights auto")
+    weights = checkpoint_weights(choice.checkpoint, settings.weights)  # refused before any load
     attention = attention_context(config.train.attention_backend, device)
     denoiser, vae, embeddings = load_for_sampling(choice, settings, prompts, device)
     with attention:
@@ -542,7 +550,7 @@ def run_sample(choice: ModelChoice, config: Config, prompts: Sequence[str], out_
     seeds = [job.seed for job in plan_images(len(prompts), settings.num_images_per_prompt,
                                              settings.seed)]
     resolved = dict(width=width, height=height,
-                    shift=resolve_shift(choice.family, settings, width, height))
+                    shift=resolve_shift(choice.family, settings, width, height), weights=weights)
     metadata = {"model": str(choice.family.path), "source": choice.describe()}
     if choice.checkpoint is not None:
         metadata["checkpoint"] = str(choice.checkpoint)

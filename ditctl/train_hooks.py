@@ -86,7 +86,7 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
     inputs: dict[str, Any] = {}
     log = eval_dir(run.folder) / DURING_TRAINING_EVAL
 
-    def evaluate(denoiser, step: int) -> dict[str, float]:
+    def evaluate(denoiser, step: int, weights: str = "raw") -> dict[str, float]:
         if "source" not in inputs:  # read once, reused at every evaluation
             inputs["source"] = MaterializedSource(source, val.rows)
         result = validation_loss(family, denoiser, val.rows, inputs["source"],
@@ -100,7 +100,8 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
             return metrics
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **metrics, "data": val.description}) + "\n")
+            fh.write(json.dumps({"step": step, "weights": weights, **metrics,
+                                 "data": val.description}) + "\n")
         return metrics
 
     return evaluate

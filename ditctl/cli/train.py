@@ -99,7 +99,9 @@ def _print_plan(plan: dict) -> None:
                        ("gradients", "gradients (fp32)"), ("optimizer", "optimiser state"),
                        ("activations", "activations"), ("working_set", "working set"),
                        ("gathered_weights", "gathered blocks (fsdp)"),
+                       ("ema_weights", "EMA of the trainable weights (fp32)"),
                        ("host_offloaded", "in host memory (cpu_offload, not in total)"),
+                       ("ema_host", "EMA in host memory (ema_on_cpu, not in total)"),
                        ("total", "total")):
         if key in memory:
             table.add_row(f"  {label}", gib(memory[key]))

@@ -25,6 +25,7 @@ from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, OPTIMIZER_STATE, RNG_STATE, SC
                     TRAINABLE_FILE, CheckpointWriter, checkpoint_dir, checkpoint_holds, is_sharded,
                     list_checkpoints, remove_checkpoint, verify_checkpoint)
 from ..tensorfile import write_safetensors
+from .ema import EMA_WEIGHTS, EmaWeights
 from .lora import adapter_config_dict, has_lora, load_adapter_weights, peft_state_dict
 from .optim import load_state, save_state, scheduler_state
 
@@ -68,11 +69,12 @@ def _trainable_base(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, meta: dict,
-                    keep: int | None = None) -> Path:
-    """Write a complete checkpoint for `position.step`; prune to `keep` afterwards."""
+                    keep: int | None = None, ema: EmaWeights | None = None) -> Path:
+    """Write a complete checkpoint for `position.step` (with the EMA of the trained weights
+    when the run keeps one); prune to `keep` afterwards."""
     folder = checkpoint_dir(run_dir, position.step)
     weights = sum(p.numel() * 4 for p in denoiser.parameters() if p.requires_grad)
-    check_free_space(folder.parent, weights * 4, f"checkpoint {folder.name}")
+    check_free_space(folder.parent, weights * (5 if ema else 4), f"checkpoint {folder.name}")
     with atomic_dir(folder, replace=True) as tmp:
         files = CheckpointWriter(tmp)
         if has_lora(denoiser):
@@ -83,6 +85,9 @@ def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module
         if base:
             with files.open(TRAINABLE_FILE) as fh:
                 write_safetensors(fh, base)
+        if ema is not None:
+            with files.open(EMA_WEIGHTS) as fh:
+                write_safetensors(fh, ema.state_dict())
         save_state(optimizer.state_dict(), files, OPTIMIZER_STATE)
         files.write_json(SCHEDULER_STATE, scheduler_state(scheduler))
         save_state(rng_state(), files, RNG_STATE)
@@ -94,9 +99,9 @@ def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module
 
 
 def load_checkpoint(folder: Path, denoiser: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> tuple[Position, dict]:
-    """Restore weights, optimiser, schedule and RNG from a checkpoint into a prepared run,
-    after checking its files against its manifest."""
+                    scheduler, ema: EmaWeights | None = None) -> tuple[Position, dict]:
+    """Restore weights, optimiser, schedule, RNG (and the EMA, when the run keeps one) from a
+    checkpoint into a prepared run, after checking its files against its manifest."""
     meta = verify_checkpoint(folder)
     if is_sharded(meta):
         raise CheckpointError(f"{folder} was written by a [distributed] strategy = 'fsdp' run "
@@ -117,6 +122,8 @@ def load_checkpoint(folder: Path, denoiser: torch.nn.Module, optimizer: torch.op
         state = json.loads((folder / SCHEDULER_STATE).read_text())
         scheduler.load_state_dict({**scheduler.state_dict(), **state})
         restore_rng(load_state(folder, RNG_STATE))
+        if ema is not None:
+            ema.load(folder)
     except (KeyError, ValueError, RuntimeError, OSError) as exc:
         raise CheckpointError(f"cannot resume from {folder}: {exc}",
                               hint="resume from another checkpoint, or start a new run") from exc

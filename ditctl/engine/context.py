@@ -33,9 +33,11 @@ class SampleHook(Protocol):
 
 
 class EvalHook(Protocol):
-    """Validation metrics of the live denoiser at `step` ({"val_loss": ..., ...}, or None)."""
+    """Validation metrics of the live denoiser at `step` ({"val_loss": ..., ...}, or None);
+    `weights`: "raw" (as trained) or "ema" (the run's EMA, swapped in by the loop)."""
 
-    def __call__(self, denoiser: torch.nn.Module, step: int) -> dict[str, float] | None: ...
+    def __call__(self, denoiser: torch.nn.Module, step: int,
+                 weights: str = "raw") -> dict[str, float] | None: ...
 
 
 @dataclass

@@ -16,15 +16,19 @@ from ..errors import CheckpointError
 from ..models.base import ModelFamily
 from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, checkpoint_holds,
                     holds_trained_base, is_sharded, verify_checkpoint)
+from .ema import EMA_WEIGHTS, WEIGHT_CHOICES, apply_ema_weights
 from .lora import adapter_from_config_dict, add_lora, load_adapter_weights, set_lora_scale
 from .precision import QUANTIZED, QuantizedLinear, quantizer
 
 
 def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_scale: float = 1.0,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  as_trained: bool = True) -> torch.nn.Module:
+                  as_trained: bool = True, weights: str = "auto") -> torch.nn.Module:
     """The base denoiser with a checkpoint's trained weights applied (LoRA and/or full),
     streamed straight into `dtype` on `device`.
+
+    `weights` picks which trained weights (see `checkpoint_weights`): "ema" the checkpoint's
+    moving average, "raw" the weights as last trained, "auto" the EMA when it has one.
 
     A LoRA trained on a quantized base (checkpoint.json `base_precision` fp8/int8/nf4) gets that
     same base, quantized the same way (bit for bit what it trained against, and what fits the
@@ -34,9 +38,34 @@ def load_denoiser(family: ModelFamily, checkpoint: Path | None = None, *, lora_s
     denoiser = family.load_denoiser(dtype, device, convert=quantizer(precision))
     if checkpoint is not None:
         apply_checkpoint(family, denoiser, Path(checkpoint))
+        if checkpoint_weights(Path(checkpoint), weights) == "ema":
+            apply_ema_weights(denoiser, Path(checkpoint))
         set_lora_scale(denoiser, lora_scale)
     cast_unquantized(denoiser, dtype)  # adapters and trained weights arrive as fp32
     return denoiser.eval().requires_grad_(False)
+
+
+def has_ema(checkpoint: Path | None) -> bool:
+    """Whether a checkpoint holds an EMA of its trained weights (per its manifest)."""
+    if checkpoint is None:
+        return False
+    return checkpoint_holds(Path(checkpoint), verify_checkpoint(Path(checkpoint)), EMA_WEIGHTS)
+
+
+def checkpoint_weights(checkpoint: Path | None, choice: str = "auto") -> str | None:
+    """Which weights `choice` (auto / ema / raw) means for `checkpoint`: "ema" or "raw"; None
+    for the base model (no checkpoint). Asking for ema of a checkpoint without one is an error."""
+    if choice not in WEIGHT_CHOICES:
+        raise CheckpointError(f"--weights {choice!r}: must be one of {', '.join(WEIGHT_CHOICES)}")
+    if checkpoint is None:
+        return None
+    present = has_ema(checkpoint)
+    if choice == "ema" and not present:
+        raise CheckpointError(f"--weights ema: {checkpoint} holds no EMA (the run had "
+                              "[train] ema_decay = 0)", hint="use --weights raw (or auto)")
+    if choice == "auto":
+        return "ema" if present else "raw"
+    return choice
 
 
 def trained_base_precision(checkpoint: Path | None) -> str | None:

@@ -23,6 +23,7 @@ from ..models.base import Conditioning, LatentDist, ModelFamily
 from .compile import compile_blocks
 from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from .context import TrainingContext, TrainingData
+from .ema import EmaWeights, ema_settings
 from .monitor import Monitor
 from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed,
                         training_guidance)
@@ -88,6 +89,8 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     trainable = [p for p in ctx.denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, train)
     scheduler = build_scheduler(optimizer, train, schedule.total_steps)
+    # the EMA starts as the weights training starts from; a resume replaces it with the saved one
+    ema = EmaWeights(ctx.denoiser, train) if train.ema_decay > 0 else None
     position, resumed_meta = Position(0, 0, 0), {}
     if resume_from is not None and sharded:
         from .sharded_checkpoint import load_sharded_checkpoint
@@ -98,7 +101,8 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
         position = Position(resumed_meta["step"], resumed_meta["epoch"],
                             resumed_meta["batch_index"])
     elif resume_from is not None:
-        position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler)
+        position, resumed_meta = load_checkpoint(resume_from, ctx.denoiser, optimizer, scheduler,
+                                                 ema)
     if resume_from is not None:
         console.info(f"resumed from {resume_from} at step {position.step}")
     if sharded:  # already distributed by fully_shard: no DDP wrapper, the plain optimiser
@@ -162,6 +166,8 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             if finite:
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:  # every process holds the same weights: the same EMA
+                    ema.update(step)
                 consecutive_bad = 0
             else:
                 skipped += 1
@@ -196,8 +202,11 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 monitor.sample(model, step)
             if train.eval_every and step % train.eval_every == 0:
                 monitor.evaluate(model, step)
+                if ema is not None and ctx.evaluator is not None:  # raw and EMA side by side
+                    with ema.swapped_in():
+                        monitor.evaluate(model, step, weights="ema")
             if finite and (step % train.checkpoint_every == 0 or final):
-                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor)
+                checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor, ema)
             if stop["stop"]:
                 break
     monitor.close()
@@ -245,7 +254,7 @@ def _sync_context(acc, model, sync: bool, sharded: bool):
 
 
 def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer, scheduler,
-                monitor: Monitor) -> Path | None:
+                monitor: Monitor, ema: EmaWeights | None = None) -> Path | None:
     acc = ctx.accelerator
     acc.wait_for_everyone()
     if is_fsdp(ctx.config):  # every rank writes its own shards
@@ -258,7 +267,10 @@ def _checkpoint(ctx: TrainingContext, position: Position, model, optimizer, sche
     folder = None
     if acc.is_main_process:
         meta = {**ctx.checkpoint_meta(), "monitor": monitor.state()}
+        if ema is not None:
+            meta["ema"] = ema_settings(ctx.config.train)
         folder = save_checkpoint(ctx.run.folder, position, acc.unwrap_model(model), optimizer,
-                                 scheduler, meta, keep=ctx.config.train.checkpoints_total_limit)
+                                 scheduler, meta, keep=ctx.config.train.checkpoints_total_limit,
+                                 ema=ema)
     acc.wait_for_everyone()
     return folder

@@ -140,12 +140,15 @@ class Monitor:
                 self._log_image("samples", grid, step)
         self.ctx.accelerator.wait_for_everyone()
 
-    def evaluate(self, model, step: int) -> None:
+    def evaluate(self, model, step: int, weights: str = "raw") -> None:
         if self._runs_hooks() and self.ctx.evaluator is not None:
             with self.ctx.accelerator.autocast():
-                metrics = self.ctx.evaluator(self.ctx.accelerator.unwrap_model(model), step)
+                metrics = self.ctx.evaluator(self.ctx.accelerator.unwrap_model(model), step,
+                                             weights)
             if metrics and self.main and self.ctx.accelerator.log_with:
-                self.ctx.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+                group = "eval" if weights == "raw" else f"eval_{weights}"
+                self.ctx.accelerator.log({f"{group}/{k}": v for k, v in metrics.items()},
+                                         step=step)
         self.ctx.accelerator.wait_for_everyone()
 
     def _log_image(self, name: str, image, step: int) -> None:

@@ -33,6 +33,8 @@ masters, gradients and optimiser state / N (in host memory with cpu_offload: `ho
 not counted in `total`), plus `gathered_weights`: two blocks' whole weights (the running one
 and the prefetched next) and the root's, in the compute dtype, and one block's unsharded fp32
 gradients before the reduce-scatter. Activations are per process as under ddp.
+With [train] ema_decay > 0 the EMA copy of the trainable weights (fp32, 4 B each) is
+`ema_weights` on the device, or `ema_host` (host memory, not in `total`) with ema_on_cpu.
 Everything is bytes; `total` is the device's sum.
 """
 
@@ -54,6 +56,7 @@ from .setup import Schedule
 WORKING_SET_PER_TOKEN_HIDDEN = 38
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 ROW_SCALE_BYTES = {"fp8": 4, "int8": 5}  # fp32 scale (+ int8 zero point) per output row
+HOST_MEMORY = ("host_offloaded", "ema_host")  # planned components held outside the device
 
 
 @dataclass(frozen=True)
@@ -244,12 +247,14 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config
     }
     if config.distributed.strategy == "fsdp":
         memory = sharded_memory(memory, denoiser, config, shards)
+    if train.ema_decay > 0:  # the fp32 EMA of every trainable weight (engine/ema.py)
+        memory["ema_host" if train.ema_on_cpu else "ema_weights"] = trainable * 4
     return memory, other
 
 
 def device_total(memory: dict[str, int]) -> int:
     """The planned peak on the accelerator: every component but what is held in host memory."""
-    return sum(v for k, v in memory.items() if k != "host_offloaded")
+    return sum(v for k, v in memory.items() if k not in HOST_MEMORY)
 
 
 def training_plan(schedule: Schedule, denoiser: torch.nn.Module, family: ModelFamily,
@@ -301,6 +306,8 @@ def memory_advice(config: Config) -> list[str]:
         advice.append("--mixed-precision bf16")
     if not train.use_8bit_adam:
         advice.append("--use-8bit-adam")
+    if train.ema_decay > 0 and not train.ema_on_cpu:
+        advice.append("--ema-on-cpu (keep the EMA copy in host memory)")
     if not (lora.use_lora and lora.train_only_lora):
         advice.append("--lora (train only LoRA adapters; the base is frozen)")
     elif lora.base_precision in ("auto", "bf16"):

@@ -259,23 +259,39 @@ class _DequantizingLinear(torch.autograd.Function):
     """y = x Wᵀ + b with W dequantized on the fly. The weight is frozen, so the backward needs
     only W (dequantized again), not x: nothing is saved but a reference to the stored weight
     this forward used (with block streaming, the accelerator copy, which the layer itself may
-    no longer point at by the time the backward runs)."""
+    no longer point at by the time the backward runs).
+
+    Autocast is switched off around the matmul only when it is on: entering `torch.autocast`
+    costs more than a small layer's matmul on a CPU, and a step calls this for every layer."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
-        dtype = _compute_dtype(x)
-        ctx.weight, ctx.precision, ctx.dtype, ctx.input_dtype = \
-            layer.weight, layer.precision, dtype, x.dtype
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), dequantize(layer.weight, layer.precision, dtype), bias)
+        ctx.weight, ctx.precision, ctx.input_dtype = layer.weight, layer.precision, x.dtype
+        out, ctx.dtype = _dequantizing_linear(x, layer)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        weight = dequantize(ctx.weight, ctx.precision, ctx.dtype)  # [out, in]
+        if not torch.is_autocast_enabled(grad.device.type):
+            return (grad.to(ctx.dtype) @ weight).to(ctx.input_dtype), None
         with torch.autocast(grad.device.type, enabled=False):
-            weight = dequantize(ctx.weight, ctx.precision, ctx.dtype)  # [out, in]
             grad_x = grad.to(ctx.dtype) @ weight  # [..., in]
         return grad_x.to(ctx.input_dtype), None
+
+
+def _dequantizing_linear(x: torch.Tensor, layer: "QuantizedLinear"
+                         ) -> tuple[torch.Tensor, torch.dtype]:
+    """x Wᵀ + b computed in the autocast dtype (else the input's), and that dtype."""
+    device_type = x.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocasting else x.dtype
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    weight = dequantize(layer.weight, layer.precision, dtype)
+    if not autocasting:
+        return F.linear(x.to(dtype), weight, bias), dtype
+    with torch.autocast(device_type, enabled=False):
+        return F.linear(x.to(dtype), weight, bias), dtype
 
 
 DEQUANTIZE_CHUNK = 4 * 2**20  # fp32 elements per slice of rows dequantized at once (16 MiB)
@@ -287,27 +303,53 @@ def dequantize(weight: torch.Tensor, precision: str, dtype: torch.dtype) -> torc
     fp8/int8: the same arithmetic as torchao's `dequantize()` (to fp32, minus the zero point,
     times the row scale, rounded once to `dtype`), but a slice of rows at a time: torchao's
     materialises the whole layer in fp32 and more (measured: ~1 GB of transients for the 10B model's
-    3072 x 27648 adaLN layer), ours holds the `dtype` result plus one 16 MiB fp32 slice."""
+    3072 x 27648 adaLN layer), ours holds the `dtype` result plus one 16 MiB fp32 slice. A weight
+    within one slice is dequantized in place in its fp32 slice (no second buffer, no copy); fp8
+    widens through a 256-entry table on CPUs (`_to_float32`)."""
     if precision == "nf4":
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
     qdata, scale = weight.qdata, weight.scale  # [out, in], [out, 1] (per-row)
     zero = getattr(weight, "zero_point", None) if precision == "int8" else None
-    out = torch.empty(qdata.shape, dtype=dtype, device=qdata.device)
     rows = max(1, DEQUANTIZE_CHUNK // max(1, qdata.shape[1]))
+    if rows >= qdata.shape[0]:
+        return _dequantize_rows(qdata, scale, zero).to(dtype)
+    out = torch.empty(qdata.shape, dtype=dtype, device=qdata.device)
     for start in range(0, qdata.shape[0], rows):
-        part = qdata[start:start + rows].to(torch.float32)
-        if zero is not None:
-            part -= zero[start:start + rows].to(torch.float32)
-        out[start:start + rows] = part * scale[start:start + rows].to(torch.float32)
+        out[start:start + rows] = _dequantize_rows(
+            qdata[start:start + rows], scale[start:start + rows],
+            None if zero is None else zero[start:start + rows])
     return out
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+def _dequantize_rows(qdata: torch.Tensor, scale: torch.Tensor,
+                     zero: torch.Tensor | None) -> torch.Tensor:
+    """(qdata - zero) * scale in a fresh fp32 tensor, torchao's arithmetic and rounding."""
+    part = _to_float32(qdata)
+    if zero is not None:
+        part -= zero.to(torch.float32)
+    return part.mul_(scale.to(torch.float32))
+
+
+_FLOAT8_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _to_float32(qdata: torch.Tensor) -> torch.Tensor:
+    """`qdata.to(torch.float32)`, bit for bit. PyTorch widens float8 element by element on CPUs
+    (measured ~5 ns a weight, 6x an int8 -> fp32 conversion); every float8 value is one of 256
+    bit patterns, so on a CPU a lookup in the table of their fp32 values (each widened by that
+    same conversion) gives the same numbers several times faster. GPUs convert natively."""
+    if qdata.device.type != "cpu" or qdata.element_size() != 1 or not qdata.is_floating_point():
+        return qdata.to(torch.float32, copy=True)  # always fresh: the caller works in place
+    key = (qdata.dtype, qdata.device)
+    table = _FLOAT8_TABLES.get(key)
+    if table is None:
+        table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(qdata.dtype) \
+            .to(torch.float32)
+        _FLOAT8_TABLES[key] = table
+    codes = qdata.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return table.index_select(0, codes).view(qdata.shape)
 
 
 class QuantizedLinear(nn.Linear):
@@ -364,7 +406,10 @@ class QuantizedLinear(nn.Linear):
         return dequantize(self.weight, self.precision, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantizingLinear.apply(x, self)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantizingLinear.apply(x, self)
+        # no input gradient wanted (sampling, evaluation): no autograd node to build
+        return _dequantizing_linear(x, self)[0]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stored={self.precision}"

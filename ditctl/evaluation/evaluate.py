@@ -21,7 +21,7 @@ from ..config import Config
 from ..console import console
 from ..data.batches import OnTheFlySource
 from ..engine.attention import attention_context, check_attention_backend
-from ..engine.loading import load_denoiser
+from ..engine.loading import checkpoint_weights, has_ema, load_denoiser
 from ..engine.objective import training_guidance
 from ..engine.validation import VALIDATION_SEED, MaterializedSource, validation_loss
 from ..errors import DitctlError
@@ -54,12 +54,14 @@ class Evaluated:
     label: str
     step: int
     checkpoint: Path | None
+    weights: str | None = None  # "ema" / "raw" of a checkpoint; None: the base model
     loss: dict[str, Any] | None = None
     images: list[Image.Image] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"label": self.label, "step": self.step,
-                               "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+                               "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                               "weights": self.weights}
         if self.loss is not None:
             out["val_loss"] = self.loss["overall"]
             out["val_loss_by_t"] = {f"{q:g}": v for q, v in self.loss["per_quantile"].items()}
@@ -114,6 +116,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     family = plan.family
     settings = config.sample
     check_attention_backend(config.train.attention_backend, device)  # fail before any work
+    models = [Evaluated("base", 0, None)] + [
+        model for c in plan.checkpoints for model in evaluated_weights(c, settings.weights)]
     width, height = sample_size(config, family)
     validation = validation_set(ws, config)
     prompts, prompts_note = _comparison_prompts(ws, config)
@@ -138,12 +142,10 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     del source, text_source, text_encoder
     free_accelerator_memory()
 
-    models = [Evaluated("base", 0, None)] + [
-        Evaluated(c.name, checkpoint_step(c), c) for c in plan.checkpoints]
     for model in models:
         console.info(f"evaluating {model.label}")
         denoiser = load_denoiser(family, model.checkpoint, lora_scale=settings.lora_scale,
-                                 dtype=dtype, device=device)
+                                 dtype=dtype, device=device, weights=model.weights or "auto")
         with attention_context(config.train.attention_backend, device):
             model.loss = validation_loss(family, denoiser, validation.rows, inputs,
                                          config.eval.timestep_quantiles, VALIDATION_SEED,
@@ -167,7 +169,11 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
                        "quantiles": list(config.eval.timestep_quantiles), "seed": VALIDATION_SEED,
                        "resolution_shift": config.train.resolution_shift},
         "models": [m.summary() for m in models],
-        "curve": [{"step": m.step, "label": m.label, "val_loss": m.loss["overall"]} for m in models],
+        # one point per step: a checkpoint's EMA where it has one (what sample/export default to)
+        "curve": [{"step": m.step, "label": m.label, "weights": m.weights,
+                   "val_loss": m.loss["overall"]} for m in models
+                  if not (m.weights == "raw" and any(o.checkpoint == m.checkpoint
+                                                     and o.weights == "ema" for o in models))],
         "sample_settings": settings_dict(settings, width=width, height=height,
                                          shift=resolve_shift(family, settings, width, height)),
         "comparison": {"prompts": prompts, "seeds": seeds, "columns": [m.label for m in models],
@@ -180,6 +186,18 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     write_outputs(plan.out_dir, plan.run_dir, config, metrics, columns, prompts, seeds,
                   per_prompt, scorers)
     return metrics
+
+
+def evaluated_weights(checkpoint: Path, choice: str) -> list[Evaluated]:
+    """The models a checkpoint contributes to the comparison: with an EMA and `choice` auto,
+    its raw and its EMA weights side by side ("step-000100 (raw)", "step-000100 (ema)");
+    otherwise the weights `choice` picks (labelled by name alone when it has no EMA)."""
+    step = checkpoint_step(checkpoint)
+    if not has_ema(checkpoint):
+        which = checkpoint_weights(checkpoint, choice)  # --weights ema: refused here
+        return [Evaluated(checkpoint.name, step, checkpoint, which)]
+    picks = ["raw", "ema"] if choice == "auto" else [choice]
+    return [Evaluated(f"{checkpoint.name} ({w})", step, checkpoint, w) for w in picks]
 
 
 def _comparison_prompts(ws: Workspace, config: Config) -> tuple[list[str], str | None]:

@@ -53,13 +53,14 @@ class ExportResult:
     parity: parity.ParityReport | None
     base_precision: str = "full"  # what the LoRA trained against: full, fp8, int8 or nf4
     trained_parity: parity.TrainedBaseReport | None = None
+    weights: str = "raw"  # the checkpoint's "ema" or "raw" trained weights
 
     def to_dict(self) -> dict:
         return {"path": str(self.path), "name": self.name, "kind": self.kind,
                 "format": self.format, "dtype": self.dtype, "run": self.run,
                 "checkpoint": str(self.checkpoint), "step": self.step, "files": self.files,
                 "parity": self.parity.to_dict() if self.parity else None,
-                "base_precision": self.base_precision,
+                "base_precision": self.base_precision, "weights": self.weights,
                 "trained_parity": self.trained_parity.to_dict() if self.trained_parity
                 else None}
 
@@ -88,11 +89,11 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
         # the run's own model: its LoRA on the base quantized as it was in training
         console.info(f"loading {plan.run_name}/{plan.checkpoint.name} as trained (base stored "
                      f"as {base_precision})")
-        trained = _trained_outputs(family, plan.checkpoint)
+        trained = _trained_outputs(family, plan.checkpoint, plan.weights)
     console.info(f"loading {plan.run_name}/{plan.checkpoint.name} on {family.path.name}")
     # the full-precision base, freshly loaded: LoRAs are merged in fp32, never into quantized
     # weights, and before any rounding
-    denoiser = load_denoiser(family, plan.checkpoint, as_trained=False)
+    denoiser = load_denoiser(family, plan.checkpoint, as_trained=False, weights=plan.weights)
     inputs = parity.fixed_inputs(family, denoiser)
     reference = parity.predict(family, denoiser, inputs) if plan.verify else None
     if trained is not None:
@@ -138,7 +139,7 @@ def export_checkpoint(ws: Workspace, config: Config, *, run: str | None = None,
                           dtype=plan.dtype, run=plan.run_name, checkpoint=plan.checkpoint,
                           step=plan.step, files=files, parity=report,
                           base_precision=base_precision or "full",
-                          trained_parity=trained_report)
+                          trained_parity=trained_report, weights=plan.weights)
     ws.update_state("export", {k: v for k, v in result.to_dict().items() if k != "files"})
     return result
 
@@ -152,10 +153,10 @@ def _clean_torn_exports(exports_dir: Path) -> None:
                      f"export ({format_bytes(reclaimed)} reclaimed)")
 
 
-def _trained_outputs(family: ModelFamily, checkpoint: Path) -> dict:
+def _trained_outputs(family: ModelFamily, checkpoint: Path, weights: str) -> dict:
     """The run's model (quantized base + LoRA) on the parity inputs, with and without its
     adapters; the model is freed before the full-precision one is loaded."""
-    model = load_denoiser(family, checkpoint)
+    model = load_denoiser(family, checkpoint, weights=weights)
     inputs = parity.fixed_inputs(family, model)
     out = {"model": parity.predict(family, model, inputs)}
     with adapters_disabled(model):

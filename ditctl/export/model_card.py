@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..runs import METRICS, eval_dir, read_run_info, run_config_file, samples_dir
+from ..runs import (METRICS, eval_dir, read_checkpoint_meta, read_run_info, run_config_file,
+                    samples_dir)
 from ..models.base import LoraLayout
 from .parity import ParityReport, TrainedBaseReport
 from .plan import ExportPlan
@@ -168,7 +169,7 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
         [f"# {plan.name}", "",
          f"{KIND_TITLES[plan.kind]} ({plan.family}), exported by ditctl {__version__} on "
          f"{time.strftime('%Y-%m-%d')} from run `{plan.run_name}`, checkpoint "
-         f"`{plan.checkpoint.name}` (step {plan.step})."],
+         f"`{plan.checkpoint.name}` (step {plan.step}).", "", _weights_line(plan)],
         _base_section(plan, base_identity, base_precision),
         _contents_section(plan, lora, files),
         _data_section(read_run_info(plan.run_dir), dataset_images),
@@ -179,6 +180,18 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
         ["## How to load it", "", *_usage(plan, usage_note, lora_layout)],
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _weights_line(plan: ExportPlan) -> str:
+    if plan.weights != "ema":
+        return "Weights: the trained weights as they were at that step (raw)."
+    ema = read_checkpoint_meta(plan.checkpoint).get("ema") or {}
+    how = f"decay {ema['decay']:g}" if "decay" in ema else "as the run kept it"
+    if ema.get("warmup"):
+        how += ", warm-up min(decay, (1 + n) / (10 + n))"
+    if ema.get("every", 1) != 1:
+        how += f", updated every {ema['every']} steps"
+    return f"Weights: the exponential moving average (EMA) of the trained weights ({how})."
 
 
 def _front_matter_block(plan: ExportPlan, licence: Licence) -> list[str]:
@@ -244,7 +257,8 @@ def _evaluation_section(plan: ExportPlan, parity: ParityReport | None,
     lines = ["## Evaluation", ""]
     metrics = read_metrics(plan.run_dir)
     if metrics:
-        lines += ["From the run's `eval/metrics.json`:", "", *_metrics_lines(metrics, plan.step)]
+        lines += ["From the run's `eval/metrics.json`:", "",
+                  *_metrics_lines(metrics, plan.step, plan.weights)]
     else:
         lines.append("No evaluation metrics (run `ditctl eval` before exporting to include them).")
     if parity is not None:
@@ -343,7 +357,7 @@ def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:
             resume + " For `ditctl sample --model`, export the run with `--merge-lora`."]
 
 
-def _metrics_lines(metrics: dict, step: int) -> list[str]:
+def _metrics_lines(metrics: dict, step: int, weights: str | None = None) -> list[str]:
     """`ditctl eval` metrics: validation loss (and CLIP score, when computed) of the base model
     and of the evaluated checkpoints; any other JSON: its scalar values."""
     models = metrics.get("models")
@@ -355,7 +369,9 @@ def _metrics_lines(metrics: dict, step: int) -> list[str]:
              "|---|---|---|" + ("---|" if clip else "")]
     for model in models:
         label = model.get("label", "?")
-        mark = " (this export)" if model.get("step") == step else ""
+        # a checkpoint with an EMA is listed twice (raw, ema): the export is one of them
+        same_weights = model.get("weights") in (None, weights)
+        mark = " (this export)" if model.get("step") == step and same_weights else ""
         row = f"| {label}{mark} | {model.get('step', '?')} | {_format(model.get('val_loss'))} |"
         lines.append(row + (f" {_format(clip.get(label, '-'))} |" if clip else ""))
     validation = metrics.get("validation") or {}

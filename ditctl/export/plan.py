@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..engine.loading import checkpoint_weights
 from ..errors import ConfigError, ExportError
 from ..runs import (ADAPTER_CONFIG, checkpoint_holds, holds_trained_base, checkpoint_step,
                     read_run_config, read_run_info, resolve_checkpoint, run_of_checkpoint,
@@ -40,6 +41,7 @@ class ExportPlan:
     verify: bool
     max_shard_size: str
     replace: bool
+    weights: str = "raw"  # "ema" (the checkpoint's moving average) or "raw" (as last trained)
 
 
 def plan_export(ws: Workspace, config: Config, *, run: str | None = None,
@@ -83,7 +85,8 @@ def plan_export(ws: Workspace, config: Config, *, run: str | None = None,
         format=settings.format if kind == "lora" else "pipeline", dtype=settings.dtype,
         name=name, out_dir=out_dir, model_path=model_path, family=family,
         copy_encoders=settings.copy_encoders, verify=settings.verify,
-        max_shard_size=settings.max_shard_size.strip().upper(), replace=force)
+        max_shard_size=settings.max_shard_size.strip().upper(), replace=force,
+        weights=checkpoint_weights(checkpoint_dir, settings.weights))
 
 
 def _kind(checkpoint: Path, meta: dict, run_name: str, merge_lora: bool,

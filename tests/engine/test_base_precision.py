@@ -211,9 +211,11 @@ def test_peft_adapters_stay_fp32_next_to_a_reduced_base(tiny_model_dir):
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
-def test_sliced_dequantization_equals_torchaos(precision):
-    """ditctl dequantizes a slice of rows at a time (bounded transients) with torchao's own
-    arithmetic: the result is bit-identical to torchao's dequantize()."""
+@pytest.mark.parametrize("chunk", [48 * 7, None])
+def test_sliced_dequantization_equals_torchaos(precision, chunk):
+    """ditctl dequantizes a slice of rows at a time (bounded transients; 7 rows a slice here:
+    several slices and a ragged end) or, when the weight fits one slice (None), in place in its
+    fp32 buffer, with torchao's own arithmetic: the result is bit-identical to torchao's."""
     from ditctl.engine import precision as module
 
     torch.manual_seed(0)
@@ -221,7 +223,7 @@ def test_sliced_dequantization_equals_torchaos(precision):
                                                precision)
     original = module.DEQUANTIZE_CHUNK
     try:
-        module.DEQUANTIZE_CHUNK = 48 * 7  # 7 rows per slice: several slices and a ragged end
+        module.DEQUANTIZE_CHUNK = chunk or original
         for dtype in (torch.bfloat16, torch.float32):
             ours = module.dequantize(layer.weight, precision, dtype)
             if precision == "fp8":
@@ -230,6 +232,42 @@ def test_sliced_dequantization_equals_torchaos(precision):
                 assert torch.equal(ours.to(torch.bfloat16), layer.weight.dequantize())
     finally:
         module.DEQUANTIZE_CHUNK = original
+
+
+@pytest.mark.parametrize("float8", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_table_widening_equals_torchs_conversion_for_every_bit_pattern(float8):
+    """On CPUs fp8 widens to fp32 through a 256-entry table: every one of the 256 codes (NaNs
+    and infinities included) gives torch's own conversion, bit for bit, in any layout."""
+    from ditctl.engine.precision import _to_float32
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = torch.cat([codes, codes.flip(0)]).view(2, 256)  # a 2-D weight, every code twice
+    weight = codes.view(getattr(torch, float8))
+    for stored in (weight, weight[:, 3:250]):  # contiguous, and a non-contiguous slice
+        ours, torchs = _to_float32(stored), stored.to(torch.float32)
+        assert ours.dtype == torch.float32 and ours.shape == torchs.shape
+        assert torch.equal(ours.view(torch.int32), torchs.view(torch.int32))
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8", "nf4"])
+def test_a_quantized_layer_gives_the_same_output_with_and_without_autograd(precision):
+    """Without an input gradient to compute (sampling) the layer skips its autograd node: the
+    output is bit-identical to the training path's, in fp32 and under bf16 autocast, and the
+    training path's input gradient is the dequantized weight's."""
+    from ditctl.engine.precision import QuantizedLinear
+
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 96).to(torch.bfloat16), precision)
+    x = torch.randn(5, 64)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                plain = layer(x)
+            tracked = layer(x.clone().requires_grad_(True))
+        assert tracked.grad_fn is not None and torch.equal(plain, tracked.detach())
+    x = x.clone().requires_grad_(True)
+    layer(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(5, 96) @ layer.dequantized(torch.float32))
 
 
 def _parts_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

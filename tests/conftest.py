@@ -50,7 +50,8 @@ def family_class(model_dir: Path) -> type:
 
 
 def family_method_path(model_dir: Path, method: str) -> str:
-    """"module:Class.method" of `model_dir`'s family, for patching it in a child process."""
+    """The "module:Class.method" path of `model_dir`'s family's method, for patching it in a
+    child process (which imports it by that path)."""
     from ditctl.models.registry import detect_family, family_entry
 
     return f"{family_entry(detect_family(model_dir)).implementation}.{method}"
@@ -91,7 +92,8 @@ def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, r
     gen = torch.Generator().manual_seed(seed)
     if lora:
         settings = build_config({"lora": {"use_lora": True, "lora_rank": rank, "lora_alpha": rank,
-                                          "lora_target_modules": list(family.lora_targets)}}).lora
+                                          "lora_target_modules": list(family.lora_targets)}})
+        settings = settings.lora
         add_lora(dit, peft_config(settings, family.lora_target_candidates))
         with torch.no_grad():
             for name, p in dit.named_parameters():

@@ -134,7 +134,8 @@ def test_peft_export_round_trips_through_peft(lora_ws, tiny_model_dir):
     state = load_file(result.path / "adapter_model.safetensors")
     assert state.keys() == load_file(checkpoint / "lora.safetensors").keys()
     set_peft_model_state_dict(fresh, state)
-    assert torch.equal(run_model(family, fresh), run_model(family, load_denoiser(family, checkpoint)))
+    trained = load_denoiser(family, checkpoint)
+    assert torch.equal(run_model(family, fresh), run_model(family, trained))
 
 
 def test_peft_export_loads_with_diffusers_load_lora_adapter(lora_ws, tiny_model_dir):
@@ -200,7 +201,8 @@ def test_comfy_export_file_loads_back_onto_the_base(lora_ws, tiny_model_dir):
     fresh = family.load_denoiser()
     config, peft_state = lora_formats.comfy_to_peft(state)
     lora_formats.inject_adapter(fresh, config, peft_state)
-    assert torch.equal(run_model(family, fresh), run_model(family, load_denoiser(family, checkpoint)))
+    trained = load_denoiser(family, checkpoint)
+    assert torch.equal(run_model(family, fresh), run_model(family, trained))
 
 
 # --- full runs -----------------------------------------------------------------------------------
@@ -320,7 +322,8 @@ def test_model_card_lists_base_data_config_metrics_samples_licence_usage(lora_ws
     ws, _ = lora_ws
     run_dir = ws.root / "runs" / RUN
     (run_dir / "run.json").write_text(json.dumps({  # as training writes it
-        "family": detect_family(tiny_model_dir), "base_model": str(tiny_model_dir), "seed": 3, "train_images": 12,
+        "family": detect_family(tiny_model_dir), "base_model": str(tiny_model_dir), "seed": 3,
+        "train_images": 12,
         "val_images": 2, "buckets": {"64x64": 8, "80x48": 4}, "step_batch": 2}))
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "metrics.json").write_text(json.dumps({  # as `ditctl eval` writes it

@@ -1,4 +1,9 @@
-"""Shared fixtures: offline environment, one tiny pipeline per test session."""
+"""Shared fixtures: offline environment, one tiny pipeline per test session.
+
+Family-neutral: tests outside a family's own test files reach a family only through the model
+folder's registry entry (`load_family`, `family_class`), so they hold for whichever family the
+tiny model is (the registry's default). `tests/models/test_family_conformance.py` guards this.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +43,28 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random F-Lite-layout pipeline, built once (do not modify it in tests)."""
-    from ditctl.models.tiny import build_tiny_pipeline
+    """A tiny random pipeline of the registry's default family, built once (do not modify it
+    in tests)."""
+    from ditctl.models.registry import DEFAULT_FAMILY, build_tiny
 
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return build_tiny(DEFAULT_FAMILY, tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def family_class(model_dir: Path) -> type:
+    """The class implementing `model_dir`'s family: what a test monkeypatches to intercept a
+    family method (loading the VAE, predicting, ...) for every instance the code under test
+    makes, whichever family the folder is."""
+    from ditctl.models.registry import load_family
+
+    return type(load_family(model_dir))
+
+
+def family_method_path(model_dir: Path, method: str) -> str:
+    """The "module:Class.method" path of `model_dir`'s family's method, for patching it in a
+    child process (which imports it by that path)."""
+    from ditctl.models.registry import detect_family, family_entry
+
+    return f"{family_entry(detect_family(model_dir)).implementation}.{method}"
 
 
 @pytest.fixture()
@@ -60,26 +83,27 @@ def cli():
 
 
 def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, rank: int = 4,
-                          seed: int = 0, targets=("qkv", "q", "context_kv", "proj")) -> Path:
+                          seed: int = 0) -> Path:
     """A complete checkpoint folder as training writes it (with its manifest), with random
-    trained weights: LoRA (adapter_config.json + lora.safetensors) or full
-    (trainable.safetensors)."""
+    trained weights: LoRA on the family's default targets (adapter_config.json +
+    lora.safetensors) or full (trainable.safetensors)."""
     import torch
 
     from ditctl.config import build_config
     from ditctl.engine.lora import add_lora, adapter_config_dict, peft_config, peft_state_dict
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
     from ditctl.runs import ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, CheckpointWriter
     from ditctl.tensorfile import write_safetensors
 
-    family = FLiteFamily(model_dir)
+    family = load_family(model_dir)
     dit = family.load_denoiser()
     folder.mkdir(parents=True)
     files = CheckpointWriter(folder)
     gen = torch.Generator().manual_seed(seed)
     if lora:
         settings = build_config({"lora": {"use_lora": True, "lora_rank": rank, "lora_alpha": rank,
-                                          "lora_target_modules": list(targets)}}).lora
+                                          "lora_target_modules": list(family.lora_targets)}})
+        settings = settings.lora
         add_lora(dit, peft_config(settings, family.lora_target_candidates))
         with torch.no_grad():
             for name, p in dit.named_parameters():

@@ -18,7 +18,7 @@ def test_defaults_follow_the_guide():
     assert c.train.sample_every == 500 and c.train.eval_every == 500
     assert c.train.batch_multiplicity == 1
     assert c.lora.lora_rank == 64 and c.lora.lora_alpha == 64 and c.lora.lora_dropout == 0.0
-    assert c.lora.lora_target_modules == ()  # the family's default targets (FLiteFamily.lora_targets)
+    assert c.lora.lora_target_modules == ()  # the family's default targets (its lora_targets)
     assert c.data.image_column == "image_path" and c.data.caption_column == "caption"
 
 

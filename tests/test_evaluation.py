@@ -41,9 +41,9 @@ class FixedSource:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     return family, family.load_denoiser().eval()
 
 

@@ -30,10 +30,10 @@ from ditctl.data.ingest import run_ingest
 from ditctl.data.manifest import ManifestRow, read_manifest
 from ditctl.demo.scenes import Scene, random_scenes, render, write_dataset
 from ditctl.errors import CacheError, DataError
-from ditctl.models.flite import FLiteFamily
 from ditctl.models.registry import load_family
 from ditctl.precompute import bucket_batches, run_precompute
 from ditctl.workspace import Workspace
+from tests.conftest import family_class, family_method_path
 
 SIZES = ((64, 64), (80, 48), (48, 80))
 
@@ -69,10 +69,11 @@ def all_rows(ws: Workspace) -> list[ManifestRow]:
 class Counter:
     """Counts images and prompts that go through the encoders (wraps the family's methods)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, model_dir):
         self.images = 0
         self.prompts = 0
-        encode_images, encode_prompts = FLiteFamily.encode_images, FLiteFamily.encode_prompts
+        family = family_class(model_dir)
+        encode_images, encode_prompts = family.encode_images, family.encode_prompts
 
         def count_images(family, vae, images):
             self.images += images.shape[0]
@@ -82,11 +83,11 @@ class Counter:
             self.prompts += len(prompts)
             return encode_prompts(family, te, prompts)
 
-        monkeypatch.setattr(FLiteFamily, "encode_images", count_images)
-        monkeypatch.setattr(FLiteFamily, "encode_prompts", count_prompts)
+        monkeypatch.setattr(family, "encode_images", count_images)
+        monkeypatch.setattr(family, "encode_prompts", count_prompts)
 
 
-def forbid_encoders(monkeypatch):
+def forbid_encoders(monkeypatch, model_dir):
     """Any attempt to build the VAE or the text encoder fails the test."""
     from diffusers import AutoencoderKL
     from transformers import T5EncoderModel
@@ -94,8 +95,8 @@ def forbid_encoders(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was constructed")
 
-    monkeypatch.setattr(FLiteFamily, "load_vae", refuse)
-    monkeypatch.setattr(FLiteFamily, "load_text_encoder", refuse)
+    monkeypatch.setattr(family_class(model_dir), "load_vae", refuse)
+    monkeypatch.setattr(family_class(model_dir), "load_text_encoder", refuse)
     monkeypatch.setattr(AutoencoderKL, "__init__", refuse)
     monkeypatch.setattr(T5EncoderModel, "__init__", refuse)
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(refuse))
@@ -194,7 +195,7 @@ def test_precompute_then_nothing_to_do(tmp_path, tiny_model_dir, monkeypatch):
                         prompts="# header\n\na blue star\n  a red circle  \n",
                         sample={"negative_prompt": "blurry"})
     rows = all_rows(ws)
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     first = run_precompute(ws, ws.config())
     captions = {r.caption for r in rows} | {"a blue star", "a red circle", "blurry"}
     train = [r for r in rows if r.split == "train"]
@@ -211,7 +212,7 @@ def test_precompute_then_nothing_to_do(tmp_path, tiny_model_dir, monkeypatch):
     assert state["cache_plan_fingerprint"] == first.fingerprint
     assert state["bytes"] == first.latent_bytes + first.text_bytes
 
-    forbid_encoders(monkeypatch)  # nothing changed: no encoder may even be loaded
+    forbid_encoders(monkeypatch, tiny_model_dir)  # nothing changed: no encoder may even be loaded
     second = run_precompute(ws, ws.config())
     assert (second.latents.added, second.texts.added) == (0, 0)
     assert (second.latents.reused, second.texts.reused) == (first.latents.total, first.texts.total)
@@ -228,7 +229,7 @@ def test_edited_image_is_the_only_one_re_encoded(tmp_path, tiny_model_dir, monke
     time.sleep(0.01)
     run_ingest(ws, ws.config())
 
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     after = run_precompute(ws, ws.config())
     assert counter.images == 2 and counter.prompts == 0  # the image and its mirror; no caption
     assert (after.latents.added, after.latents.reused) == (2, before.latents.total - 2)
@@ -246,7 +247,7 @@ def test_changed_caption_resolution_and_model(tmp_path, tiny_model_dir, monkeypa
     lines = csv.read_text().splitlines()
     lines[1] = lines[1].rsplit(",", 1)[0] + ",an edited caption"
     csv.write_text("\n".join(lines) + "\n")
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     # precompute sees the changed source through a re-ingest only; here ingest is explicit
     run_ingest(ws, ws.config())
     caption = run_precompute(ws, ws.config())
@@ -317,7 +318,7 @@ def test_training_from_the_cache_loads_no_encoder(tmp_path, tiny_model_dir, monk
     live = family.load_text_encoder()
     expected_prompt = family.encode_prompts(live, ["a green star on a black background"])
 
-    forbid_encoders(monkeypatch)
+    forbid_encoders(monkeypatch, tiny_model_dir)
     family = load_family(tiny_model_dir)
     rows = read_manifest(ws, "train")
     check_cache_complete(ws, config, family, rows)
@@ -406,13 +407,14 @@ def test_check_cache_complete_counts_what_is_missing(tmp_path, tiny_model_dir):
 # --- crash safety -----------------------------------------------------------------------------
 
 SLOW_PRECOMPUTE = textwrap.dedent("""
-    import sys, time
-    from ditctl.models.flite import FLiteFamily
-    encode = FLiteFamily.encode_images
+    import importlib, sys, time
+    module, _, name = sys.argv[2].rpartition(":")
+    family = getattr(importlib.import_module(module), name.split(".")[0])
+    encode = family.encode_images
     def slow(self, vae, images):
         time.sleep(0.1)
         return encode(self, vae, images)
-    FLiteFamily.encode_images = slow
+    family.encode_images = slow
     from ditctl.precompute import run_precompute
     from ditctl.workspace import Workspace
     ws = Workspace(sys.argv[1])
@@ -439,7 +441,8 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
     index_path = ws.cache_dir(ws.config()) / "index.sqlite"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, str(script), str(ws.root)], env=env,
+    process = subprocess.Popen([sys.executable, str(script), str(ws.root),
+                                family_method_path(tiny_model_dir, "encode_images")], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         hang_guard = time.monotonic() + 600  # only a hung run fails here; speed is not checked
@@ -460,7 +463,7 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
         for entry in index.entries():
             assert cache_mod.check_entry(cache.path(entry.kind, entry.key), entry) is None
 
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     rerun = run_precompute(ws, ws.config(), verify=True)
     assert rerun.bad == []
     assert rerun.latents.reused == done and rerun.latents.added == 20 - done
@@ -492,7 +495,7 @@ def test_verify_repairs_bad_entries_exactly(tmp_path, tiny_model_dir, monkeypatc
     save_file(nan, poisoned)
     missing.unlink()
 
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     result = run_precompute(ws, config, verify=True)
     reasons = dict(result.bad)
     assert len(result.bad) == 3
@@ -511,7 +514,7 @@ def test_missing_file_is_re_encoded_without_verify(tmp_path, tiny_model_dir, mon
     run_precompute(ws, ws.config())
     cache = Cache.open(ws, ws.config(), load_family(tiny_model_dir))
     cache.path("latent", cache.spec.latent_key(read_manifest(ws, "train")[0], False)).unlink()
-    counter = Counter(monkeypatch)
+    counter = Counter(monkeypatch, tiny_model_dir)
     assert run_precompute(ws, ws.config()).latents.added == 1 and counter.images == 1
 
 

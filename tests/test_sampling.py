@@ -166,9 +166,9 @@ def test_sample_latents_with_a_fake_model_follows_the_schedule():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     return SimpleNamespace(family=family, denoiser=family.load_denoiser().eval(),
                            vae=family.load_vae(), te=family.load_text_encoder())
 

@@ -113,6 +113,14 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
             block_bytes += size
         else:
             rest_bytes += size
+    # buffers are stored too, floating ones cast like every unquantized tensor: SD3's
+    # positional table alone is 113 MB in bf16 at its released size
+    for name, buffer in denoiser.named_buffers():
+        size = buffer.numel() * (other if buffer.is_floating_point() else buffer.element_size())
+        if in_block(name, blocks):
+            block_bytes += size
+        else:
+            rest_bytes += size
     if blocks_resident is not None:
         block_bytes *= min(blocks_resident, depth) / depth
     return int(block_bytes + rest_bytes)

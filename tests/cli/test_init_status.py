@@ -6,6 +6,7 @@ import pytest
 
 from ditctl.config import load_config
 from ditctl.errors import WorkspaceError
+from ditctl.models.registry import detect_family
 from ditctl.scaffold import init_workspace
 
 
@@ -22,7 +23,7 @@ def test_init_scaffolds_a_workspace(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(root)
     status = cli("status", "--json")
     summary = json.loads(status.stdout)
-    assert summary["model"]["ok"] and summary["model"]["family"] == "flite"
+    assert summary["model"]["ok"] and summary["model"]["family"] == detect_family(root / "model")
     assert summary["runs"] == [] and "train_data_path" in summary["next"]
 
 

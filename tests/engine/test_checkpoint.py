@@ -8,7 +8,7 @@ from ditctl.engine.checkpoint import Position, load_checkpoint, save_checkpoint
 from ditctl.engine.optim import build_optimizer, build_scheduler, load_state, save_state
 from ditctl.engine.setup import build_denoiser
 from ditctl.errors import CheckpointError, ConfigError
-from ditctl.models.flite import FLiteFamily
+from ditctl.models.registry import load_family
 from ditctl.runs import CheckpointWriter, list_checkpoints
 
 
@@ -30,7 +30,7 @@ def _step(denoiser, optimizer, scheduler, seed):
 
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_optimizer_state_round_trips_exactly(tiny_model_dir, tmp_path, eight_bit):
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     config = _config(use_8bit_adam=eight_bit)
     denoiser = build_denoiser(family, config)
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -49,7 +49,7 @@ def test_optimizer_state_round_trips_exactly(tiny_model_dir, tmp_path, eight_bit
 
 
 def test_scheduler_drives_the_stepped_optimizer_under_lora(tiny_model_dir):
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     config = build_config({"train": {"learning_rate": 1.0, "lr_scheduler": "linear",
                                      "num_warmup_steps": 2},
                            "lora": {"use_lora": True, "train_only_lora": True, "lora_rank": 2}})
@@ -64,7 +64,7 @@ def test_scheduler_drives_the_stepped_optimizer_under_lora(tiny_model_dir):
 
 
 def test_checkpoint_resume_restores_everything(tiny_model_dir, tmp_path):
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     config = _config()
 
     def fresh():
@@ -91,7 +91,7 @@ def test_checkpoint_resume_restores_everything(tiny_model_dir, tmp_path):
 
 
 def test_pruning_keeps_the_newest_and_torn_checkpoints_are_skipped(tiny_model_dir, tmp_path):
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     config = _config()
     d = build_denoiser(family, config)
     o = build_optimizer([p for p in d.parameters() if p.requires_grad], config.train)
@@ -108,8 +108,9 @@ def test_pruning_keeps_the_newest_and_torn_checkpoints_are_skipped(tiny_model_di
 
 
 def test_unknown_lora_target_lists_valid_ones(tiny_model_dir):
-    family = FLiteFamily(tiny_model_dir)
-    config = build_config({"lora": {"use_lora": True, "lora_target_modules": "qkv,attn"}})
-    with pytest.raises(ConfigError, match="unknown module.*attn") as err:
+    family = load_family(tiny_model_dir)
+    targets = f"{family.lora_targets[0]},no_such_module"
+    config = build_config({"lora": {"use_lora": True, "lora_target_modules": targets}})
+    with pytest.raises(ConfigError, match="unknown module.*no_such_module") as err:
         build_denoiser(family, config)
-    assert "context_kv" in err.value.hint
+    assert all(name in err.value.hint for name in family.lora_target_candidates)

@@ -32,9 +32,9 @@ def _train(ws, **overrides):
 def _raw(model_dir: Path, checkpoint: Path) -> dict[str, torch.Tensor]:
     """A checkpoint's raw trained weights by parameter name, as the EMA names them."""
     from ditctl.engine.loading import load_denoiser
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
-    model = load_denoiser(FLiteFamily(model_dir), checkpoint, weights="raw")
+    model = load_denoiser(load_family(model_dir), checkpoint, weights="raw")
     names = load_file(checkpoint / EMA_WEIGHTS).keys()
     return {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
 
@@ -141,10 +141,10 @@ def ema_run(tmp_path_factory, tiny_model_dir):
 
 def test_loader_puts_the_ema_or_the_raw_weights_in_place(ema_run, tiny_model_dir):
     from ditctl.engine.loading import checkpoint_weights, load_denoiser
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
     _, checkpoint = ema_run
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     ema = load_file(checkpoint / EMA_WEIGHTS)
     params = {w: dict(load_denoiser(family, checkpoint, weights=w).named_parameters())
               for w in ("auto", "ema", "raw")}

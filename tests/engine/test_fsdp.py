@@ -242,8 +242,7 @@ MEASURE = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from ditctl.config import build_config
     from ditctl.engine.sharding import local_tensor, shard_denoiser
-    from ditctl.models.flite_dit import DiT
-    from ditctl.models.tiny import tiny_dit_config
+    from ditctl.models.registry import load_family
 
     def held(tensors):  # bytes of the distinct storages behind this process's local tensors
         storages = {}
@@ -253,14 +252,14 @@ MEASURE = textwrap.dedent("""
         return sum(storages.values())
 
     def measure(sharded):
+        family = load_family(sys.argv[2])
         torch.manual_seed(0)
-        model = DiT(**tiny_dit_config(32, hidden=64, depth=4))
+        model = family.load_denoiser()
         if sharded:
             shard_denoiser(model, build_config({"distributed": {"strategy": "fsdp"}}),
                            torch.device("cpu"))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x, t = torch.randn(2, 16, 8, 8), torch.rand(2)
-        model(x, torch.randn(2, 5, 32), t).square().mean().backward()
+        family.predict(model, *family.parity_inputs(model)).square().mean().backward()
         optimizer.step()
         params = list(model.parameters())
         return {"params": held(params),
@@ -276,13 +275,15 @@ MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_fsdp_halves_per_process_parameter_gradient_and_optimiser_bytes(tmp_path):
+def test_fsdp_halves_per_process_parameter_gradient_and_optimiser_bytes(tmp_path,
+                                                                        tiny_model_dir):
     from ditctl.cli.launch import _free_port
 
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(_free_port()), str(script), str(tmp_path / "bytes")],
+                    "--master_port", str(_free_port()), str(script), str(tmp_path / "bytes"),
+                    str(tiny_model_dir)],
                    env=ENV, check=True, capture_output=True)
     for rank in (0, 1):
         measured = json.loads((tmp_path / f"bytes.{rank}").read_text())

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_workspace  # noqa: E402
+from conftest import family_class, make_workspace  # noqa: E402
 
 from ditctl.errors import CheckpointError, TrainingError  # noqa: E402
 from ditctl.runs import list_checkpoints  # noqa: E402
@@ -119,9 +119,9 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_model_dir)
 
 def test_train_only_lora_freezes_the_base_and_use_lora_trains_both(tmp_path, tiny_model_dir):
     from ditctl.engine.loading import load_denoiser
-    from ditctl.models.flite import FLiteFamily
+    from ditctl.models.registry import load_family
 
-    family = FLiteFamily(tiny_model_dir)
+    family = load_family(tiny_model_dir)
     base = {k: v.clone() for k, v in family.load_denoiser().state_dict().items()}
     only = make_workspace(tmp_path / "only", tiny_model_dir, lora=LORA)
     out = _train(only, max_steps=2, learning_rate=1e-2)
@@ -159,11 +159,11 @@ def test_cached_and_on_the_fly_training_are_identical(tmp_path, tiny_model_dir):
 
 
 def test_nonfinite_loss_steps_are_skipped_then_training_stops(tmp_path, tiny_model_dir, monkeypatch):
-    from ditctl.models.flite import FLiteFamily
-
     ws = make_workspace(tmp_path / "w", tiny_model_dir, lora=LORA)
-    monkeypatch.setattr(FLiteFamily, "predict",
-                        lambda self, model, x, t, c: model(x, c.sequence, t) * float("nan"))
+    family = family_class(tiny_model_dir)
+    predict = family.predict
+    monkeypatch.setattr(family, "predict",
+                        lambda self, model, x, t, c: predict(self, model, x, t, c) * float("nan"))
     with pytest.raises(TrainingError, match="3 consecutive steps had a non-finite loss"):
         _train(ws, max_steps=10, max_nonfinite_steps=3, checkpoint_every=1, run_name="nan")
     assert list_checkpoints(ws.root / "runs" / "nan") == []
@@ -186,14 +186,12 @@ def test_max_steps_extends_beyond_num_epochs(tmp_path, tiny_model_dir):
 
 def test_out_of_memory_saves_nothing_and_lists_the_options_not_in_use(tmp_path, tiny_model_dir,
                                                                       monkeypatch):
-    from ditctl.models.flite import FLiteFamily
-
     ws = make_workspace(tmp_path / "w", tiny_model_dir, train={"train_batch_size": 2})
 
     def oom(self, model, x, t, c):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(FLiteFamily, "predict", oom)
+    monkeypatch.setattr(family_class(tiny_model_dir), "predict", oom)
     with pytest.raises(TrainingError, match="out of memory") as err:
         _train(ws, max_steps=3, checkpoint_every=1, run_name="oom", gradient_checkpointing=True)
     hint = err.value.hint

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_workspace  # noqa: E402
+from conftest import family_class, make_workspace  # noqa: E402
 from ditctl.training_source import CacheGap, fill_decision  # noqa: E402
 
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 2, "lora_alpha": 2}
@@ -27,14 +27,12 @@ def test_fill_decision_weighs_encodes_and_disk():
     assert not fill and "free" in why  # 1000 bytes plus headroom do not fit in 1050
 
 
-def _no_encoders(monkeypatch):
-    from ditctl.models.flite import FLiteFamily
-
+def _no_encoders(monkeypatch, model_dir):
     def refuse(*args, **kwargs):
         raise AssertionError("an encoder was constructed")
 
-    monkeypatch.setattr(FLiteFamily, "load_vae", refuse)
-    monkeypatch.setattr(FLiteFamily, "load_text_encoder", refuse)
+    monkeypatch.setattr(family_class(model_dir), "load_vae", refuse)
+    monkeypatch.setattr(family_class(model_dir), "load_text_encoder", refuse)
 
 
 def test_a_complete_cache_is_used_without_a_flag_and_no_encoder_is_built(
@@ -47,7 +45,7 @@ def test_a_complete_cache_is_used_without_a_flag_and_no_encoder_is_built(
     config = ws.config({"eval.holdout_fraction": 0.0})
     ensure_manifest(ws, config)
     run_precompute(ws, config)
-    _no_encoders(monkeypatch)
+    _no_encoders(monkeypatch, tiny_model_dir)
     assert run_training(ws, config).result.steps == 1
 
 

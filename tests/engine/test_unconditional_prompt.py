@@ -11,18 +11,18 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import make_workspace  # noqa: E402
+from conftest import family_class, make_workspace  # noqa: E402
 from ditctl.data.cache import check_cache_complete, prompts_to_cache  # noqa: E402
 from ditctl.errors import CacheError  # noqa: E402
-from ditctl.models.flite import FLiteFamily  # noqa: E402
 from ditctl.models.registry import load_family  # noqa: E402
 
-EMPTY = "plain background"  # stands in for "" so that its encoding is not F-Lite's zeros
+EMPTY = "plain background"  # not "": a family may encode "" as zeros, which would prove nothing
 
 
 @pytest.fixture
-def prompt_family(monkeypatch):
-    monkeypatch.setattr(FLiteFamily, "unconditional_prompt", EMPTY)
+def prompt_family(monkeypatch, tiny_model_dir):
+    """The tiny model's family, made one whose unconditional input is EMPTY's encoding."""
+    monkeypatch.setattr(family_class(tiny_model_dir), "unconditional_prompt", EMPTY)
 
 
 def test_sampling_defaults_the_negative_to_the_unconditional_prompt(prompt_family,

@@ -3,9 +3,10 @@
 Parametrized over `ditctl.models.registry.FAMILIES`, each on its own tiny random model (built
 offline by the family's `tiny` builder): load, encode, predict shapes, the training target's
 sign, save/load round trip, one training step through the engine (cached = on the fly), exact
-resume, the attention switch, the cache round trip and the export round trip. A new family is
-registered only when this whole file passes for it; this is the one place tests name families
-in general (a family's own behaviour has its own test file).
+resume, the attention switch, the cache round trip, the export round trip, the memory plan's
+base bytes and block streaming. A new family is registered only when this whole file passes
+for it; this is the one place tests name families in general (a family's own behaviour has its
+own test file; every other test is family-neutral, which the last test here checks).
 """
 
 from __future__ import annotations
@@ -166,6 +167,100 @@ def test_training_on_the_target_makes_the_sampler_land_on_the_data(tiny):
     assert (landed - x0).norm() < 0.3 * (noise - x0).norm()
 
 
+# --- the memory plan -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "int8"])
+def test_planned_base_bytes_are_the_stored_bytes(tiny, precision):
+    """The dry-run plan prices the frozen base from the meta skeleton (LoRA injected): its bytes
+    are what the loaded base quantized to `precision` stores, whole and with block streaming.
+    (Not NF4 here: its fixed ~1 KB of quantization state per layer, which the plan's per-weight
+    rate leaves out, outweighs a tiny model's layers; test_flite_memory_plan.py checks it at a
+    width where it does not.)"""
+    from ditctl.config import build_config
+    from ditctl.engine.lora import add_lora, freeze_base, peft_config
+    from ditctl.engine.plan import base_weight_bytes
+    from ditctl.engine.precision import QuantizedLinear, quantize_loaded, quantized_storage_bytes
+    from ditctl.models.blocks import repeated_blocks
+
+    family, _ = tiny
+    torch.manual_seed(0)
+    model = quantize_loaded(family.load_denoiser(torch.bfloat16), precision)
+    assert any(isinstance(m, QuantizedLinear) for m in model.modules()) == (precision != "bf16")
+    settings = build_config({"lora": {"use_lora": True, "train_only_lora": True,
+                                      "lora_rank": 4}}).lora
+    with torch.device("meta"):
+        skeleton = family.build_denoiser_skeleton()
+        add_lora(skeleton, peft_config(settings, family.lora_target_candidates,
+                                       family.lora_targets))
+    freeze_base(skeleton)
+    stored = quantized_storage_bytes(model)
+    assert base_weight_bytes(skeleton, precision) == pytest.approx(stored, rel=0.01)
+    # block streaming: the parts outside the blocks plus one block's share of the blocks
+    blocks = repeated_blocks(model)
+    block_bytes = sum(quantized_storage_bytes(b) for b in blocks)
+    assert base_weight_bytes(skeleton, precision, blocks_resident=1) == pytest.approx(
+        stored - block_bytes + block_bytes / len(blocks), rel=0.01)
+
+
+def _streaming_lora_model(family: ModelFamily, precision: str) -> torch.nn.Module:
+    """The denoiser as a frozen-base LoRA run builds it (bf16 compute, checkpointing), with
+    adapters that change the output, so their gradients are real."""
+    from ditctl.config import build_config
+    from ditctl.engine.setup import build_denoiser
+
+    config = build_config({"lora": {"use_lora": True, "train_only_lora": True, "lora_rank": 2,
+                                    "lora_alpha": 2, "base_precision": precision},
+                           "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}})
+    torch.manual_seed(0)
+    model = build_denoiser(family, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _streaming_step(family: ModelFamily, model: torch.nn.Module):
+    x, t, cond = family.parity_inputs(model, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = family.predict(model, x, t, cond)
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_streamed_base_blocks_give_identical_outputs_and_gradients(tiny, precision):
+    """`[lora] offload_base_blocks`: the family's blocks streamed to the device one at a time
+    (prefetching the next) give the outputs and gradients of the resident model, bit for bit."""
+    from ditctl.engine.offload import stream_base_blocks
+    from ditctl.models.blocks import repeated_blocks
+
+    family, _ = tiny
+    expected_out, expected_grads = _streaming_step(family, _streaming_lora_model(family, precision))
+    streamed = _streaming_lora_model(family, precision)
+    streamer = stream_base_blocks(streamed, "cpu")
+    out, grads = _streaming_step(family, streamed)
+    assert torch.equal(out, expected_out)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], expected_grads[name]), name
+    # forward and the recomputation in backward (reverse order) each ran every block
+    assert streamer.copies == 2 * len(repeated_blocks(streamed))
+    assert streamer.resident_peak <= 2  # the running block and the prefetched one
+    # the backward's last recomputation may stop before the block's end (no post-hook): at most
+    # that one block is still resident; parked, every block points at its host tensors again
+    assert sum(slot.live is not None for slot in streamer.slots) <= 1
+    streamer.park_all()
+    for slot in streamer.slots:
+        assert slot.live is None
+        for (module, name), host in slot.host.items():
+            current = module._parameters.get(name, module._buffers.get(name))
+            assert current is host and not host.requires_grad
+    assert all(p.requires_grad for n, p in streamed.named_parameters() if "lora_" in n)
+
+
 # --- round trips ------------------------------------------------------------------------------
 
 def test_save_pipeline_round_trips_the_denoiser_exactly(tiny, tmp_path):
@@ -266,14 +361,20 @@ def test_resuming_a_run_is_bit_identical_to_running_it_straight(tiny, tmp_path):
 
 # --- no family in shared code -----------------------------------------------------------------
 
+def _family_words() -> set[str]:
+    """Each family's name, pipeline class names and implementing class."""
+    words = set()
+    for entry in registry.FAMILIES.values():
+        words |= {entry.name, *entry.pipeline_classes, entry.implementation.split(":")[1]}
+    return words
+
+
 def test_no_shared_module_names_a_registered_family():
     """Outside ditctl/models/, code says nothing family-specific: no family name, no pipeline
     class name as an identifier or string (prose about the F-Lite guide is allowed)."""
     package = Path(registry.__file__).resolve().parents[1]
-    words = set()
-    for entry in registry.FAMILIES.values():
-        words |= {entry.name, *entry.pipeline_classes, entry.implementation.split(":")[1]}
-    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, sorted(words))) + r")(?!\w)")
+    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, sorted(_family_words())))
+                         + r")(?!\w)")
     offenders = []
     for path in package.rglob("*.py"):
         if "models" in path.relative_to(package).parts[:1]:
@@ -281,4 +382,29 @@ def test_no_shared_module_names_a_registered_family():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_only_a_familys_own_tests_and_this_suite_name_it():
+    """Tests outside a family's own files (tests/**/test_<family>*.py) and this suite reach a
+    family through the registry and the tiny model's folder (tests/conftest.py: `load_family`,
+    `family_class`), so they hold for every family: none names a family, its pipeline or
+    implementing class, or imports a family's modules (ditctl/models/ files named after it,
+    and its tiny builder)."""
+    tests = Path(__file__).resolve().parents[1]
+    models = Path(registry.__file__).resolve().parent
+    names = registry.family_names()
+    words = _family_words() | {path.stem for path in models.glob("*.py")
+                               if any(name in path.stem for name in names)}
+    builders = {entry.tiny.split(":")[0].rpartition(".")[2] for entry in registry.FAMILIES.values()}
+    pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, sorted(words))) + r")(?!\w)"
+                         + r"|\bmodels(\.| import )(" + "|".join(sorted(builders)) + r")\b")
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        if path == Path(__file__).resolve() or \
+                any(path.name.startswith(f"test_{name}") for name in names):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(tests.parent)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)

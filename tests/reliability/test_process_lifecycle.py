@@ -21,7 +21,7 @@ import pytest
 
 from ditctl.errors import EXIT_INTERRUPTED, LockError
 from ditctl.workspace import Workspace
-from tests.conftest import make_workspace
+from tests.conftest import family_method_path, make_workspace
 
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
 
@@ -205,7 +205,7 @@ def test_killed_precompute_frees_the_lock_at_once(tmp_path, tiny_model_dir, caps
     project.write_text(project.read_text() + "\n[precompute]\nnum_workers = 2\n")
     # the VAE "loads" forever while the decoding workers have started
     pid, children = _kill_while_stalled(
-        tmp_path, ws.root, ["precompute"], "ditctl.models.flite:FLiteFamily.load_vae", 1)
+        tmp_path, ws.root, ["precompute"], family_method_path(tiny_model_dir, "load_vae"), 1)
     assert len(children) >= 2
     warned = _lock_taken_over(ws.root, capsys)  # no wait: no worker holds the lock's file
     assert f"PID {pid}" in warned and "stale lock" in warned

@@ -19,12 +19,12 @@ speed, never the result — except where the user stores the cache at a lower pr
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 
 from .config import Config
 from .console import console
+from .data.cache import Cache, CacheGap, cache_gap, check_cache_complete
 from .data.manifest import ManifestRow
 from .errors import CacheError
 from .fsutil import format_bytes
@@ -34,41 +34,15 @@ from .workspace import Workspace
 DISK_HEADROOM = 1.10  # the cache may take this much more than estimated (headers, index)
 
 
-@dataclass(frozen=True)
-class CacheGap:
-    """What the cache lacks for a run, and what filling it would cost."""
-
-    missing_latents: int
-    missing_texts: int
-    estimated_bytes: int
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_latents and not self.missing_texts
-
-
-def cache_gap(ws: Workspace, config: Config, family: ModelFamily,
-              rows: list[ManifestRow]) -> CacheGap:
-    """The entries a run on `rows` needs that the cache lacks (`check_cache_complete`'s rule),
-    and their estimated size on disk. Loads no weights."""
-    from .data.cache import Cache, CacheIndex, prompts_to_cache, present_keys, training_texts
-
-    cache = Cache.open(ws, config, family)
-    prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
-    plan = cache.plan(rows, random_flip=config.data.random_flip,
-                      captions=list(prompts) + training_texts(config, family))
-    present: set[str] = set()
-    if cache.index_path.is_file():
-        with CacheIndex(cache.index_path) as index:
-            present = present_keys(cache, index, plan)
-    latents = [job for key, job in plan.latents.items() if key not in present]
-    texts = [key for key in plan.texts if key not in present]
+def fill_bytes(gap: CacheGap, config: Config, family: ModelFamily) -> int:
+    """Estimated disk bytes of the entries `gap` lacks (mean + std latents, text states)."""
     itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
     latent = family.latent
-    latent_bytes = sum(2 * latent.channels * (job.row.bucket_h // latent.spatial_factor)
-                       * (job.row.bucket_w // latent.spatial_factor) for job in latents)
-    text_bytes = len(texts) * family.text_tokens() * family.denoiser_shape().text_dim
-    return CacheGap(len(latents), len(texts), int((latent_bytes + text_bytes) * itemsize))
+    latent_values = sum(2 * latent.channels * (job.row.bucket_h // latent.spatial_factor)
+                        * (job.row.bucket_w // latent.spatial_factor)
+                        for job in gap.missing_latents)
+    text_values = len(gap.missing_texts) * family.text_tokens() * family.denoiser_shape().text_dim
+    return (latent_values + text_values) * itemsize
 
 
 def free_bytes(folder: Path) -> int:
@@ -79,18 +53,19 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def fill_decision(gap: CacheGap, encodes_on_the_fly: int, free: int) -> tuple[bool, str]:
+def fill_decision(missing_latents: int, missing_texts: int, estimated_bytes: int,
+                  encodes_on_the_fly: int, free: int) -> tuple[bool, str]:
     """Whether to fill the cache before training, and the one-line reason either way."""
-    if encodes_on_the_fly <= gap.missing_latents:
+    if encodes_on_the_fly <= missing_latents:
         return False, (f"the run encodes {encodes_on_the_fly} image variants, filling the cache "
-                       f"would encode {gap.missing_latents}: no gain")
-    needed = int(gap.estimated_bytes * DISK_HEADROOM)
+                       f"would encode {missing_latents}: no gain")
+    needed = int(estimated_bytes * DISK_HEADROOM)
     if needed > free:
         return False, (f"the missing entries need about {format_bytes(needed)}, the cache's "
                        f"disk has {format_bytes(free)} free")
     return True, (f"the run would encode {encodes_on_the_fly} image variants on the fly; the "
-                  f"cache lacks {gap.missing_latents} latents and {gap.missing_texts} captions "
-                  f"(about {format_bytes(gap.estimated_bytes)})")
+                  f"cache lacks {missing_latents} latents and {missing_texts} captions "
+                  f"(about {format_bytes(estimated_bytes)})")
 
 
 def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow],
@@ -99,7 +74,6 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
     encoding (see the module doc). `encodes_on_the_fly`: image variants the whole run would
     encode without a cache (samples per step x steps)."""
     from .data.batches import CachedSource, OnTheFlySource
-    from .data.cache import Cache, check_cache_complete
     from .engine.setup import process_state
 
     if config.train.use_precomputed_data:
@@ -108,7 +82,9 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
             console.info("training from the precompute cache (complete for this run; the VAE "
                          "and text encoder are not loaded)")
             return CachedSource(Cache.open(ws, config, family))
-        fill, reason = fill_decision(gap, encodes_on_the_fly, free_bytes(ws.cache_dir(config)))
+        fill, reason = fill_decision(len(gap.missing_latents), len(gap.missing_texts),
+                                     fill_bytes(gap, config, family), encodes_on_the_fly,
+                                     free_bytes(ws.cache_dir(config)))
         if fill:
             console.info(f"filling the precompute cache before training: {reason} "
                          "(--no-use-precomputed-data encodes every step instead)")

@@ -520,30 +520,48 @@ def present_keys(cache: Cache, index: CacheIndex, plan: CachePlan) -> set[str]:
     return {k for k in recorded if cache.path(kinds[k], k).is_file()}
 
 
-def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,
-                         rows: Sequence[ManifestRow], *,
-                         prompts: Sequence[str] | None = None) -> None:
-    """Raise CacheError unless every entry `rows` need under `config` is cached.
+@dataclass(frozen=True)
+class CacheGap:
+    """The entries a run needs (`plan`) and those of them the cache lacks."""
 
-    `prompts`: extra texts that must be cached too; None means the workspace's sample prompts
-    (and negative prompt) when training samples (`sample_every` > 0). Loads no weights.
-    """
+    root: Path
+    plan: CachePlan
+    missing_latents: list[LatentJob]
+    missing_texts: list[str]  # keys
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_latents and not self.missing_texts
+
+
+def cache_gap(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence[ManifestRow],
+              *, prompts: Sequence[str] | None = None) -> CacheGap:
+    """What the cache lacks for `rows` under `config`. `prompts`: extra texts that must be
+    cached too; None means what training needs besides the captions: the workspace's sample
+    prompts (and negative prompt) when it samples (`sample_every` > 0) and the family's
+    unconditional prompt when it drops captions. Loads no weights."""
     cache = Cache.open(ws, config, family)
     if prompts is None:
         prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
         prompts = list(prompts) + training_texts(config, family)
     plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
+    present: set[str] = set()
     if cache.index_path.is_file():
         with CacheIndex(cache.index_path) as index:
             present = present_keys(cache, index, plan)
-    else:
-        present = set()
-    missing_latents = sum(k not in present for k in plan.latents)
-    missing_texts = sum(k not in present for k in plan.texts)
-    if missing_latents or missing_texts:
+    return CacheGap(cache.root, plan, [job for k, job in plan.latents.items() if k not in present],
+                    [k for k in plan.texts if k not in present])
+
+
+def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,
+                         rows: Sequence[ManifestRow], *,
+                         prompts: Sequence[str] | None = None) -> None:
+    """Raise CacheError unless every entry `rows` need under `config` is cached (`cache_gap`)."""
+    gap = cache_gap(ws, config, family, rows, prompts=prompts)
+    if not gap.complete:
         raise CacheError(
-            f"{missing_latents} of {len(plan.latents)} latents and {missing_texts} of "
-            f"{len(plan.texts)} captions are missing or stale for the current config "
-            f"(cache {cache.root})",
+            f"{len(gap.missing_latents)} of {len(gap.plan.latents)} latents and "
+            f"{len(gap.missing_texts)} of {len(gap.plan.texts)} captions are missing or stale "
+            f"for the current config (cache {gap.root})",
             hint="run `ditctl precompute`")
 

@@ -13,17 +13,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import family_class, make_workspace  # noqa: E402
-from ditctl.training_source import CacheGap, fill_decision  # noqa: E402
+from ditctl.training_source import fill_decision  # noqa: E402
 
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 2, "lora_alpha": 2}
 
 
 def test_fill_decision_weighs_encodes_and_disk():
-    gap = CacheGap(missing_latents=10, missing_texts=5, estimated_bytes=1000)
-    assert fill_decision(gap, encodes_on_the_fly=30, free=10**9)[0]
-    fill, why = fill_decision(gap, encodes_on_the_fly=10, free=10**9)
+    gap = dict(missing_latents=10, missing_texts=5, estimated_bytes=1000)
+    assert fill_decision(**gap, encodes_on_the_fly=30, free=10**9)[0]
+    fill, why = fill_decision(**gap, encodes_on_the_fly=10, free=10**9)
     assert not fill and "no gain" in why
-    fill, why = fill_decision(gap, encodes_on_the_fly=30, free=1050)
+    fill, why = fill_decision(**gap, encodes_on_the_fly=30, free=1050)
     assert not fill and "free" in why  # 1000 bytes plus headroom do not fit in 1050
 
 

@@ -28,8 +28,9 @@ def block_names(denoiser: torch.nn.Module) -> list[str]:
     classes = block_classes(denoiser)
     found: list[str] = []
     for name, module in denoiser.named_modules():
-        if type(module).__name__ in classes and not any(
-                name.startswith(outer + ".") for outer in found):
+        # by the class or a base of it: FSDP2's fully_shard swaps in a subclass (FSDPDiTBlock)
+        declared = any(cls.__name__ in classes for cls in type(module).__mro__)
+        if declared and not any(name.startswith(outer + ".") for outer in found):
             found.append(name)
     return found
 

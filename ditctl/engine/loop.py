@@ -131,7 +131,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
 
     jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
     device = acc.device
-    consecutive_bad, skipped, last_loss, checkpoint = 0, 0, None, None
+    consecutive_bad, skipped, last_loss, checkpoint, stopping = 0, 0, None, None, False
     with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar, \
             Prefetcher(prepare, pin_memory=device.type == "cuda") as prefetcher:
         for step in range(position.step + 1, schedule.total_steps + 1):
@@ -194,10 +194,14 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
             next_epoch, next_index = _next_position(data, job.epoch, job.batch_index)
             here = Position(step, next_epoch, next_index)
+            # Read the request once per step and never write it back: the signal handler may set
+            # it at any moment (e.g. while the gather below waits), and overwriting it with an
+            # earlier reading would lose the request.
+            stopping = stop["stop"]
             if world > 1:  # a signal reaches processes at different steps: stop together
-                stop["stop"] = bool(acc.gather(torch.tensor([int(stop["stop"])],
-                                                            device=acc.device)).max())
-            final = step == schedule.total_steps or stop["stop"]
+                stopping = bool(acc.gather(torch.tensor([int(stopping)],
+                                                        device=acc.device)).max())
+            final = step == schedule.total_steps or stopping
             if train.sample_every and step % train.sample_every == 0:
                 monitor.sample(model, step)
             if train.eval_every and step % train.eval_every == 0:
@@ -207,11 +211,11 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                         monitor.evaluate(model, step, weights="ema")
             if finite and (step % train.checkpoint_every == 0 or final):
                 checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor, ema)
-            if stop["stop"]:
+            if stopping:
                 break
     monitor.close()
     return TrainResult(step if schedule.total_steps > position.step else position.step,
-                       last_loss, checkpoint, stop["stop"], skipped)
+                       last_loss, checkpoint, stopping, skipped)
 
 
 def micro_jobs(data: TrainingData, position: Position, schedule, rank: int, world: int,

@@ -205,3 +205,24 @@ def test_out_of_memory_saves_nothing_and_lists_the_options_not_in_use(tmp_path, 
     on_the_fly = ws.config({"train.use_precomputed_data": False})
     assert any("ditctl precompute" in line for line in memory_advice(on_the_fly))
     assert list_checkpoints(ws.root / "runs" / "oom") == []
+
+
+def test_a_stop_request_arriving_late_in_a_step_still_saves_a_checkpoint(tmp_path,
+                                                                         tiny_model_dir,
+                                                                         monkeypatch):
+    """SIGTERM after the step decided it was not the last (here: while it samples) is honoured
+    at the next step, with a checkpoint — never a stop without one."""
+    import os
+    import signal
+
+    from ditctl.engine.monitor import Monitor
+
+    def sample_then_signal(self, model, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Monitor, "sample", sample_then_signal)
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, lora=LORA)
+    outcome = _train(ws, max_steps=6, checkpoint_every=100, sample_every=1, run_name="late")
+    assert outcome.result.interrupted and outcome.result.steps == 3
+    assert [c.name for c in list_checkpoints(ws.root / "runs" / "late")] == ["step-000003"]

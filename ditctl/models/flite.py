@@ -29,6 +29,8 @@ from ..errors import ModelError
 from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
+                        read_config, sample_scaled, vae_shift_scale)
 from .flite_dit import DiT
 from .flite_layout import COMPONENTS, MODEL_INDEX, validate_folder  # noqa: F401 (re-exported)
 from .flite_layout import SIZE_MULTIPLE, VAE_FACTOR
@@ -87,7 +89,7 @@ class FLiteFamily:
     # --- loading ------------------------------------------------------------------------------
     def dit_config(self) -> dict:
         if self._config is None:
-            self._config = _read_config(self.path / "dit_model")
+            self._config = read_config(self.path / "dit_model")
         return dict(self._config)
 
     def load_denoiser(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -96,7 +98,7 @@ class FLiteFamily:
         `convert(name, module)` sees every module once its weights are in (quantization)."""
         folder = self.path / "dit_model"
         with torch.device("meta"):
-            dit = _build(DiT, DiT.from_config, self.dit_config(), folder)
+            dit = build_from_config("a DiT", DiT.from_config, self.dit_config(), folder)
         dit = load_streaming(dit, folder, dtype=dtype, device=device, convert=convert,
                              ignore=DiT._keys_to_ignore_on_load_unexpected)
         return dit.eval()
@@ -104,7 +106,8 @@ class FLiteFamily:
     def build_denoiser_skeleton(self, dtype: torch.dtype = torch.float32) -> DiT:
         """The DiT's modules and shapes on the meta device: no weights read, no memory (plans)."""
         with torch.device("meta"):
-            return _build(DiT, DiT.from_config, self.dit_config(), self.path / "dit_model").to(dtype)
+            return build_from_config("a DiT", DiT.from_config, self.dit_config(),
+                                     self.path / "dit_model").to(dtype)
 
     def load_text_encoder(self, dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu") -> TextEncoder:
@@ -120,7 +123,7 @@ class FLiteFamily:
             raise ModelError(f"{folder} has {config.num_layers} layers; F-Lite reads "
                              f"hidden_states[{TEXT_LAYER}], so it needs at least {-TEXT_LAYER}")
         with torch.device("meta"):
-            model = _build(T5EncoderModel, T5EncoderModel, config, folder)
+            model = build_from_config("a T5EncoderModel", T5EncoderModel, config, folder)
         # T5 ties the encoder's token embedding to `shared`; files hold one of the two
         model = load_streaming(model, folder, dtype=dtype, device=device,
                                tied={"encoder.embed_tokens.weight": "shared.weight"})
@@ -133,8 +136,8 @@ class FLiteFamily:
 
         folder = self.path / "vae"
         with torch.device("meta"):
-            vae = _build(AutoencoderKL, lambda c: AutoencoderKL.from_config(c),
-                         _read_config(folder), folder)
+            vae = build_from_config("an AutoencoderKL", lambda c: AutoencoderKL.from_config(c),
+                                    read_config(folder), folder)
         vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
 
@@ -191,32 +194,19 @@ class FLiteFamily:
         return Conditioning(torch.zeros(batch, TEXT_TOKENS,
                                         int(self.dit_config()["cross_attn_input_size"])))
 
-    @torch.no_grad()
     def encode_images(self, vae: Any, images: torch.Tensor) -> LatentDist:
-        """images [B,3,H,W] in [-1,1] -> the posterior N(mean, std²), raw latent space, fp32."""
-        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        return LatentDist(mean=posterior.mean.float(), std=posterior.std.float())
+        return encode_posterior(vae, images)
 
     def sample_latents(self, dist: LatentDist, generator: torch.Generator | None) -> torch.Tensor:
-        """Draw z ~ N(mean, std²) with the caller's RNG, then scale/shift as F-Lite does."""
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
-                          device=dist.mean.device)
-        z = dist.mean + dist.std * eps
-        shift, scale = self._latent_scale_shift()
-        return (z - shift) * scale
+        return sample_scaled(dist, generator, *self._latent_shift_scale())
 
-    @torch.no_grad()
     def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        shift, scale = self._latent_scale_shift()
-        z = latents.to(vae.device, vae.dtype) / scale + shift
-        return vae.decode(z).sample.float().clamp(-1, 1)
+        return decode_scaled(vae, latents, *self._latent_shift_scale())
 
-    def _latent_scale_shift(self) -> tuple[float, float]:
-        if not hasattr(self, "_scale_shift"):
-            config = json.loads((self.path / "vae" / "config.json").read_text())
-            self._scale_shift = (float(config.get("shift_factor") or 0.0),
-                                 float(config.get("scaling_factor", 1.0)))
-        return self._scale_shift
+    def _latent_shift_scale(self) -> tuple[float, float]:
+        if not hasattr(self, "_shift_scale"):
+            self._shift_scale = vae_shift_scale(read_config(self.path / "vae"))
+        return self._shift_scale
 
     # --- the denoiser's contract (base.flow_target: the velocity x0 - noise) -----------------
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
@@ -263,7 +253,7 @@ class FLiteFamily:
             source = (self.path / component).resolve()
             target = out_dir / component
             if copy_encoders:
-                shutil.copytree(source, target, copy_function=_link_or_copy)
+                shutil.copytree(source, target, copy_function=link_or_copy)
             else:
                 os.symlink(source, target, target_is_directory=True)
 
@@ -278,28 +268,3 @@ def shape_of_config(config: dict) -> DenoiserShape:
                          extra_tokens=REGISTERS,
                          # adaLN (H -> 9H) is the largest linear of a block
                          largest_linear=hidden * max(9 * hidden, int(hidden * mlp_ratio)))
-
-
-def _read_config(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {Path(folder) / 'config.json'}: {exc}",
-                         hint="re-download or re-export the model folder") from None
-
-
-def _build(cls: type, make: Any, config: Any, folder: Path) -> Any:
-    """`make(config)` (called on the meta device by the caller), with a bad config reported as
-    one line naming the folder."""
-    try:
-        return make(config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{folder / 'config.json'} does not describe a {cls.__name__}: {exc}",
-                         hint="re-download or re-export the model folder") from exc
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

@@ -37,6 +37,8 @@ from ..errors import ModelError
 from .base import (GUIDANCE_EXTRA, Conditioning, DenoiserShape, LatentDist, LatentGeometry,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
+                        read_config, sample_scaled, vae_shift_scale)
 from .flux_layout import SIZE_MULTIPLE, VAE_FACTOR, validate_folder
 from .flux_lora import FLUX_LORA_LAYOUT
 from .streaming import Convert, load_streaming
@@ -96,8 +98,8 @@ class FluxFamily:
     def __init__(self, path: Path):
         self.path = Path(path).resolve()
         self.index = validate_folder(self.path)
-        self._config = _read_config(self.path / "transformer")
-        self._scheduler = _read_config(self.path / "scheduler", "scheduler_config.json")
+        self._config = read_config(self.path / "transformer")
+        self._scheduler = read_config(self.path / "scheduler", "scheduler_config.json")
 
     # --- facts that depend on the variant ---------------------------------------------------
     @property
@@ -143,7 +145,8 @@ class FluxFamily:
     def _build_transformer(self) -> torch.nn.Module:
         from diffusers import FluxTransformer2DModel
 
-        return _build(FluxTransformer2DModel.from_config, self._config, self.path / "transformer")
+        return build_from_config("a FluxTransformer2DModel", FluxTransformer2DModel.from_config,
+                                 self._config, self.path / "transformer")
 
     def load_text_encoder(self, dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu") -> TextEncoders:
@@ -158,7 +161,8 @@ class FluxFamily:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the text encoders of {self.path}: {exc}") from exc
         with torch.device("meta"):
-            t5 = _build(T5EncoderModel, t5_config, self.path / "text_encoder_2")
+            t5 = build_from_config("a T5EncoderModel", T5EncoderModel, t5_config,
+                                   self.path / "text_encoder_2")
         # CLIP-L is small (123M); its position-id buffer is not in its files, so it is loaded
         # with its own loader, straight into `dtype`
         try:
@@ -180,7 +184,8 @@ class FluxFamily:
 
         folder = self.path / "vae"
         with torch.device("meta"):
-            vae = _build(AutoencoderKL.from_config, _read_config(folder), folder)
+            vae = build_from_config("an AutoencoderKL", AutoencoderKL.from_config,
+                                    read_config(folder), folder)
         vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
 
@@ -246,29 +251,19 @@ class FluxFamily:
                                         int(self._config["joint_attention_dim"])),
                             pooled=torch.zeros(batch, int(self._config["pooled_projection_dim"])))
 
-    @torch.no_grad()
     def encode_images(self, vae: Any, images: torch.Tensor) -> LatentDist:
-        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        return LatentDist(mean=posterior.mean.float(), std=posterior.std.float())
+        return encode_posterior(vae, images)
 
     def sample_latents(self, dist: LatentDist, generator: torch.Generator | None) -> torch.Tensor:
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
-                          device=dist.mean.device)
-        shift, scale = self._latent_scale_shift()
-        return (dist.mean + dist.std * eps - shift) * scale
+        return sample_scaled(dist, generator, *self._latent_shift_scale())
 
-    @torch.no_grad()
     def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        shift, scale = self._latent_scale_shift()
-        z = latents.to(vae.device, vae.dtype) / scale + shift
-        return vae.decode(z).sample.float().clamp(-1, 1)
+        return decode_scaled(vae, latents, *self._latent_shift_scale())
 
-    def _latent_scale_shift(self) -> tuple[float, float]:
-        if not hasattr(self, "_scale_shift"):
-            config = _read_config(self.path / "vae")
-            self._scale_shift = (float(config.get("shift_factor") or 0.0),
-                                 float(config.get("scaling_factor", 1.0)))
-        return self._scale_shift
+    def _latent_shift_scale(self) -> tuple[float, float]:
+        if not hasattr(self, "_shift_scale"):
+            self._shift_scale = vae_shift_scale(read_config(self.path / "vae"))
+        return self._shift_scale
 
     # --- the denoiser's contract (base.flow_target: the velocity x0 - noise) -----------------
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
@@ -339,7 +334,7 @@ class FluxFamily:
             source = (self.path / component).resolve()
             target = out_dir / component
             if copy_encoders:
-                shutil.copytree(source, target, copy_function=_link_or_copy)
+                shutil.copytree(source, target, copy_function=link_or_copy)
             else:
                 os.symlink(source, target, target_is_directory=True)
 
@@ -366,26 +361,3 @@ def latent_image_ids(rows: int, cols: int, device: Any, dtype: torch.dtype) -> t
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(cols)[None, :]
     return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
-
-
-def _read_config(folder: Path, name: str = "config.json") -> dict:
-    try:
-        return json.loads((Path(folder) / name).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {Path(folder) / name}: {exc}",
-                         hint="re-download or re-export the model folder") from None
-
-
-def _build(make: Any, config: Any, folder: Path) -> Any:
-    try:
-        return make(config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ModelError(f"{folder / 'config.json'} does not describe the expected model: {exc}",
-                         hint="re-download or re-export the model folder") from exc
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

@@ -34,7 +34,8 @@ from ..errors import ExportError, ModelError
 from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
-from .flite import _build, _link_or_copy, _read_config
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
+                        read_config, sample_scaled, vae_shift_scale)
 from .sd3_layout import has_t5, validate_folder
 from .streaming import Convert, load_streaming
 
@@ -196,8 +197,8 @@ class SD3Family:
         from .sd3_attention import use_dispatched_attention
 
         cls = self._transformer_class()
-        return use_dispatched_attention(_build(cls, cls.from_config, self._config("transformer"),
-                                               folder))
+        return use_dispatched_attention(build_from_config(
+            "a " + cls.__name__, cls.from_config, self._config("transformer"), folder))
 
     def load_text_encoder(self, dtype: torch.dtype = torch.float32,
                           device: torch.device | str = "cpu") -> TextEncoders:
@@ -227,8 +228,8 @@ class SD3Family:
 
         folder = self.path / "vae"
         with torch.device("meta"):
-            vae = _build(AutoencoderKL, lambda c: AutoencoderKL.from_config(c),
-                         _read_config(folder), folder)
+            vae = build_from_config("an AutoencoderKL", lambda c: AutoencoderKL.from_config(c),
+                                    read_config(folder), folder)
         vae = load_streaming(vae, folder, dtype=dtype, device=device)
         return vae.eval().requires_grad_(False)
 
@@ -319,28 +320,17 @@ class SD3Family:
         return Conditioning(torch.zeros(batch, self.text_tokens(), width),
                             pooled=torch.zeros(batch, int(config["pooled_projection_dim"])))
 
-    @torch.no_grad()
     def encode_images(self, vae: Any, images: torch.Tensor) -> LatentDist:
-        """images [B,3,H,W] in [-1,1] -> the posterior N(mean, std²), raw latent space, fp32."""
-        posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-        return LatentDist(mean=posterior.mean.float(), std=posterior.std.float())
+        return encode_posterior(vae, images)
 
     def sample_latents(self, dist: LatentDist, generator: torch.Generator | None) -> torch.Tensor:
-        """Draw z ~ N(mean, std²) with the caller's RNG, then (z - shift) * scale."""
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
-                          device=dist.mean.device)
-        shift, scale = self._latent_scale_shift()
-        return (dist.mean + dist.std * eps - shift) * scale
+        return sample_scaled(dist, generator, *self._latent_shift_scale())
 
-    @torch.no_grad()
     def decode_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
-        shift, scale = self._latent_scale_shift()
-        z = latents.to(vae.device, vae.dtype) / scale + shift
-        return vae.decode(z).sample.float().clamp(-1, 1)
+        return decode_scaled(vae, latents, *self._latent_shift_scale())
 
-    def _latent_scale_shift(self) -> tuple[float, float]:
-        config = self._config("vae")
-        return float(config.get("shift_factor") or 0.0), float(config.get("scaling_factor", 1.0))
+    def _latent_shift_scale(self) -> tuple[float, float]:
+        return vae_shift_scale(self._config("vae"))
 
     # --- the denoiser's contract (base.flow_target: the velocity x0 - noise) -----------------
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, t: torch.Tensor,
@@ -383,6 +373,6 @@ class SD3Family:
             source = (self.path / component).resolve()
             target = out_dir / component
             if copy_encoders:
-                shutil.copytree(source, target, copy_function=_link_or_copy)
+                shutil.copytree(source, target, copy_function=link_or_copy)
             else:
                 os.symlink(source, target, target_is_directory=True)

@@ -1,0 +1,76 @@
+"""What every family does the same way with a model folder and its VAE.
+
+- reading a component's JSON config and building a module from it, a bad config reported as
+  one line naming the file;
+- hard-linking (else copying) files an export carries over unchanged;
+- the VAE side: diffusers' AutoencoderKL posterior, sampled with the caller's generator (so
+  cached and on-the-fly training draw the same latent), then (z - shift) * scale with the
+  folder's `shift_factor` / `scaling_factor`, and the inverse for decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from .base import LatentDist
+
+
+def read_config(folder: Path, name: str = "config.json") -> dict:
+    try:
+        return json.loads((Path(folder) / name).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {Path(folder) / name}: {exc}",
+                         hint="re-download or re-export the model folder") from None
+
+
+def build_from_config(what: str, make: Any, config: Any, folder: Path) -> Any:
+    """`make(config)` (on the meta device when the caller is), a bad config reported as one
+    line naming the folder and `what` it should describe."""
+    try:
+        return make(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ModelError(f"{Path(folder) / 'config.json'} does not describe {what}: {exc}",
+                         hint="re-download or re-export the model folder") from exc
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def vae_shift_scale(vae_config: dict) -> tuple[float, float]:
+    """(shift, scale) of latents from a VAE config (no shift_factor: 0; no scaling_factor: 1)."""
+    return (float(vae_config.get("shift_factor") or 0.0),
+            float(vae_config.get("scaling_factor", 1.0)))
+
+
+@torch.no_grad()
+def encode_posterior(vae: Any, images: torch.Tensor) -> LatentDist:
+    """images [B,3,H,W] in [-1,1] -> the posterior N(mean, std²), raw latent space, fp32."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return LatentDist(mean=posterior.mean.float(), std=posterior.std.float())
+
+
+def sample_scaled(dist: LatentDist, generator: torch.Generator | None, shift: float,
+                  scale: float) -> torch.Tensor:
+    """z ~ N(mean, std²) drawn with the caller's RNG, then (z - shift) * scale."""
+    eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32,
+                      device=dist.mean.device)
+    z = dist.mean + dist.std * eps
+    return (z - shift) * scale
+
+
+@torch.no_grad()
+def decode_scaled(vae: Any, latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    """Scaled latents -> images [B,3,H,W] in [-1,1], fp32."""
+    z = latents.to(vae.device, vae.dtype) / scale + shift
+    return vae.decode(z).sample.float().clamp(-1, 1)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,8 @@ from ..errors import ModelError
 from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
-from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
-                        read_config, sample_scaled, vae_shift_scale)
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, read_config,
+                        sample_scaled, vae_shift_scale, write_pipeline_folder)
 from .flite_dit import DiT
 from .flite_layout import COMPONENTS, MODEL_INDEX, validate_folder  # noqa: F401 (re-exported)
 from .flite_layout import SIZE_MULTIPLE, VAE_FACTOR
@@ -234,28 +232,14 @@ class FLiteFamily:
                       dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "5GB") -> None:
         """Write an F-Lite-layout folder: model_index.json, dit_model/, and the base encoders
         (hard-linked or copied; with copy_encoders=False, symbolic links to the base's folders)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        denoiser.to(dtype).save_pretrained(out_dir / "dit_model", safe_serialization=True,
-                                           max_shard_size=max_shard_size)
-        # diffusers records where the weights came from (`_name_or_path`); an export must not
-        # carry this machine's paths, and F-Lite's config.json has no such key
-        config_file = out_dir / "dit_model" / "config.json"
-        config = json.loads(config_file.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         index = dict(self.index)
         for key, value in MODEL_INDEX.items():
             if key != "_diffusers_version":
                 index[key] = value
-        (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        for component in self.copied_components:
-            source = (self.path / component).resolve()
-            target = out_dir / component
-            if copy_encoders:
-                shutil.copytree(source, target, copy_function=link_or_copy)
-            else:
-                os.symlink(source, target, target_is_directory=True)
+        write_pipeline_folder(denoiser, out_dir, denoiser_folder="dit_model", index=index,
+                              base=self.path, components=self.copied_components,
+                              copy_encoders=copy_encoders, dtype=dtype,
+                              max_shard_size=max_shard_size)
 
 
 def shape_of_config(config: dict) -> DenoiserShape:

@@ -23,10 +23,7 @@ kohya's sd-scripts feed). schnell has no guidance input (`embedded_guidance` Non
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,8 @@ from ..errors import ModelError
 from .base import (GUIDANCE_EXTRA, Conditioning, DenoiserShape, LatentDist, LatentGeometry,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
-from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
-                        read_config, sample_scaled, vae_shift_scale)
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, read_config,
+                        sample_scaled, vae_shift_scale, write_pipeline_folder)
 from .flux_layout import SIZE_MULTIPLE, VAE_FACTOR, validate_folder
 from .flux_lora import FLUX_LORA_LAYOUT
 from .streaming import Convert, load_streaming
@@ -320,23 +317,10 @@ class FluxFamily:
                       dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "5GB") -> None:
         """Write a FluxPipeline folder: model_index.json, transformer/, and the base's other
         components (hard-linked or copied; with copy_encoders=False, symbolic links)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        denoiser.to(dtype).save_pretrained(out_dir / "transformer", safe_serialization=True,
-                                           max_shard_size=max_shard_size)
-        # an export must not carry this machine's paths
-        config_file = out_dir / "transformer" / "config.json"
-        config = json.loads(config_file.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (out_dir / "model_index.json").write_text(json.dumps(self.index, indent=2) + "\n")
-        for component in self.copied_components:
-            source = (self.path / component).resolve()
-            target = out_dir / component
-            if copy_encoders:
-                shutil.copytree(source, target, copy_function=link_or_copy)
-            else:
-                os.symlink(source, target, target_is_directory=True)
+        write_pipeline_folder(denoiser, out_dir, denoiser_folder="transformer", index=self.index,
+                              base=self.path, components=self.copied_components,
+                              copy_encoders=copy_encoders, dtype=dtype,
+                              max_shard_size=max_shard_size)
 
 
 # --- packing, as FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids ------

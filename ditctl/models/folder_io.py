@@ -2,7 +2,8 @@
 
 - reading a component's JSON config and building a module from it, a bad config reported as
   one line naming the file;
-- hard-linking (else copying) files an export carries over unchanged;
+- writing a pipeline folder: the denoiser, model_index.json, and the base's other components
+  hard-linked (else copied) or symlinked;
 - the VAE side: diffusers' AutoencoderKL posterior, sampled with the caller's generator (so
   cached and on-the-fly training draw the same latent), then (z - shift) * scale with the
   folder's `shift_factor` / `scaling_factor`, and the inverse for decoding.
@@ -45,6 +46,32 @@ def link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def write_pipeline_folder(denoiser: torch.nn.Module, out_dir: Path, *, denoiser_folder: str,
+                          index: dict, base: Path, components: tuple[str, ...],
+                          copy_encoders: bool, dtype: torch.dtype, max_shard_size: str) -> None:
+    """A pipeline folder: the denoiser saved (in `dtype`, sharded) under `denoiser_folder`,
+    `index` as model_index.json, and the base's other `components` hard-linked or copied (with
+    `copy_encoders` False: symbolic links to the base's folders)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    denoiser.to(dtype).save_pretrained(out_dir / denoiser_folder, safe_serialization=True,
+                                       max_shard_size=max_shard_size)
+    # diffusers records where the weights came from (`_name_or_path`); an export must not
+    # carry this machine's paths
+    config_file = out_dir / denoiser_folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for component in components:
+        source = (Path(base) / component).resolve()
+        target = out_dir / component
+        if copy_encoders:
+            shutil.copytree(source, target, copy_function=link_or_copy)
+        else:
+            os.symlink(source, target, target_is_directory=True)
 
 
 def vae_shift_scale(vae_config: dict) -> tuple[float, float]:

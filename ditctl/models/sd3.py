@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,8 @@ from ..errors import ExportError, ModelError
 from .base import (Conditioning, DenoiserShape, LatentDist, LatentGeometry, LoraLayout,
                    SamplingDefaults)
 from .fingerprint import folder_fingerprint
-from .folder_io import (build_from_config, decode_scaled, encode_posterior, link_or_copy,
-                        read_config, sample_scaled, vae_shift_scale)
+from .folder_io import (build_from_config, decode_scaled, encode_posterior, read_config,
+                        sample_scaled, vae_shift_scale, write_pipeline_folder)
 from .sd3_layout import has_t5, validate_folder
 from .streaming import Convert, load_streaming
 
@@ -360,19 +358,7 @@ class SD3Family:
         """Write a StableDiffusion3Pipeline folder: the transformer, the base's model_index.json
         and its other components (hard-linked or copied; with copy_encoders=False, symbolic
         links to the base's folders)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        denoiser.to(dtype).save_pretrained(out_dir / "transformer", safe_serialization=True,
-                                           max_shard_size=max_shard_size)
-        config_file = out_dir / "transformer" / "config.json"  # no paths of this machine
-        config = json.loads(config_file.read_text())
-        if config.pop("_name_or_path", None) is not None:
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (out_dir / "model_index.json").write_text(json.dumps(self.index, indent=2) + "\n")
-        for component in self.copied_components:
-            source = (self.path / component).resolve()
-            target = out_dir / component
-            if copy_encoders:
-                shutil.copytree(source, target, copy_function=link_or_copy)
-            else:
-                os.symlink(source, target, target_is_directory=True)
+        write_pipeline_folder(denoiser, out_dir, denoiser_folder="transformer", index=self.index,
+                              base=self.path, components=self.copied_components,
+                              copy_encoders=copy_encoders, dtype=dtype,
+                              max_shard_size=max_shard_size)

@@ -25,7 +25,8 @@ from .. import __version__
 from ..config import Config
 from ..console import console
 from ..engine.loading import load_denoiser, trained_base_precision
-from ..engine.lora import adapter_config_dict, adapters_disabled, has_lora, peft_state_dict
+from ..engine.lora import (adapter_config_dict, adapters_disabled, has_lora, is_adapter_param,
+                           peft_state_dict)
 from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
                       restore_replaced, temp_leftovers)
 from ..models.base import ModelFamily
@@ -257,7 +258,7 @@ def _listing(folder: Path, copied: tuple[str, ...] = ()) -> list[str]:
 
 def _estimated_bytes(plan: ExportPlan, family: ModelFamily, denoiser: torch.nn.Module) -> int:
     itemsize = DTYPES[plan.dtype].itemsize
-    lora_params = sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" in n)
+    lora_params = sum(p.numel() for n, p in denoiser.named_parameters() if is_adapter_param(n))
     if plan.kind == "lora":
         return lora_params * itemsize
     size = (sum(p.numel() for p in denoiser.parameters()) - lora_params) * itemsize

@@ -135,6 +135,16 @@ def _capture_model(monkeypatch) -> dict:
     return seen
 
 
+def _stored_base(model) -> dict[str, torch.Tensor]:
+    """Every stored tensor of the frozen base (quantized parts included), by name."""
+    from ditctl.engine.lora import is_adapter_param
+    from ditctl.engine.precision import _tensor_parts
+
+    return {f"{name.replace('.base_layer', '')}#{i}": part.detach().cpu()
+            for name, param in model.named_parameters() if not is_adapter_param(name)
+            for i, part in enumerate(_tensor_parts(param))}
+
+
 @pytest.mark.slow  # ~10 s each
 @pytest.mark.parametrize("kind, precision", [("dora", "auto"), ("lokr", "auto"),
                                              ("loha", "auto"), ("dora", "nf4"),
@@ -144,8 +154,7 @@ def test_each_variant_trains_and_the_base_stays_untouched(cached_workspace, monk
     from ditctl.data.batches import CachedSource
     from ditctl.data.cache import Cache
     from ditctl.data.manifest import read_manifest
-    from ditctl.engine.lora import is_adapter_param
-    from ditctl.engine.precision import quantizer
+    from ditctl.engine.precision import quantizer, resolve_base_precision, storage_dtype
     from ditctl.engine.validation import validation_loss
 
     ws = cached_workspace
@@ -157,11 +166,11 @@ def test_each_variant_trains_and_the_base_stays_untouched(cached_workspace, monk
     out = run_training(ws, ws.config(settings))
     model = seen["model"]
     family = load_family(ws.model_path(ws.config()))
-    fresh = family.load_denoiser(torch.float32, convert=quantizer(precision))
-    base = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-            if not is_adapter_param(k)}
-    for key, value in fresh.state_dict().items():
-        assert torch.equal(base[key].float(), value.float()), key
+    stored = resolve_base_precision(precision, mixed)
+    fresh = family.load_denoiser(storage_dtype(stored, mixed), convert=quantizer(stored))
+    trained, expected = _stored_base(model), _stored_base(fresh)
+    assert trained.keys() == expected.keys()
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
     checkpoint = out.result.checkpoint
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
     assert saved["peft_type"] == {"dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}[kind]

@@ -16,7 +16,7 @@ import tomli_w
 import torch
 from safetensors.torch import load_file
 
-from ditctl.config import Config, build_config
+from ditctl.config import build_config
 from ditctl.engine.loading import load_denoiser
 from ditctl.engine.lora import peft_state_dict
 from ditctl.errors import CheckpointError, ConfigError, ExportError
@@ -244,7 +244,7 @@ def _run_with_checkpoint(root: Path, model_dir: Path, lora_settings: dict) -> tu
     ws = init_workspace(root, model=str(model_dir)).workspace
     run_dir = root / "runs" / RUN
     run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(tomli_w.dumps(Config().to_dict()))
+    (run_dir / "config.toml").write_text(tomli_w.dumps(ws.config().to_dict()))
     checkpoint = write_test_checkpoint(model_dir, run_dir / "checkpoints" / "step-000010",
                                        lora_settings=lora_settings)
     return ws, checkpoint

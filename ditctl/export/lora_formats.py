@@ -336,7 +336,12 @@ def to_single_file(state: dict[str, torch.Tensor], alphas: dict[str, float],
     """The single-file state of a PEFT state: the layout's own, else the comfy layout."""
     if layout.to_single_file is None:
         return peft_to_comfy(state, alphas, adapter_ranks(denoiser))
-    adapter_modules(state)  # plain LoRA A/B only
+    kind = state_kind(state)
+    if kind in _LYCORIS_PARTS:  # the family's layout fuses and renames plain LoRA pairs only
+        raise ExportError(f"this model family's single-file layout ({layout.single_file_keys}) "
+                          f"holds plain LoRA only, not a {kind} adapter",
+                          hint="export with --format peft or --merge-lora")
+    adapter_modules(state)  # plain LoRA A/B only (DoRA: its own error)
     return layout.to_single_file(state, alphas, denoiser)
 
 

@@ -22,6 +22,10 @@ measurement by `python -m bench memory_plan` (within 10%) and bench/gpu_check.py
                    bf16: 12) + 8·T·head_dim (RoPE tables) + 4·T·(5·heads + 3) (norm and
                    softmax statistics) + the text side (L tokens: 10·L·H + 2·L·D_text) + the
                    LoRA path (2·r per token and target, and a bf16 copy of the adapters).
+                   Other adapter kinds ([lora] lora_type): DoRA adds its rescaled base and
+                   LoRA outputs (2 x 2 B per token and adapted output feature); LoKr and LoHa
+                   have no per-token path but keep each adapted layer's whole update (a bf16
+                   out x in matrix) once per step, whatever the batch.
                    With gradient checkpointing only each block's fp32 input (4·T·H) is kept,
                    and one block is recomputed at a time.
   working set      the transients at the peak (the backward of one block): its gradient
@@ -186,8 +190,9 @@ def saved_per_block(config: DenoiserShape, shape: StepShape, precision: str,
     lora_side = unit * rank * (adapted - 1) * t + unit * rank * text + unit * adapters \
         if adapted and not lora.delta_elements else 0
     modulation = unit * 12 * hidden
-    # DoRA rescales each adapted layer's output: the rescaled outputs stay for the backward
-    dora_side = unit * t * lora.dora_outputs
+    # DoRA rescales each adapted layer's base and LoRA outputs by the magnitude over the
+    # weight norm: both stay for the backward (the magnitude's gradient needs them)
+    dora_side = 2 * unit * t * lora.dora_outputs
     per_sample = image + text_side + lora_side + dora_side + modulation
     per_step = unit * lora.delta_elements  # LoKr/LoHa: each layer's update, once per step
     return int(shape.batch * per_sample + per_step)

@@ -231,10 +231,10 @@ def _contents_section(plan: ExportPlan, lora: dict | None, files: list[str]) -> 
         extra = "".join(f", {key.replace('_', ' ')} `{json.dumps(lora[key])}`"
                         for key in ("rank_pattern", "alpha_pattern", "lokr_factor")
                         if key in lora)
-        lines.append(f"- {ADAPTER_TITLES[kind]} adapter (`[lora] lora_type = \"{kind}\"`): "
-                     f"rank {lora['rank']}, alpha {lora['alpha']:g}{extra}, target modules: "
-                     f"{', '.join(lora['targets'])}"
-                     + (" (merged into the DiT weights)" if plan.kind == "merged" else ""))
+        lines.append(f"- {ADAPTER_TITLES[kind]} rank {lora['rank']}, alpha {lora['alpha']:g}"
+                     f"{extra}, target modules: {', '.join(lora['targets'])}"
+                     + (" (merged into the DiT weights)" if plan.kind == "merged" else "")
+                     + f"; `[lora] lora_type = \"{kind}\"`")
     return lines
 
 

@@ -149,8 +149,10 @@ def _init_in_fp32(module: torch.nn.Module, config) -> None:
         if kind == "dora":  # the magnitude: the row norms of the base weight, now in fp32
             from peft.tuners.lora.variants import DoraLinearVariant
 
+            names = module.adapter_layer_names  # init re-registers the magnitude's name
             del module.lora_magnitude_vector[ADAPTER]
             DoraLinearVariant.init(module, adapter_name=ADAPTER)
+            module.adapter_layer_names = names
             module.lora_magnitude_vector[ADAPTER].to(device, torch.float32)
         return
     for name in module.adapter_layer_names:  # LyCORIS: parameters created empty, then init

@@ -374,3 +374,22 @@ def test_dora_single_file_export_is_a_one_line_error_naming_the_formats(tmp_path
     assert "--format peft" in info.value.hint and "--merge-lora" in info.value.hint
     assert "\n" not in str(info.value)
     assert not any((ws.root / "exports").glob("*"))
+
+
+@pytest.mark.parametrize("kind, precision", [("dora", "nf4"), ("lokr", "int8"), ("loha", "fp8")])
+def test_a_variant_trained_on_a_quantized_base_merges_into_the_full_precision_one(
+        tmp_path, tiny_model_dir, kind, precision):
+    """As for LoRA: sample/eval rebuild the quantized base it trained on; the export merges into
+    the full-precision base and differs from the run's model by about the quantization error."""
+    from ditctl.engine.precision import QuantizedLinear
+
+    ws, checkpoint = _run_with_checkpoint(tmp_path / "ws", tiny_model_dir, {"lora_type": kind})
+    marker = checkpoint / "checkpoint.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "base_precision": precision}))
+    family = load_family(tiny_model_dir)
+    assert any(isinstance(m, QuantizedLinear) for m in load_denoiser(family, checkpoint).modules())
+    result = export_checkpoint(ws, ws.config({"export.merge_lora": True, "export.dtype": "fp32"}))
+    assert result.parity.passed and result.trained_parity.passed
+    full = run_model(family, load_denoiser(family, checkpoint, as_trained=False))
+    exported = load_family(result.path).load_denoiser()
+    assert relative_error(run_model(family, exported), full) < 1e-5

@@ -393,3 +393,22 @@ def test_a_variant_trained_on_a_quantized_base_merges_into_the_full_precision_on
     full = run_model(family, load_denoiser(family, checkpoint, as_trained=False))
     exported = load_family(result.path).load_denoiser()
     assert relative_error(run_model(family, exported), full) < 1e-5
+
+
+@pytest.mark.slow  # ~10 s each
+@pytest.mark.parametrize("kind, precision", [("dora", "nf4"), ("lokr", "int8")])
+def test_streamed_base_blocks_train_each_variant_as_resident_ones(tmp_path, tiny_model_dir, kind,
+                                                                 precision):
+    """offload_base_blocks streams the frozen blocks in; DoRA reads the base weight itself
+    (its norm), LoKr its shape: both train exactly as with the base resident."""
+    settings = dict(train={"mixed_precision": "bf16", "gradient_checkpointing": True,
+                           "learning_rate": 1e-3}, n_train=4)
+    lora = {**LORA, "lora_type": kind, "base_precision": precision}
+    weights = []
+    for name, offload in (("a", False), ("b", True)):
+        ws = make_workspace(tmp_path / name, tiny_model_dir,
+                            lora={**lora, "offload_base_blocks": offload}, **settings)
+        out = run_training(ws, ws.config({"train.max_steps": 2}))
+        weights.append(load_file(out.result.checkpoint / "lora.safetensors"))
+    a, b = weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -29,8 +29,6 @@ PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name for the weights of a s
 # what peft names every trained adapter tensor of each kind (DoRA's magnitude is
 # `lora_magnitude_vector`): a parameter is an adapter's exactly when its name holds one
 ADAPTER_PARAM_MARKERS = ("lora_", "lokr_", "hada_")
-# [lora] lora_type -> the peft_type its adapter_config.json records
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "lokr": "LOKR", "loha": "LOHA"}
 
 
 def is_adapter_param(name: str) -> bool:

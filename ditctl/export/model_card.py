@@ -349,11 +349,11 @@ def _usage(plan: ExportPlan, usage_note: str = "",
         f"inject_adapter_in_model({cls}.from_pretrained({folder!r}), dit)",
         f"set_peft_model_state_dict(dit, load_file({folder + '/adapter_model.safetensors'!r}))",
         "```", "",
-        "(`PeftModel.from_pretrained` expects keys prefixed `base_model.model.`; use one of the "
-        "two ways above.)", "",
+        "(`PeftModel.from_pretrained` expects keys prefixed `base_model.model.`; use "
+        + ("one of the two ways above.)" if kind in ("lora", "dora") else "the way above.)"), "",
         "With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
-        f"\"{folder}\"` in project.toml. For `ditctl sample --model`, export the run with "
-        "`--merge-lora`."]
+        f"\"{folder}\"` (and `lora_type = \"{kind}\"`) in project.toml. For `ditctl sample "
+        "--model`, export the run with `--merge-lora`."]
 
 
 def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:

@@ -376,7 +376,9 @@ def test_dora_single_file_export_is_a_one_line_error_naming_the_formats(tmp_path
     assert not any((ws.root / "exports").glob("*"))
 
 
-@pytest.mark.parametrize("kind, precision", [("dora", "nf4"), ("lokr", "int8"), ("loha", "fp8")])
+@pytest.mark.parametrize("kind, precision", [
+    ("dora", "nf4"), pytest.param("lokr", "int8", marks=pytest.mark.slow),
+    pytest.param("loha", "fp8", marks=pytest.mark.slow)])
 def test_a_variant_trained_on_a_quantized_base_merges_into_the_full_precision_one(
         tmp_path, tiny_model_dir, kind, precision):
     """As for LoRA: sample/eval rebuild the quantized base it trained on; the export merges into

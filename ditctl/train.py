@@ -19,6 +19,7 @@ from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, sta
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
+from .engine.objective import describe_objective
 from .engine.plan import memory_advice, training_plan
 from .engine.run import Run, new_run, open_run_for_resume
 from .engine.setup import (base_storage, build_denoiser, make_accelerator, plan_schedule,
@@ -132,8 +133,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
-        return TrainOutcome(plan=training_plan(schedule, skeleton, family, config,
-                                               info["buckets"], world))
+        plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
+        plan["objective"] = describe_objective(
+            config.train, sum(row.mask is not None for row in rows), len(rows))
+        return TrainOutcome(plan=plan)
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:
         from .engine.offload import stream_base_blocks

@@ -156,6 +156,26 @@ def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
     return flow_noisy(x0, noise, t), t, cond, flow_target(x0, noise)
 
 
+def describe_objective(train: TrainConfig, masked_images: int = 0,
+                       images: int = 0) -> dict[str, str]:
+    """The objective's settings in words (the --dry-run plan): timesteps, loss weighting,
+    loss masks."""
+    density = {"logit_normal": f"logit-normal (mean {train.logit_normal_mean:g}, std "
+                               f"{train.logit_normal_std:g}), "
+                               f"{train.uniform_timestep_fraction:g} of them uniform",
+               "uniform": "uniform", "mode": f"mode (scale {train.mode_scale:g})",
+               "cosmap": "cosmap"}[train.timestep_sampling]
+    shift = (f"shifted by a fixed {train.timestep_shift:g}" if train.timestep_shift is not None
+             else "shifted by the family's resolution rule" if train.resolution_shift
+             else "not shifted")
+    out = {"timesteps": f"{density}, {shift}", "loss_weighting": train.loss_weighting}
+    if masked_images:
+        floor = (f", masked-out areas weigh {train.masked_loss_floor:g}"
+                 if train.masked_loss_floor else "")
+        out["loss_mask"] = f"{masked_images} of {images} images masked{floor}"
+    return out
+
+
 def training_guidance(family: ModelFamily, train: TrainConfig) -> float | None:
     """The guidance scale a guidance-distilled denoiser reads in training ([train]
     embedded_guidance, else the family's default); None for a family without that input."""

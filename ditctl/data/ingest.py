@@ -158,6 +158,10 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
     samples, plans = _plan(good, bad, data, batch_sizes, origin,
                            size_multiple(config.model.family), masks)
+    if data.use_masks:
+        kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
+        notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from alpha "
+                     f"channels; {kinds['none']} image(s) without one train everywhere")
     position = {(row.split, row.source): i for i, row in enumerate(rows)}
     bad.sort(key=lambda b: position[(b.split, b.source)])
 

@@ -84,7 +84,9 @@ def masked(tmp_path, tiny_model_dir):
 
 def test_ingest_finds_each_kind_of_mask(masked):
     ws, kinds = masked
-    run_ingest(ws, ws.config(), workers=1)
+    summary = run_ingest(ws, ws.config(), workers=1)
+    assert "loss masks: 4 from mask files, 2 from alpha channels; 2 image(s) without one" \
+        in summary.notes[-1]
     rows = read_manifest(ws, "train")
     assert len(rows) == len(kinds)  # the sidecar masks are not images of their own
     for row in rows:

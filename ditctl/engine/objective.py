@@ -121,7 +121,7 @@ class NoisedBatch:
     t: torch.Tensor  # [B] timesteps in [0, 1]
     cond: Conditioning  # per sample; dropped-out captions replaced by the empty conditioning
     target: torch.Tensor  # [B, C, h, w] what the model should predict
-    weight: torch.Tensor | None = None  # [B] loss weights w(t); None: all 1 ([train] loss_weighting)
+    weight: torch.Tensor | None = None  # [B] loss weights w(t) ([train] loss_weighting); None: 1
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask in [0, 1]; None: everywhere 1
 
     def map(self, fn) -> "NoisedBatch":

@@ -23,7 +23,8 @@ from ditctl.data.cache import Cache, KeySpec  # noqa: E402
 from ditctl.data.ingest import StrictIngestError, run_ingest  # noqa: E402
 from ditctl.data.manifest import MaskRef, read_manifest  # noqa: E402
 from ditctl.data.sources import is_mask_name, read_folder  # noqa: E402
-from ditctl.data.transforms import latent_mask, load_training_image, load_training_mask  # noqa: E402
+from ditctl.data.transforms import (latent_mask, load_training_image,  # noqa: E402
+                                    load_training_mask)
 from ditctl.models.registry import load_family  # noqa: E402
 from ditctl.precompute import run_precompute  # noqa: E402
 

@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_workspace  # noqa: E402
 from data.test_masks import add_masks  # noqa: E402
-from engine.test_training import LORA, _assert_same, _losses, _train, _weights, stop_after  # noqa: E402
+from engine.test_training import (LORA, _assert_same, _losses, _train, _weights,  # noqa: E402
+                                  stop_after)
 
 MASKED = dict(lora=LORA, n_train=8, n_val=0, sizes=((32, 32), (48, 32)),
               data={"use_masks": True, "random_flip": True, "center_crop": False})

@@ -71,6 +71,39 @@ def _size_problem(value: int | None, family: str) -> str | None:
             f"try {max(m, round(value / m) * m)}")
 
 
+def parse_patterns(entries: tuple[str, ...], kind: type) -> dict[str, Any]:
+    """ "regex=value" entries -> {regex: value}; raises ValueError naming the bad entry."""
+    import re
+
+    out: dict[str, Any] = {}
+    for entry in entries:
+        pattern, sep, value = entry.rpartition("=")
+        pattern = pattern.strip()
+        if not sep or not pattern:
+            raise ValueError(f"{entry!r} is not \"regex=value\"")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            raise ValueError(f"{entry!r}: {value.strip()!r} is not "
+                             f"{'an integer' if kind is int else 'a number'}") from None
+        if not number > 0:
+            raise ValueError(f"{entry!r}: the value must be > 0")
+        out[pattern] = number
+    return out
+
+
+def _pattern_problem(entries: tuple[str, ...], kind: type) -> str | None:
+    try:
+        parse_patterns(entries, kind)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _fractions(values: tuple[float, ...]) -> str | None:
     if not values:
         return "needs at least one value"
@@ -259,9 +292,25 @@ class LoraConfig:
 
     use_lora: bool = opt(False, "Add LoRA adapters to the DiT.")
     train_only_lora: bool = opt(False, "Freeze the base model and train only the LoRA weights.")
+    lora_type: str = opt(
+        "lora", "Adapter kind (all through peft): lora (low-rank B @ A), dora (LoRA plus a "
+        "trained per-row magnitude: weight-decomposed LoRA), lokr (Kronecker product of two "
+        "small matrices, LyCORIS) or loha (Hadamard product of two low-rank pairs, LyCORIS).",
+        choices=("lora", "dora", "lokr", "loha"))
     lora_rank: int = opt(64, "Rank of the LoRA matrices.", min=1)
     lora_alpha: float = opt(64, "LoRA scaling numerator (scale = alpha / rank).", min=0.0,
                             min_exclusive=True)
+    lora_rank_pattern: tuple[str, ...] = opt(
+        (), "Per-module ranks as \"regex=rank\" (peft rank_pattern; the regex is matched "
+        "against the end of the module's path, e.g. \"ff.*=16\"); other modules get lora_rank.",
+        check=lambda v: _pattern_problem(v, int))
+    lora_alpha_pattern: tuple[str, ...] = opt(
+        (), "Per-module alphas as \"regex=alpha\" (peft alpha_pattern), like lora_rank_pattern.",
+        check=lambda v: _pattern_problem(v, float))
+    lokr_factor: int = opt(
+        -1, "lokr: the Kronecker factor (each weight side is split as factor x rest; -1: the "
+        "most balanced split). Larger factors train more parameters.", min=-1,
+        check=lambda v: "must be -1 or a positive integer" if v == 0 else None)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
     lora_target_modules: tuple[str, ...] = opt(
         (), "Module names that get adapters (comma-separated); empty: the model family's "
@@ -568,6 +617,7 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
     if lora["train_only_lora"] and not lora["use_lora"]:
         errors.append("[lora] train_only_lora = true needs use_lora = true "
                       "(or use `ditctl train --lora`, which sets both)")
+    _lora_type_checks(lora, errors)
     distributed = {**_defaults("distributed"), **values["distributed"]}
     if distributed["node_rank"] >= distributed["nnodes"]:
         errors.append(f"[distributed] node_rank = {distributed['node_rank']} must be below "
@@ -597,6 +647,22 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
                                     or train["ema_on_cpu"]):
         errors.append("[train] ema_warmup / ema_every / ema_on_cpu need ema_decay > 0 "
                       "(e.g. ema_decay = 0.999)")
+
+
+def _lora_type_checks(lora: dict[str, Any], errors: list[str]) -> None:
+    """Keys that only one adapter kind reads, and the kinds peft cannot put on an NF4 base."""
+    kind = lora["lora_type"]
+    if lora["lokr_factor"] != -1 and kind != "lokr":
+        errors.append(f"[lora] lokr_factor = {lora['lokr_factor']} only applies to "
+                      f"lora_type = 'lokr' (now {kind!r}); remove it or set lora_type = 'lokr'")
+    if lora["lora_dropout"] > 0 and kind in ("lokr", "loha"):
+        errors.append(f"[lora] lora_dropout is LoRA's input dropout; lora_type = {kind!r} has "
+                      "none: set lora_dropout = 0")
+    if kind in ("lokr", "loha") and lora["base_precision"] == "nf4":
+        errors.append(f"[lora] lora_type = {kind!r} cannot train on base_precision = 'nf4' "
+                      "(peft shapes its weight update like the stored weight, which NF4 packs "
+                      "two to a byte): use base_precision = 'int8' or 'fp8', or lora_type = "
+                      "'lora' / 'dora'")
 
 
 def _defaults(section: str) -> dict[str, Any]:

@@ -152,6 +152,12 @@ class DataConfig:
         min=1)
     keep_empty_captions: bool = opt(
         False, "Keep images with an empty caption as unconditional samples (else skip them).")
+    use_masks: bool = opt(
+        False, "Weight the training loss by a per-image mask (white: learn, black: ignore): "
+        "the CSV's mask_column, else a NAME.mask.png next to the image, else the image's alpha "
+        "channel; images without one train everywhere.")
+    mask_column: str = opt("mask_path", "CSV column holding the mask paths (use_masks; "
+                                        "optional column, empty cells: no mask file).")
 
 
 @dataclass(frozen=True)
@@ -209,14 +215,34 @@ class TrainConfig:
         0.01, "Fraction of captions replaced by the model's unconditional input (an all-zero "
         "embedding, or an empty prompt's encoding where the model's pipeline uses that).",
         min=0.0, max=1.0)
+    timestep_sampling: str = opt(
+        "logit_normal", "How training timesteps are drawn: logit_normal (sigmoid of a normal "
+        "draw, with a uniform fraction), uniform, mode (the SD3 paper's mode sampling, "
+        "mode_scale) or cosmap (the SD3 paper's CosMap).",
+        choices=("logit_normal", "uniform", "mode", "cosmap"))
     uniform_timestep_fraction: float = opt(
-        0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
-        min=0.0, max=1.0)
+        0.1, "timestep_sampling = logit_normal: fraction of samples whose timestep is drawn "
+        "uniformly (unshifted) instead.", min=0.0, max=1.0)
     logit_normal_mean: float = opt(0.0, "Mean of the logit-normal timestep density.")
     logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
                                   min_exclusive=True)
+    mode_scale: float = opt(
+        1.29, "timestep_sampling = mode: the scale s (0: uniform; > 0 favours middle "
+        "timesteps, < 0 the ends; at most 2/(pi-2) keeps the mapping monotone).",
+        min=-1.0, max=2 / (math.pi - 2))
     resolution_shift: bool = opt(
         True, "Shift timesteps towards noise for larger images, by the model family's rule.")
+    timestep_shift: float | None = opt(
+        None, "A fixed time shift alpha (t' = alpha*t / (1 + (alpha-1)*t); 1: none) for "
+        "training and validation timesteps, used instead of the family's resolution rule. "
+        "Unset: resolution_shift decides.", min=0.0, min_exclusive=True)
+    masked_loss_floor: float = opt(
+        0.0, "[data] use_masks: the loss weight of masked-out (black) areas, so they still "
+        "train a little (0: not at all).", min=0.0, max=1.0, max_exclusive=True)
+    loss_weighting: str = opt(
+        "none", "Per-sample loss weight by timestep t: none, sigma_sqrt (1/t^2, large near "
+        "t = 0) or cosmap (2 / (pi*(1 - 2t + 2t^2))), as diffusers' SD3 training.",
+        choices=("none", "sigma_sqrt", "cosmap"))
     embedded_guidance: float | None = opt(
         None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
         "input): the scale fed in training. Unset: the model family's default.", min=0.0)
@@ -604,6 +630,19 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
     if train["ema_decay"] > 0 and distributed["strategy"] == "fsdp":
         errors.append("[train] ema_decay needs [distributed] strategy = 'ddp' (an FSDP run's EMA "
                       "is not kept); set ema_decay = 0 or use strategy = 'ddp'")
+    data = {**_defaults("data"), **values["data"]}
+    if train["masked_loss_floor"] > 0 and not data["use_masks"]:
+        errors.append("[train] masked_loss_floor needs [data] use_masks = true (there is no "
+                      "mask to weight without it)")
+    # density parameters read only by one timestep_sampling: another value would be ignored
+    defaults = _defaults("train")
+    for key, sampling in (("uniform_timestep_fraction", "logit_normal"),
+                          ("logit_normal_mean", "logit_normal"),
+                          ("logit_normal_std", "logit_normal"), ("mode_scale", "mode")):
+        if train[key] != defaults[key] and train["timestep_sampling"] != sampling:
+            errors.append(f"[train] {key} = {train[key]!r} is read only with timestep_sampling = "
+                          f"'{sampling}' (it is {train['timestep_sampling']!r}); set "
+                          f"timestep_sampling = '{sampling}' or leave {key} at its default")
     if train["ema_decay"] == 0 and (train["ema_warmup"] or train["ema_every"] != 1
                                     or train["ema_on_cpu"]):
         errors.append("[train] ema_warmup / ema_every / ema_on_cpu need ema_decay > 0 "

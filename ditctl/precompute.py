@@ -295,7 +295,7 @@ class _ImageJobs(torch.utils.data.Dataset):
         except DataError as exc:
             return i, None, (exc.message, exc.hint)
         except (ImageProblem, OSError) as exc:
-            return i, None, (f"{row.path}: {exc} (it was readable at ingest)",
+            return i, None, (f"{row.image_name}: {exc} (it was readable at ingest)",
                              "run `ditctl ingest` to update the manifest")
 
 
@@ -372,7 +372,7 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
         data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype)
         files.append((cache.path("latent", job.key), data))
         entries.append(IndexEntry(job.key, "latent", tuple(job_mean.shape), cache.spec.dtype,
-                                  len(data), job.flip, str(job.row.path)))
+                                  len(data), job.flip, job.row.image_name))
     writer.submit(files, entries)
     return sum(len(data) for _, data in files)
 

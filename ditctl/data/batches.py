@@ -101,17 +101,20 @@ def load_row_pixels(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int) -
 
     The row's content hash names its cache entries, so a file edited after ingest must not be
     encoded under the old hash: its size and mtime are checked against the manifest first
-    (the same test ingest uses to decide what to re-read).
+    (the same test ingest uses to decide what to re-read). For an image inside a tar shard or
+    Arrow file, that is the container's mtime.
     """
     try:
         stat = os.stat(row.path)
     except FileNotFoundError:
         raise DataError(f"{row.path}: file not found (it was there at ingest)",
                         hint="run `ditctl ingest` to update the manifest") from None
-    if stat.st_size != row.size_bytes or stat.st_mtime_ns != row.mtime_ns:
+    changed = stat.st_mtime_ns != row.mtime_ns or (not row.member and
+                                                   stat.st_size != row.size_bytes)
+    if changed:
         raise DataError(f"{row.path}: changed since ingest (size or modification time differ)",
                         hint="run `ditctl ingest` to update the manifest")
-    return load_training_image(row.path, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
+    return load_training_image(row.ref, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
                                max_pixels=max_pixels)
 
 

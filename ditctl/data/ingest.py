@@ -1,8 +1,12 @@
 """`ingest`: read the data sources, validate every image, plan buckets, write the manifest.
 
-    sources (CSV / folder)  ->  rows
-    stat every file; reuse what the previous manifest learned where size and mtime match
-    probe the rest (read once, sha256, full decode) in worker processes
+    sources (CSV, JSONL, Parquet, image folder, WebDataset shards, datasets folder) -> rows
+        (a tar shard or Arrow file is read only when its size or mtime changed since the last
+        ingest: `containers.ContainerCache`)
+    stat every file (or container); reuse what the previous manifest learned where size and
+        mtime match
+    probe the rest (read once, sha256, full decode) in worker processes, images inside a
+        container by one positioned read each, in container order
     classify rows: good / bad (missing, corrupt, not an image, empty, too many pixels,
                    too small, empty caption, ...); duplicates (same hash) are reported
     plan buckets per split; write data/ingest-report.json; replace the manifest atomically
@@ -22,6 +26,7 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import stat as stat_module
 import sys
 import time
 import types
@@ -47,9 +52,12 @@ from .buckets import BucketPlan, plan_buckets
 from .images import ImageFacts, ProbeResult
 from .manifest import (ManifestRow, PreviousManifest, SampleKey, read_previous, sample_key,
                        write_manifest)
+from .containers import ContainerCache
+from .images import ImageRef
 from .sources import SourceRow, read_source
 
 REPORT_NAME = "ingest-report.json"
+CONTAINER_CACHE = "containers.sqlite"  # in .ditctl/: what reading each shard learned
 # Below this many files to decode, starting worker processes costs more than it saves.
 POOL_MIN_FILES = 48
 MAX_CHUNK = 16  # small enough that the last chunks do not leave a core idle for long
@@ -60,18 +68,24 @@ class BadRow:
     """A row that is not used, and why."""
 
     split: str
-    origin: str        # the CSV file or folder the row comes from
-    source: str        # "line 12" or the image's path relative to the folder
+    origin: str        # the data path the row comes from (file, folder, shard list)
+    source: str        # "line 12", "row 12", "shard-000.tar key 0001", a path in the folder
     listed_path: str   # the image path as the source writes it
-    path: str          # absolute path
+    path: str          # absolute path (of the container, for an image inside one)
     code: str          # missing, corrupt, not_image, empty_file, too_small, empty_caption, ...
     reason: str
+    member: str = ""   # the image's name inside the container
 
     @property
     def where(self) -> str:
-        """`train.csv:12` for a CSV row, `photos/` for a folder row."""
+        """`train.csv:12` for a CSV/JSONL line, `captions.parquet row 12` for a Parquet row,
+        `shard-000.tar key 0001` for a WebDataset sample, `photos/` for a folder row."""
         if self.source.startswith("line "):
             return f"{Path(self.origin).name}:{self.source[5:]}"
+        if self.source.startswith("row "):
+            return f"{Path(self.origin).name} {self.source}"
+        if " key " in self.source or " row " in self.source:
+            return self.source  # names the shard / Arrow file and the key already
         return f"{Path(self.origin).name}/"
 
 
@@ -94,6 +108,8 @@ class IngestSummary:
     files_read: int
     files_reused: int
     report_path: Path
+    containers_read: int = 0    # tar shards / Arrow files read
+    containers_reused: int = 0  # unchanged since the last ingest: not read
     fingerprint: str | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -110,7 +126,8 @@ class IngestSummary:
                 "buckets": {s: len(p.buckets) for s, p in self.plans.items()},
                 "batches_per_epoch": {s: p.batches_per_epoch for s, p in self.plans.items()},
                 **dataclasses.asdict(self.changes), "files_read": self.files_read,
-                "files_reused": self.files_reused, "fingerprint": self.fingerprint}
+                "files_reused": self.files_reused, "containers_read": self.containers_read,
+                "containers_reused": self.containers_reused, "fingerprint": self.fingerprint}
 
 
 class StrictIngestError(DataError):
@@ -136,7 +153,11 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     """
     started = time.perf_counter()
     data = config.data
-    rows = _read_rows(ws, data)
+    cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
+    try:
+        rows = _read_rows(ws, data, cache)
+    finally:
+        cache.close()
     origin = {"train": str(ws.resolve(data.train_data_path)),
               "val": str(ws.resolve(data.val_data_path)) if data.val_data_path else ""}
     previous = read_previous(ws.manifest_db)
@@ -158,7 +179,8 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         empty_captions_kept=[s for s in samples if not s.caption],
         duplicates=_duplicates(samples), plans=plans, changes=_changes(previous, samples),
         files_read=files_read, files_reused=files_reused,
-        report_path=ws.data_dir / REPORT_NAME, notes=notes)
+        report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
+        containers_reused=cache.reused, notes=notes)
 
     refusal: DataError | None = None
     if strict and bad:
@@ -175,7 +197,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
 
     # Keep what validation learned about every decodable file still listed (also those of
     # rows that were refused as too small or uncaptioned), so the next run skips them too.
-    listed = {r.path for r in rows}
+    listed = {r.key for r in rows}
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
             "ditctl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "counts": summary.counts}
@@ -194,7 +216,7 @@ def _finish(summary: IngestSummary, started: float) -> None:
     summary.elapsed_s = time.perf_counter() - started
 
 
-def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
+def _read_rows(ws: Workspace, data: DataConfig, cache: ContainerCache) -> list[SourceRow]:
     if not data.train_data_path:
         raise DataError("no training data: [data] train_data_path is not set",
                         hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER")
@@ -203,7 +225,8 @@ def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
     for split, where in (("train", data.train_data_path), ("val", data.val_data_path)):
         if where:
             found = read_source(ws.resolve(where), split=split, base_image_dir=base,
-                                image_column=data.image_column, caption_column=data.caption_column)
+                                image_column=data.image_column, caption_column=data.caption_column,
+                                cache=cache)
             if not found:
                 raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
                                 hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
@@ -217,40 +240,73 @@ def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
 def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels: int,
                    workers: int | None,
                    ) -> tuple[dict[str, ImageFacts], dict[str, tuple[str, str]], int, int]:
-    """(facts of good files, (code, message) of bad files, files decoded, files reused).
+    """(facts of good images, (code, message) of bad ones, images decoded, images reused),
+    keyed by `ImageRef.key`.
 
-    A file whose size and mtime match the previous manifest is not read again: its recorded
-    hash and size are reused.
+    An image whose size and mtime match the previous manifest is not read again: its recorded
+    hash and size are reused. For an image inside a container, that is the container's mtime
+    and the member's own offset and size.
     """
     facts: dict[str, ImageFacts] = {}
     problems: dict[str, tuple[str, str]] = {}
-    to_probe = []
+    to_probe: list[ImageRef] = []
     reused = 0
-    for path in dict.fromkeys(r.path for r in rows if r.problem is None):
-        try:
-            stat = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            problems[path] = ("missing", "file not found")
+    stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per file or container
+    seen: set[str] = set()
+    for row in rows:
+        if row.problem is not None:
             continue
-        except OSError as exc:
-            problems[path] = ("unreadable", f"cannot read the file ({exc.strerror or exc})")
+        key = row.key
+        if key in seen:
             continue
-        refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
-        if refused is not None:
-            problems[path] = (refused.code, refused.message)
+        seen.add(key)
+        stat = stats.get(row.path)
+        if stat is None:
+            stat = stats[row.path] = _stat(row.path, max_pixels, bool(row.member))
+        if not isinstance(stat, os.stat_result):  # (code, message)
+            problems[key] = stat
             continue
-        known = previous.files.get(path)
-        if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
-            facts[path] = known
+        known = previous.files.get(key)
+        if row.member:
+            if known and known.mtime_ns == stat.st_mtime_ns and known.offset == row.offset \
+                    and known.size_bytes == row.size:
+                facts[key] = known
+                reused += 1
+            else:
+                to_probe.append(row.ref)
+        elif known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            facts[key] = known
             reused += 1
         else:
-            to_probe.append(path)
+            to_probe.append(row.ref)
+    del seen, stats
+    # container members in file order: each worker's chunk reads forward through one shard
+    to_probe.sort(key=lambda ref: (ref.path, ref.offset))
     for result in _probe_all(to_probe, max_pixels, workers):
         if result.facts is not None:
-            facts[result.path] = result.facts
+            facts[result.key] = result.facts
         else:
-            problems[result.path] = (result.code, result.message)
+            problems[result.key] = (result.code, result.message)
     return facts, problems, len(to_probe), reused
+
+
+def _stat(path: str, max_pixels: int, container: bool) -> os.stat_result | tuple[str, str]:
+    """The stat of an image file or container, or (code, message) why it cannot be read."""
+    what = "the shard / Arrow file holding the image" if container else "file"
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ("missing", f"{what} not found")
+    except OSError as exc:
+        return ("unreadable", f"cannot read the {what} ({exc.strerror or exc})")
+    if container:
+        if not stat_module.S_ISREG(stat.st_mode):
+            return ("not_regular_file", f"{what} is not a regular file")
+        return stat
+    refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
+    if refused is not None:
+        return (refused.code, refused.message)
+    return stat
 
 
 def available_cpus() -> int:
@@ -278,8 +334,9 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: list[str], max_pixels: int, workers: int | None) -> list[ProbeResult]:
-    """Probe files in parallel (chunks over worker processes), in-process for few files."""
+def _probe_all(paths: list[ImageRef], max_pixels: int, workers: int | None,
+               ) -> list[ProbeResult]:
+    """Probe images in parallel (chunks over worker processes), in-process for few images."""
     if not paths:
         return []
     workers = workers or available_cpus()
@@ -315,7 +372,8 @@ def _probe_all(paths: list[str], max_pixels: int, workers: int | None) -> list[P
 
 def _bad(row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
     return BadRow(split=row.split, origin=origin[row.split], source=row.source,
-                  listed_path=row.listed_path, path=row.path, code=code, reason=reason)
+                  listed_path=row.listed_path, path=row.path, code=code, reason=reason,
+                  member=row.member)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
@@ -323,10 +381,10 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
               ) -> tuple[list[tuple[SourceRow, ImageFacts]], list[BadRow]]:
     good, bad = [], []
     for row in rows:
-        path = row.path
-        problem = row.problem or problems.get(path)
+        key = row.key
+        problem = row.problem or problems.get(key)
         if problem is None:
-            found = facts[path]
+            found = facts[key]
             if found.width * found.height > data.max_image_pixels:
                 # recorded by an earlier ingest, before max_image_pixels was lowered
                 refused = images.pixel_limit_problem(found.width, found.height,
@@ -338,7 +396,7 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
         if problem is not None:
             bad.append(_bad(row, *problem, origin))
         else:
-            good.append((row, facts[path]))
+            good.append((row, facts[key]))
     return good, bad
 
 
@@ -347,6 +405,7 @@ def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: Dat
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
     """Bucket plan per split; images it cannot use (too small) become bad rows."""
     samples, plans = [], {}
+    paths: dict[str, Path] = {}  # one Path per file or container, not one per member
     for split in ("train", "val"):
         items = [(row, found) for row, found in good if row.split == split]
         if not items:
@@ -361,11 +420,13 @@ def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: Dat
             if target is None:
                 bad.append(_bad(row, "too_small", plan.dropped[index], origin))
                 continue
+            path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
             samples.append(ManifestRow(
-                split=split, source=row.source, path=Path(found.path), caption=row.caption,
+                split=split, source=row.source, path=path, caption=row.caption,
                 sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
                 width=found.width, height=found.height, format=found.format,
-                bucket_w=target[0], bucket_h=target[1]))
+                bucket_w=target[0], bucket_h=target[1], member=found.member,
+                offset=found.offset))
     return samples, plans
 
 
@@ -397,7 +458,7 @@ def _changes(previous: PreviousManifest, samples: list[ManifestRow]) -> Changes:
 # --- the report -------------------------------------------------------------------------------
 
 def _sample_ref(row: ManifestRow) -> dict[str, str]:
-    return {"split": row.split, "source": row.source, "path": str(row.path)}
+    return {"split": row.split, "source": row.source, "path": row.image_name}
 
 
 def _write_report(summary: IngestSummary, data: DataConfig, strict: bool) -> None:
@@ -482,6 +543,9 @@ def print_summary(summary: IngestSummary) -> None:
         f"{len(summary.bad)} bad, {len(summary.duplicates)} duplicate group(s); "
         f"added {c.added}, changed {c.changed}, removed {c.removed}, unchanged {c.unchanged}; "
         f"decoded {summary.files_read} file(s), reused {summary.files_reused} "
+        + (f"(shards/Arrow files: read {summary.containers_read}, unchanged "
+           f"{summary.containers_reused}) " if summary.containers_read + summary.containers_reused
+           else "") +
         f"({summary.elapsed_s:.1f} s, {rate:.0f} images/s)")
     if summary.bad:
         console.warn(f"{len(summary.bad)} bad row(s) skipped (listed above; "

@@ -2,9 +2,11 @@
 
 Tables:
   samples  one row per good sample: split, source row, path, caption, content hash, file size
-           and mtime, oriented width/height, format, and its target (bucket) size;
-  files    what validation learned per file (size, mtime, hash, size in pixels), so a re-ingest
-           re-reads only files whose size or mtime changed;
+           and mtime, oriented width/height, format, its target (bucket) size, and for an
+           image inside a container (tar shard, Arrow file) its member name and byte offset
+           (`path` is then the container, `mtime_ns` the container's);
+  files    what validation learned per image (size, mtime, hash, size in pixels), so a
+           re-ingest re-reads only images whose size or mtime changed;
   meta     schema version, the [data] config used, batch sizes planned for, the fingerprint.
 
 The file is never modified in place: `write_manifest` builds a new database in a temporary
@@ -28,9 +30,9 @@ from ..config import Config
 from ..errors import DataError, WorkspaceError
 from ..fsutil import TEMP_PREFIX, fsync_dir
 from ..workspace import Workspace
-from .images import ImageFacts
+from .images import ImageFacts, ImageRef, ref_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: member and offset (images inside tar shards / Arrow files)
 SPLITS = ("train", "val")
 
 _SCHEMA = """
@@ -48,27 +50,35 @@ CREATE TABLE samples (
     height INTEGER NOT NULL,
     format TEXT NOT NULL,
     bucket_w INTEGER NOT NULL,
-    bucket_h INTEGER NOT NULL
+    bucket_h INTEGER NOT NULL,
+    member TEXT NOT NULL DEFAULT '',
+    offset INTEGER NOT NULL DEFAULT -1
 );
 CREATE INDEX samples_split ON samples (split, id);
 CREATE TABLE files (
-    path TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    format TEXT NOT NULL
+    format TEXT NOT NULL,
+    member TEXT NOT NULL DEFAULT '',
+    offset INTEGER NOT NULL DEFAULT -1,
+    PRIMARY KEY (path, member)
 );
 """
 _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
-                   "width", "height", "format", "bucket_w", "bucket_h")
+                   "width", "height", "format", "bucket_w", "bucket_h", "member", "offset")
+_FILE_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
+                 "member", "offset")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestRow:
     """One good sample. `width`/`height` are the image's (EXIF-oriented) size; the bucket is
-    the size it trains at."""
+    the size it trains at. An image inside a container file has a `member` name and the
+    `offset` of its bytes in `path` (the container); read it through `ref`."""
 
     split: str
     source: str
@@ -82,16 +92,29 @@ class ManifestRow:
     format: str
     bucket_w: int
     bucket_h: int
+    member: str = ""
+    offset: int = -1
 
     @property
     def bucket(self) -> tuple[int, int]:
         return self.bucket_w, self.bucket_h
 
+    @property
+    def ref(self) -> ImageRef:
+        """Where the image's bytes are (the one way every stage reads them)."""
+        return ImageRef(str(self.path), self.member, self.offset,
+                        self.size_bytes if self.member else -1)
+
+    @property
+    def image_name(self) -> str:
+        """The image for messages: its path, or `shard.tar#member`."""
+        return self.ref.name
+
     def values(self) -> tuple:
         """The row in the column order of the samples table."""
         return (self.split, self.source, str(self.path), self.caption, self.sha256,
                 self.size_bytes, self.mtime_ns, self.width, self.height, self.format,
-                self.bucket_w, self.bucket_h)
+                self.bucket_w, self.bucket_h, self.member, self.offset)
 
 
 def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
@@ -124,9 +147,10 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
             db.executescript(_SCHEMA)
             with db:  # one transaction
                 _insert_samples(db, rows)
-                db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.executemany(f"INSERT INTO files ({', '.join(_FILE_COLUMNS)}) VALUES "
+                               f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
-                                 f.format) for f in files))
+                                 f.format, f.member, f.offset) for f in files))
                 all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                ((k, json.dumps(v)) for k, v in all_meta.items()))
@@ -179,12 +203,17 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
     with _open(ws) as db:
         found = db.execute(f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM samples "
                            "WHERE split = ? ORDER BY id", (split,)).fetchall()
-    return [_row(values) for values in found]
+    paths: dict[str, Path] = {}
+    return [_row(values, paths) for values in found]
 
 
-def _row(values: tuple) -> ManifestRow:
+def _row(values: tuple, paths: dict[str, Path] | None = None) -> ManifestRow:
     fields = dict(zip(_SAMPLE_COLUMNS, values))
-    fields["path"] = Path(fields["path"])
+    path = fields["path"]
+    if paths is None:
+        fields["path"] = Path(path)
+    else:  # one Path object per container, not one per member
+        fields["path"] = paths.get(path) or paths.setdefault(path, Path(path))
     return ManifestRow(**fields)
 
 
@@ -233,12 +262,14 @@ def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
     return None
 
 
-# (split, path, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest changed
+# (split, image key, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest
+# changed (the image key is its path, or path and member: `ImageRef.key`)
 SampleKey = tuple[str, str, str, str, int, int]
 
 
 def sample_key(row: ManifestRow) -> SampleKey:
-    return (row.split, str(row.path), row.sha256, row.caption, row.bucket_w, row.bucket_h)
+    return (row.split, ref_key(str(row.path), row.member), row.sha256, row.caption,
+            row.bucket_w, row.bucket_h)
 
 
 @dataclass(frozen=True)
@@ -259,10 +290,13 @@ def read_previous(path: Path) -> PreviousManifest:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             if _meta_value(db, "schema_version") != SCHEMA_VERSION:
                 return PreviousManifest({}, [], "written by another ditctl version")
-            files = {values[0]: ImageFacts(*values) for values in db.execute(
-                "SELECT path, size_bytes, mtime_ns, sha256, width, height, format FROM files")}
-            samples = db.execute("SELECT split, path, sha256, caption, bucket_w, bucket_h "
-                                 "FROM samples ORDER BY id").fetchall()
+            files = {}
+            for values in db.execute(f"SELECT {', '.join(_FILE_COLUMNS)} FROM files"):
+                facts = ImageFacts(*values)
+                files[facts.key] = facts
+            samples = [(split, ref_key(path, member), *rest) for split, path, member, *rest in
+                       db.execute("SELECT split, path, member, sha256, caption, bucket_w, "
+                                  "bucket_h FROM samples ORDER BY id")]
         return PreviousManifest(files, samples)
     except sqlite3.DatabaseError as exc:
         return PreviousManifest({}, [], f"unreadable ({exc})")

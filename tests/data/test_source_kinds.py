@@ -277,3 +277,41 @@ def test_container_cache_survives_a_damaged_file(tmp_path):
     cache = ContainerCache(tmp_path / "cache.sqlite")
     rows = read_source(tmp_path / "shards", split="train", cache=cache)
     assert len(rows) == 2 and cache.read == 1
+
+
+# --- the whole chain from a WebDataset ----------------------------------------------------------
+
+def test_precompute_and_train_from_a_webdataset(tmp_path, tiny_model_dir):
+    """Shards -> ingest -> precompute (DataLoader workers read members by offset) -> train;
+    pixels from the shard equal those of the same PNG on disk, and cached == on-the-fly."""
+    import torch
+
+    from ditctl.data.batches import CachedSource, OnTheFlySource, load_row_pixels
+    from ditctl.data.cache import Cache
+    from ditctl.data.transforms import load_training_image
+    from ditctl.models.registry import load_family
+    from ditctl.precompute import run_precompute
+    from ditctl.train import run_training
+    from tests.conftest import make_workspace
+
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n_train=0, n_val=0,
+                        data={"train_data_path": "shards", "resolution": 32,
+                              "center_crop": True},
+                        train={"max_steps": 2, "train_batch_size": 2})
+    samples = write_shards(ws.root / "shards", 6, 4, sizes=((32, 32),))
+    config = ws.config({"precompute.num_workers": 1})
+    assert run_ingest(ws, config).counts["train"] == 6
+    rows = read_manifest(ws)
+    for row in rows:
+        disk = tmp_path / f"{row.member}"
+        disk.write_bytes(samples[row.member.split(".")[0]][0])
+        assert torch.equal(load_row_pixels(row, "center", False, 10**8),
+                           load_training_image(disk, 32, 32))
+    run_precompute(ws, config)
+    family = load_family(tiny_model_dir)
+    cached = CachedSource(Cache.open(ws, config, family))
+    live = OnTheFlySource(family, family.load_vae(), family.load_text_encoder(), config.data)
+    for row in rows[:2]:
+        assert torch.equal(cached.latent_dist(row, False).mean, live.latent_dist(row, False).mean)
+    outcome = run_training(ws, config)
+    assert outcome.result is not None and outcome.run is not None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -47,11 +48,11 @@ from ..fsutil import atomic_write_json
 from ..models.registry import size_multiple
 from ..procutil import worker_started
 from ..workspace import Workspace
-from . import images
+from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, PreviousManifest, SampleKey, read_previous, sample_key,
-                       write_manifest)
+from .manifest import (ManifestRow, PreviousManifest, SampleKey, read_meta, read_previous,
+                       sample_key, write_manifest)
 from .containers import ContainerCache
 from .images import ImageRef
 from .sources import SourceRow, read_source
@@ -113,6 +114,8 @@ class IngestSummary:
     fingerprint: str | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # a re-ingest that found nothing changed: the counters the last ingest recorded
+    kept_counters: dict[str, Any] | None = None
 
     @property
     def duplicate_images(self) -> int:
@@ -120,6 +123,10 @@ class IngestSummary:
 
     def counters(self) -> dict[str, Any]:
         """The counts as plain JSON (state file, report, --json)."""
+        if self.kept_counters is not None:
+            return {**self.kept_counters, "changed": 0, "added": 0, "removed": 0,
+                    "unchanged": self.changes.unchanged, "files_read": 0, "files_reused": 0,
+                    "containers_read": 0, "containers_reused": 0, "fingerprint": self.fingerprint}
         return {"train_count": self.counts.get("train", 0), "val_count": self.counts.get("val", 0),
                 "bad_count": len(self.bad), "duplicate_groups": len(self.duplicates),
                 "empty_captions_kept": len(self.empty_captions_kept),
@@ -153,6 +160,12 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     """
     started = time.perf_counter()
     data = config.data
+    batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
+    multiple = size_multiple(config.model.family)
+    kept = _kept_summary(ws, data, batch_sizes, multiple, strict)
+    if kept is not None:
+        _finish(kept, started)
+        return kept
     cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
     try:
         rows = _read_rows(ws, data, cache)
@@ -168,9 +181,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     facts, problems, files_read, files_reused = _examine_files(
         rows, previous, data.max_image_pixels, workers)
     good, bad = _classify(rows, facts, problems, data, origin)
-    batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
-    samples, plans = _plan(good, bad, data, batch_sizes, origin,
-                           size_multiple(config.model.family))
+    samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple)
     position = {(row.split, row.source): i for i, row in enumerate(rows)}
     bad.sort(key=lambda b: position[(b.split, b.source)])
 
@@ -198,9 +209,13 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     # Keep what validation learned about every decodable file still listed (also those of
     # rows that were refused as too small or uncaptioned), so the next run skips them too.
     listed = {r.key for r in rows}
+    inputs = ingest_inputs.record(
+        _sources(ws, data), {r.path for r in rows if r.member},
+        loose_files=any(not r.member and r.problem is None for r in rows))
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
-            "ditctl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "counts": summary.counts}
+            "size_multiple": multiple, "ditctl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
+            "counters": summary.counters(), "inputs": inputs}
     summary.fingerprint = write_manifest(ws.manifest_db, samples,
                                          [facts[p] for p in sorted(listed) if p in facts], meta)
     _finish(summary, started)
@@ -209,6 +224,40 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
                                "train_data_path": origin["train"],
                                "val_data_path": origin["val"] or None})
+    return summary
+
+
+def _sources(ws: Workspace, data: DataConfig) -> dict[str, Path]:
+    return {split: ws.resolve(where) for split, where in
+            (("train", data.train_data_path), ("val", data.val_data_path)) if where}
+
+
+def _kept_summary(ws: Workspace, data: DataConfig, batch_sizes: dict[str, int], multiple: int,
+                  strict: bool) -> IngestSummary | None:
+    """The last ingest's summary when nothing it read has changed (see `ingest_inputs`): the
+    manifest and the report stay as they are. None when ingest must run."""
+    meta = read_meta(ws.manifest_db)
+    report_path = ws.data_dir / REPORT_NAME
+    if (meta is None or not data.train_data_path or not report_path.is_file()
+            or meta.get("ditctl_version") != __version__
+            or meta.get("data_config") != json.loads(json.dumps(dataclasses.asdict(data)))
+            or meta.get("batch_sizes") != batch_sizes or meta.get("size_multiple") != multiple
+            or (strict and (meta.get("counters") or {}).get("bad_count", 1))
+            or not ingest_inputs.unchanged(meta.get("inputs"), _sources(ws, data))):
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        bad = [BadRow(**row) for row in report["bad"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    counters = meta["counters"]
+    summary = IngestSummary(
+        counts=meta["counts"], bad=bad, empty_captions_kept=[], duplicates=[], plans={},
+        changes=Changes(unchanged=sum(meta["counts"].values())), files_read=0,
+        files_reused=0, report_path=report_path, fingerprint=meta.get("fingerprint"),
+        notes=[f"nothing changed since the last ingest ({len(meta['inputs']['stats'])} "
+               "source file(s) and shard(s) as they were): the manifest and report were kept"])
+    summary.kept_counters = counters
     return summary
 
 
@@ -525,6 +574,13 @@ def _plan_table(split: str, plan: BucketPlan) -> Table:
 def print_summary(summary: IngestSummary) -> None:
     """Bad rows, duplicates, the bucket plans and a one-line summary."""
     print_bad_rows(summary)
+    if summary.kept_counters is not None:
+        for note in summary.notes:
+            console.info(f"note: {note}")
+        console.print(f"ingested {summary.counts.get('train', 0)} train + "
+                      f"{summary.counts.get('val', 0)} val images; {len(summary.bad)} bad; "
+                      f"nothing changed ({summary.elapsed_s:.2f} s)")
+        return
     for group in summary.duplicates[:10]:
         console.print("same image: " + ", ".join(escape(f"{s.split} {s.source}") for s in group))
     if len(summary.duplicates) > 10:

@@ -191,6 +191,19 @@ def _open(ws: Workspace) -> Iterator[sqlite3.Connection]:
                         hint="run `ditctl ingest` to rebuild it") from None
 
 
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The meta table of the manifest at `path` (without reading a sample), or None when there
+    is no readable manifest of this schema."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except (sqlite3.DatabaseError, ValueError):
+        return None
+    return meta if meta.get("schema_version") == SCHEMA_VERSION else None
+
+
 def _meta_value(db: sqlite3.Connection, key: str) -> Any:
     found = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return json.loads(found[0]) if found else None

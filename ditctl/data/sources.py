@@ -86,7 +86,7 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
     if data_path.is_dir():
         if is_datasets_folder(data_path):
             return list(_datasets_rows(data_path, split, image_column, caption_column, cache))
-        if _holds_shards(data_path):
+        if holds_shards(data_path):
             return list(read_webdataset(data_path, split=split, caption_column=caption_column,
                                         cache=cache))
         return read_folder(data_path, split=split)
@@ -112,7 +112,7 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
                          "Parquet file, a folder of images, tar shards or a datasets folder")
 
 
-def _holds_shards(folder: Path) -> bool:
+def holds_shards(folder: Path) -> bool:
     """A folder of WebDataset shards: .tar files and no images at its top level."""
     with os.scandir(folder) as listing:
         names = [entry.name.lower() for entry in listing if not entry.name.startswith(".")]

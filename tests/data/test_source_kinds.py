@@ -198,9 +198,15 @@ def test_unchanged_shards_are_not_read_again(tmp_path, monkeypatch):
     assert (first.containers_read, first.files_read, len(indexed)) == (3, 9, 3)
 
     indexed.clear()
-    again = run_ingest(ws, ws.config(), workers=1)
-    assert (again.containers_read, again.containers_reused, again.files_read) == (0, 3, 0)
-    assert indexed == [] and again.changes.unchanged == 9
+    again = run_ingest(ws, ws.config(), workers=1)  # nothing changed: nothing read at all
+    assert again.kept_counters is not None and "nothing changed" in again.notes[0]
+    assert (again.containers_read, again.files_read, again.counts) == (0, 0, {"train": 9})
+    assert again.counters()["unchanged"] == 9 and indexed == []
+
+    other = ws.config({"data.resolution": 32})  # rows planned again, no shard re-read
+    resized = run_ingest(ws, other, workers=1)
+    assert (resized.containers_read, resized.containers_reused, resized.files_read) == (0, 3, 0)
+    assert indexed == [] and resized.kept_counters is None
 
     # rewrite one shard with a new caption: only that shard is read, only its images decoded
     with tarfile.open(shards / "train-0001.tar") as tf:
@@ -208,10 +214,14 @@ def test_unchanged_shards_are_not_read_again(tmp_path, monkeypatch):
     with tarfile.open(shards / "train-0001.tar", "w") as tf:
         for name, data in members:
             _add(tf, name, b"a new caption" if name == "s00004.txt" else data)
-    changed = run_ingest(ws, ws.config(), workers=1)
+    changed = run_ingest(ws, other, workers=1)
     assert [Path(p).name for p in indexed] == ["train-0001.tar"]
     assert (changed.containers_read, changed.containers_reused, changed.files_read) == (1, 2, 3)
     assert (changed.changes.changed, changed.changes.unchanged) == (1, 8)
+    assert run_ingest(ws, other, workers=1).kept_counters is not None
+    (shards / "train-0003.tar").write_bytes((shards / "train-0002.tar").read_bytes())
+    added = run_ingest(ws, other, workers=1)  # a new shard in the folder is seen
+    assert (added.kept_counters, added.containers_read, added.counts) == (None, 1, {"train": 12})
     assert [r.caption for r in read_manifest(ws) if r.member == "s00004.png"] == ["a new caption"]
 
 

@@ -183,6 +183,15 @@ class MemberResolver:
     def __init__(self, cache: ContainerCache):
         self.cache = cache
         self._recent: OrderedDict[str, dict[str, Entry] | str] = OrderedDict()
+        self._paths: dict[tuple[str, str], str] = {}
+
+    def shard_path(self, base: str, listed: str) -> str:
+        """The absolute shard path of a listed one (one string per shard, computed once)."""
+        found = self._paths.get((base, listed))
+        if found is None:
+            found = os.path.normpath(os.path.join(base, os.path.expanduser(listed)))
+            self._paths[(base, listed)] = found
+        return found
 
     def entry(self, shard: str, member: str) -> Entry | tuple[str, str]:
         """The member's entry, or (code, message) why there is none."""

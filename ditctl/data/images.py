@@ -22,6 +22,7 @@ What "safe" means here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -254,16 +255,18 @@ def read_image_file(path: str | os.PathLike, max_pixels: int) -> tuple[bytes, os
     return data, stat
 
 
-def read_member(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
+def read_member(ref: ImageRef, max_pixels: int,
+                container: int | None = None) -> tuple[bytes, os.stat_result]:
     """The bytes of a container member (one pread at its recorded offset) and the container's
     stat; raises ImageProblem (or OSError). The container must be a regular file that still
-    holds the whole member (a shard truncated after indexing is caught here)."""
+    holds the whole member (a shard truncated after indexing is caught here). `container`:
+    an open descriptor of `ref.path`, when the caller reads many members of it."""
     limit = max_file_bytes(max_pixels)
     if ref.size > limit:
         raise ImageProblem("too_large", f"{ref.size:,} bytes, more than any image within "
                                         f"max_image_pixels ({max_pixels:,}) can take "
                                         f"({limit:,} bytes; decompression-bomb guard)")
-    fd = os.open(ref.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = container if container is not None else _open_container(ref.path)
     try:
         stat = os.fstat(fd)
         if not stat_module.S_ISREG(stat.st_mode):
@@ -273,10 +276,15 @@ def read_member(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
                                             f"before this member ({ref.offset:,}+{ref.size:,})")
         data = os.pread(fd, ref.size, ref.offset)
     finally:
-        os.close(fd)
+        if container is None:
+            os.close(fd)
     if len(data) != ref.size:
         raise ImageProblem("truncated", f"read {len(data):,} of {ref.size:,} bytes")
     return data, stat
+
+
+def _open_container(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
 
 
 def read_image(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
@@ -286,12 +294,17 @@ def read_image(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
     return read_image_file(ref.path, max_pixels)
 
 
-def probe_file(ref: ImageRef | str, *, max_pixels: int) -> ImageFacts:
-    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad."""
+def probe_file(ref: ImageRef | str, *, max_pixels: int,
+               container: int | None = None) -> ImageFacts:
+    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad.
+    `container`: an open descriptor of the container holding `ref` (see read_member)."""
     if isinstance(ref, str):
         ref = ImageRef(ref)
     try:
-        data, stat = read_image(ref, max_pixels)
+        if ref.member:
+            data, stat = read_member(ref, max_pixels, container)
+        else:
+            data, stat = read_image_file(ref.path, max_pixels)
     except FileNotFoundError:
         raise ImageProblem("missing", "file not found" if not ref.member else
                            "the container file is gone") from None
@@ -324,13 +337,33 @@ def _format_name(data: bytes) -> str:
 
 
 def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int) -> list[ProbeResult]:
-    """Probe several images (one unit of work for a pool process); never raises for bad ones."""
+    """Probe several images (one unit of work for a pool process); never raises for bad ones.
+    Members of one container are read through one open descriptor."""
     results = []
-    for ref in refs:
-        if isinstance(ref, str):
-            ref = ImageRef(ref)
-        try:
-            results.append(ProbeResult(ref.key, probe_file(ref, max_pixels=max_pixels)))
-        except ImageProblem as problem:
-            results.append(ProbeResult(ref.key, None, problem.code, problem.message))
+    with contextlib.ExitStack() as open_containers:
+        descriptors: dict[str, int | None] = {}
+        for ref in refs:
+            if isinstance(ref, str):
+                ref = ImageRef(ref)
+            try:
+                fd = None
+                if ref.member:
+                    if ref.path not in descriptors:
+                        descriptors[ref.path] = _open_shared(ref.path, open_containers)
+                    fd = descriptors[ref.path]
+                facts = probe_file(ref, max_pixels=max_pixels, container=fd)
+                results.append(ProbeResult(ref.key, facts))
+            except ImageProblem as problem:
+                results.append(ProbeResult(ref.key, None, problem.code, problem.message))
     return results
+
+
+def _open_shared(path: str, stack: contextlib.ExitStack) -> int | None:
+    """An open descriptor of a container, closed with `stack`; None when it cannot be opened
+    (each member then reports why, through probe_file)."""
+    try:
+        fd = _open_container(path)
+    except OSError:
+        return None
+    stack.callback(os.close, fd)
+    return fd

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing
@@ -32,7 +33,7 @@ import sys
 import time
 import types
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,6 +63,8 @@ CONTAINER_CACHE = "containers.sqlite"  # in .ditctl/: what reading each shard le
 # Below this many files to decode, starting worker processes costs more than it saves.
 POOL_MIN_FILES = 48
 MAX_CHUNK = 16  # small enough that the last chunks do not leave a core idle for long
+# images inside shards are small and read from one open file: larger chunks, fewer tasks
+MAX_MEMBER_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class BadRow:
     code: str          # missing, corrupt, not_image, empty_file, too_small, empty_caption, ...
     reason: str
     member: str = ""   # the image's name inside the container
+    seq: int = 0       # the row's position among all rows read (bad rows are listed in order)
 
     @property
     def where(self) -> str:
@@ -182,8 +186,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         rows, previous, data.max_image_pixels, workers)
     good, bad = _classify(rows, facts, problems, data, origin)
     samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple)
-    position = {(row.split, row.source): i for i, row in enumerate(rows)}
-    bad.sort(key=lambda b: position[(b.split, b.source)])
+    bad.sort(key=lambda b: b.seq)  # in source order
 
     summary = IngestSummary(
         counts=dict(Counter(s.split for s in samples)), bad=bad,
@@ -206,9 +209,9 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         _write_report(summary, data, strict)
         raise refusal
 
-    # Keep what validation learned about every decodable file still listed (also those of
+    # Keep what validation learned about every decodable image still listed (also those of
     # rows that were refused as too small or uncaptioned), so the next run skips them too.
-    listed = {r.key for r in rows}
+    del good, problems
     inputs = ingest_inputs.record(
         _sources(ws, data), {r.path for r in rows if r.member},
         loose_files=any(not r.member and r.problem is None for r in rows))
@@ -216,8 +219,8 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
             "size_multiple": multiple, "ditctl_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
             "counters": summary.counters(), "inputs": inputs}
-    summary.fingerprint = write_manifest(ws.manifest_db, samples,
-                                         [facts[p] for p in sorted(listed) if p in facts], meta)
+    # facts holds exactly the listed images' (in source order), good or not
+    summary.fingerprint = write_manifest(ws.manifest_db, samples, facts.values(), meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
@@ -384,52 +387,63 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 def _probe_all(paths: list[ImageRef], max_pixels: int, workers: int | None,
-               ) -> list[ProbeResult]:
-    """Probe images in parallel (chunks over worker processes), in-process for few images."""
+               ) -> Iterator[ProbeResult]:
+    """Probe images in parallel (chunks over worker processes), in-process for few images.
+
+    A generator with a bounded number of chunks in flight: results are handed on as they
+    arrive, so neither the queued work nor the finished results pile up in memory.
+    """
     if not paths:
-        return []
+        return
     workers = workers or available_cpus()
-    results: list[ProbeResult] = []
     with console.progress("Validating images", total=len(paths), unit="img") as bar:
         if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in paths:
-                results += images.probe_chunk([path], max_pixels)
+                yield from images.probe_chunk([path], max_pixels)
                 bar.advance()
-            return results
+            return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
-        size = max(1, min(MAX_CHUNK, math.ceil(len(paths) / (workers * 4))))
+        limit = MAX_MEMBER_CHUNK if paths[len(paths) // 2].member else MAX_CHUNK
+        size = max(1, min(limit, math.ceil(len(paths) / (workers * 4))))
+        starts = iter(range(0, len(paths), size))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
         # worker_started: the workers die with ingest (a kill must not leave them reading).
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=worker_started)
+
+        def submit(count: int) -> set:
+            return {pool.submit(images.probe_chunk, paths[i:i + size], max_pixels)
+                    for i in itertools.islice(starts, count)}
+
         try:
             with _main_module_hidden():  # the workers start during these submits
-                futures = [pool.submit(images.probe_chunk, paths[i:i + size], max_pixels)
-                           for i in range(0, len(paths), size)]
-            for future in as_completed(futures):
-                chunk = future.result()
-                results += chunk
-                bar.advance(len(chunk))
+                pending = submit(workers * 4)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= submit(len(done))
+                for future in done:
+                    chunk = future.result()
+                    yield from chunk
+                    bar.advance(len(chunk))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-    return results
 
 
 # --- classifying rows -------------------------------------------------------------------------
 
-def _bad(row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
+def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
     return BadRow(split=row.split, origin=origin[row.split], source=row.source,
                   listed_path=row.listed_path, path=row.path, code=code, reason=reason,
-                  member=row.member)
+                  member=row.member, seq=seq)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
               problems: dict[str, tuple[str, str]], data: DataConfig, origin: dict[str, str],
-              ) -> tuple[list[tuple[SourceRow, ImageFacts]], list[BadRow]]:
+              ) -> tuple[list[tuple[int, SourceRow, ImageFacts]], list[BadRow]]:
     good, bad = [], []
-    for row in rows:
+    for seq, row in enumerate(rows):
         key = row.key
         problem = row.problem or problems.get(key)
         if problem is None:
@@ -443,31 +457,31 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
                 problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
                                             "to train on it as an unconditional sample)")
         if problem is not None:
-            bad.append(_bad(row, *problem, origin))
+            bad.append(_bad(seq, row, *problem, origin))
         else:
-            good.append((row, facts[key]))
+            good.append((seq, row, facts[key]))
     return good, bad
 
 
-def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
+def _plan(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
           batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
     """Bucket plan per split; images it cannot use (too small) become bad rows."""
     samples, plans = [], {}
     paths: dict[str, Path] = {}  # one Path per file or container, not one per member
     for split in ("train", "val"):
-        items = [(row, found) for row, found in good if row.split == split]
+        items = [item for item in good if item[1].split == split]
         if not items:
             continue
-        plan = plan_buckets([(f.width, f.height) for _, f in items],
+        plan = plan_buckets([(f.width, f.height) for _, _, f in items],
                             resolution=data.resolution, use_buckets=data.use_resolution_buckets,
                             max_upscale=data.max_upscale, max_native_pixels=data.max_native_pixels,
                             batch_size=batch_sizes[split], multiple=multiple)
         plans[split] = plan
-        for index, (row, found) in enumerate(items):
+        for index, (seq, row, found) in enumerate(items):
             target = plan.targets[index]
             if target is None:
-                bad.append(_bad(row, "too_small", plan.dropped[index], origin))
+                bad.append(_bad(seq, row, "too_small", plan.dropped[index], origin))
                 continue
             path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
             samples.append(ManifestRow(

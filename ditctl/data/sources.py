@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .containers import ContainerCache, Entry, MemberResolver, split_member
-from .images import IMAGE_SUFFIXES, ImageRef
+from .images import IMAGE_SUFFIXES, ImageRef, ref_key
 from .table_sources import (is_datasets_folder, read_datasets_folder, read_jsonl,
                             read_parquet)
 from .webdataset import is_shard_spec, read_webdataset
@@ -71,7 +71,7 @@ class SourceRow:
 
     @property
     def key(self) -> str:
-        return self.ref.key
+        return ref_key(self.path, self.member)
 
 
 def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
@@ -141,7 +141,7 @@ def listed_row(split: str, source: str, listed: object, caption: object, base: s
         # join() keeps an absolute listed path as it is
         path = os.path.normpath(os.path.join(base, os.path.expanduser(listed)))
         return SourceRow(split, source, listed, path, caption)
-    shard = os.path.normpath(os.path.join(base, os.path.expanduser(in_shard[0])))
+    shard = resolver.shard_path(base, in_shard[0])
     entry = resolver.entry(shard, in_shard[1])
     if not isinstance(entry, Entry):
         return SourceRow(split, source, listed, shard, caption, entry, in_shard[1])

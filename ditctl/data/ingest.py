@@ -52,8 +52,8 @@ from ..workspace import Workspace
 from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, PreviousManifest, SampleKey, read_meta, read_previous,
-                       sample_key, write_manifest)
+from .manifest import (ManifestRow, PreviousManifest, count_changes, read_meta, read_previous,
+                       write_manifest)
 from .containers import ContainerCache
 from .images import ImageRef
 from .sources import SourceRow, read_source
@@ -182,16 +182,20 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     if previous.problem:
         notes.append(f"the previous manifest is {previous.problem}; every image was re-read")
 
-    facts, problems, files_read, files_reused = _examine_files(
-        rows, previous, data.max_image_pixels, workers)
-    good, bad = _classify(rows, facts, problems, data, origin)
-    samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple)
-    bad.sort(key=lambda b: b.seq)  # in source order
+    try:
+        facts, problems, files_read, files_reused = _examine_files(
+            rows, previous, data.max_image_pixels, workers)
+        good, bad = _classify(rows, facts, problems, data, origin)
+        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple)
+        bad.sort(key=lambda b: b.seq)  # in source order
+        changes = _changes(previous, samples)
+    finally:
+        previous.close()
 
     summary = IngestSummary(
         counts=dict(Counter(s.split for s in samples)), bad=bad,
         empty_captions_kept=[s for s in samples if not s.caption],
-        duplicates=_duplicates(samples), plans=plans, changes=_changes(previous, samples),
+        duplicates=_duplicates(samples), plans=plans, changes=changes,
         files_read=files_read, files_reused=files_reused,
         report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
         containers_reused=cache.reused, notes=notes)
@@ -318,7 +322,7 @@ def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels
         if not isinstance(stat, os.stat_result):  # (code, message)
             problems[key] = stat
             continue
-        known = previous.files.get(key)
+        known = previous.facts(row.path, row.member)
         if row.member:
             if known and known.mtime_ns == stat.st_mtime_ns and known.offset == row.offset \
                     and known.size_bytes == row.size:
@@ -494,28 +498,19 @@ def _plan(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow], data
 
 
 def _duplicates(samples: list[ManifestRow]) -> list[list[ManifestRow]]:
+    # counted first: a list per distinct image would cost memory for every sample
+    repeated = {sha for sha, n in Counter(s.sha256 for s in samples).items() if n > 1}
     groups: dict[str, list[ManifestRow]] = defaultdict(list)
     for sample in samples:
-        groups[sample.sha256].append(sample)
-    return [group for group in groups.values() if len(group) > 1]
+        if sample.sha256 in repeated:
+            groups[sample.sha256].append(sample)
+    return list(groups.values())
 
 
 def _changes(previous: PreviousManifest, samples: list[ManifestRow]) -> Changes:
-    """Compare samples by (split, file, n-th use of that file): content, caption and bucket."""
-
-    def keyed(rows: list[SampleKey]) -> dict[tuple, tuple]:
-        seen: Counter = Counter()
-        out = {}
-        for split, path, *content in rows:
-            out[(split, path, seen[split, path])] = tuple(content)
-            seen[split, path] += 1
-        return out
-
-    old, new = keyed(previous.samples), keyed([sample_key(s) for s in samples])
-    both = old.keys() & new.keys()
-    changed = sum(old[k] != new[k] for k in both)
-    return Changes(added=len(new.keys() - old.keys()), changed=changed,
-                   removed=len(old.keys() - new.keys()), unchanged=len(both) - changed)
+    """Compare samples by (split, image, n-th use of that image): content, caption, bucket."""
+    added, changed, removed, unchanged = count_changes(previous, samples)
+    return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
 
 
 # --- the report -------------------------------------------------------------------------------

@@ -275,41 +275,77 @@ def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
     return None
 
 
-# (split, image key, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest
-# changed (the image key is its path, or path and member: `ImageRef.key`)
-SampleKey = tuple[str, str, str, str, int, int]
-
-
-def sample_key(row: ManifestRow) -> SampleKey:
-    return (row.split, ref_key(str(row.path), row.member), row.sha256, row.caption,
-            row.bucket_w, row.bucket_h)
-
-
-@dataclass(frozen=True)
 class PreviousManifest:
-    """What the last ingest recorded, for incremental re-ingest (empty when there is none)."""
+    """What the last ingest recorded, for incremental re-ingest (empty when there is none).
 
-    files: dict[str, ImageFacts]
-    samples: list[SampleKey]
-    problem: str | None = None
+    Image facts are looked up one image at a time in the file (primary-key lookups), never
+    loaded whole: a re-ingest's memory does not grow with the previous manifest."""
+
+    def __init__(self, path: Path | None, problem: str | None = None):
+        self.path = path
+        self.problem = problem
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def facts(self, path: str, member: str) -> ImageFacts | None:
+        if self._db is None:
+            return None
+        found = self._db.execute(f"SELECT {', '.join(_FILE_COLUMNS)} FROM files "
+                                 "WHERE path = ? AND member = ?", (path, member)).fetchone()
+        return ImageFacts(*found) if found else None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 def read_previous(path: Path) -> PreviousManifest:
     """The previous manifest at `path`; an unreadable one counts as none (with the reason)."""
     path = Path(path)
     if not path.is_file():
-        return PreviousManifest({}, [])
+        return PreviousManifest(None)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             if _meta_value(db, "schema_version") != SCHEMA_VERSION:
-                return PreviousManifest({}, [], "written by another ditctl version")
-            files = {}
-            for values in db.execute(f"SELECT {', '.join(_FILE_COLUMNS)} FROM files"):
-                facts = ImageFacts(*values)
-                files[facts.key] = facts
-            samples = [(split, ref_key(path, member), *rest) for split, path, member, *rest in
-                       db.execute("SELECT split, path, member, sha256, caption, bucket_w, "
-                                  "bucket_h FROM samples ORDER BY id")]
-        return PreviousManifest(files, samples)
+                return PreviousManifest(None, "written by another ditctl version")
+            db.execute("SELECT path FROM files LIMIT 1").fetchall()
+        return PreviousManifest(path)
     except sqlite3.DatabaseError as exc:
-        return PreviousManifest({}, [], f"unreadable ({exc})")
+        return PreviousManifest(None, f"unreadable ({exc})")
+
+
+_CHANGES_SQL = """
+WITH n AS (SELECT split, path, member, sha256, caption, bucket_w, bucket_h,
+                  ROW_NUMBER() OVER (PARTITION BY split, path, member ORDER BY id) AS k
+           FROM new),
+     o AS (SELECT split, path, member, sha256, caption, bucket_w, bucket_h,
+                  ROW_NUMBER() OVER (PARTITION BY split, path, member ORDER BY id) AS k
+           FROM old.samples)
+SELECT COUNT(*), COALESCE(SUM(n.sha256 IS NOT o.sha256 OR n.caption IS NOT o.caption
+                              OR n.bucket_w IS NOT o.bucket_w OR n.bucket_h IS NOT o.bucket_h), 0)
+FROM n JOIN o ON n.split = o.split AND n.path = o.path AND n.member = o.member AND n.k = o.k
+"""
+
+
+def count_changes(previous: PreviousManifest, rows: list[ManifestRow],
+                  ) -> tuple[int, int, int, int]:
+    """(added, changed, removed, unchanged) samples against the previous manifest, matched by
+    (split, image, n-th use of that image) and compared by content, caption and bucket.
+
+    Done by SQLite in a temporary on-disk database, so that comparing a million samples
+    holds no million-entry dictionaries."""
+    if previous.path is None:
+        return len(rows), 0, 0, 0
+    with contextlib.closing(sqlite3.connect("")) as db:  # "": a private temporary file
+        db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
+                   "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, bucket_h INTEGER)")
+        db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
+                       "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       ((r.split, str(r.path), r.member, r.sha256, r.caption, r.bucket_w,
+                         r.bucket_h) for r in rows))
+        db.execute("ATTACH DATABASE ? AS old", (str(previous.path),))
+        both, changed = db.execute(_CHANGES_SQL).fetchone()
+        old_total = db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
+    return len(rows) - both, changed, old_total - both, both - changed

@@ -5,9 +5,10 @@
 Two datasets, each measured the same way:
 
 1. a folder of JPEGs (below);
-2. WebDataset + Parquet (issue #20's acceptance run): N records (default 100,000; --quick:
-   2,000; the issue's acceptance run is --records 1000000) of 32-64 px JPEGs in tar shards of 10,000 images, their captions in one Parquet file
-   whose image column names each image as `shards/shard-00000.tar#000000000.jpg`. Ingest runs
+2. WebDataset + Parquet: N records (default 100,000; --quick: 2,000; issue #20's acceptance
+   run is `--only-webdataset --records 1000000`) of 32-64 px JPEGs in tar shards of 10,000
+   images, their captions in one Parquet file whose image column names each image as
+   `shards/shard-00000.tar#000000000.jpg`. Ingest runs
    in a child process (so its peak RSS is its own: main process and, separately, the largest
    worker). Targets: first >= 0.7 x bare, peak RSS <= 1 GiB, no-change re-ingest <= 5% of
    first.

@@ -94,13 +94,21 @@ class DataConfig:
     """[data]: where the images and captions are and how they become training tensors."""
 
     train_data_path: str | None = opt(
-        None, "Training data: a CSV file (image path + caption columns) or a folder of images.",
+        None, "Training data: a CSV, JSONL or Parquet file (image path + caption columns), a "
+        "folder of images, WebDataset tar shards (a folder, glob or {000..099} list), or a "
+        "Hugging Face datasets folder (save_to_disk).",
         aliases=("--data-path", "--data_path"))
-    val_data_path: str | None = opt(None, "Validation data: a CSV file or a folder of images.")
+    val_data_path: str | None = opt(None, "Validation data: any source train_data_path takes.")
     base_image_dir: str | None = opt(
-        None, "Folder that the CSV's image paths are relative to (default: the CSV's folder).")
-    image_column: str = opt("image_path", "CSV column holding the image paths.")
-    caption_column: str = opt("caption", "CSV column holding the captions.")
+        None, "Folder that the image paths of a CSV, JSONL or Parquet file are relative to "
+        "(default: that file's folder).")
+    image_column: str = opt(
+        "image_path", "CSV/JSONL/Parquet column holding the image paths (`shards/000.tar#k.jpg` "
+        "names an image inside a tar shard); a datasets folder's Image column (found by itself "
+        "when there is one).")
+    caption_column: str = opt(
+        "caption", "CSV/JSONL/Parquet/datasets column holding the captions (also the field of a "
+        "WebDataset .json member).")
     resolution: int | None = opt(
         None, "Training resolution in pixels (side of a square of the same area). "
         "Unset: native sizes, rounded down to the family's size multiple.", min=16)

@@ -87,8 +87,7 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
         if is_datasets_folder(data_path):
             return list(_datasets_rows(data_path, split, image_column, caption_column, cache))
         if holds_shards(data_path):
-            return list(read_webdataset(data_path, split=split, caption_column=caption_column,
-                                        cache=cache))
+            return list(_webdataset_rows(data_path, split, caption_column, cache))
         return read_folder(data_path, split=split)
     if data_path.is_file() and not spec.endswith(".tar"):
         suffix = data_path.suffix.lower()
@@ -104,8 +103,7 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
         return [listed_row(split, source, listed, caption, base, resolver, problem)
                 for source, listed, caption, problem in records]
     if is_shard_spec(spec):
-        return list(read_webdataset(spec, split=split, caption_column=caption_column,
-                                    cache=cache))
+        return list(_webdataset_rows(spec, split, caption_column, cache))
     key = "train_data_path" if split == "train" else "val_data_path"
     raise DataError(f"{data_path}: no such file or folder ([data] {key})",
                     hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV, JSONL or "
@@ -147,6 +145,17 @@ def listed_row(split: str, source: str, listed: object, caption: object, base: s
         return SourceRow(split, source, listed, shard, caption, entry, in_shard[1])
     return SourceRow(split, source, listed, shard, caption, None, entry.name, entry.offset,
                      entry.size)
+
+
+def _webdataset_rows(spec: Path | str, split: str, caption_column: str, cache: ContainerCache):
+    for shard, shown, key, image, caption, problem in read_webdataset(
+            spec, caption_column=caption_column, cache=cache):
+        source = f"{shown} key {key}"
+        if image is None:
+            yield SourceRow(split, source, key, shard, caption, problem)
+        else:
+            yield SourceRow(split, source, image.name, shard, caption, problem, image.name,
+                            image.offset, image.size)
 
 
 def _datasets_rows(folder: Path, split: str, image_column: str, caption_column: str,

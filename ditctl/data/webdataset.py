@@ -81,11 +81,9 @@ def sample_key(name: str) -> tuple[str, str]:
     return (folder + "/" + stem if folder else stem), extension.lower()
 
 
-def read_webdataset(spec: Path | str, *, split: str, caption_column: str,
-                    cache: ContainerCache):
-    """The rows of every shard, shard by shard (a generator: see `sources.read_source`)."""
-    from .sources import SourceRow  # sources imports this module
-
+def read_webdataset(spec: Path | str, *, caption_column: str, cache: ContainerCache):
+    """(shard, its name for messages, key, image entry or None, caption, problem) per sample,
+    shard by shard (a generator; `sources.read_source` makes the rows)."""
     shards, base = list_shards(spec)
     for shard in shards:
         shown = os.path.relpath(shard, base)
@@ -98,12 +96,7 @@ def read_webdataset(spec: Path | str, *, split: str, caption_column: str,
             raise DataError(f"{shard}: cannot read the shard ({exc.strerror or exc})",
                             hint="check the file's permissions") from None
         for key, image, caption, problem in _samples(contents, caption_column):
-            source = f"{shown} key {key}"
-            if image is None:
-                yield SourceRow(split, source, key, shard, caption, problem)
-            else:
-                yield SourceRow(split, source, image.name, shard, caption, problem,
-                                image.name, image.offset, image.size)
+            yield shard, shown, key, image, caption, problem
 
 
 def _samples(contents: Contents, caption_column: str):

@@ -325,3 +325,27 @@ def test_precompute_and_train_from_a_webdataset(tmp_path, tiny_model_dir):
         assert torch.equal(cached.latent_dist(row, False).mean, live.latent_dist(row, False).mean)
     outcome = run_training(ws, config)
     assert outcome.result is not None and outcome.run is not None
+
+
+def test_bad_jsonl_lines_and_parquet_rows_are_named(tmp_path):
+    _plain_images(tmp_path, 2)
+    write_shards(tmp_path / "shards", 1, 1)
+    (tmp_path / "meta.jsonl").write_text(
+        '{"image_path": "img/0.png", "caption": "ok"}\n'
+        '{"image_path": "img/0.png", \n'                                  # not JSON
+        '\n'
+        '["a list"]\n'                                                    # not an object
+        '{"caption": "no path"}\n'                                        # no image field
+        '{"image_path": "shards/train-0000.tar#nope.png", "caption": "x"}\n'  # no such member
+        '{"image_path": "gone.png", "caption": "x"}\n')                   # missing file
+    ws = _workspace(tmp_path, {"train_data_path": "meta.jsonl"})
+    summary = run_ingest(ws, ws.config(), workers=1)
+    assert [(b.where, b.code) for b in summary.bad] == [
+        ("meta.jsonl:2", "bad_record"), ("meta.jsonl:4", "bad_record"),
+        ("meta.jsonl:5", "no_path"), ("meta.jsonl:6", "missing"), ("meta.jsonl:7", "missing")]
+    assert "nope.png" in summary.bad[3].reason and "train-0000.tar" in summary.bad[3].reason
+    pq.write_table(pa.table({"image_path": ["img/1.png", None], "caption": ["ok", "x"]}),
+                   tmp_path / "meta.parquet")
+    ws2 = _workspace(tmp_path / "w2", {"train_data_path": str(tmp_path / "meta.parquet")})
+    summary = run_ingest(ws2, ws2.config(), workers=1)
+    assert [(b.where, b.code) for b in summary.bad] == [("meta.parquet row 2", "no_path")]

@@ -169,7 +169,7 @@ class TrainConfig:
                                               "to save memory.")
     attention_backend: str = opt(
         "sdpa", "Attention kernel for train, sample and eval: sdpa (torch), math (reference), "
-        "flash / flash3 / sage / xformers (CUDA, package needed), flex.",
+        "flash / flash3 / sage / xformers (CUDA, package needed), flex (CUDA).",
         choices=("sdpa", "math", "flash", "flash3", "sage", "xformers", "flex"))
     compile: bool = opt(False, "Compile each repeated transformer block once with torch.compile "
                         "(regional compilation); the first step includes the compile time.")
@@ -213,6 +213,10 @@ class TrainConfig:
     report_to: str = opt("tensorboard", "Where to log.",
                          choices=("tensorboard", "wandb", "all", "none"))
     project_name: str = opt("dit-finetune", "Project name for wandb.")
+    log_every: int = opt(
+        10, "Read the step losses back from the accelerator and write the logs every N steps "
+        "(each step still gets its own record): the steps between never wait for the "
+        "accelerator to finish.", min=1)
     max_nonfinite_steps: int = opt(
         5, "Stop after this many consecutive steps with a non-finite loss.", min=1)
     num_processes: int = opt(1, "Training processes (data parallel) on this machine.", min=1)

@@ -20,6 +20,7 @@ from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
 from .engine.plan import memory_advice, training_plan
+from .engine.precision import cpu_lacks_native_bf16
 from .engine.run import Run, new_run, open_run_for_resume
 from .engine.setup import (base_storage, build_denoiser, make_accelerator, plan_schedule,
                            process_state, resolve_seed, step_batch_size)
@@ -134,6 +135,11 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         skeleton = build_denoiser(family, config, device="meta")
         return TrainOutcome(plan=training_plan(schedule, skeleton, family, config,
                                                info["buckets"], world))
+    if state.device.type == "cpu" and config.train.mixed_precision == "bf16" \
+            and cpu_lacks_native_bf16():
+        console.warn("this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "
+                     "autocast will make each step slower than fp32 here; use "
+                     "--mixed-precision no to train in fp32")
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:
         from .engine.offload import stream_base_blocks

@@ -182,7 +182,7 @@ class MemberResolver:
 
     def __init__(self, cache: ContainerCache):
         self.cache = cache
-        self._recent: OrderedDict[str, dict[str, Entry] | str] = OrderedDict()
+        self._recent: OrderedDict[str, tuple[dict[str, Entry], str] | str] = OrderedDict()
         self._paths: dict[tuple[str, str], str] = {}
 
     def shard_path(self, base: str, listed: str) -> str:
@@ -205,19 +205,24 @@ class MemberResolver:
             self._recent.move_to_end(shard)
         if isinstance(found, str):
             return ("missing", found)
-        entry = found.get(member)
+        entries, cut = found
+        entry = entries.get(member)
         if entry is None:
+            if cut:  # the member may be in the part of the shard that is missing
+                return ("truncated", f"no member {member!r} in shard "
+                                     f"{os.path.basename(shard)}, which is damaged: {cut}")
             return ("missing", f"no member {member!r} in shard {os.path.basename(shard)}")
         return entry
 
-    def _index(self, shard: str) -> dict[str, Entry] | str:
+    def _index(self, shard: str) -> tuple[dict[str, Entry], str] | str:
         try:
             contents = self.cache.contents(shard, "tar", read_tar)
         except FileNotFoundError:
             return "shard not found"
         except OSError as exc:
             return f"cannot read the shard ({exc.strerror or exc})"
-        return {entry.name: entry for entry in contents.entries}
+        cut = f"{contents.problem[2]}; re-create or re-copy the shard" if contents.problem else ""
+        return {entry.name: entry for entry in contents.entries}, cut
 
 
 def split_member(listed: str) -> tuple[str, str] | None:

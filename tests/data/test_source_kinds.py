@@ -238,6 +238,11 @@ def test_truncated_shard_keeps_whole_samples_and_names_the_cut_key(tmp_path):
     assert [r.source for r in bad] == ["train-0000.tar key s00001"]
     assert bad[0].problem[0] == "truncated" and "re-copy the shard" in bad[0].problem[1]
     assert _bytes(rows[0]) == samples["s00000"][0]
+    # a Parquet row pointing past the cut says the shard is damaged, not just "no member"
+    pq.write_table(pa.table({"image_path": ["shards/train-0000.tar#s00002.png"],
+                             "caption": ["c"]}), tmp_path / "meta.parquet")
+    (row,) = read_source(tmp_path / "meta.parquet", split="train")
+    assert row.problem[0] == "truncated" and "re-copy the shard" in row.problem[1]
 
 
 def test_garbage_tar_and_corrupt_parquet_are_one_line(tmp_path):

@@ -10,7 +10,8 @@ Two datasets, each measured the same way:
    images, their captions in one Parquet file whose image column names each image as
    `shards/shard-00000.tar#000000000.jpg`. Ingest runs
    in a child process (so its peak RSS is its own: main process and, separately, the largest
-   worker). Targets: first >= 0.7 x bare, peak RSS <= 1 GiB, no-change re-ingest <= 5% of
+   worker; a worker's figure is an upper bound, since between fork and exec it counts the
+   pages it shares with ingest's main process). Targets: first >= 0.7 x bare, peak RSS <= 1 GiB, no-change re-ingest <= 5% of
    first.
 
 Folder of JPEGs:

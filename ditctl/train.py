@@ -19,6 +19,7 @@ from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, sta
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
+from .engine.objective import describe_objective
 from .engine.plan import memory_advice, training_plan
 from .engine.precision import cpu_lacks_native_bf16
 from .engine.run import Run, new_run, open_run_for_resume
@@ -133,8 +134,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
-        return TrainOutcome(plan=training_plan(schedule, skeleton, family, config,
-                                               info["buckets"], world))
+        plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
+        plan["objective"] = describe_objective(
+            config.train, sum(row.mask is not None for row in rows), len(rows))
+        return TrainOutcome(plan=plan)
     if state.device.type == "cpu" and config.train.mixed_precision == "bf16" \
             and cpu_lacks_native_bf16():
         console.warn("this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "

@@ -83,6 +83,8 @@ def _print_plan(plan: dict) -> None:
         value = plan[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
     table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
+    for key, value in plan.get("objective", {}).items():
+        table.add_row(key.replace("_", " "), value)
     memory = plan["memory_estimate_bytes"]
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
     table.add_row("base stored as", plan["base_precision"])

@@ -151,8 +151,8 @@ def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
         raise pixel_limit_problem(width, height, max_pixels)
 
 
-def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Fully decode image bytes into an upright RGB image; raises ImageProblem if unusable."""
+def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The opened (header-only) image, its pixel count checked; raises ImageProblem."""
     if not data:
         raise ImageProblem("empty_file", "file is empty (0 bytes)")
     try:
@@ -166,12 +166,66 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception as exc:  # a damaged header: PIL raises many types here
         raise ImageProblem("corrupt", f"corrupt image header ({exc})") from None
     check_pixel_count(image.width, image.height, max_pixels)  # before any pixel is decoded
+    return image
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Fully decode image bytes into an upright RGB image; raises ImageProblem if unusable."""
+    image = _checked_header(data, max_pixels)
     try:
         image.load()
         image = apply_exif_orientation(image)
         return to_rgb(image)
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+
+
+def decode_mask(data: bytes, *, max_pixels: int, alpha: bool = False) -> Image.Image:
+    """Fully decode a loss mask into an upright 8-bit grey ("L") image; raises ImageProblem.
+
+    A mask file reads as grey levels (colour through `to_rgb`, then luminance): white learns,
+    black is ignored. `alpha`: `data` is an image whose alpha channel is the mask (opaque
+    learns); an image without transparency gives an all-white mask. Same safety rules and EXIF
+    orientation as `decode_rgb`, so the mask lies on the image as the training tensor does.
+    """
+    image = _checked_header(data, max_pixels)
+    try:
+        image.load()
+        image = apply_exif_orientation(image)
+        if alpha:
+            return image.convert("RGBA").getchannel("A") if has_alpha(image) \
+                else Image.new("L", image.size, 255)
+        return to_rgb(image).convert("L")
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an image (its header is enough) carries transparency."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def file_has_alpha(path: "ImageRef | str | os.PathLike", max_pixels: int) -> bool:
+    """Whether an image (a file, or an ImageRef inside a container) carries transparency,
+    from its header only (no pixel decoded)."""
+    data, _ = read_image(path if isinstance(path, ImageRef) else ImageRef(str(path)),
+                         max_pixels)
+    try:
+        return has_alpha(_open_header(data, max_pixels))
+    except Exception as exc:  # it decoded at ingest; a changed file is caught at training
+        raise ImageProblem("corrupt", f"corrupt image header ({exc})") from None
+
+
+def probe_mask(path: str, *, max_pixels: int) -> ImageFacts:
+    """`probe_file` for a mask file: read once, hash, decode as grey levels; a mask that is
+    black everywhere is refused (its image would train nothing)."""
+    data, stat = _read_for_probe(path, max_pixels)
+    mask = decode_mask(data, max_pixels=max_pixels)
+    if mask.getextrema()[1] == 0:
+        raise ImageProblem("empty_mask", "black everywhere (the image would train nothing)")
+    return ImageFacts(path=path, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                      sha256=hashlib.sha256(data).hexdigest(), width=mask.width,
+                      height=mask.height, format=_format_name(data))
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -294,17 +348,15 @@ def read_image(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
     return read_image_file(ref.path, max_pixels)
 
 
-def probe_file(ref: ImageRef | str, *, max_pixels: int,
-               container: int | None = None) -> ImageFacts:
-    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad.
-    `container`: an open descriptor of the container holding `ref` (see read_member)."""
+def _read_for_probe(ref: ImageRef | str, max_pixels: int,
+                    container: int | None = None) -> tuple[bytes, os.stat_result]:
+    """`read_image`, every failure an ImageProblem."""
     if isinstance(ref, str):
         ref = ImageRef(ref)
     try:
         if ref.member:
-            data, stat = read_member(ref, max_pixels, container)
-        else:
-            data, stat = read_image_file(ref.path, max_pixels)
+            return read_member(ref, max_pixels, container)
+        return read_image_file(ref.path, max_pixels)
     except FileNotFoundError:
         raise ImageProblem("missing", "file not found" if not ref.member else
                            "the container file is gone") from None
@@ -312,6 +364,15 @@ def probe_file(ref: ImageRef | str, *, max_pixels: int,
         raise ImageProblem("not_image", "is a folder, not an image file") from None
     except OSError as exc:
         raise ImageProblem("unreadable", f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def probe_file(ref: ImageRef | str, *, max_pixels: int,
+               container: int | None = None) -> ImageFacts:
+    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad.
+    `container`: an open descriptor of the container holding `ref` (see read_member)."""
+    if isinstance(ref, str):
+        ref = ImageRef(ref)
+    data, stat = _read_for_probe(ref, max_pixels, container)
     image = decode_rgb(data, max_pixels=max_pixels)
     return ImageFacts(path=ref.path, size_bytes=len(data) if ref.member else stat.st_size,
                       mtime_ns=stat.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(),
@@ -336,9 +397,11 @@ def _format_name(data: bytes) -> str:
     return "?"
 
 
-def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int) -> list[ProbeResult]:
+def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int, masks: bool = False,
+                ) -> list[ProbeResult]:
     """Probe several images (one unit of work for a pool process); never raises for bad ones.
-    Members of one container are read through one open descriptor."""
+    Members of one container are read through one open descriptor. `masks`: they are mask
+    files (`probe_mask`)."""
     results = []
     with contextlib.ExitStack() as open_containers:
         descriptors: dict[str, int | None] = {}
@@ -346,12 +409,15 @@ def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int) -> list[ProbeRe
             if isinstance(ref, str):
                 ref = ImageRef(ref)
             try:
-                fd = None
-                if ref.member:
-                    if ref.path not in descriptors:
-                        descriptors[ref.path] = _open_shared(ref.path, open_containers)
-                    fd = descriptors[ref.path]
-                facts = probe_file(ref, max_pixels=max_pixels, container=fd)
+                if masks:
+                    facts = probe_mask(ref.path, max_pixels=max_pixels)
+                else:
+                    fd = None
+                    if ref.member:
+                        if ref.path not in descriptors:
+                            descriptors[ref.path] = _open_shared(ref.path, open_containers)
+                        fd = descriptors[ref.path]
+                    facts = probe_file(ref, max_pixels=max_pixels, container=fd)
                 results.append(ProbeResult(ref.key, facts))
             except ImageProblem as problem:
                 results.append(ProbeResult(ref.key, None, problem.code, problem.message))

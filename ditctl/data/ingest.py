@@ -9,6 +9,10 @@
         container by one positioned read each, in container order
     classify rows: good / bad (missing, corrupt, not an image, empty, too many pixels,
                    too small, empty caption, ...); duplicates (same hash) are reported
+    masks ([data] use_masks): each good row's mask file (the CSV's mask column, else
+          NAME.mask.png beside the image) is probed like an image (read, hashed, decoded, the
+          same size as its image, not black everywhere), else the image's alpha channel;
+          a bad mask makes its row bad
     plan buckets per split; write data/ingest-report.json; replace the manifest atomically
 
 Bad rows never stop the scan: all of them are collected and reported together. By default
@@ -52,11 +56,11 @@ from ..workspace import Workspace
 from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, PreviousManifest, count_changes, read_meta, read_previous,
-                       write_manifest)
+from .manifest import (ManifestRow, MaskRef, PreviousManifest, count_changes, read_meta,
+                       read_previous, write_manifest)
 from .containers import ContainerCache
 from .images import ImageRef
-from .sources import SourceRow, read_source
+from .sources import SourceRow, read_source, sidecar_mask
 
 REPORT_NAME = "ingest-report.json"
 CONTAINER_CACHE = "containers.sqlite"  # in .ditctl/: what reading each shard learned
@@ -186,7 +190,15 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         facts, problems, files_read, files_reused = _examine_files(
             rows, previous, data.max_image_pixels, workers)
         good, bad = _classify(rows, facts, problems, data, origin)
-        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple)
+        masks, mask_facts, masks_read = {}, {}, 0
+        if data.use_masks:
+            good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data,
+                                                                 origin, workers)
+        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple, masks)
+        if data.use_masks:
+            kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
+            notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
+                         f"alpha channels; {kinds['none']} image(s) without one train everywhere")
         bad.sort(key=lambda b: b.seq)  # in source order
         changes = _changes(previous, samples)
     finally:
@@ -196,7 +208,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         counts=dict(Counter(s.split for s in samples)), bad=bad,
         empty_captions_kept=[s for s in samples if not s.caption],
         duplicates=_duplicates(samples), plans=plans, changes=changes,
-        files_read=files_read, files_reused=files_reused,
+        files_read=files_read + masks_read, files_reused=files_reused,
         report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
         containers_reused=cache.reused, notes=notes)
 
@@ -218,13 +230,16 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     del good, problems
     inputs = ingest_inputs.record(
         _sources(ws, data), {r.path for r in rows if r.member},
-        loose_files=any(not r.member and r.problem is None for r in rows))
+        loose_files=any(not r.member and r.problem is None for r in rows)
+        or any(s.mask is not None and s.mask.kind == "file" for s in samples))
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
             "size_multiple": multiple, "ditctl_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
             "counters": summary.counters(), "inputs": inputs}
-    # facts holds exactly the listed images' (in source order), good or not
-    summary.fingerprint = write_manifest(ws.manifest_db, samples, facts.values(), meta)
+    # facts holds exactly the listed images' (in source order), good or not; then the masks'
+    known = itertools.chain(facts.values(),
+                            (f for p, f in sorted(mask_facts.items()) if p not in facts))
+    summary.fingerprint = write_manifest(ws.manifest_db, samples, known, meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
@@ -282,7 +297,8 @@ def _read_rows(ws: Workspace, data: DataConfig, cache: ContainerCache) -> list[S
         if where:
             found = read_source(ws.resolve(where), split=split, base_image_dir=base,
                                 image_column=data.image_column, caption_column=data.caption_column,
-                                cache=cache)
+                                cache=cache,
+                                mask_column=data.mask_column if data.use_masks else None)
             if not found:
                 raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
                                 hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
@@ -390,9 +406,10 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: list[ImageRef], max_pixels: int, workers: int | None,
-               ) -> Iterator[ProbeResult]:
-    """Probe images in parallel (chunks over worker processes), in-process for few images.
+def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int | None,
+               masks: bool = False) -> Iterator[ProbeResult]:
+    """Probe images in parallel (chunks over worker processes), in-process for few images;
+    `masks`: mask files (`images.probe_mask`).
 
     A generator with a bounded number of chunks in flight: results are handed on as they
     arrive, so neither the queued work nor the finished results pile up in memory.
@@ -400,14 +417,16 @@ def _probe_all(paths: list[ImageRef], max_pixels: int, workers: int | None,
     if not paths:
         return
     workers = workers or available_cpus()
-    with console.progress("Validating images", total=len(paths), unit="img") as bar:
+    with console.progress("Validating masks" if masks else "Validating images", total=len(paths),
+                          unit="img") as bar:
         if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in paths:
-                yield from images.probe_chunk([path], max_pixels)
+                yield from images.probe_chunk([path], max_pixels, masks)
                 bar.advance()
             return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
-        limit = MAX_MEMBER_CHUNK if paths[len(paths) // 2].member else MAX_CHUNK
+        middle = paths[len(paths) // 2]
+        limit = MAX_MEMBER_CHUNK if getattr(middle, "member", "") else MAX_CHUNK
         size = max(1, min(limit, math.ceil(len(paths) / (workers * 4))))
         starts = iter(range(0, len(paths), size))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
@@ -416,7 +435,7 @@ def _probe_all(paths: list[ImageRef], max_pixels: int, workers: int | None,
                                    initializer=worker_started)
 
         def submit(count: int) -> set:
-            return {pool.submit(images.probe_chunk, paths[i:i + size], max_pixels)
+            return {pool.submit(images.probe_chunk, paths[i:i + size], max_pixels, masks)
                     for i in itertools.islice(starts, count)}
 
         try:
@@ -467,8 +486,80 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
     return good, bad
 
 
+# formats that can carry an alpha channel (a JPEG never does: its header is not read)
+_ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
+
+
+def _examine_masks(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow],
+                   previous: PreviousManifest, data: DataConfig, origin: dict[str, str],
+                   workers: int | None,
+                   ) -> tuple[list[tuple[int, SourceRow, ImageFacts]],
+                              dict[tuple[str, str], MaskRef], dict[str, ImageFacts], int]:
+    """Each good row's loss mask (see the module doc): (the rows still good, their masks by
+    (split, source), the facts of the mask files for the next ingest, mask files decoded).
+    Rows with a bad mask go to `bad`, naming the mask and why. An image inside a tar shard or
+    Arrow file has no sidecar mask file; its alpha channel is its mask."""
+    chosen = {}  # (split, source) -> mask file path
+    for _, row, _ in good:
+        path = row.mask_path or (None if row.member else sidecar_mask(row.path))
+        if path is not None:
+            chosen[(row.split, row.source)] = path
+    facts, problems, to_probe = {}, {}, []
+    for path in dict.fromkeys(chosen.values()):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            problems[path] = ("missing", "file not found")
+            continue
+        known = previous.facts(path, "")
+        if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            facts[path] = known
+        else:
+            to_probe.append(path)
+    for result in _probe_all(to_probe, data.max_image_pixels, workers, masks=True):
+        if result.facts is not None:
+            facts[result.key] = result.facts
+        else:
+            problems[result.key] = (result.code, result.message)
+
+    kept, masks = [], {}
+    for seq, row, image in good:
+        key = (row.split, row.source)
+        path = chosen.get(key)
+        problem = None
+        if path is None:
+            if image.format in _ALPHA_FORMATS and _has_alpha(image.ref, data.max_image_pixels):
+                masks[key] = MaskRef("alpha", Path(image.path), image.sha256, image.size_bytes,
+                                     image.mtime_ns)
+        elif path in problems:
+            code, reason = problems[path]
+            problem = (f"bad_mask_{code}", f"mask {row.mask_listed or os.path.basename(path)}: "
+                                           f"{reason}")
+        elif (facts[path].width, facts[path].height) != (image.width, image.height):
+            problem = ("bad_mask_size", f"mask {row.mask_listed or os.path.basename(path)} is "
+                                        f"{facts[path].width}x{facts[path].height}, its image "
+                                        f"{image.width}x{image.height} (they must match)")
+        else:
+            found = facts[path]
+            masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
+                                 found.mtime_ns)
+        if problem is not None:
+            bad.append(_bad(seq, row, *problem, origin))
+        else:
+            kept.append((seq, row, image))
+    return kept, masks, facts, len(to_probe)
+
+
+def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
+    try:
+        return images.file_has_alpha(ref, max_pixels)
+    except (OSError, images.ImageProblem):  # it decoded moments ago; training re-checks it
+        return False
+
+
 def _plan(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
           batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
+          masks: dict[tuple[str, str], MaskRef] | None = None,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
     """Bucket plan per split; images it cannot use (too small) become bad rows."""
     samples, plans = [], {}
@@ -493,7 +584,7 @@ def _plan(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow], data
                 sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
                 width=found.width, height=found.height, format=found.format,
                 bucket_w=target[0], bucket_h=target[1], member=found.member,
-                offset=found.offset))
+                offset=found.offset, mask=(masks or {}).get((row.split, row.source))))
     return samples, plans
 
 

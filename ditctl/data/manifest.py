@@ -6,7 +6,11 @@ Tables:
            image inside a container (tar shard, Arrow file) its member name and byte offset
            (`path` is then the container, `mtime_ns` the container's);
   files    what validation learned per image (size, mtime, hash, size in pixels), so a
-           re-ingest re-reads only images whose size or mtime changed;
+           re-ingest re-reads only images whose size or mtime changed (images and mask files
+           alike);
+  masks    the loss mask of a sample ([data] use_masks): a mask file, or the image's own alpha
+           channel; samples without a row here train everywhere (manifests written before
+           masks existed have no such table and read the same);
   meta     schema version, the [data] config used, batch sizes planned for, the fingerprint.
 
 The file is never modified in place: `write_manifest` builds a new database in a temporary
@@ -55,6 +59,14 @@ CREATE TABLE samples (
     offset INTEGER NOT NULL DEFAULT -1
 );
 CREATE INDEX samples_split ON samples (split, id);
+CREATE TABLE masks (
+    sample_id INTEGER PRIMARY KEY REFERENCES samples (id),
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'alpha')),
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+);
 CREATE TABLE files (
     path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
@@ -72,6 +84,24 @@ _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes",
                    "width", "height", "format", "bucket_w", "bucket_h", "member", "offset")
 _FILE_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
                  "member", "offset")
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """A sample's loss mask: a mask `file` (its path, content hash, size and mtime), or the
+    image's own `alpha` channel (the image's path and facts)."""
+
+    kind: str  # "file" | "alpha"
+    path: Path
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+
+    @property
+    def identity(self) -> str:
+        """What the mask's pixels depend on besides the image (a cache key part): the mask
+        file's content, or "alpha" (the image's content is in the key already)."""
+        return f"file:{self.sha256}" if self.kind == "file" else "alpha"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +124,7 @@ class ManifestRow:
     bucket_h: int
     member: str = ""
     offset: int = -1
+    mask: MaskRef | None = None  # [data] use_masks: the loss mask; None: train everywhere
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -122,8 +153,11 @@ def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
     moving the data folder keeps it)."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps([row.split, row.source, row.caption, row.sha256, row.width,
-                                  row.height, row.bucket_w, row.bucket_h]).encode())
+        fields = [row.split, row.source, row.caption, row.sha256, row.width, row.height,
+                  row.bucket_w, row.bucket_h]
+        if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
+            fields.append(row.mask.identity)
+        digest.update(json.dumps(fields).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
 
@@ -166,9 +200,15 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
 
 
 def _insert_samples(db: sqlite3.Connection, rows: list[ManifestRow]) -> None:
-    placeholders = ", ".join("?" * len(_SAMPLE_COLUMNS))
-    db.executemany(f"INSERT INTO samples ({', '.join(_SAMPLE_COLUMNS)}) VALUES ({placeholders})",
-                   (row.values() for row in rows))
+    # explicit ids (source order from 1), so that the masks table can refer to them
+    placeholders = ", ".join("?" * (len(_SAMPLE_COLUMNS) + 1))
+    db.executemany(f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
+                   f"VALUES ({placeholders})",
+                   ((i, *row.values()) for i, row in enumerate(rows, start=1)))
+    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)",
+                   ((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
+                     row.mask.size_bytes, row.mask.mtime_ns)
+                    for i, row in enumerate(rows, start=1) if row.mask is not None))
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -214,8 +254,13 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     with _open(ws) as db:
-        found = db.execute(f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM samples "
-                           "WHERE split = ? ORDER BY id", (split,)).fetchall()
+        masked = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'masks'").fetchone() is not None
+        mask_columns = ("m.kind", "m.path", "m.sha256", "m.size_bytes", "m.mtime_ns")
+        columns = [f"s.{c}" for c in _SAMPLE_COLUMNS] + (list(mask_columns) if masked else [])
+        found = db.execute(f"SELECT {', '.join(columns)} FROM samples s "
+                           + ("LEFT JOIN masks m ON m.sample_id = s.id " if masked else "")
+                           + "WHERE s.split = ? ORDER BY s.id", (split,)).fetchall()
     paths: dict[str, Path] = {}
     return [_row(values, paths) for values in found]
 
@@ -227,6 +272,10 @@ def _row(values: tuple, paths: dict[str, Path] | None = None) -> ManifestRow:
         fields["path"] = Path(path)
     else:  # one Path object per container, not one per member
         fields["path"] = paths.get(path) or paths.setdefault(path, Path(path))
+    mask = values[len(_SAMPLE_COLUMNS):]
+    if mask and mask[0] is not None:
+        kind, path, sha256, size_bytes, mtime_ns = mask
+        fields["mask"] = MaskRef(kind, Path(path), sha256, size_bytes, mtime_ns)
     return ManifestRow(**fields)
 
 

@@ -18,6 +18,11 @@ Folder: every image below it (recursively, hidden files and folders skipped), in
 The caption is the file name without its extension, `_` and `-` read as spaces
 (`beautiful_sunset.jpg` -> "beautiful sunset"); a sidecar `NAME.txt` beside the image wins.
 
+Masks ([data] use_masks): a CSV may have a `mask_column` (optional; an empty cell means no mask
+file), its paths read like the image paths. In folders, `NAME.mask.png` (any image suffix after
+`.mask`) beside an image is that image's mask, never an image of its own (ingest also looks for
+such a file beside CSV-listed images).
+
 Problems with the whole source (missing file, not UTF-8, missing column) raise DataError;
 problems with one row are attached to that row so ingest can report them all together.
 """
@@ -25,6 +30,7 @@ problems with one row are attached to that row so ingest can report them all tog
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import re
@@ -64,6 +70,8 @@ class SourceRow:
     member: str = ""
     offset: int = -1
     size: int = -1
+    mask_listed: str = ""  # the mask path as the CSV's mask column writes it ("" for none)
+    mask_path: str | None = None  # its absolute, normalised path
 
     @property
     def ref(self) -> ImageRef:
@@ -76,9 +84,11 @@ class SourceRow:
 
 def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
                 image_column: str = DEFAULT_IMAGE_COLUMN, caption_column: str = "caption",
-                cache: ContainerCache | None = None) -> list[SourceRow]:
+                cache: ContainerCache | None = None,
+                mask_column: str | None = None) -> list[SourceRow]:
     """The rows of a data source (see the module docstring). `cache` remembers what reading
-    each tar shard / Arrow file learned, so an unchanged one is not read again."""
+    each tar shard / Arrow file learned, so an unchanged one is not read again;
+    `mask_column`: a CSV's optional column of mask paths (None: masks are not read)."""
     cache = cache if cache is not None else ContainerCache(None)
     spec = os.path.abspath(os.path.expanduser(str(data_path)))
     data_path = Path(spec)
@@ -99,7 +109,7 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
             records = read_parquet(data_path, **columns)
         else:
             return read_csv(data_path, split=split, base_image_dir=base_image_dir, **columns,
-                            resolver=resolver)
+                            resolver=resolver, mask_column=mask_column)
         return [listed_row(split, source, listed, caption, base, resolver, problem)
                 for source, listed, caption, problem in records]
     if is_shard_spec(spec):
@@ -193,7 +203,8 @@ def _decode_utf8(path: Path) -> str:
 
 
 def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_column: str,
-             caption_column: str, resolver: MemberResolver | None = None) -> list[SourceRow]:
+             caption_column: str, resolver: MemberResolver | None = None,
+             mask_column: str | None = None) -> list[SourceRow]:
     text = _decode_utf8(path)
     base = os.path.abspath(base_image_dir if base_image_dir is not None else path.parent)
     resolver = resolver if resolver is not None else MemberResolver(ContainerCache(None))
@@ -212,16 +223,23 @@ def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_colum
                 hint="name the right columns with [data] image_column / caption_column "
                      "(--image-column, --caption-column)")
         image_at, caption_at = header.index(image_column), header.index(caption_column)
+        mask_at = header.index(mask_column) if mask_column in header else None
         rows: list[SourceRow] = []
         line = reader.line_num + 1  # first physical line of the next record
         for record in reader:
             start, line = line, reader.line_num + 1
             if not any(field.strip() for field in record):
                 continue  # blank lines
-            rows.append(listed_row(split, f"line {start}",
-                                   record[image_at] if image_at < len(record) else "",
-                                   record[caption_at] if caption_at < len(record) else "",
-                                   base, resolver))
+            row = listed_row(split, f"line {start}",
+                             record[image_at] if image_at < len(record) else "",
+                             record[caption_at] if caption_at < len(record) else "",
+                             base, resolver)
+            listed = record[mask_at].strip() if mask_at is not None and mask_at < len(record) \
+                else ""
+            if listed:
+                row = dataclasses.replace(row, mask_listed=listed, mask_path=os.path.normpath(
+                    os.path.join(base, os.path.expanduser(listed))))
+            rows.append(row)
         return rows
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({exc})",
@@ -258,10 +276,31 @@ def _images_below(folder: Path) -> list[tuple[str, str, bool]]:
             stem, suffix = os.path.splitext(entry.name)
             if entry.is_dir():
                 pending.append((prefix + entry.name + "/", entry.path))
-            elif suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            elif suffix.lower() in IMAGE_SUFFIXES and entry.is_file() \
+                    and not is_mask_name(entry.name):
                 found.append((prefix + entry.name, entry.path, stem + ".txt" in names))
     found.sort()
     return found
+
+
+MASK_INFIX = ".mask"  # NAME.mask.png is the mask of NAME.<image suffix>
+
+
+def is_mask_name(name: str) -> bool:
+    """Whether a file name is a mask's (`NAME.mask.<image suffix>`), not an image's."""
+    stem, suffix = os.path.splitext(name)
+    return suffix.lower() in IMAGE_SUFFIXES and stem.lower().endswith(MASK_INFIX) \
+        and len(stem) > len(MASK_INFIX)
+
+
+def sidecar_mask(image_path: str) -> str | None:
+    """The `NAME.mask.<suffix>` file beside an image (.png first), or None."""
+    stem = os.path.splitext(image_path)[0]
+    for suffix in (".png",) + tuple(s for s in IMAGE_SUFFIXES if s != ".png"):
+        candidate = stem + MASK_INFIX + suffix
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def read_folder(folder: Path, *, split: str) -> list[SourceRow]:

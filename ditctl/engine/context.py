@@ -71,9 +71,14 @@ class TrainingData:
         pool = others + list(batch)
         return batch + [pool[k % len(pool)] for k in range(self.step_batch - len(batch))]
 
+    @functools.cached_property
+    def masked(self) -> bool:
+        """Whether any row has a loss mask ([data] use_masks): then every batch carries masks."""
+        return any(row.mask is not None for row in self.rows)
+
     def load(self, indices: list[int], epoch: int) -> Batch:
         flips = [flip_for(self.seed, epoch, i, self.random_flip) for i in indices]
-        return collate(self.source, self.rows, indices, flips)
+        return collate(self.source, self.rows, indices, flips, masks=self.masked)
 
     __hash__ = object.__hash__
 

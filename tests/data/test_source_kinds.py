@@ -354,3 +354,33 @@ def test_bad_jsonl_lines_and_parquet_rows_are_named(tmp_path):
     ws2 = _workspace(tmp_path / "w2", {"train_data_path": str(tmp_path / "meta.parquet")})
     summary = run_ingest(ws2, ws2.config(), workers=1)
     assert [(b.where, b.code) for b in summary.bad] == [("meta.parquet row 2", "no_path")]
+
+
+def test_alpha_mask_of_an_image_inside_a_shard(tmp_path):
+    """[data] use_masks: a shard member's alpha channel is its loss mask, read from the shard
+    (the same pixels as the PNG on disk gives)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ditctl.data.batches import row_latent_mask
+    from ditctl.data.transforms import load_training_mask
+
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:, 16:, 3] = 255  # the right half learns
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "a.tar", "w") as tf:
+        _add(tf, "k.png", buffer.getvalue())
+        _add(tf, "k.txt", b"half a square")
+    ws = _workspace(tmp_path, {"train_data_path": "shards", "use_masks": True})
+    run_ingest(ws, ws.config(), workers=1)
+    (row,) = read_manifest(ws)
+    assert row.mask is not None and row.mask.kind == "alpha" and row.member == "k.png"
+    (tmp_path / "k.png").write_bytes(buffer.getvalue())
+    expected = load_training_mask(tmp_path / "k.png", 32, 32, alpha=True)
+    assert torch.equal(load_training_mask(row.ref, 32, 32, alpha=True), expected)
+    mask = row_latent_mask(row, "center", False, 10**8, 8)
+    assert mask.shape == (1, 4, 4) and mask[0, :, :2].max() == 0 and mask[0, :, 2:].min() == 1

@@ -458,8 +458,9 @@ def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int 
 
 def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
     return BadRow(split=row.split, origin=origin[row.split], source=row.source,
-                  listed_path=row.listed_path, path=row.path, code=code, reason=reason,
-                  member=row.member, seq=seq)
+                  listed_path=row.listed_path or (
+                      f"{os.path.basename(row.path)}#{row.member}" if row.member else ""),
+                  path=row.path, code=code, reason=reason, member=row.member, seq=seq)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],

@@ -153,7 +153,9 @@ def listed_row(split: str, source: str, listed: object, caption: object, base: s
     entry = resolver.entry(shard, in_shard[1])
     if not isinstance(entry, Entry):
         return SourceRow(split, source, listed, shard, caption, entry, in_shard[1])
-    return SourceRow(split, source, listed, shard, caption, None, entry.name, entry.offset,
+    # listed_path left empty: the shard and member say the same, and a million listed strings
+    # would be kept for nothing (BadRow shows `shard.tar#member` instead)
+    return SourceRow(split, source, "", shard, caption, None, entry.name, entry.offset,
                      entry.size)
 
 

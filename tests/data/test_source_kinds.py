@@ -123,6 +123,7 @@ def test_jsonl_and_parquet_rows(tmp_path):
         assert rows[0].source == first_source
         assert [(r.caption, _bytes(r)) for r in rows] == [(c, d) for _, d, c in listed]
         assert rows[-1].member == "s00001.png" and rows[0].member == ""
+        assert rows[0].listed_path == "img/0.png" and rows[-1].listed_path == ""
 
 
 def write_datasets_folder(folder: Path, n: int, *, files: int = 2) -> list[tuple[bytes, str]]:

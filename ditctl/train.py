@@ -15,6 +15,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from . import __version__
 from .config import Config
 from .console import console
+from .data.datasets import dataset_plan, resolve_datasets
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
@@ -120,7 +121,9 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     seed = broadcast_object_list([seed])[0] if world > 1 else seed
     if dry_run and world == 1:  # the plan is made in one process for the processes asked for
         world = config.train.num_processes * config.distributed.nnodes
-    data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
+    datasets = resolve_datasets(config)
+    data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip,
+                        datasets)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
     info["base_precision"] = base_storage(config)
@@ -132,8 +135,10 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     set_seed(seed)  # LoRA's initial weights and dropout draw from the global RNGs
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
-        return TrainOutcome(plan=training_plan(schedule, skeleton, family, config,
-                                               info["buckets"], world))
+        plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
+        plan["datasets"] = dataset_plan(datasets, [row.dataset for row in rows],
+                                        schedule.step_batch)
+        return TrainOutcome(plan=plan)
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:
         from .engine.offload import stream_base_blocks

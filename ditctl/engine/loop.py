@@ -26,7 +26,7 @@ from .context import TrainingContext, TrainingData
 from .ema import EmaWeights, ema_settings
 from .monitor import Monitor
 from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed,
-                        training_guidance)
+                        training_guidance, weighted_loss)
 from .prefetch import MicroJob, Peekable, Prefetcher, to_device
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
@@ -115,19 +115,23 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     compiled = compile_blocks(ctx.denoiser) if train.compile else 0
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
-    unconditional = unconditional_input(family, data, train.caption_dropout)
+    unconditional = unconditional_input(
+        family, data, max([train.caption_dropout] + [d.caption_dropout for d in data.datasets]))
     guidance = training_guidance(family, train)  # guidance-distilled denoisers read it
     reps = train.batch_multiplicity
 
     def prepare(job: MicroJob) -> NoisedBatch:
         """2. the micro-batch's rows, each repeated batch_multiplicity times with its own
         randomness, noised (runs in the prefetch thread; see engine/prefetch.py)."""
-        batch = data.load(list(job.rows), job.epoch)
+        rows = list(job.rows)
+        batch = data.load(rows, job.epoch)
         dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
                           batch.dist.std.repeat_interleave(reps, 0))
+        repeated = [i for i in rows for _ in range(reps)]  # each dataset's dropout, loss weight
         return noised_batch(family, dist, batch.cond.repeat_interleave(reps), list(job.seeds),
-                            density, train.caption_dropout, train.resolution_shift,
-                            unconditional, guidance)
+                            density, data.caption_dropouts(repeated, train.caption_dropout),
+                            train.resolution_shift, unconditional, guidance,
+                            data.loss_weights(repeated))
 
     jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
     device = acc.device
@@ -150,7 +154,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 with _sync_context(acc, model, sync, sharded), acc.autocast():
                     prediction = family.predict(model, noised.noisy, noised.t, noised.cond)
                     per_sample = per_sample_mse(prediction, noised.target)
-                    loss = per_sample.mean()
+                    loss = weighted_loss(per_sample, noised.weight)
                 finite &= bool(torch.isfinite(loss))
                 if finite:
                     acc.backward(loss / schedule.accumulation)

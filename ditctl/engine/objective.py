@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -53,6 +54,7 @@ class NoisedBatch:
     t: torch.Tensor  # [B] timesteps in [0, 1]
     cond: Conditioning  # per sample; dropped-out captions replaced by the empty conditioning
     target: torch.Tensor  # [B, C, h, w] what the model should predict
+    weight: torch.Tensor | None = None  # [B] per-sample loss weights (None: all 1)
 
 
 def draw_sample(family: ModelFamily, dist: LatentDist, cond: Conditioning,
@@ -87,12 +89,16 @@ def training_guidance(family: ModelFamily, train: TrainConfig) -> float | None:
 
 
 def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
-                 density: TimestepDensity, caption_dropout: float, shift: bool,
+                 density: TimestepDensity, caption_dropout: float | Sequence[float], shift: bool,
                  unconditional: Conditioning | None = None,
-                 guidance: float | None = None) -> NoisedBatch:
+                 guidance: float | None = None,
+                 loss_weights: Sequence[float] | None = None) -> NoisedBatch:
     """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`); dropped
-    captions become `unconditional` (see `draw_sample`). `guidance`: the scale a
-    guidance-distilled denoiser reads (`training_guidance`), None for others."""
+    captions become `unconditional` (see `draw_sample`). `caption_dropout`: one rate, or one
+    per sample (each dataset its own). `guidance`: the scale a guidance-distilled denoiser
+    reads (`training_guidance`), None for others. `loss_weights`: per sample (None: all 1)."""
+    dropouts = ([float(caption_dropout)] * len(seeds)
+                if isinstance(caption_dropout, (int, float)) else list(caption_dropout))
     h, w = dist.mean.shape[-2:]
     alpha = family.resolution_shift(h, w) if shift else 1.0
     parts = []
@@ -100,12 +106,22 @@ def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seed
         one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
         generator = torch.Generator().manual_seed(seed)
         parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
-                                 caption_dropout, unconditional))
+                                 dropouts[i], unconditional))
     noisy, t, conds, target = zip(*parts)
     cond = Conditioning.cat(conds)
     if guidance is not None:
         cond = with_guidance(cond, guidance)
-    return NoisedBatch(torch.cat(noisy), torch.cat(t), cond, torch.cat(target))
+    weight = None if loss_weights is None else torch.tensor(list(loss_weights),
+                                                            dtype=torch.float32)
+    return NoisedBatch(torch.cat(noisy), torch.cat(t), cond, torch.cat(target), weight)
+
+
+def weighted_loss(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The batch loss: the mean of the per-sample losses, each times its weight (regularization
+    images' loss_weight), or the plain mean without weights (bit-identical to before)."""
+    if weight is None:
+        return per_sample.mean()
+    return (per_sample * weight.to(per_sample.device)).mean()
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,8 @@ class Peekable(Iterator[T]):
 def pin(batch: NoisedBatch) -> NoisedBatch:
     """The batch in pinned host memory (asynchronous copies to a CUDA device)."""
     return NoisedBatch(batch.noisy.pin_memory(), batch.t.pin_memory(),
-                       batch.cond.map(lambda _, t: t.pin_memory()), batch.target.pin_memory())
+                       batch.cond.map(lambda _, t: t.pin_memory()), batch.target.pin_memory(),
+                       None if batch.weight is None else batch.weight.pin_memory())
 
 
 class Prefetcher:
@@ -121,4 +122,5 @@ def to_device(batch: NoisedBatch, device: torch.device) -> NoisedBatch:
     return NoisedBatch(move(batch.noisy), move(batch.t),
                        Conditioning.from_named({k: move(v) for k, v in
                                                 batch.cond.named_tensors().items()}),
-                       move(batch.target))
+                       move(batch.target),
+                       None if batch.weight is None else move(batch.weight))

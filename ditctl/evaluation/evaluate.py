@@ -20,6 +20,7 @@ from PIL import Image
 from ..config import Config
 from ..console import console
 from ..data.batches import OnTheFlySource
+from ..data.datasets import per_dataset
 from ..engine.attention import attention_context, check_attention_backend
 from ..engine.loading import checkpoint_weights, has_ema, load_denoiser
 from ..engine.objective import training_guidance
@@ -132,7 +133,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     text_encoder = None
     if source is None or (prompts and text_source is None):
         text_encoder = family.load_text_encoder(dtype, text_encoder_device(settings, device))
-    inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data),
+    inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data,
+                                                  per_dataset(config, "center_crop")),
                                 validation.rows)
     embeddings = None
     if prompts and text_source is not None:

@@ -781,6 +781,7 @@ def activate_keys(template: str, values: dict[str, dict[str, Any]]) -> str:
     lines = template.splitlines()
     section = None
     pending = {s: dict(v) for s, v in values.items()}
+    tables = pending.get("data", {}).pop("datasets", [])
     for i, line in enumerate(lines):
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
@@ -792,4 +793,9 @@ def activate_keys(template: str, values: dict[str, dict[str, Any]]) -> str:
     left = [f"[{s}] {k}" for s, keys in pending.items() for k in keys]
     if left:
         raise KeyError(f"template has no line for {', '.join(left)}")
+    if tables:  # [[data.datasets]] tables go at the end of [data], after its commented example
+        end = next(i for i, line in enumerate(lines) if line.startswith("[")
+                   and lines.index("[data]") < i)
+        lines[end:end] = [line for table in tables for line in (
+            "[[data.datasets]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items()), "")]
     return "\n".join(lines) + "\n"

@@ -42,9 +42,10 @@ def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
 
     stale = stale_manifest_reason(ws, config)
     if stale:
-        if not config.data.train_data_path:
+        if not resolve_datasets(config):
             raise WorkspaceError("no training data: [data] train_data_path is not set",
-                                 hint="set it in project.toml or pass --train-data-path")
+                                 hint="set it in project.toml or pass --train-data-path (or "
+                                      "add [[data.datasets]] tables)")
         console.info(f"ingesting first ({stale})")
         run_ingest(ws, config)
     rows = read_manifest(ws, "train")

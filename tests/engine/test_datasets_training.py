@@ -1,0 +1,118 @@
+"""Training on several datasets: regularization loss weights, exact resume, cache == on the fly,
+and the --dry-run plan."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import make_workspace  # noqa: E402
+from test_training import (LORA, _assert_same, _losses, _train, _weights,  # noqa: E402
+                           stop_after)
+
+
+def _two_datasets(root, model_dir, reg=None, data=None, train=None, n_train=4, n_reg=4):
+    """train.csv (32x32 scenes) plus reg.csv (48x32 scenes), the second a regularization set."""
+    from ditctl.demo.scenes import random_scenes, write_dataset
+
+    table = {"path": "data/reg.csv", "role": "regularization", "loss_weight": 0.25,
+             **(reg or {})}
+    ws = make_workspace(root, model_dir, n_train=n_train, n_val=0, lora=LORA, train=train,
+                        data={"datasets": [table], **(data or {})})
+    write_dataset(ws.root / "data", random_scenes(n_reg, 11, sizes=((48, 32),)),
+                  csv_name="reg.csv")
+    return ws
+
+
+def test_regularization_images_get_their_loss_weight(tmp_path, tiny_model_dir, monkeypatch):
+    from ditctl.engine import loop, objective
+
+    seen = []
+
+    def recording(per_sample, weight):
+        seen.append(weight.clone())
+        return objective.weighted_loss(per_sample, weight)
+
+    monkeypatch.setattr(loop, "weighted_loss", recording)
+    ws = _two_datasets(tmp_path / "w", tiny_model_dir, train={"train_batch_size": 8})
+    _train(ws, max_steps=1, learning_rate=1e-3)
+    (weight,) = seen
+    assert sorted(weight.tolist()) == [0.25] * 4 + [1.0] * 4
+
+    # the weight reaches the gradient: the regularization set alone (no train_data_path), with
+    # loss weight 0 (and no weight decay) trains nothing, with 1 it trains
+    monkeypatch.undo()
+    lora_b = {}
+    for w in (0.0, 1.0):
+        ws = _two_datasets(tmp_path / f"z{w}", tiny_model_dir, reg={"loss_weight": w},
+                           train={"weight_decay": 0.0, "train_batch_size": 4})
+        trained = _weights(_train(ws, max_steps=2, learning_rate=1e-2,
+                                  **{"data.train_data_path": None}).result.checkpoint)
+        lora_b[w] = [v for k, v in trained.items() if "lora_B" in k]  # peft starts B at 0
+    assert lora_b[0.0] and all(torch.count_nonzero(v) == 0 for v in lora_b[0.0])
+    assert any(torch.count_nonzero(v) > 0 for v in lora_b[1.0])
+
+
+def test_resume_with_two_datasets_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
+    """Repeats, weights, per-dataset crops and flips, caption dropout, tag shuffling and a
+    regularization loss weight, stopped mid-epoch and resumed."""
+    settings = dict(
+        reg={"repeats": 2, "center_crop": True, "random_flip": False, "caption_dropout": 0.5,
+             "shuffle_tags": True, "keep_tokens": 1, "trigger_word": "prior"},
+        data={"random_flip": True, "center_crop": False},
+        train={"train_batch_size": 2, "gradient_accumulation_steps": 2,
+               "learning_rate": 1e-3, "lr_scheduler": "cosine"})
+    straight = _two_datasets(tmp_path / "a", tiny_model_dir, **settings)
+    full = _train(straight, max_steps=5, checkpoint_every=100, run_name="r")
+    split = _two_datasets(tmp_path / "b", tiny_model_dir, **settings)
+    stop_after(2, monkeypatch)
+    stopped = _train(split, max_steps=5, checkpoint_every=100, run_name="r")
+    assert stopped.result.interrupted and stopped.result.steps == 2
+    monkeypatch.undo()
+    resumed = _train(split, max_steps=5, checkpoint_every=100, resume="latest")
+    assert resumed.result.steps == 5
+    _assert_same(_weights(full.result.checkpoint), _weights(resumed.result.checkpoint))
+    assert _losses(straight.root / "runs" / "r") == _losses(split.root / "runs" / "r")
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cached_and_on_the_fly_training_are_identical_with_two_datasets(tmp_path,
+                                                                         tiny_model_dir,
+                                                                         shuffle):
+    """Per-dataset crops and flips reach the latent keys; with shuffled tags the latents come
+    from the cache and the captions are encoded while training."""
+    from ditctl.precompute import run_precompute
+    from ditctl.train import ensure_manifest
+
+    settings = dict(reg={"center_crop": False, "random_flip": True, "repeats": 2,
+                         "shuffle_tags": shuffle, "trigger_word": "prior"},
+                    data={"center_crop": True, "random_flip": False},
+                    train={"train_batch_size": 2})
+    fly = _two_datasets(tmp_path / "fly", tiny_model_dir, **settings)
+    a = _train(fly, max_steps=3, learning_rate=1e-3, use_precomputed_data=False)
+    cached = _two_datasets(tmp_path / "cached", tiny_model_dir, **settings)
+    config = cached.config()
+    ensure_manifest(cached, config)
+    run_precompute(cached, config)
+    b = _train(cached, max_steps=3, learning_rate=1e-3, use_precomputed_data=True)
+    _assert_same(_weights(a.result.checkpoint), _weights(b.result.checkpoint))
+
+
+def test_dry_run_shows_each_dataset_and_its_share(tmp_path, tiny_model_dir):
+    from ditctl.train import run_training
+
+    ws = _two_datasets(tmp_path / "w", tiny_model_dir,
+                       reg={"repeats": 3, "shuffle_tags": True, "caption_dropout": 0.0},
+                       train={"train_batch_size": 2})
+    plan = run_training(ws, ws.config(), dry_run=True).plan
+    first, reg = plan["datasets"]
+    assert (first["name"], first["images"], first["images_per_epoch"]) == ("train", 4, 4)
+    assert (reg["name"], reg["role"], reg["images"], reg["repeats"], reg["images_per_epoch"],
+            reg["loss_weight"], reg["caption_dropout"]) == \
+        ("reg", "regularization", 4, 3, 12, 0.25, 0.0)
+    # 12 of 16 samples per epoch are shuffled: 2 x 12/16 captions encoded per step
+    assert reg["captions_encoded_per_step"] == 1.5 and first["captions_encoded_per_step"] == 0
+    assert plan["steps_per_epoch"] == 8

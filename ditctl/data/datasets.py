@@ -17,7 +17,9 @@ Epochs (`epoch_slots`): without weights, dataset d contributes repeats_d x image
 epoch keeps that length, N = sum of repeats_d x images_d, and dataset d fills round(N x w_d /
 sum w) of it (largest remainders, ties to the earlier dataset): its images in shuffled rounds,
 so none appears more than once more than another. Only (seed, epoch) drive the choice, so it
-is the same for any number of processes, accumulation steps and after a resume.
+is the same for any number of processes, accumulation steps and after a resume. The copies of
+an image within one epoch share its flip and its shuffled caption (both drawn per epoch and
+image); each copy gets its own noise and timestep (per position in the batch).
 """
 
 from __future__ import annotations

@@ -116,3 +116,21 @@ def test_dry_run_shows_each_dataset_and_its_share(tmp_path, tiny_model_dir):
     # 12 of 16 samples per epoch are shuffled: 2 x 12/16 captions encoded per step
     assert reg["captions_encoded_per_step"] == 1.5 and first["captions_encoded_per_step"] == 0
     assert plan["steps_per_epoch"] == 8
+
+
+def test_accumulation_equals_the_larger_batch_with_weighted_datasets(tmp_path, tiny_model_dir):
+    """Weights and repeats are planned per global batch: accumulating 2 x 2 trains on the same
+    samples, with the same noise, dropout and loss weights, as one batch of 4."""
+    settings = dict(reg={"weight": 3.0, "repeats": 2, "caption_dropout": 0.5,
+                         "shuffle_tags": True},
+                    n_train=4, n_reg=3)
+    big = _two_datasets(tmp_path / "big", tiny_model_dir, train={"train_batch_size": 4},
+                        **settings)
+    small = _two_datasets(tmp_path / "small", tiny_model_dir,
+                          train={"train_batch_size": 2, "gradient_accumulation_steps": 2},
+                          **settings)
+    a = _train(big, max_steps=3, learning_rate=1e-3)
+    b = _train(small, max_steps=3, learning_rate=1e-3)
+    wa, wb = _weights(a.result.checkpoint), _weights(b.result.checkpoint)
+    for k in wa:  # equal up to summation order (see test_training's accumulation test)
+        torch.testing.assert_close(wa[k], wb[k], atol=5e-6, rtol=1e-5)

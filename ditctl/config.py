@@ -266,6 +266,10 @@ class TrainConfig:
     report_to: str = opt("tensorboard", "Where to log.",
                          choices=("tensorboard", "wandb", "all", "none"))
     project_name: str = opt("dit-finetune", "Project name for wandb.")
+    log_every: int = opt(
+        10, "Read the step losses back from the accelerator and write the logs every N steps "
+        "(each step still gets its own record): the steps between never wait for the "
+        "accelerator to finish.", min=1)
     max_nonfinite_steps: int = opt(
         5, "Stop after this many consecutive steps with a non-finite loss.", min=1)
     num_processes: int = opt(1, "Training processes (data parallel) on this machine.", min=1)

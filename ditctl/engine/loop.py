@@ -140,7 +140,10 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
             Prefetcher(prepare, pin_memory=device.type == "cuda") as prefetcher:
         for step in range(position.step + 1, schedule.total_steps + 1):
             t0 = time.perf_counter()
-            data_time, losses, timesteps, finite = 0.0, [], [], True
+            data_time, losses, timesteps = 0.0, [], []
+            # whether every loss and the gradient were finite, kept on the device: the step
+            # reads it back once, when it decides whether to step (see below)
+            finite_on_device = torch.ones((), dtype=torch.bool, device=device)
             for micro in range(schedule.accumulation):
                 # 1. this micro-batch (prepared while the previous one trained); start the next
                 job = next(jobs)
@@ -155,18 +158,21 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                     prediction = family.predict(model, noised.noisy, noised.t, noised.cond)
                     per_sample = per_sample_mse(prediction, noised.target)
                     loss = weighted_loss(per_sample, noised.weight)
-                finite &= bool(torch.isfinite(loss))
-                if finite:
-                    acc.backward(loss / schedule.accumulation)
+                finite_on_device &= torch.isfinite(loss)
+                # a non-finite loss still runs its backward (every process must take part in
+                # the gradient sync); its gradients are discarded with the step below
+                acc.backward(loss / schedule.accumulation)
                 losses.append(per_sample.detach())
                 timesteps.append(noised.t)
             # 4. clip, step, schedule — unless something was non-finite
             grad_norm = None
-            if finite and train.max_grad_norm > 0:
+            if train.max_grad_norm > 0:
                 grad_norm = clip_sharded_grad_norm(trainable, train.max_grad_norm) if sharded \
                     else acc.clip_grad_norm_(trainable, train.max_grad_norm)
-            if grad_norm is not None and not torch.isfinite(grad_norm):
-                finite = False
+                finite_on_device &= torch.isfinite(grad_norm)
+            # the step's one host synchronisation: nothing else waits for the accelerator on a
+            # step that does not log, sample, evaluate or checkpoint
+            finite = bool(finite_on_device)
             if finite:
                 optimizer.step()
                 scheduler.step()
@@ -174,6 +180,8 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                     ema.update(step)
                 consecutive_bad = 0
             else:
+                if acc.scaler is not None and grad_norm is not None:
+                    acc.scaler.update()  # fp16: the gradients were unscaled; lower the scale
                 skipped += 1
                 consecutive_bad += 1
                 if consecutive_bad >= train.max_nonfinite_steps:
@@ -184,18 +192,14 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                              "or resume from the last checkpoint (ditctl train --resume latest)")
             optimizer.zero_grad(set_to_none=True)
             # 5. log, sample, evaluate, checkpoint
-            all_losses = acc.gather(torch.cat(losses).to(acc.device)).float().cpu()
-            all_t = acc.gather(torch.cat(timesteps).to(acc.device)).float().cpu()
-            last_loss = float(all_losses.mean()) if finite else float("nan")
             step_time = time.perf_counter() - t0
             compiling = bool(compiled) and step == position.step + 1
             if compiling:
                 console.info(f"first step {step_time:.1f} s, including compiling {compiled} "
                              "blocks (later steps reuse the compiled code)")
-            monitor.log_step(step, all_losses, all_t, scheduler.get_last_lr()[0],
-                             float(grad_norm) if grad_norm is not None else None,
+            lr = scheduler.get_last_lr()[0]
+            monitor.log_step(step, torch.cat(losses), torch.cat(timesteps), lr, grad_norm,
                              data_time, step_time, skipped=not finite, compiling=compiling)
-            bar.advance(loss=last_loss, lr=scheduler.get_last_lr()[0])
             next_epoch, next_index = _next_position(data, job.epoch, job.batch_index)
             here = Position(step, next_epoch, next_index)
             # Read the request once per step and never write it back: the signal handler may set
@@ -206,6 +210,13 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 stopping = bool(acc.gather(torch.tensor([int(stopping)],
                                                         device=acc.device)).max())
             final = step == schedule.total_steps or stopping
+            checkpointing = finite and (step % train.checkpoint_every == 0 or final)
+            if final or checkpointing or step % train.log_every == 0:
+                logged = monitor.flush()
+                last_loss = logged if finite else float("nan")
+                bar.advance(lr, logged)
+            else:
+                bar.advance(lr)
             if train.sample_every and step % train.sample_every == 0:
                 monitor.sample(model, step)
             if train.eval_every and step % train.eval_every == 0:
@@ -213,7 +224,7 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 if ema is not None and ctx.evaluator is not None:  # raw and EMA side by side
                     with ema.swapped_in():
                         monitor.evaluate(model, step, weights="ema")
-            if finite and (step % train.checkpoint_every == 0 or final):
+            if checkpointing:
                 checkpoint = _checkpoint(ctx, here, model, optimizer, scheduler, monitor, ema)
             if stopping:
                 break

@@ -10,6 +10,7 @@ import json
 import resource
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -62,13 +63,34 @@ def truncate_log(path, step: int) -> None:
         atomic_write_text(path, "".join(kept))
 
 
+@dataclass
+class _PendingStep:
+    """A step's record kept until `Monitor.flush` (its tensors possibly on the accelerator)."""
+
+    step: int
+    losses: torch.Tensor
+    timesteps: torch.Tensor
+    lr: float
+    grad_norm: torch.Tensor | None
+    data_time: float
+    step_time: float
+    skipped: bool
+    compiling: bool
+    peak_memory_mb: float
+
+
 class _Bar:
     def __init__(self, task) -> None:
         self.task = task
+        self.loss: float | None = None
 
-    def advance(self, loss: float, lr: float) -> None:
+    def advance(self, lr: float, loss: float | None = None) -> None:
+        """One step done; `loss`: the latest step loss read back (shown until the next one)."""
         if self.task is not None:
-            self.task.set_postfix(f"loss {loss:.4f} lr {lr:.2e}")
+            if loss is not None:
+                self.loss = loss
+            shown = "" if self.loss is None else f"loss {self.loss:.4f} "
+            self.task.set_postfix(f"{shown}lr {lr:.2e}")
             self.task.advance()
 
 
@@ -80,6 +102,7 @@ class Monitor:
         # the smoothed loss carries over a resume, so its curve continues where it stopped
         self.smoothed: float | None = (state or {}).get("loss_smoothed")
         self.start_step = start_step
+        self.pending: list[_PendingStep] = []
         if self.main:
             truncate_log(train_log_file(ctx.run.folder), start_step)
         if self.main and ctx.accelerator.log_with:
@@ -95,19 +118,58 @@ class Monitor:
             yield _Bar(task)
 
     def log_step(self, step: int, losses: torch.Tensor, timesteps: torch.Tensor, lr: float,
-                 grad_norm: float | None, data_time: float, step_time: float, skipped: bool,
-                 compiling: bool = False) -> None:
-        """One step's record. A step that compiled (`compiling`) reports its time as
-        time/compile_step_s instead of time/step_s, so step-time statistics stay steady-state."""
+                 grad_norm: torch.Tensor | None, data_time: float, step_time: float,
+                 skipped: bool, compiling: bool = False) -> None:
+        """Keep one step's record; `flush` writes it. `losses`, `timesteps` (this process's
+        samples) and `grad_norm` may still be on the accelerator: reading them back would make
+        the host wait for the step to finish, so that happens once per `[train] log_every`
+        steps, for all the steps since. A step that compiled (`compiling`) reports its time as
+        time/compile_step_s instead of time/step_s, so step-time statistics stay steady-state.
+        Every process calls this (flush gathers every process's losses)."""
+        self.pending.append(_PendingStep(step, losses.detach(), timesteps.detach(), lr,
+                                         grad_norm, data_time, step_time, skipped, compiling,
+                                         peak_memory_mb()))
+
+    def flush(self) -> float | None:
+        """Write the kept steps' records (one line each in train_log.jsonl and the trackers) and
+        return the last step's mean loss (None: it was skipped, or nothing was kept). A
+        collective with several processes: every process calls it at the same steps."""
+        if not self.pending:
+            return None
+        pending, self.pending = self.pending, []
+        acc = self.ctx.accelerator
+        # one gather and one copy to the host for all the kept steps; every process holds the
+        # same number of samples in a given step, so the gathered tensor is [process, values]
+        local = torch.cat([torch.cat([p.losses.float(), p.timesteps.float()]) for p in pending])
+        gathered = acc.gather(local.to(acc.device)).cpu()
+        norms = [p.grad_norm for p in pending]
+        norms = torch.stack([n.float() for n in norms if n is not None]).cpu().tolist() \
+            if any(n is not None for n in norms) else []
         if not self.main:
-            return
-        timing = "time/compile_step_s" if compiling else "time/step_s"
-        values: dict[str, float] = {"lr": lr, timing: step_time, "time/data_s": data_time,
-                                    "time/compute_s": step_time - data_time,
+            return None
+        per_process = gathered.reshape(acc.num_processes, -1)
+        offset, last_loss = 0, None
+        for record in pending:
+            n = len(record.losses)
+            losses = per_process[:, offset:offset + n].reshape(-1)
+            timesteps = per_process[:, offset + n:offset + 2 * n].reshape(-1)
+            offset += 2 * n
+            grad_norm = norms.pop(0) if record.grad_norm is not None else None
+            last_loss = self._write(record, losses, timesteps, grad_norm)
+        return last_loss
+
+    def _write(self, record: "_PendingStep", losses: torch.Tensor, timesteps: torch.Tensor,
+               grad_norm: float | None) -> float | None:
+        timing = "time/compile_step_s" if record.compiling else "time/step_s"
+        step_time = record.step_time
+        values: dict[str, float] = {"lr": record.lr, timing: step_time,
+                                    "time/data_s": record.data_time,
+                                    "time/compute_s": step_time - record.data_time,
                                     "throughput/samples_per_s": len(losses) / max(step_time, 1e-9),
-                                    "memory/peak_mb": peak_memory_mb(),
-                                    "train/skipped_step": float(skipped)}
-        if not skipped:
+                                    "memory/peak_mb": record.peak_memory_mb,
+                                    "train/skipped_step": float(record.skipped)}
+        loss = None
+        if not record.skipped:
             loss = float(losses.mean())
             self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
             values.update({"train/loss": loss, "train/loss_smoothed": self.smoothed})
@@ -115,15 +177,18 @@ class Monitor:
                 in_bin = (timesteps >= low) & (timesteps < high if high < 1 else timesteps <= high)
                 if in_bin.any():
                     values[f"loss_by_t/{low:.2f}-{high:.2f}"] = float(losses[in_bin].mean())
-        if grad_norm is not None:
+        if grad_norm is not None and not record.skipped:
             values["train/grad_norm"] = grad_norm
         if self.ctx.accelerator.log_with:
-            self.ctx.accelerator.log(values, step=step)
+            self.ctx.accelerator.log(values, step=record.step)
         with open(train_log_file(self.ctx.run.folder), "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **values}) + "\n")
+            fh.write(json.dumps({"step": record.step, **values}) + "\n")
+        return loss
 
     def state(self) -> dict:
-        """What a checkpoint keeps of the monitor (JSON, in checkpoint.json)."""
+        """What a checkpoint keeps of the monitor (JSON, in checkpoint.json): call `flush`
+        first, so the smoothed loss includes every step up to the checkpoint."""
+        assert not self.pending, "flush the kept steps before saving the monitor's state"
         return {"loss_smoothed": self.smoothed}
 
     def _runs_hooks(self) -> bool:

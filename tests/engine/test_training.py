@@ -226,3 +226,35 @@ def test_a_stop_request_arriving_late_in_a_step_still_saves_a_checkpoint(tmp_pat
     outcome = _train(ws, max_steps=6, checkpoint_every=100, sample_every=1, run_name="late")
     assert outcome.result.interrupted and outcome.result.steps == 3
     assert [c.name for c in list_checkpoints(ws.root / "runs" / "late")] == ["step-000003"]
+
+
+def test_logs_are_read_back_every_log_every_steps_and_hold_every_step(tmp_path, tiny_model_dir,
+                                                                     monkeypatch):
+    """Losses stay on the accelerator between log steps (no host synchronisation); the records
+    written later are the same, step for step, as when every step is read back at once."""
+    from ditctl.engine.monitor import Monitor
+
+    flushed_at = []
+    flush = Monitor.flush
+
+    def counting_flush(self):
+        flushed_at.append(self.pending[-1].step if self.pending else None)
+        return flush(self)
+
+    monkeypatch.setattr(Monitor, "flush", counting_flush)
+    logs, smoothed = [], []
+    for every in (1, 3):
+        ws = make_workspace(tmp_path / f"w{every}", tiny_model_dir, lora=LORA)
+        out = _train(ws, max_steps=7, log_every=every, checkpoint_every=5, run_name="r",
+                     learning_rate=1e-3)
+        lines = (ws.root / "runs" / "r" / "train_log.jsonl").read_text().splitlines()
+        logs.append([{k: v for k, v in json.loads(line).items()
+                      if not k.startswith(("time/", "throughput/", "memory/"))}
+                     for line in lines])
+        smoothed.append(json.loads((ws.root / "runs" / "r" / "checkpoints" / "step-000005"
+                                    / "checkpoint.json").read_text())["monitor"])
+        assert out.result.final_loss == logs[-1][-1]["train/loss"]
+    assert flushed_at == [1, 2, 3, 4, 5, 6, 7] + [3, 5, 6, 7]  # log steps, checkpoint, last
+    assert [entry["step"] for entry in logs[1]] == list(range(1, 8))
+    assert logs[0] == logs[1]
+    assert smoothed[0] == smoothed[1]  # a checkpoint's monitor state includes every step

@@ -137,8 +137,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
         plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
-        plan["datasets"] = dataset_plan(datasets, [row.dataset for row in rows],
-                                        schedule.step_batch)
+        plan["datasets"] = dataset_plan(datasets, rows, schedule.step_batch)
         return TrainOutcome(plan=plan)
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:

@@ -90,9 +90,13 @@ def _print_plan(plan: dict) -> None:
                       f"{d['images_per_epoch']} per epoch; loss weight {d['loss_weight']:g}, "
                       f"caption dropout {d['caption_dropout']:g}")
         if d["caption_tools"]:
-            cost = (f"; text encoder runs ~{d['captions_encoded_per_step']:g} times per step "
-                    "(shuffled captions are encoded while training, not cached)"
-                    if d["captions_encoded_per_step"] else "")
+            shuffles = any(tool.startswith("shuffle") for tool in d["caption_tools"])
+            cost = ""
+            if d["captions_encoded_per_step"]:
+                cost = (f"; text encoder runs ~{d['captions_encoded_per_step']:g} times per "
+                        "step (shuffled captions are encoded while training, not cached)")
+            elif shuffles:
+                cost = "; no caption has tags to shuffle (all read from the cache)"
             table.add_row("", "captions: " + ", ".join(d["caption_tools"]) + cost)
     memory = plan["memory_estimate_bytes"]
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731

@@ -174,18 +174,24 @@ class OnTheFlySource:
 
 
 class CachedLatentsLiveText:
-    """Latents from the cache, captions encoded for every request: for datasets whose tags are
+    """Latents from the cache, and captions from it where it holds them (a caption whose
+    shuffle left it as precompute saw it); others are encoded: for datasets whose tags are
     shuffled at each step (their captions cannot all be cached), without the VAE."""
 
-    def __init__(self, latents: SampleSource, family: ModelFamily, text_encoder: Any):
-        self.latents = latents
+    def __init__(self, cached: CachedSource, family: ModelFamily, text_encoder: Any):
+        self.cached = cached
         self.family = family
         self.text_encoder = text_encoder
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
-        return self.latents.latent_dist(row, flip)
+        return self.cached.latent_dist(row, flip)
 
     def conditioning(self, caption: str) -> Conditioning:
+        cache = self.cached.cache
+        # entry files are renamed into place complete: one that exists can be read (and is
+        # checked against its hash as it is)
+        if cache.path("text", cache.spec.text_key(caption)).is_file():
+            return cache.read_text(caption)
         return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
 
 

@@ -177,16 +177,21 @@ def of_row(values: Sequence, dataset: int):
     return values[dataset] if dataset < len(values) else values[0]
 
 
-def dataset_plan(datasets: Sequence[Dataset], dataset_of_row: Sequence[int],
-                 step_batch: int) -> list[dict]:
+def dataset_plan(datasets: Sequence[Dataset], rows: Sequence, step_batch: int) -> list[dict]:
     """What `train --dry-run` shows per dataset: its role, images, repeats, weight, images per
-    epoch, loss weight, caption dropout and caption tools (and what shuffling costs)."""
+    epoch, loss weight, caption dropout and caption tools, and what shuffling costs: the text
+    encoder runs for each sample whose caption has tags to shuffle (more than keep_tokens + 1;
+    the others read the cache). `rows`: the training ManifestRows."""
     images = [0] * len(datasets)
-    for d in dataset_of_row:
-        images[d] += 1
+    shuffled = [0] * len(datasets)
+    for row in rows:
+        images[row.dataset] += 1
+        dataset = datasets[row.dataset]
+        if dataset.shuffle_tags and len(split_tags(row.source_caption)) > dataset.keep_tokens + 1:
+            shuffled[row.dataset] += 1
     counts = planned_counts(datasets, images)
     out = []
-    for d, n, per_epoch in zip(datasets, images, counts):
+    for d, n, per_epoch, moving in zip(datasets, images, counts, shuffled):
         tools = [text for text, on in ((f"trigger {d.trigger_word!r}", d.trigger_word),
                                        (f"template {d.caption_template!r}", d.caption_template),
                                        (f"shuffle tags (keep {d.keep_tokens})", d.shuffle_tags))
@@ -196,6 +201,7 @@ def dataset_plan(datasets: Sequence[Dataset], dataset_of_row: Sequence[int],
                     "loss_weight": d.loss_weight, "caption_dropout": d.caption_dropout,
                     "caption_tools": tools,
                     # a shuffled caption is new text: the text encoder runs for each sample
-                    "captions_encoded_per_step": (round(step_batch * per_epoch / sum(counts), 2)
-                                                  if d.shuffle_tags and sum(counts) else 0)})
+                    "captions_encoded_per_step": (
+                        round(step_batch * per_epoch * moving / n / sum(counts), 2)
+                        if moving and sum(counts) else 0)})
     return out

@@ -15,15 +15,21 @@ from test_training import (LORA, _assert_same, _losses, _train, _weights,  # noq
 
 
 def _two_datasets(root, model_dir, reg=None, data=None, train=None, n_train=4, n_reg=4):
-    """train.csv (32x32 scenes) plus reg.csv (48x32 scenes), the second a regularization set."""
+    """train.csv (32x32 scenes) plus reg.csv (48x32 scenes, tag captions), the second a
+    regularization set."""
     from ditctl.demo.scenes import random_scenes, write_dataset
 
     table = {"path": "data/reg.csv", "role": "regularization", "loss_weight": 0.25,
              **(reg or {})}
     ws = make_workspace(root, model_dir, n_train=n_train, n_val=0, lora=LORA, train=train,
                         data={"datasets": [table], **(data or {})})
-    write_dataset(ws.root / "data", random_scenes(n_reg, 11, sizes=((48, 32),)),
-                  csv_name="reg.csv")
+    csv = write_dataset(ws.root / "data", random_scenes(n_reg, 11, sizes=((48, 32),)),
+                        csv_name="reg.csv")
+    # tag-style captions ("a, red, circle, on, a, white, background"): shuffling moves them
+    header, *lines = csv.read_text().splitlines()
+    csv.write_text("\n".join([header] + [f'{path},"{", ".join(caption.split())}"'
+                                          for path, caption in (l.split(",", 1) for l in lines)])
+                   + "\n")
     return ws
 
 

@@ -650,7 +650,9 @@ def _dataset_tables(value: Any, source: str, errors: list[str],
 def _dataset_checks(values: dict[str, dict[str, Any]], errors: list[str], source: str) -> None:
     """What a dataset table may only hold together with the rest of the configuration."""
     family = values["model"].get("family", DEFAULT_FAMILY)
-    names: dict[str, int] = {}
+    # [data] train_data_path is the dataset named "train" (data/datasets.py)
+    names: dict[str, str] = ({"train": "[data] train_data_path's"}
+                             if values["data"].get("train_data_path") else {})
     for number, table in enumerate(values["data"].get("datasets", ()), 1):
         label = f"{source} [[data.datasets]] #{number}"
         problem = _size_problem(table.resolution, family)
@@ -658,9 +660,9 @@ def _dataset_checks(values: dict[str, dict[str, Any]], errors: list[str], source
             errors.append(f"{label} resolution = {table.resolution}: {problem}")
         name = table.name or Path(table.path).stem or table.path
         if name in names:
-            errors.append(f"{label} name = {name!r}: already the name of dataset "
-                          f"#{names[name]}; give each dataset its own name")
-        names.setdefault(name, number)
+            errors.append(f"{label} name = {name!r}: already the name of {names[name]} "
+                          "dataset; give each dataset its own name (name = \"...\")")
+        names.setdefault(name, f"#{number}")
 
 
 def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:

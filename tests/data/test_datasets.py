@@ -42,7 +42,7 @@ def _datasets(*tables, data=None, train=None):
     ([{"path": "a", "resolution": 40}],
      "project.toml [[data.datasets]] #1 resolution = 40: must be a multiple of 16"),
     ([{"path": "x/a.csv"}, {"path": "y/a.csv"}],
-     "project.toml [[data.datasets]] #2 name = 'a': already the name of dataset #1"),
+     "project.toml [[data.datasets]] #2 name = 'a': already the name of #1 dataset"),
     ("nope", "project.toml [data] datasets: must be [[data.datasets]] tables"),
 ])
 def test_bad_dataset_tables_are_one_line_naming_table_and_key(tables, message):
@@ -50,6 +50,13 @@ def test_bad_dataset_tables_are_one_line_naming_table_and_key(tables, message):
         build_config({"data": {"datasets": tables}})
     lines = str(caught.value).splitlines()
     assert len(lines) == 2 and lines[1].strip().startswith(message), str(caught.value)
+
+
+def test_a_table_may_not_take_the_first_datasets_name():
+    with pytest.raises(ConfigError, match=r"#1 name = 'train': already the name of \[data\] "
+                                          "train_data_path's dataset"):
+        build_config({"data": {"train_data_path": "a.csv",
+                               "datasets": [{"path": "other/train.csv"}]}})
 
 
 def test_dataset_tables_load_inherit_and_round_trip(tmp_path):

@@ -14,15 +14,20 @@ extrapolates each precision to the released depth 40 at 1024 px. The results are
 bench/RESULTS.md as one block (--no-record: print only). Without CUDA the script stops at once
 with one line and exit status 1.
 
-Part 2 (as before):
+Part 2, speed: F-Lite's width (hidden 3072, 12 heads of 256, text 4096) with reduced depth
+(4 blocks: 1.06 B parameters), bf16 autocast with fp32 trainable weights (as `ditctl train
+--mixed-precision bf16`), batch 4 at 1024x1024 (128x128 latents: 4096 patches + 16 registers)
+and at half that side (512x512), random inputs, AdamW. Configurations, most important first (the
+rest is skipped when --budget-s runs out):
 
-F-Lite's width (hidden 3072, 12 heads of 256, text 4096) with reduced depth (4 blocks: 1.06 B
-parameters), bf16 autocast with fp32 trainable weights (as `ditctl train --mixed-precision
-bf16`), batch 4 at 1024x1024 (128x128 latents: 4096 patches + 16 registers), random inputs,
-AdamW. Configurations, most important first (the rest is skipped when --budget-s runs out):
-
-  full fine-tuning       eager / eager + gradient checkpointing / torch.compile / compile + ckpt
-  LoRA r64 (base bf16)   eager / eager + gradient checkpointing
+  full fine-tuning       eager / + gradient checkpointing / compiled / compiled + checkpointing
+  LoRA r64 (base bf16)   the same four
+  512 px                 LoRA and full, eager and compiled
+  attention backends     flash, flash3, sage, xformers, flex (LoRA, 1024 px; flash also 512 px)
+                         against the sdpa rows; a backend whose package is missing is reported
+                         "unavailable", not measured
+Compilation and checkpointing are ditctl's own (`--compile`: each block compiled once;
+`--gradient-checkpointing`), attention goes through ditctl's switch (`--attention-backend`).
 Per configuration: median step time over the measured steps after warm-up (CUDA-synchronised),
 MFU = model FLOPs per step (bench.common.training_flops: 6 x params-per-token x tokens +
 attention; recomputation not counted) / step time / the measured bf16 peak of a large matmul,
@@ -49,18 +54,28 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from bench.common import DitShape, dit_parameters, image_tokens, training_flops  # noqa: E402
+from ditctl.errors import ConfigError  # noqa: E402
 from ditctl.models.flite_dit import DiT  # noqa: E402
 
 FLITE_WIDTH = dict(hidden=3072, heads=12, text_dim=4096)
 TEXT_TOKENS = 512  # F-Lite's T5 length
 LORA_TARGETS = ["qkv", "q", "context_kv", "proj"]  # ditctl's defaults
-CONFIGS = [  # (name, lora, checkpointing, compile), most important first
-    ("full", False, False, False),
-    ("full + ckpt", False, True, False),
-    ("LoRA r64", True, False, False),
-    ("LoRA r64 + ckpt", True, True, False),
-    ("full, compiled", False, False, True),
-    ("full + ckpt, compiled", False, True, True),
+CONFIGS = [  # (name, lora, checkpointing, compile, attention backend, size), most important first
+    ("full", False, False, False, "sdpa", "large"),
+    ("full + ckpt", False, True, False, "sdpa", "large"),
+    ("LoRA r64", True, False, False, "sdpa", "large"),
+    ("LoRA r64 + ckpt", True, True, False, "sdpa", "large"),
+    ("full, compiled", False, False, True, "sdpa", "large"),
+    ("full + ckpt, compiled", False, True, True, "sdpa", "large"),
+    ("LoRA r64, compiled", True, False, True, "sdpa", "large"),
+    ("LoRA r64 + ckpt, compiled", True, True, True, "sdpa", "large"),
+    *[(f"LoRA r64, attention {name}", True, False, False, name, "large")
+      for name in ("flash", "flash3", "sage", "xformers", "flex")],
+    ("LoRA r64, half size", True, False, False, "sdpa", "small"),
+    ("LoRA r64, half size, compiled", True, False, True, "sdpa", "small"),
+    ("LoRA r64, attention flash, half size", True, False, False, "flash", "small"),
+    ("full, half size", False, False, False, "sdpa", "small"),
+    ("full, half size, compiled", False, False, True, "sdpa", "small"),
 ]
 
 
@@ -249,6 +264,8 @@ def run_plan_points(s: dict, budget_s: float, begun: float) -> tuple[list[dict],
             continue
         try:
             row = {**plan_point(point, s), "status": "ok"}
+        except ConfigError as exc:  # e.g. an attention backend whose package is missing
+            row = {"config": config[0], "status": f"unavailable: {exc}"[:160]}
         except torch.OutOfMemoryError as exc:
             row = {"depth": point[0], "base": point[1], "px": point[2],
                    "checkpointing": point[3], "status": "OOM: " + str(exc).splitlines()[0][:100]}
@@ -281,25 +298,13 @@ def bf16_matmul_peak(device: torch.device, size: int, repeats: int = 10) -> floa
     return 2 * size ** 3 / best
 
 
-class CheckpointedBlock(torch.nn.Module):
-    """A block recomputed in backward, as the DiT's own gradient checkpointing does; as a module
-    of its own so that torch.compile traces the checkpoint (compiling inside a checkpoint is
-    not supported as well as a checkpoint inside the compiled region)."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False)
-
-
 def build_model(shape: DitShape, device: torch.device, lora: bool, rank: int, ckpt: bool,
                 compile_: bool) -> torch.nn.Module:
     """The DiT as `ditctl train` holds it under bf16: fp32 trainable weights; with LoRA the
-    frozen base in bf16 (ditctl.engine.setup.build_denoiser). Compiled: each block on its own
-    (regional compilation: the blocks share one compiled graph, so it compiles in seconds
-    instead of tracing the whole unrolled model)."""
+    frozen base in bf16 (ditctl.engine.setup.build_denoiser). Checkpointing and compilation are
+    ditctl's own (`--gradient-checkpointing`; `--compile`: engine/compile.py compiles each block
+    once, regional compilation)."""
+    from ditctl.engine.compile import compile_blocks
     from ditctl.engine.lora import add_lora, freeze_base
 
     with torch.device(device):
@@ -314,19 +319,24 @@ def build_model(shape: DitShape, device: torch.device, lora: bool, rank: int, ck
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     model.train()
+    if ckpt:
+        model.enable_gradient_checkpointing()
     if compile_:
-        for index, block in enumerate(model.blocks):
-            wrapped = CheckpointedBlock(block) if ckpt else block
-            wrapped.compile()
-            model.blocks[index] = wrapped
-    elif ckpt:
-        model.enable_gradient_checkpointing()  # ditctl's own path (--gradient-checkpointing)
+        compile_blocks(model)
     return model
 
 
+def config_latent(size: str, s: dict) -> int:
+    return s["latent"] if size == "large" else max(2, s["latent"] // 2)
+
+
 def measure(config: tuple, s: dict) -> dict:
-    name, lora, ckpt, compile_ = config
-    device, shape, batch, latent = s["device"], s["shape"], s["batch"], s["latent"]
+    from ditctl.engine.attention import attention_context
+
+    name, lora, ckpt, compile_, attention, size = config
+    device, shape, batch = s["device"], s["shape"], s["batch"]
+    latent = config_latent(size, s)
+    attention_context(attention, device)  # unusable here: ConfigError before anything is built
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -343,10 +353,11 @@ def measure(config: tuple, s: dict) -> dict:
     def step() -> float:
         synchronize(device)
         begun = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            prediction = model(x, text, t)
-        loss = (prediction.float() - x).pow(2).mean()
-        loss.backward()
+        with attention_context(attention, device):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                prediction = model(x, text, t)
+            loss = (prediction.float() - x).pow(2).mean()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -355,7 +366,8 @@ def measure(config: tuple, s: dict) -> dict:
 
     warmup_s = [step() for _ in range(s["warmup"] + (1 if compile_ else 0))]
     times = [step() for _ in range(s["steps"])]
-    result = {"config": name, "step_s": statistics.median(times),
+    result = {"config": name, "attention": attention, "px": latent * 8,
+              "step_s": statistics.median(times),
               "first_step_s": warmup_s[0], "setup_and_warmup_s": time.perf_counter() - started
               - sum(times), "trainable_params": sum(p.numel() for p in trainable)}
     if device.type == "cuda":
@@ -394,13 +406,15 @@ def main(argv=None) -> int:
     print(markdown(extrapolated, ["base", "px", "measured_slope_gib_per_block",
                                   "measured_gib_depth40", "plan_gib_depth40", "step_s_depth40"]))
     tokens = image_tokens(s["latent"], s["latent"])
-    flops = training_flops(shape, (s["latent"], s["latent"]), s["batch"], s["text_tokens"])
+    flops = {size: training_flops(shape, (config_latent(size, s),) * 2, s["batch"],
+                                  s["text_tokens"]) for size in ("large", "small")}
     peak = bf16_matmul_peak(device, s["peak_size"])
     header = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)",
         "torch": torch.__version__, "model": shape.label(), "parameters": dit_parameters(shape),
         "batch": s["batch"], "latent": s["latent"], "tokens_per_image": tokens,
-        "text_tokens": s["text_tokens"], "model_tflop_per_step": flops / 1e12,
+        "text_tokens": s["text_tokens"], "model_tflop_per_step": flops["large"] / 1e12,
+        "model_tflop_per_step_half_size": flops["small"] / 1e12,
         "bf16_matmul_peak_tflops": peak / 1e12, "precision": "bf16 autocast, fp32 trainable",
     }
     print(json.dumps(header, indent=2), flush=True)
@@ -414,8 +428,10 @@ def main(argv=None) -> int:
         try:
             row = measure(config, s)
             row["status"] = "ok"
-            row["mfu_pct"] = 100 * flops / row["step_s"] / peak
+            row["mfu_pct"] = 100 * flops[config[5]] / row["step_s"] / peak
             row["images_per_s"] = s["batch"] / row["step_s"]
+        except ConfigError as exc:  # e.g. an attention backend whose package is missing
+            row = {"config": config[0], "status": f"unavailable: {exc}"[:160]}
         except torch.OutOfMemoryError as exc:
             row = {"config": config[0], "status": "OOM: " + str(exc).splitlines()[0][:120]}
         except Exception as exc:  # report and go on: the other configurations still count
@@ -426,7 +442,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    columns = ["config", "status", "step_s", "mfu_pct", "images_per_s", "peak_gib",
+    columns = ["config", "attention", "px", "status", "step_s", "mfu_pct", "images_per_s", "peak_gib",
                "after_step_gib", "trainable_params", "first_step_s"]
     print()
     print(markdown(rows, columns))
@@ -442,7 +458,8 @@ def main(argv=None) -> int:
     if not args.no_record and not args.cpu_smoke:
         record(args.results, header, plan_rows, plan_columns, extrapolated, rows, columns, total)
         print(f"appended a block to {args.results}")
-    ok = all(r["status"] == "ok" for r in plan_rows + rows)
+    ok = all(r["status"] == "ok" or r["status"].startswith(("unavailable", "skipped"))
+             for r in plan_rows + rows)
     return 0 if ok else 1
 
 

@@ -222,7 +222,7 @@ class TrainConfig:
                                               "to save memory.")
     attention_backend: str = opt(
         "sdpa", "Attention kernel for train, sample and eval: sdpa (torch), math (reference), "
-        "flash / flash3 / sage / xformers (CUDA, package needed), flex.",
+        "flash / flash3 / sage / xformers (CUDA, package needed), flex (CUDA).",
         choices=("sdpa", "math", "flash", "flash3", "sage", "xformers", "flex"))
     compile: bool = opt(False, "Compile each repeated transformer block once with torch.compile "
                         "(regional compilation); the first step includes the compile time.")

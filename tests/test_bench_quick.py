@@ -87,14 +87,21 @@ def test_quick_run_records_every_benchmark_and_leaves_the_real_results_alone(tmp
 def test_gpu_check_cpu_smoke_writes_its_json(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu-smoke",
                            "--no-compile"], cwd=tmp_path, env={**_env(), "OUT": str(tmp_path)},
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [r["config"] for r in report["results"]] == [
-        "full", "full + ckpt", "LoRA r64", "LoRA r64 + ckpt"]
-    assert all(r["status"] == "ok" and r["step_s"] > 0 for r in report["results"])
+    rows = {r["config"]: r for r in report["results"]}
+    measured = ["full", "full + ckpt", "LoRA r64", "LoRA r64 + ckpt", "LoRA r64, half size",
+                "full, half size"]
+    assert sorted(name for name, r in rows.items() if r["status"] == "ok") == sorted(measured)
+    assert all(rows[name]["step_s"] > 0 and rows[name]["mfu_pct"] > 0 for name in measured)
+    assert rows["full, half size"]["px"] * 2 == rows["full"]["px"]
+    # the GPU-only attention backends are reported as such on a CPU, not measured
+    assert {name for name, r in rows.items() if r["status"].startswith("unavailable")} == {
+        f"LoRA r64, attention {b}" for b in ("flash", "flash3", "sage", "xformers", "flex")} | {
+        "LoRA r64, attention flash, half size"}
     assert report["parameters"] == common.dit_parameters(common.DitShape(64, 2, 4, 64))
-    assert "| full + ckpt | ok |" in done.stdout
+    assert "| full + ckpt | sdpa | 64 | ok |" in done.stdout
 
 
 def test_flop_formula_matches_a_hand_count():
@@ -153,3 +160,25 @@ def test_unknown_benchmark_names_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["trainig"])
     assert "unknown benchmark(s) trainig" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cpu_precision_splits_each_step_into_its_parts():
+    from bench.bench_cpu_precision import CATEGORIES, category
+
+    assert [category(n) for n in ("aten::mm", "aten::addmm", "aten::_to_copy",
+                                  "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                  "aten::rms_norm")] == ["matmul", "matmul", "casts",
+                                                         "attention", "other"]
+    outcome = run_one("cpu_precision", quick=True)
+    assert outcome["status"] == "ok", outcome.get("error")
+    tables = outcome["results"]["tables"]
+    assert list(tables) == ["full (s per step)", "lora (s per step)"]
+    for rows in tables.values():
+        parts = {row["part"]: row for row in rows}
+        assert list(parts) == [*CATEGORIES, "total", "wall"]
+        for precision in ("fp32", "bf16_autocast"):
+            # the parts add up to the total; the profiled CPU time fits in the wall time
+            assert sum(parts[c][precision] for c in CATEGORIES) == \
+                pytest.approx(parts["total"][precision], abs=0.01)
+            assert parts["matmul"][precision] > 0 and parts["optimizer"][precision] > 0

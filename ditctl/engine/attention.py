@@ -5,7 +5,8 @@ already call it, and F-Lite's DiT does too (`models/flite_dit.attention`), so on
 selects the kernel everywhere. `sdpa` (the default) is torch's scaled_dot_product_attention on
 the same tensors as before, bit for bit; `math` is its reference kernel (tests compare the
 others against it); `flash`, `flash3`, `sage` and `xformers` need their package and a CUDA
-GPU; `flex` is torch's flex attention (compiled; meant for GPUs).
+GPU; `flex` is torch's flex attention (compiled, for GPUs: it has no backward on a CPU, so a
+CPU training run would fail at its first step).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..errors import ConfigError
 # ditctl's names -> diffusers' AttentionBackendName values
 BACKENDS = {"sdpa": "native", "math": "_native_math", "flash": "flash", "flash3": "_flash_3",
             "sage": "sage", "xformers": "xformers", "flex": "flex"}
-CUDA_ONLY = {"flash", "flash3", "sage", "xformers"}
+CUDA_ONLY = {"flash", "flash3", "sage", "xformers", "flex"}
 
 
 def attention_context(name: str, device: torch.device | str) -> AbstractContextManager:

@@ -11,7 +11,7 @@ from ditctl.engine.attention import attention_context
 from ditctl.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["flash", "sage", "xformers"])
+@pytest.mark.parametrize("name", ["flash", "sage", "xformers", "flex"])  # flex: no CPU backward
 def test_gpu_backends_are_refused_on_the_cpu(name):
     with pytest.raises(ConfigError, match="CUDA GPU"):
         attention_context(name, "cpu")

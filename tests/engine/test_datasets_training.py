@@ -140,3 +140,19 @@ def test_accumulation_equals_the_larger_batch_with_weighted_datasets(tmp_path, t
     wa, wb = _weights(a.result.checkpoint), _weights(b.result.checkpoint)
     for k in wa:  # equal up to summation order (see test_training's accumulation test)
         torch.testing.assert_close(wa[k], wb[k], atol=5e-6, rtol=1e-5)
+
+
+def test_validation_during_training_reports_each_dataset(tmp_path, tiny_model_dir):
+    """Without a val split each dataset's last tenth is held out, and measured on its own."""
+    import json
+
+    ws = _two_datasets(tmp_path / "w", tiny_model_dir, n_train=10, n_reg=10,
+                       train={"eval_every": 1})
+    out = _train(ws, max_steps=1, run_name="r")
+    (line,) = (ws.root / "runs" / "r" / "eval" / "during_training.jsonl").read_text() \
+        .splitlines()
+    record = json.loads(line)
+    assert {"val_loss", "val_loss_train", "val_loss_reg"} <= set(record)
+    assert record["val_loss"] == pytest.approx((record["val_loss_train"]
+                                                + record["val_loss_reg"]) / 2)
+    assert out.run.info["train_images"] == 18  # 9 + 9 train, 1 + 1 held out

@@ -156,3 +156,27 @@ def test_validation_during_training_reports_each_dataset(tmp_path, tiny_model_di
     assert record["val_loss"] == pytest.approx((record["val_loss_train"]
                                                 + record["val_loss_reg"]) / 2)
     assert out.run.info["train_images"] == 18  # 9 + 9 train, 1 + 1 held out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_two_datasets(tmp_path, tiny_model_dir):
+    """Each dataset's share, repeats, caption dropout, shuffled tags and loss weight are planned
+    per global batch: two processes of 2 train as one of 4."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    logs = []
+    for processes, batch in ((1, 4), (2, 2)):
+        ws = _two_datasets(tmp_path / f"p{processes}", tiny_model_dir,
+                           reg={"weight": 2.0, "repeats": 2, "caption_dropout": 0.5,
+                                "shuffle_tags": True})
+        subprocess.run([sys.executable, "-m", "ditctl", "train", "-w", str(ws.root),
+                        "--num-processes", str(processes), "--train-batch-size", str(batch),
+                        "--max-steps", "3", "--learning-rate", "1e-3", "--run-name", "r"],
+                       env=env, check=True, capture_output=True)
+        lines = (ws.root / "runs" / "r" / "train_log.jsonl").read_text().splitlines()
+        logs.append([json.loads(line)["train/loss"] for line in lines])
+    assert len(logs[0]) == len(logs[1]) == 3
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)

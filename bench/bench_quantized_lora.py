@@ -40,7 +40,10 @@ BASES = {"fp8": ("fp8", "no"), "nf4": ("nf4", "no"), "fp32 (auto, default)": ("a
 
 
 def example_run(root: Path, base_precision: str, mixed_precision: str,
-                steps: int | None = None) -> dict[str, Any]:
+                steps: int | None = None, overrides: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Train the `--example` LoRA on this base (plus `overrides`: "section.key" -> value, e.g.
+    another [lora] lora_type) and score the concept it teaches."""
     from ditctl.data.ingest import run_ingest
     from ditctl.demo.concept_check import (concept_scores, held_out_prompts, sample_settings,
                                            trained_prompts)
@@ -51,13 +54,13 @@ def example_run(root: Path, base_precision: str, mixed_precision: str,
     from ditctl.train import run_training
 
     ws = init_workspace(root, model="tiny", example=True).workspace
-    overrides = {"train.use_precomputed_data": True, "train.sample_every": 0,
-                 "train.eval_every": 0, "train.report_to": "none", "lora.use_lora": True,
-                 "lora.train_only_lora": True, "lora.base_precision": base_precision,
-                 "train.mixed_precision": mixed_precision}
+    settings = {"train.use_precomputed_data": True, "train.sample_every": 0,
+                "train.eval_every": 0, "train.report_to": "none", "lora.use_lora": True,
+                "lora.train_only_lora": True, "lora.base_precision": base_precision,
+                "train.mixed_precision": mixed_precision}
     if steps:
-        overrides["train.max_steps"] = steps
-    config = ws.config(overrides)
+        settings["train.max_steps"] = steps
+    config = ws.config({**settings, **(overrides or {})})
     with quiet_console():
         run_ingest(ws, config, workers=1)
         run_precompute(ws, config)
@@ -73,7 +76,11 @@ def example_run(root: Path, base_precision: str, mixed_precision: str,
                                shift=sampling["shift"], seed=0)
     held = concept_scores(family, tuned, vae, text_encoder, held_out_prompts(), settings)
     kept = concept_scores(family, tuned, vae, text_encoder, trained_prompts(), settings)
-    return {"steps": outcome.result.steps, "final_loss": round(outcome.result.final_loss, 4),
+    from ditctl.engine.lora import is_adapter_param
+
+    adapter_params = sum(p.numel() for n, p in tuned.named_parameters() if is_adapter_param(n))
+    return {"steps": outcome.result.steps, "adapter_params": adapter_params,
+            "final_loss": round(outcome.result.final_loss, 4),
             "train_s": round(train_s), "held_out_colour": held["colour"],
             "held_out_colour_and_shape": held["both"], "trained_kept_both": kept["both"],
             "green_ge_0.7": held["colour"] >= 0.7}

@@ -44,6 +44,8 @@ ON_REQUEST = {
               "by itself (and --compile); --compile vs eager on the 94.6 M config"),
     "quantized_lora": ("bench.bench_quantized_lora", "the --example LoRA's concept score on "
                        "fp8, nf4, fp32 and bf16 bases"),
+    "lora_variants": ("bench.bench_lora_variants", "the --example LoRA's concept score trained "
+                      "as DoRA, LoKr and LoHa"),
     "cpu_precision": ("bench.bench_cpu_precision", "fp32 vs bf16 autocast on a CPU, step time "
                       "by operation (matmul, attention, casts, optimiser, other)"),
 }

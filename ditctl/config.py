@@ -71,6 +71,39 @@ def _size_problem(value: int | None, family: str) -> str | None:
             f"try {max(m, round(value / m) * m)}")
 
 
+def parse_patterns(entries: tuple[str, ...], kind: type) -> dict[str, Any]:
+    """ "regex=value" entries -> {regex: value}; raises ValueError naming the bad entry."""
+    import re
+
+    out: dict[str, Any] = {}
+    for entry in entries:
+        pattern, sep, value = entry.rpartition("=")
+        pattern = pattern.strip()
+        if not sep or not pattern:
+            raise ValueError(f"{entry!r} is not \"regex=value\"")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            raise ValueError(f"{entry!r}: {value.strip()!r} is not "
+                             f"{'an integer' if kind is int else 'a number'}") from None
+        if not number > 0:
+            raise ValueError(f"{entry!r}: the value must be > 0")
+        out[pattern] = number
+    return out
+
+
+def _pattern_problem(entries: tuple[str, ...], kind: type) -> str | None:
+    try:
+        parse_patterns(entries, kind)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _fractions(values: tuple[float, ...]) -> str | None:
     if not values:
         return "needs at least one value"
@@ -166,6 +199,12 @@ class DataConfig:
         min=1)
     keep_empty_captions: bool = opt(
         False, "Keep images with an empty caption as unconditional samples (else skip them).")
+    use_masks: bool = opt(
+        False, "Weight the training loss by a per-image mask (white: learn, black: ignore): "
+        "the CSV's mask_column, else a NAME.mask.png next to the image, else the image's alpha "
+        "channel; images without one train everywhere.")
+    mask_column: str = opt("mask_path", "CSV column holding the mask paths (use_masks; "
+                                        "optional column, empty cells: no mask file).")
     trigger_word: str | None = opt(
         None, "Word (or words) put in front of every caption, as its first tag, e.g. \"ohwx "
         "dog\".")
@@ -237,14 +276,34 @@ class TrainConfig:
         0.01, "Fraction of captions replaced by the model's unconditional input (an all-zero "
         "embedding, or an empty prompt's encoding where the model's pipeline uses that).",
         min=0.0, max=1.0)
+    timestep_sampling: str = opt(
+        "logit_normal", "How training timesteps are drawn: logit_normal (sigmoid of a normal "
+        "draw, with a uniform fraction), uniform, mode (the SD3 paper's mode sampling, "
+        "mode_scale) or cosmap (the SD3 paper's CosMap).",
+        choices=("logit_normal", "uniform", "mode", "cosmap"))
     uniform_timestep_fraction: float = opt(
-        0.1, "Fraction of samples whose timestep is drawn uniformly instead of logit-normal.",
-        min=0.0, max=1.0)
+        0.1, "timestep_sampling = logit_normal: fraction of samples whose timestep is drawn "
+        "uniformly (unshifted) instead.", min=0.0, max=1.0)
     logit_normal_mean: float = opt(0.0, "Mean of the logit-normal timestep density.")
     logit_normal_std: float = opt(1.0, "Std of the logit-normal timestep density.", min=0.0,
                                   min_exclusive=True)
+    mode_scale: float = opt(
+        1.29, "timestep_sampling = mode: the scale s (0: uniform; > 0 favours middle "
+        "timesteps, < 0 the ends; at most 2/(pi-2) keeps the mapping monotone).",
+        min=-1.0, max=2 / (math.pi - 2))
     resolution_shift: bool = opt(
         True, "Shift timesteps towards noise for larger images, by the model family's rule.")
+    timestep_shift: float | None = opt(
+        None, "A fixed time shift alpha (t' = alpha*t / (1 + (alpha-1)*t); 1: none) for "
+        "training and validation timesteps, used instead of the family's resolution rule. "
+        "Unset: resolution_shift decides.", min=0.0, min_exclusive=True)
+    masked_loss_floor: float = opt(
+        0.0, "[data] use_masks: the loss weight of masked-out (black) areas, so they still "
+        "train a little (0: not at all).", min=0.0, max=1.0, max_exclusive=True)
+    loss_weighting: str = opt(
+        "none", "Per-sample loss weight by timestep t: none, sigma_sqrt (1/t^2, large near "
+        "t = 0) or cosmap (2 / (pi*(1 - 2t + 2t^2))), as diffusers' SD3 training.",
+        choices=("none", "sigma_sqrt", "cosmap"))
     embedded_guidance: float | None = opt(
         None, "Guidance-distilled models only (the denoiser reads the guidance scale as an "
         "input): the scale fed in training. Unset: the model family's default.", min=0.0)
@@ -294,9 +353,25 @@ class LoraConfig:
 
     use_lora: bool = opt(False, "Add LoRA adapters to the DiT.")
     train_only_lora: bool = opt(False, "Freeze the base model and train only the LoRA weights.")
+    lora_type: str = opt(
+        "lora", "Adapter kind (all through peft): lora (low-rank B @ A), dora (LoRA plus a "
+        "trained per-row magnitude: weight-decomposed LoRA), lokr (Kronecker product of two "
+        "small matrices, LyCORIS) or loha (Hadamard product of two low-rank pairs, LyCORIS).",
+        choices=("lora", "dora", "lokr", "loha"))
     lora_rank: int = opt(64, "Rank of the LoRA matrices.", min=1)
     lora_alpha: float = opt(64, "LoRA scaling numerator (scale = alpha / rank).", min=0.0,
                             min_exclusive=True)
+    lora_rank_pattern: tuple[str, ...] = opt(
+        (), "Per-module ranks as \"regex=rank\" (peft rank_pattern; the regex is matched "
+        "against the end of the module's path, e.g. \"ff.*=16\"); other modules get lora_rank.",
+        check=lambda v: _pattern_problem(v, int))
+    lora_alpha_pattern: tuple[str, ...] = opt(
+        (), "Per-module alphas as \"regex=alpha\" (peft alpha_pattern), like lora_rank_pattern.",
+        check=lambda v: _pattern_problem(v, float))
+    lokr_factor: int = opt(
+        -1, "lokr: the Kronecker factor (each weight side is split as factor x rest; -1: the "
+        "most balanced split). Larger factors train more parameters.", min=-1,
+        check=lambda v: "must be -1 or a positive integer" if v == 0 else None)
     lora_dropout: float = opt(0.0, "Dropout on the LoRA path.", min=0.0, max=1.0)
     lora_target_modules: tuple[str, ...] = opt(
         (), "Module names that get adapters (comma-separated); empty: the model family's "
@@ -675,6 +750,7 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
     if lora["train_only_lora"] and not lora["use_lora"]:
         errors.append("[lora] train_only_lora = true needs use_lora = true "
                       "(or use `ditctl train --lora`, which sets both)")
+    _lora_type_checks(lora, errors)
     distributed = {**_defaults("distributed"), **values["distributed"]}
     if distributed["node_rank"] >= distributed["nnodes"]:
         errors.append(f"[distributed] node_rank = {distributed['node_rank']} must be below "
@@ -687,10 +763,39 @@ def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
     if train["ema_decay"] > 0 and distributed["strategy"] == "fsdp":
         errors.append("[train] ema_decay needs [distributed] strategy = 'ddp' (an FSDP run's EMA "
                       "is not kept); set ema_decay = 0 or use strategy = 'ddp'")
+    data = {**_defaults("data"), **values["data"]}
+    if train["masked_loss_floor"] > 0 and not data["use_masks"]:
+        errors.append("[train] masked_loss_floor needs [data] use_masks = true (there is no "
+                      "mask to weight without it)")
+    # density parameters read only by one timestep_sampling: another value would be ignored
+    defaults = _defaults("train")
+    for key, sampling in (("uniform_timestep_fraction", "logit_normal"),
+                          ("logit_normal_mean", "logit_normal"),
+                          ("logit_normal_std", "logit_normal"), ("mode_scale", "mode")):
+        if train[key] != defaults[key] and train["timestep_sampling"] != sampling:
+            errors.append(f"[train] {key} = {train[key]!r} is read only with timestep_sampling = "
+                          f"'{sampling}' (it is {train['timestep_sampling']!r}); set "
+                          f"timestep_sampling = '{sampling}' or leave {key} at its default")
     if train["ema_decay"] == 0 and (train["ema_warmup"] or train["ema_every"] != 1
                                     or train["ema_on_cpu"]):
         errors.append("[train] ema_warmup / ema_every / ema_on_cpu need ema_decay > 0 "
                       "(e.g. ema_decay = 0.999)")
+
+
+def _lora_type_checks(lora: dict[str, Any], errors: list[str]) -> None:
+    """Keys that only one adapter kind reads, and the kinds peft cannot put on an NF4 base."""
+    kind = lora["lora_type"]
+    if lora["lokr_factor"] != -1 and kind != "lokr":
+        errors.append(f"[lora] lokr_factor = {lora['lokr_factor']} only applies to "
+                      f"lora_type = 'lokr' (now {kind!r}); remove it or set lora_type = 'lokr'")
+    if lora["lora_dropout"] > 0 and kind in ("lokr", "loha"):
+        errors.append(f"[lora] lora_dropout is LoRA's input dropout; lora_type = {kind!r} has "
+                      "none: set lora_dropout = 0")
+    if kind in ("lokr", "loha") and lora["base_precision"] == "nf4":
+        errors.append(f"[lora] lora_type = {kind!r} cannot train on base_precision = 'nf4' "
+                      "(peft shapes its weight update like the stored weight, which NF4 packs "
+                      "two to a byte): use base_precision = 'int8' or 'fp8', or lora_type = "
+                      "'lora' / 'dora'")
 
 
 def _defaults(section: str) -> dict[str, Any]:

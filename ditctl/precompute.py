@@ -36,7 +36,7 @@ from rich.markup import escape
 
 from .config import Config
 from .console import console
-from .data.batches import crop_for, load_row_pixels
+from .data.batches import crop_for, load_row_pixels, row_latent_mask
 from .data.datasets import of_row, per_dataset
 from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan, IndexEntry,
                          KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
@@ -282,33 +282,41 @@ class _ImageJobs(torch.utils.data.Dataset):
     them as DataError with the file's name (a worker's exception arrives as a traceback text).
     """
 
-    def __init__(self, jobs: Sequence[LatentJob], center_crop: tuple[bool, ...], max_pixels: int):
+    def __init__(self, jobs: Sequence[LatentJob], center_crop: tuple[bool, ...], max_pixels: int,
+                 spatial_factor: int):
         self.jobs, self.center_crop, self.max_pixels = list(jobs), center_crop, max_pixels
+        self.spatial_factor = spatial_factor
 
     def __len__(self) -> int:
         return len(self.jobs)
 
     def __getitem__(self, i: int):
         row, flip = self.jobs[i].row, self.jobs[i].flip
+        crop = crop_for(row, of_row(self.center_crop, row.dataset))  # its dataset's crop
         try:
-            pixels = load_row_pixels(row, crop_for(row, of_row(self.center_crop, row.dataset)),
-                                     flip, self.max_pixels)
-            return i, pixels, None
+            pixels = load_row_pixels(row, crop, flip, self.max_pixels)
+            # the loss mask as training on the fly makes it (None: the row has none)
+            mask = row_latent_mask(row, crop, flip, self.max_pixels, self.spatial_factor) \
+                if row.mask is not None else None
+            return i, pixels, mask, None
         except DataError as exc:
-            return i, None, (exc.message, exc.hint)
+            return i, None, None, (exc.message, exc.hint)
         except (ImageProblem, OSError) as exc:
-            return i, None, (f"{row.path}: {exc} (it was readable at ingest)",
-                             "run `ditctl ingest` to update the manifest")
+            return i, None, None, (f"{row.path}: {exc} (it was readable at ingest)",
+                                   "run `ditctl ingest` to update the manifest")
 
 
-def _stack_batch(items: list) -> tuple[list[int], torch.Tensor | None, tuple[str, str] | None]:
-    """(job indices, pixels [B, 3, H, W], first problem). Runs in the worker, so that one
-    tensor per batch crosses to the main process rather than one per image."""
-    indices = [i for i, _, _ in items]
-    problems = [problem for _, _, problem in items if problem is not None]
+def _stack_batch(items: list
+                 ) -> tuple[list[int], torch.Tensor | None, list, tuple[str, str] | None]:
+    """(job indices, pixels [B, 3, H, W], masks (each [1, h, w] or None), first problem). Runs
+    in the worker, so that one tensor per batch crosses to the main process rather than one per
+    image."""
+    indices = [i for i, _, _, _ in items]
+    problems = [problem for _, _, _, problem in items if problem is not None]
     if problems:
-        return indices, None, problems[0]
-    return indices, torch.stack([pixels for _, pixels, _ in items]), None
+        return indices, None, [], problems[0]
+    return indices, torch.stack([pixels for _, pixels, _, _ in items]), \
+        [mask for _, _, mask, _ in items], None
 
 
 def bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> list[list[int]]:
@@ -328,7 +336,8 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
     settings = config.precompute
     workers = settings.num_workers
     loader = torch.utils.data.DataLoader(
-        _ImageJobs(jobs, per_dataset(config, "center_crop"), config.data.max_image_pixels),
+        _ImageJobs(jobs, per_dataset(config, "center_crop"), config.data.max_image_pixels,
+                   family.latent.spatial_factor),
         batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
         collate_fn=_stack_batch, persistent_workers=workers > 0,
         worker_init_fn=worker_started,  # workers die with us and never keep the lock
@@ -342,11 +351,11 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
         started = time.perf_counter()
         with _EntryWriter(index) as writer, \
                 console.progress("encoding images", total=len(jobs), unit="images") as bar:
-            for indices, pixels, problem in batches:
+            for indices, pixels, masks, problem in batches:
                 if problem is not None:
                     raise DataError(problem[0], hint=problem[1])
                 written = _encode_batch(family, vae, cache, [jobs[i] for i in indices], pixels,
-                                        chunk, device, writer)
+                                        masks, chunk, device, writer)
                 if done == 0:  # the first batch tells how large an entry is
                     per_entry = written / len(indices)
                     check_free_space(cache.root, int(per_entry * (len(jobs) - len(indices))),
@@ -359,10 +368,10 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
 
 
 def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[LatentJob],
-                  pixels: torch.Tensor, chunk: int, device: torch.device,
+                  pixels: torch.Tensor, masks: list, chunk: int, device: torch.device,
                   writer: _EntryWriter) -> int:
-    """Encode one bucket batch (pixels [B, 3, H, W]) and hand its files to the writer;
-    returns the bytes queued."""
+    """Encode one bucket batch (pixels [B, 3, H, W]) and hand its files, with each image's
+    loss mask (or None), to the writer; returns the bytes queued."""
     means, stds = [], []
     for start in range(0, len(jobs), chunk):
         dist = family.encode_images(vae, pixels[start:start + chunk].to(device))
@@ -370,8 +379,8 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
         stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     files, entries = [], []
-    for job, job_mean, job_std in zip(jobs, mean, std):
-        data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype)
+    for job, job_mean, job_std, mask in zip(jobs, mean, std, masks):
+        data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype, mask)
         files.append((cache.path("latent", job.key), data))
         entries.append(IndexEntry(job.key, "latent", tuple(job_mean.shape), cache.spec.dtype,
                                   len(data), job.flip, str(job.row.path)))

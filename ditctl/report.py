@@ -78,7 +78,7 @@ def render_report(metrics: Mapping[str, Any], images: Mapping[str, Image.Image |
             f"{escape(validation['inputs'])}; fixed "
             f"noise (seed {escape(validation['seed'])}) at timesteps "
             f"{escape(', '.join(f'{q:g}' for q in validation['quantiles']))}"
-            f"{' (resolution-shifted as in training)' if validation.get('resolution_shift') else ''}"
+            f"{_shift_note(validation)}"
             ". Lower is better; the numbers are only comparable between evaluations of the same "
             "data.</p>",
             html_table(["model", "step", "validation loss"],
@@ -126,3 +126,10 @@ def render_comparison(metrics: Mapping[str, Mapping[str, Any]], table: Sequence[
             body.append(f"<div><h3>{escape(name)}</h3>{content}</div>")
         body.append("</div>")
     return _page(title, "".join(body))
+
+
+def _shift_note(validation: dict) -> str:
+    """How the validation timesteps were shifted (as in training)."""
+    if validation.get("timestep_shift") is not None:
+        return f" (shifted by a fixed {validation['timestep_shift']:g} as in training)"
+    return " (resolution-shifted as in training)" if validation.get("resolution_shift") else ""

@@ -20,7 +20,9 @@ from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, sta
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
+from .engine.objective import describe_objective
 from .engine.plan import memory_advice, training_plan
+from .engine.precision import cpu_lacks_native_bf16
 from .engine.run import Run, new_run, open_run_for_resume
 from .engine.setup import (base_storage, build_denoiser, make_accelerator, plan_schedule,
                            process_state, resolve_seed, step_batch_size)
@@ -137,8 +139,15 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     if dry_run:  # shapes only: the plan reads no weights
         skeleton = build_denoiser(family, config, device="meta")
         plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
+        plan["objective"] = describe_objective(
+            config.train, sum(row.mask is not None for row in rows), len(rows))
         plan["datasets"] = dataset_plan(datasets, rows, schedule.step_batch)
         return TrainOutcome(plan=plan)
+    if state.device.type == "cpu" and config.train.mixed_precision == "bf16" \
+            and cpu_lacks_native_bf16():
+        console.warn("this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX): bf16 "
+                     "autocast will make each step slower than fp32 here; use "
+                     "--mixed-precision no to train in fp32")
     denoiser = build_denoiser(family, config, device=state.device)
     if config.lora.offload_base_blocks:
         from .engine.offload import stream_base_blocks

@@ -94,6 +94,7 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
                                  config.eval.timestep_quantiles,
                                  batch_size=config.train.eval_batch_size,
                                  resolution_shift=config.train.resolution_shift,
+                                 fixed_shift=config.train.timestep_shift,
                                  guidance=training_guidance(family, config.train))
         metrics = {"val_loss": result["overall"],
                    **{f"val_loss_t{q:.2f}": v for q, v in result["per_quantile"].items()}}

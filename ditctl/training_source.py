@@ -36,10 +36,12 @@ DISK_HEADROOM = 1.10  # the cache may take this much more than estimated (header
 
 
 def fill_bytes(gap: CacheGap, config: Config, family: ModelFamily) -> int:
-    """Estimated disk bytes of the entries `gap` lacks (mean + std latents, text states)."""
+    """Estimated disk bytes of the entries `gap` lacks (mean + std latents and loss masks,
+    text states)."""
     itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
     latent = family.latent
-    latent_values = sum(2 * latent.channels * (job.row.bucket_h // latent.spatial_factor)
+    latent_values = sum((2 * latent.channels + (job.row.mask is not None))  # mean, std, mask
+                        * (job.row.bucket_h // latent.spatial_factor)
                         * (job.row.bucket_w // latent.spatial_factor)
                         for job in gap.missing_latents)
     text_values = len(gap.missing_texts) * family.text_tokens() * family.denoiser_shape().text_dim

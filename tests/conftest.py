@@ -83,14 +83,16 @@ def cli():
 
 
 def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, rank: int = 4,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, lora_settings: dict | None = None) -> Path:
     """A complete checkpoint folder as training writes it (with its manifest), with random
-    trained weights: LoRA on the family's default targets (adapter_config.json +
-    lora.safetensors) or full (trainable.safetensors)."""
+    trained weights: an adapter on the family's default targets (adapter_config.json +
+    lora.safetensors; `lora_settings`: more [lora] keys, e.g. lora_type) or full
+    (trainable.safetensors)."""
     import torch
 
     from ditctl.config import build_config
-    from ditctl.engine.lora import add_lora, adapter_config_dict, peft_config, peft_state_dict
+    from ditctl.engine.lora import (add_lora, adapter_config_dict, is_adapter_param, peft_config,
+                                    peft_state_dict)
     from ditctl.models.registry import load_family
     from ditctl.runs import ADAPTER_CONFIG, LORA_WEIGHTS, TRAINABLE_FILE, CheckpointWriter
     from ditctl.tensorfile import write_safetensors
@@ -102,13 +104,18 @@ def write_test_checkpoint(model_dir: Path, folder: Path, *, lora: bool = True, r
     gen = torch.Generator().manual_seed(seed)
     if lora:
         settings = build_config({"lora": {"use_lora": True, "lora_rank": rank, "lora_alpha": rank,
-                                          "lora_target_modules": list(family.lora_targets)}})
+                                          "lora_target_modules": list(family.lora_targets),
+                                          **(lora_settings or {})}})
         settings = settings.lora
         add_lora(dit, peft_config(settings, family.lora_target_candidates))
         with torch.no_grad():
             for name, p in dit.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                if "magnitude" in name:  # DoRA's row norms: moved, kept near the base's
+                    p.mul_(1 + torch.randn(p.shape, generator=gen) * 0.1)
+                elif is_adapter_param(name):
+                    # LoKr and LoHa multiply more factors: larger ones for a visible update
+                    scale = 0.1 if "lora_" in name else 0.3
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
         with files.open(LORA_WEIGHTS) as fh:
             write_safetensors(fh, peft_state_dict(dit))
         files.write_json(ADAPTER_CONFIG, adapter_config_dict(dit))

@@ -182,3 +182,13 @@ def test_cpu_precision_splits_each_step_into_its_parts():
             assert sum(parts[c][precision] for c in CATEGORIES) == \
                 pytest.approx(parts["total"][precision], abs=0.01)
             assert parts["matmul"][precision] > 0 and parts["optimizer"][precision] > 0
+
+
+def test_lora_variants_set_reads_one_key_for_one_kind():
+    from bench.bench_lora_variants import parse_set
+
+    assert parse_set("lokr:train.learning_rate=8e-3") == ("lokr", "train.learning_rate", 8e-3)
+    assert parse_set("dora:lora.lora_rank = 32") == ("dora", "lora.lora_rank", 32)
+    for bad in ("lokra:train.learning_rate=1", "lokr:learning_rate=1", "lokr:train.x="):
+        with pytest.raises(ValueError, match="kind:section.key=value"):
+            parse_set(bad)

@@ -83,6 +83,8 @@ def _print_plan(plan: dict) -> None:
         value = plan[key]
         table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
     table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
+    for key, value in plan.get("objective", {}).items():
+        table.add_row(key.replace("_", " "), value)
     for d in plan.get("datasets", ()):
         weight = f", weight {d['weight']:g}" if d["weight"] is not None else ""
         table.add_row(f"dataset {d['name']}",

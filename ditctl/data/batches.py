@@ -12,7 +12,9 @@ A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption i
 `Conditioning`. `CachedSource` reads the precompute cache and never loads an encoder;
 `OnTheFlySource` runs the one transform and the encoders. With fp32 encoders and fp32 storage
 both give bit-identical tensors, because precompute encodes every image exactly as
-`OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`).
+`OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`). A row's loss mask
+([data] use_masks) comes with its latents (`masked_latent`): cached in the same entry, or made
+on the fly by the same function (`row_latent_mask`), with the image's crop and flip.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from ..errors import DataError
 from ..models.base import Conditioning, LatentDist, ModelFamily
 from .datasets import of_row
 from .manifest import ManifestRow
-from .transforms import Crop, crop_offset_range, load_training_image
+from .transforms import (Crop, crop_offset_range, latent_mask, load_training_image,
+                         load_training_mask)
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -100,23 +103,41 @@ def rank_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 # --- pixels -----------------------------------------------------------------------------------
 
-def load_row_pixels(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int) -> torch.Tensor:
-    """The training tensor [3, bucket_h, bucket_w] of a manifest row, via the one transform.
-
-    The row's content hash names its cache entries, so a file edited after ingest must not be
-    encoded under the old hash: its size and mtime are checked against the manifest first
-    (the same test ingest uses to decide what to re-read).
-    """
+def _check_unchanged(path, size_bytes: int, mtime_ns: int) -> None:
+    """A file's content hash names cache entries, so a file edited after ingest must not be
+    encoded under the old hash: its size and mtime are checked against the manifest (the same
+    test ingest uses to decide what to re-read)."""
     try:
-        stat = os.stat(row.path)
+        stat = os.stat(path)
     except FileNotFoundError:
-        raise DataError(f"{row.path}: file not found (it was there at ingest)",
+        raise DataError(f"{path}: file not found (it was there at ingest)",
                         hint="run `ditctl ingest` to update the manifest") from None
-    if stat.st_size != row.size_bytes or stat.st_mtime_ns != row.mtime_ns:
-        raise DataError(f"{row.path}: changed since ingest (size or modification time differ)",
+    if stat.st_size != size_bytes or stat.st_mtime_ns != mtime_ns:
+        raise DataError(f"{path}: changed since ingest (size or modification time differ)",
                         hint="run `ditctl ingest` to update the manifest")
+
+
+def load_row_pixels(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int) -> torch.Tensor:
+    """The training tensor [3, bucket_h, bucket_w] of a manifest row, via the one transform
+    (the file checked unchanged since ingest first)."""
+    _check_unchanged(row.path, row.size_bytes, row.mtime_ns)
     return load_training_image(row.path, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
                                max_pixels=max_pixels)
+
+
+def row_latent_mask(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int,
+                    spatial_factor: int) -> torch.Tensor:
+    """The row's loss mask on its latent grid, [1, bucket_h/f, bucket_w/f] in [0, 1], made by
+    the one transform with the image's crop and flip (all ones when the row has no mask).
+    Precompute stores exactly this; on-the-fly training computes it the same way."""
+    h, w = row.bucket_h // spatial_factor, row.bucket_w // spatial_factor
+    if row.mask is None:
+        return torch.ones(1, h, w)
+    _check_unchanged(row.mask.path, row.mask.size_bytes, row.mask.mtime_ns)
+    pixels = load_training_mask(row.mask.path, row.bucket_w, row.bucket_h,
+                                alpha=row.mask.kind == "alpha", crop=crop, flip=flip,
+                                max_pixels=max_pixels)
+    return latent_mask(pixels, spatial_factor)
 
 
 # --- sources ----------------------------------------------------------------------------------
@@ -132,6 +153,11 @@ class SampleSource(Protocol):
         """The caption's conditioning, a batch of one, floats fp32 on the CPU."""
         ...
 
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        """`latent_dist` and the row's loss mask on the latent grid [1, 1, h, w] (ones when
+        the row has none)."""
+        ...
+
 
 class CachedSource:
     """Reads the precompute cache. Loads no encoder: keys need only the models' identities."""
@@ -141,6 +167,12 @@ class CachedSource:
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         return self.cache.read_latents(row, flip)
+
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        dist, mask = self.cache.read_latent_entry(row, flip)
+        if mask is None:  # a row without a mask: its entry holds none
+            mask = torch.ones(1, 1, *dist.mean.shape[-2:])
+        return dist, mask
 
     def conditioning(self, caption: str) -> Conditioning:
         return self.cache.read_text(caption)
@@ -168,6 +200,11 @@ class OnTheFlySource:
                                  self.data.max_image_pixels)
         return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
 
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        mask = row_latent_mask(row, crop_for(row, of_row(self.center_crop, row.dataset)), flip,
+                               self.data.max_image_pixels, self.family.latent.spatial_factor)
+        return self.latent_dist(row, flip), mask.unsqueeze(0)
+
     def conditioning(self, caption: str) -> Conditioning:
         # on the CPU like cached entries, whichever device encoded it
         return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
@@ -185,6 +222,9 @@ class CachedLatentsLiveText:
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         return self.cached.latent_dist(row, flip)
+
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        return self.cached.masked_latent(row, flip)
 
     def conditioning(self, caption: str) -> Conditioning:
         cache = self.cached.cache
@@ -204,12 +244,16 @@ class Batch:
     dist: LatentDist      # mean, std [B, C, h, w] fp32
     cond: Conditioning    # batch B, fp32
     indices: tuple[int, ...]
+    mask: torch.Tensor | None = None  # [B, 1, h, w] loss masks on the latent grid, or None
 
 
 def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence[int],
-            flips: Sequence[bool], captions: Sequence[str] | None = None) -> Batch:
-    """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index),
-    with `captions` (one per index; default: the rows' captions)."""
+            flips: Sequence[bool], masks: bool = False,
+            captions: Sequence[str] | None = None) -> Batch:
+    """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index);
+    with `masks`, their loss masks too (every row gets one, ones where it has none, so a
+    batch's loss does not depend on which rows it holds); with `captions` (one per index;
+    default: the rows' captions)."""
     if len(indices) != len(flips):
         raise ValueError(f"{len(indices)} indices but {len(flips)} flips")
     if not indices:
@@ -217,10 +261,16 @@ def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence
     buckets = {rows[i].bucket for i in indices}
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one image size, got {sorted(buckets)}")
-    dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
+    mask = None
+    if masks:
+        pairs = [source.masked_latent(rows[i], bool(f)) for i, f in zip(indices, flips)]
+        dists = [dist for dist, _ in pairs]
+        mask = torch.cat([m for _, m in pairs])  # [B, 1, h, w]
+    else:
+        dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
     mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
     std = torch.cat([d.std for d in dists])
     if captions is None:
         captions = [rows[i].caption for i in indices]
     cond = Conditioning.cat([source.conditioning(caption) for caption in captions])
-    return Batch(LatentDist(mean, std), cond, tuple(int(i) for i in indices))
+    return Batch(LatentDist(mean, std), cond, tuple(int(i) for i in indices), mask)

@@ -3,7 +3,9 @@
 ```
 cache_dir/
   index.sqlite                          which entries are complete (WAL, one commit per batch)
-  latents/<k[:2]>/<k>.safetensors       "mean", "std" [C, h, w] of one image variant
+  latents/<k[:2]>/<k>.safetensors       "mean", "std" [C, h, w] of one image variant, and "mask"
+                                        [1, h, w] (its loss mask on the latent grid) when the
+                                        image has one ([data] use_masks)
   text/<k[:2]>/<k>.safetensors          one caption's Conditioning record: "sequence" [L, D], and
                                         "mask", "pooled", "extra.*" when the family has them
                                         (caches written before the Conditioning type call the
@@ -12,9 +14,11 @@ cache_dir/
 A key is the SHA-256 of everything the stored tensor depends on, and nothing else:
 
 - latent: the image's content hash, its bucket size, the crop offsets, the flip, the VAE's
-  identity, the storage dtype (and the transform's version); each dataset's resolution and
-  crop settings reach the key through the bucket and the offsets;
-- text: the caption (after its dataset's trigger word and template), the text encoder's identity (weights, tokenizer, layer), the token length,
+  identity, the storage dtype (and the transform's version), and its loss mask's identity
+  when it has one (the mask file's sha256, or "alpha"): editing a mask re-keys its entries;
+  each dataset's resolution and crop settings reach the key through the bucket and offsets;
+- text: the caption (after its dataset's trigger word and template), the text encoder's
+  identity (weights, tokenizer, layer), the token length,
   the storage dtype.
 
 So changing an image, a caption, the resolution, the crop or a model changes exactly the keys of
@@ -104,11 +108,16 @@ def _digest(parts: dict) -> str:
 
 
 def latent_key(*, image_sha256: str, bucket: tuple[int, int], crop: tuple[int, int], flip: bool,
-               vae_identity: str, dtype: str) -> str:
-    """Key of one image variant's posterior. `crop` is the (left, top) offset actually used."""
-    return _digest({"kind": "latent", "format": SCHEMA_VERSION, "transform": TRANSFORM_VERSION,
-                    "image": image_sha256, "bucket": list(bucket), "crop": list(crop),
-                    "flip": bool(flip), "vae": vae_identity, "dtype": dtype})
+               vae_identity: str, dtype: str, mask: str | None = None) -> str:
+    """Key of one image variant's posterior. `crop` is the (left, top) offset actually used;
+    `mask` the identity of its loss mask (`MaskRef.identity`), None without one (the key is
+    then what it was before masks existed)."""
+    parts = {"kind": "latent", "format": SCHEMA_VERSION, "transform": TRANSFORM_VERSION,
+             "image": image_sha256, "bucket": list(bucket), "crop": list(crop),
+             "flip": bool(flip), "vae": vae_identity, "dtype": dtype}
+    if mask is not None:
+        parts["mask"] = mask
+    return _digest(parts)
 
 
 def text_key(*, caption: str, text_identity: str, max_length: int | None, dtype: str) -> str:
@@ -155,7 +164,8 @@ class KeySpec:
     def latent_key(self, row: ManifestRow, flip: bool) -> str:
         return latent_key(image_sha256=row.sha256, bucket=row.bucket,
                           crop=crop_offsets(row, self.center_crop), flip=flip,
-                          vae_identity=self.vae_identity, dtype=self.dtype)
+                          vae_identity=self.vae_identity, dtype=self.dtype,
+                          mask=row.mask.identity if row.mask is not None else None)
 
     def text_key(self, caption: str) -> str:
         return text_key(caption=caption, text_identity=self.text_identity,
@@ -374,11 +384,22 @@ class Cache:
     # reading (training)
     def read_latents(self, row: ManifestRow, flip: bool) -> LatentDist:
         """The cached posterior of a row's image: mean, std [1, C, h, w] fp32."""
+        return self.read_latent_entry(row, flip)[0]
+
+    def read_latent_entry(self, row: ManifestRow, flip: bool
+                          ) -> tuple[LatentDist, torch.Tensor | None]:
+        """The cached posterior and, when the row has a loss mask, the mask [1, 1, h, w] fp32."""
         key = self.spec.latent_key(row, flip)
-        tensors = self._load(self.path("latent", key), f"the latents of {row.path}"
-                             + (" (flipped)" if flip else ""), ("mean", "std"))
-        return LatentDist(mean=tensors["mean"].float().unsqueeze(0),
+        what = f"the latents of {row.path}" + (" (flipped)" if flip else "")
+        path = self.path("latent", key)
+        tensors = self._load(path, what, ("mean", "std"))
+        mask = tensors.get("mask")
+        if row.mask is not None and mask is None:
+            raise CacheError(f"{path}: cache entry for {what} lacks its loss mask",
+                             hint="run `ditctl precompute --verify`")
+        dist = LatentDist(mean=tensors["mean"].float().unsqueeze(0),
                           std=tensors["std"].float().unsqueeze(0))
+        return dist, mask.float().unsqueeze(0) if mask is not None else None
 
     def read_text(self, caption: str) -> Conditioning:
         """The cached conditioning of a caption or prompt: a batch of one, floats fp32."""
@@ -449,10 +470,14 @@ def _entry_bytes(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
                                    "sha256": tensors_sha256(tensors)})
 
 
-def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> bytes:
-    """The safetensors bytes of one posterior ([C, h, w] each), stored in `dtype`."""
-    return _entry_bytes({"mean": mean.to(dtype).contiguous(),
-                         "std": std.to(dtype).contiguous()}, "latent")
+def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
+                      mask: torch.Tensor | None = None) -> bytes:
+    """The safetensors bytes of one posterior ([C, h, w] each) and its loss mask ([1, h, w] on
+    the latent grid, if any), stored in `dtype`."""
+    tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()}
+    if mask is not None:
+        tensors["mask"] = mask.to(dtype).contiguous()
+    return _entry_bytes(tensors, "latent")
 
 
 def text_file_bytes(cond: Conditioning, dtype: torch.dtype) -> bytes:
@@ -475,6 +500,11 @@ def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
         if peak > LATENT_MEAN_LIMIT:
             return (f"mean reaches {peak:.3g}, beyond any VAE posterior "
                     f"(|mean| <= {LATENT_MEAN_LIMIT:g})")
+    if "mask" in tensors and tensors["mask"].numel():
+        mask = tensors["mask"].float()
+        if mask.min().item() < 0 or mask.max().item() > 1:
+            return (f"mask spans [{mask.min().item():.3g}, {mask.max().item():.3g}], outside "
+                    "a loss mask's [0, 1]")
     if "std" in tensors and tensors["std"].numel():
         low, high = LATENT_STD_RANGE
         std = tensors["std"].float()
@@ -494,8 +524,11 @@ def check_entry(path: Path, entry: IndexEntry) -> str | None:
     except (SafetensorError, OSError, ValueError) as exc:
         return f"unreadable ({exc})"
     if entry.kind == "latent":
-        if set(tensors) != {"mean", "std"}:
-            return f"holds {sorted(tensors)}, expected ['mean', 'std']"
+        if set(tensors) - {"mask"} != {"mean", "std"}:
+            return f"holds {sorted(tensors)}, expected ['mean', 'std'] (and 'mask')"
+        if "mask" in tensors and tuple(tensors["mask"].shape) != (1, *entry.shape[1:]):
+            return (f"mask has shape {list(tensors['mask'].shape)}, expected "
+                    f"{[1, *entry.shape[1:]]}")
         shaped = ("mean", "std")
     else:
         if not Conditioning.record_names(list(tensors)):

@@ -102,8 +102,8 @@ def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
         raise pixel_limit_problem(width, height, max_pixels)
 
 
-def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Fully decode image bytes into an upright RGB image; raises ImageProblem if unusable."""
+def _checked_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The opened (header-only) image, its pixel count checked; raises ImageProblem."""
     if not data:
         raise ImageProblem("empty_file", "file is empty (0 bytes)")
     try:
@@ -117,12 +117,64 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception as exc:  # a damaged header: PIL raises many types here
         raise ImageProblem("corrupt", f"corrupt image header ({exc})") from None
     check_pixel_count(image.width, image.height, max_pixels)  # before any pixel is decoded
+    return image
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Fully decode image bytes into an upright RGB image; raises ImageProblem if unusable."""
+    image = _checked_header(data, max_pixels)
     try:
         image.load()
         image = apply_exif_orientation(image)
         return to_rgb(image)
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+
+
+def decode_mask(data: bytes, *, max_pixels: int, alpha: bool = False) -> Image.Image:
+    """Fully decode a loss mask into an upright 8-bit grey ("L") image; raises ImageProblem.
+
+    A mask file reads as grey levels (colour through `to_rgb`, then luminance): white learns,
+    black is ignored. `alpha`: `data` is an image whose alpha channel is the mask (opaque
+    learns); an image without transparency gives an all-white mask. Same safety rules and EXIF
+    orientation as `decode_rgb`, so the mask lies on the image as the training tensor does.
+    """
+    image = _checked_header(data, max_pixels)
+    try:
+        image.load()
+        image = apply_exif_orientation(image)
+        if alpha:
+            return image.convert("RGBA").getchannel("A") if has_alpha(image) \
+                else Image.new("L", image.size, 255)
+        return to_rgb(image).convert("L")
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an image (its header is enough) carries transparency."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def file_has_alpha(path: str | os.PathLike, max_pixels: int) -> bool:
+    """Whether an image file carries transparency, from its header only (no pixel decoded)."""
+    data, _ = read_image_file(path, max_pixels)
+    try:
+        return has_alpha(_open_header(data, max_pixels))
+    except Exception as exc:  # it decoded at ingest; a changed file is caught at training
+        raise ImageProblem("corrupt", f"corrupt image header ({exc})") from None
+
+
+def probe_mask(path: str, *, max_pixels: int) -> ImageFacts:
+    """`probe_file` for a mask file: read once, hash, decode as grey levels; a mask that is
+    black everywhere is refused (its image would train nothing)."""
+    data, stat = _read_for_probe(path, max_pixels)
+    mask = decode_mask(data, max_pixels=max_pixels)
+    if mask.getextrema()[1] == 0:
+        raise ImageProblem("empty_mask", "black everywhere (the image would train nothing)")
+    return ImageFacts(path=path, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                      sha256=hashlib.sha256(data).hexdigest(), width=mask.width,
+                      height=mask.height, format=_format_name(data))
 
 
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
@@ -206,8 +258,8 @@ def read_image_file(path: str | os.PathLike, max_pixels: int) -> tuple[bytes, os
     return data, stat
 
 
-def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
-    """Read a file once, hash its bytes and fully decode them; raises ImageProblem if bad."""
+def _read_for_probe(path: str, max_pixels: int) -> tuple[bytes, os.stat_result]:
+    """`read_image_file`, every failure an ImageProblem."""
     try:
         data, stat = read_image_file(path, max_pixels)
     except FileNotFoundError:
@@ -216,6 +268,12 @@ def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
         raise ImageProblem("not_image", "is a folder, not an image file") from None
     except OSError as exc:
         raise ImageProblem("unreadable", f"cannot read the file ({exc.strerror or exc})") from None
+    return data, stat
+
+
+def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
+    """Read a file once, hash its bytes and fully decode them; raises ImageProblem if bad."""
+    data, stat = _read_for_probe(path, max_pixels)
     image = decode_rgb(data, max_pixels=max_pixels)
     return ImageFacts(path=path, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
                       sha256=hashlib.sha256(data).hexdigest(), width=image.width,
@@ -239,12 +297,15 @@ def _format_name(data: bytes) -> str:
     return "?"
 
 
-def probe_chunk(paths: Sequence[str], max_pixels: int) -> list[ProbeResult]:
-    """Probe several files (one unit of work for a pool process); never raises for bad files."""
+def probe_chunk(paths: Sequence[str], max_pixels: int, masks: bool = False
+                ) -> list[ProbeResult]:
+    """Probe several files (one unit of work for a pool process); never raises for bad files.
+    `masks`: they are mask files (`probe_mask`)."""
+    probe = probe_mask if masks else probe_file
     results = []
     for path in paths:
         try:
-            results.append(ProbeResult(path, probe_file(path, max_pixels=max_pixels)))
+            results.append(ProbeResult(path, probe(path, max_pixels=max_pixels)))
         except ImageProblem as problem:
             results.append(ProbeResult(path, None, problem.code, problem.message))
     return results

@@ -5,6 +5,10 @@
     probe the rest (read once, sha256, full decode) in worker processes
     classify rows: good / bad (missing, corrupt, not an image, empty, too many pixels,
                    too small, empty caption, ...); duplicates (same hash) are reported
+    masks ([data] use_masks): each good row's mask file (the CSV's mask column, else
+          NAME.mask.png beside the image) is probed like an image (read, hashed, decoded, the
+          same size as its image, not black everywhere), else the image's alpha channel;
+          a bad mask makes its row bad
     plan buckets per split; write data/ingest-report.json; replace the manifest atomically
 
 Bad rows never stop the scan: all of them are collected and reported together. By default
@@ -46,9 +50,9 @@ from . import images
 from .buckets import BucketPlan, plan_buckets
 from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, PreviousManifest, SampleKey, read_previous, sample_key,
+from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleKey, read_previous, sample_key,
                        write_manifest)
-from .sources import SourceRow, read_source
+from .sources import SourceRow, read_source, sidecar_mask
 
 REPORT_NAME = "ingest-report.json"
 # Below this many files to decode, starting worker processes costs more than it saves.
@@ -149,9 +153,16 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     facts, problems, files_read, files_reused = _examine_files(
         rows, previous, data.max_image_pixels, workers)
     good, bad = _classify(rows, facts, problems, data, origin, dataset_of, datasets)
+    masks, mask_facts, masks_read = {}, {}, 0
+    if data.use_masks:
+        good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data, workers)
     batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
     samples, plans = _plan(good, bad, data, batch_sizes, origin,
-                           size_multiple(config.model.family), datasets)
+                           size_multiple(config.model.family), datasets, masks)
+    if data.use_masks:
+        kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
+        notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from alpha "
+                     f"channels; {kinds['none']} image(s) without one train everywhere")
     position = {(origin[i], row.split, row.source): i for i, row in enumerate(rows)}
     bad.sort(key=lambda b: position[(b.origin, b.split, b.source)])
 
@@ -159,7 +170,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         counts=dict(Counter(s.split for s in samples)), bad=bad,
         empty_captions_kept=[s for s in samples if not s.caption],
         duplicates=_duplicates(samples), plans=plans, changes=_changes(previous, samples),
-        files_read=files_read, files_reused=files_reused,
+        files_read=files_read + masks_read, files_reused=files_reused,
         report_path=ws.data_dir / REPORT_NAME, notes=notes,
         datasets=_dataset_counts(datasets, samples, Counter(
             dataset_of[position[(b.origin, b.split, b.source)]] for b in bad
@@ -185,8 +196,9 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
             "ditctl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "counts": summary.counts}
-    summary.fingerprint = write_manifest(ws.manifest_db, samples,
-                                         [facts[p] for p in sorted(listed) if p in facts], meta)
+    known = [facts[p] for p in sorted(listed) if p in facts]
+    known += [f for p, f in sorted(mask_facts.items()) if p not in facts]
+    summary.fingerprint = write_manifest(ws.manifest_db, samples, known, meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
@@ -224,7 +236,8 @@ def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
     dataset_of: list[int] = []
     for split, index, where, base, image_column, caption_column in sources:
         found = read_source(ws.resolve(where), split=split, base_image_dir=base,
-                            image_column=image_column, caption_column=caption_column)
+                            image_column=image_column, caption_column=caption_column,
+                            mask_column=data.mask_column if data.use_masks else None)
         if not found:
             raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
                             hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
@@ -301,16 +314,19 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: list[str], max_pixels: int, workers: int | None) -> list[ProbeResult]:
-    """Probe files in parallel (chunks over worker processes), in-process for few files."""
+def _probe_all(paths: list[str], max_pixels: int, workers: int | None,
+               masks: bool = False) -> list[ProbeResult]:
+    """Probe files in parallel (chunks over worker processes), in-process for few files;
+    `masks`: mask files (`images.probe_mask`)."""
     if not paths:
         return []
     workers = workers or available_cpus()
     results: list[ProbeResult] = []
-    with console.progress("Validating images", total=len(paths), unit="img") as bar:
+    with console.progress("Validating masks" if masks else "Validating images", total=len(paths),
+                          unit="img") as bar:
         if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in paths:
-                results += images.probe_chunk([path], max_pixels)
+                results += images.probe_chunk([path], max_pixels, masks)
                 bar.advance()
             return results
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
@@ -321,7 +337,7 @@ def _probe_all(paths: list[str], max_pixels: int, workers: int | None) -> list[P
                                    initializer=worker_started)
         try:
             with _main_module_hidden():  # the workers start during these submits
-                futures = [pool.submit(images.probe_chunk, paths[i:i + size], max_pixels)
+                futures = [pool.submit(images.probe_chunk, paths[i:i + size], max_pixels, masks)
                            for i in range(0, len(paths), size)]
             for future in as_completed(futures):
                 chunk = future.result()
@@ -389,9 +405,81 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
     return good, bad
 
 
+# formats that can carry an alpha channel (a JPEG never does: its header is not read)
+_ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
+
+
+def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManifest,
+                   data: DataConfig, workers: int | None,
+                   ) -> tuple[list[Good], dict[tuple[str, str, str], MaskRef],
+                              dict[str, ImageFacts], int]:
+    """Each good row's loss mask (see the module doc): (the rows still good, their masks by
+    (source file, split, row), the facts of the mask files for the next ingest, mask files
+    decoded). Rows with a bad mask go to `bad`, naming the mask and why."""
+    chosen = {}  # (source file, split, row) -> mask file path
+    for g in good:
+        path = g.row.mask_path or sidecar_mask(g.row.path)
+        if path is not None:
+            chosen[(g.origin, g.row.split, g.row.source)] = path
+    facts, problems, to_probe = {}, {}, []
+    for path in dict.fromkeys(chosen.values()):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            problems[path] = ("missing", "file not found")
+            continue
+        known = previous.files.get(path)
+        if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            facts[path] = known
+        else:
+            to_probe.append(path)
+    for result in _probe_all(to_probe, data.max_image_pixels, workers, masks=True):
+        if result.facts is not None:
+            facts[result.path] = result.facts
+        else:
+            problems[result.path] = (result.code, result.message)
+
+    kept, masks = [], {}
+    for g in good:
+        row, image = g.row, g.facts
+        key = (g.origin, row.split, row.source)
+        path = chosen.get(key)
+        problem = None
+        if path is None:
+            if image.format in _ALPHA_FORMATS and _has_alpha(image.path, data.max_image_pixels):
+                masks[key] = MaskRef("alpha", Path(image.path), image.sha256, image.size_bytes,
+                                     image.mtime_ns)
+        elif path in problems:
+            code, reason = problems[path]
+            problem = (f"bad_mask_{code}", f"mask {row.mask_listed or os.path.basename(path)}: "
+                                           f"{reason}")
+        elif (facts[path].width, facts[path].height) != (image.width, image.height):
+            problem = ("bad_mask_size", f"mask {row.mask_listed or os.path.basename(path)} is "
+                                        f"{facts[path].width}x{facts[path].height}, its image "
+                                        f"{image.width}x{image.height} (they must match)")
+        else:
+            found = facts[path]
+            masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
+                                 found.mtime_ns)
+        if problem is not None:
+            bad.append(_bad(row, *problem, g.origin))
+        else:
+            kept.append(g)
+    return kept, masks, facts, len(to_probe)
+
+
+def _has_alpha(path: str, max_pixels: int) -> bool:
+    try:
+        return images.file_has_alpha(path, max_pixels)
+    except (OSError, images.ImageProblem):  # it decoded moments ago; training re-checks it
+        return False
+
+
 def _plan(good: list[Good], bad: list[BadRow],
           data: DataConfig, batch_sizes: dict[str, int], origin: list[str], multiple: int,
-          datasets: tuple[Dataset, ...]) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
+          datasets: tuple[Dataset, ...],
+          masks: dict[tuple[str, str, str], MaskRef] | None = None,
+          ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
     """Bucket plans; images a plan cannot use (too small) become bad rows.
 
     Datasets with the same size settings (resolution, buckets, max_upscale) are planned
@@ -434,7 +522,8 @@ def _plan(good: list[Good], bad: list[BadRow],
             split=row.split, source=row.source, path=Path(found.path), caption=caption,
             sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
             width=found.width, height=found.height, format=found.format,
-            bucket_w=target[0], bucket_h=target[1], dataset=d,
+            bucket_w=target[0], bucket_h=target[1],
+            mask=(masks or {}).get((where, row.split, row.source)), dataset=d,
             raw_caption=None if caption == row.caption else row.caption))
     # the manifest keeps training rows before validation rows, in source order
     samples.sort(key=lambda s: s.split != "train")

@@ -4,7 +4,10 @@ Tables:
   samples  one row per good sample: split, source row, path, caption, content hash, file size
            and mtime, oriented width/height, format, and its target (bucket) size;
   files    what validation learned per file (size, mtime, hash, size in pixels), so a re-ingest
-           re-reads only files whose size or mtime changed;
+           re-reads only files whose size or mtime changed (images and mask files alike);
+  masks    the loss mask of a sample ([data] use_masks): a mask file, or the image's own alpha
+           channel; samples without a row here train everywhere (manifests written before
+           masks existed have no such table and read the same);
   meta     schema version, the [data] config used, batch sizes planned for, the fingerprint.
 
 The file is never modified in place: `write_manifest` builds a new database in a temporary
@@ -53,6 +56,14 @@ CREATE TABLE samples (
     raw_caption TEXT            -- NULL: the same as caption
 );
 CREATE INDEX samples_split ON samples (split, id);
+CREATE TABLE masks (
+    sample_id INTEGER PRIMARY KEY REFERENCES samples (id),
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'alpha')),
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL
+);
 CREATE TABLE files (
     path TEXT PRIMARY KEY,
     size_bytes INTEGER NOT NULL,
@@ -66,6 +77,24 @@ CREATE TABLE files (
 _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
                    "width", "height", "format", "bucket_w", "bucket_h", "dataset",
                    "raw_caption")
+
+
+@dataclass(frozen=True)
+class MaskRef:
+    """A sample's loss mask: a mask `file` (its path, content hash, size and mtime), or the
+    image's own `alpha` channel (the image's path and facts)."""
+
+    kind: str  # "file" | "alpha"
+    path: Path
+    sha256: str
+    size_bytes: int
+    mtime_ns: int
+
+    @property
+    def identity(self) -> str:
+        """What the mask's pixels depend on besides the image (a cache key part): the mask
+        file's content, or "alpha" (the image's content is in the key already)."""
+        return f"file:{self.sha256}" if self.kind == "file" else "alpha"
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,7 @@ class ManifestRow:
     format: str
     bucket_w: int
     bucket_h: int
+    mask: MaskRef | None = None  # [data] use_masks: the loss mask; None: train everywhere
     # the run's dataset it belongs to (ditctl.data.datasets), and its caption before the
     # dataset's caption tools (`caption` is after them; None: the same)
     dataset: int = 0
@@ -112,6 +142,8 @@ def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
     for row in rows:
         fields = [row.split, row.source, row.caption, row.sha256, row.width, row.height,
                   row.bucket_w, row.bucket_h]
+        if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
+            fields.append(row.mask.identity)
         if row.dataset:  # a one-dataset manifest keeps the fingerprint it always had
             fields.append(row.dataset)
         digest.update(json.dumps(fields).encode())
@@ -156,9 +188,15 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
 
 
 def _insert_samples(db: sqlite3.Connection, rows: list[ManifestRow]) -> None:
-    placeholders = ", ".join("?" * len(_SAMPLE_COLUMNS))
-    db.executemany(f"INSERT INTO samples ({', '.join(_SAMPLE_COLUMNS)}) VALUES ({placeholders})",
-                   (row.values() for row in rows))
+    # explicit ids (source order from 1), so that the masks table can refer to them
+    placeholders = ", ".join("?" * (len(_SAMPLE_COLUMNS) + 1))
+    db.executemany(f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
+                   f"VALUES ({placeholders})",
+                   ((i, *row.values()) for i, row in enumerate(rows, start=1)))
+    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)",
+                   ((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
+                     row.mask.size_bytes, row.mask.mtime_ns)
+                    for i, row in enumerate(rows, start=1) if row.mask is not None))
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -191,14 +229,23 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     with _open(ws) as db:
-        found = db.execute(f"SELECT {', '.join(_SAMPLE_COLUMNS)} FROM samples "
-                           "WHERE split = ? ORDER BY id", (split,)).fetchall()
+        masked = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'masks'").fetchone() is not None
+        mask_columns = ("m.kind", "m.path", "m.sha256", "m.size_bytes", "m.mtime_ns")
+        columns = [f"s.{c}" for c in _SAMPLE_COLUMNS] + (list(mask_columns) if masked else [])
+        found = db.execute(f"SELECT {', '.join(columns)} FROM samples s "
+                           + ("LEFT JOIN masks m ON m.sample_id = s.id " if masked else "")
+                           + "WHERE s.split = ? ORDER BY s.id", (split,)).fetchall()
     return [_row(values) for values in found]
 
 
 def _row(values: tuple) -> ManifestRow:
     fields = dict(zip(_SAMPLE_COLUMNS, values))
     fields["path"] = Path(fields["path"])
+    mask = values[len(_SAMPLE_COLUMNS):]
+    if mask and mask[0] is not None:
+        kind, path, sha256, size_bytes, mtime_ns = mask
+        fields["mask"] = MaskRef(kind, Path(path), sha256, size_bytes, mtime_ns)
     return ManifestRow(**fields)
 
 

@@ -8,6 +8,11 @@ Folder: every image below it (recursively, hidden files and folders skipped), in
 The caption is the file name without its extension, `_` and `-` read as spaces
 (`beautiful_sunset.jpg` -> "beautiful sunset"); a sidecar `NAME.txt` beside the image wins.
 
+Masks ([data] use_masks): a CSV may have a `mask_column` (optional; an empty cell means no mask
+file), its paths read like the image paths. In folders, `NAME.mask.png` (any image suffix after
+`.mask`) beside an image is that image's mask, never an image of its own (ingest also looks for
+such a file beside CSV-listed images).
+
 Problems with the whole source (missing file, not UTF-8, missing column) raise DataError;
 problems with one row are attached to that row so ingest can report them all together.
 """
@@ -15,6 +20,7 @@ problems with one row are attached to that row so ingest can report them all tog
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import re
@@ -41,18 +47,22 @@ class SourceRow:
     path: str
     caption: str
     problem: tuple[str, str] | None = None
+    mask_listed: str = ""  # the mask path as the CSV's mask column writes it ("" for none)
+    mask_path: str | None = None  # its absolute, normalised path
 
 
 def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
-                image_column: str = "image_path",
-                caption_column: str = "caption") -> list[SourceRow]:
-    """The rows of a CSV file or image folder (see the module docstring)."""
+                image_column: str = "image_path", caption_column: str = "caption",
+                mask_column: str | None = None) -> list[SourceRow]:
+    """The rows of a CSV file or image folder (see the module docstring); `mask_column`: the
+    CSV's optional column of mask paths (None: masks are not read)."""
     data_path = Path(os.path.abspath(data_path))
     if data_path.is_dir():
         return read_folder(data_path, split=split)
     if data_path.is_file():
         return read_csv(data_path, split=split, base_image_dir=base_image_dir,
-                        image_column=image_column, caption_column=caption_column)
+                        image_column=image_column, caption_column=caption_column,
+                        mask_column=mask_column)
     key = "train_data_path" if split == "train" else "val_data_path"
     raise DataError(f"{data_path}: no such file or folder ([data] {key})",
                     hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV file or a "
@@ -77,7 +87,7 @@ def _decode_utf8(path: Path) -> str:
 
 
 def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_column: str,
-             caption_column: str) -> list[SourceRow]:
+             caption_column: str, mask_column: str | None = None) -> list[SourceRow]:
     text = _decode_utf8(path)
     base = os.path.abspath(base_image_dir if base_image_dir is not None else path.parent)
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -95,13 +105,20 @@ def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_colum
                 hint="name the right columns with [data] image_column / caption_column "
                      "(--image-column, --caption-column)")
         image_at, caption_at = header.index(image_column), header.index(caption_column)
+        mask_at = header.index(mask_column) if mask_column in header else None
         rows: list[SourceRow] = []
         line = reader.line_num + 1  # first physical line of the next record
         for record in reader:
             start, line = line, reader.line_num + 1
             if not any(field.strip() for field in record):
                 continue  # blank lines
-            rows.append(_csv_row(record, image_at, caption_at, base, split, start))
+            row = _csv_row(record, image_at, caption_at, base, split, start)
+            listed = record[mask_at].strip() if mask_at is not None and mask_at < len(record) \
+                else ""
+            if listed:
+                row = dataclasses.replace(row, mask_listed=listed, mask_path=os.path.normpath(
+                    os.path.join(base, os.path.expanduser(listed))))
+            rows.append(row)
         return rows
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({exc})",
@@ -150,10 +167,31 @@ def _images_below(folder: Path) -> list[tuple[str, str, bool]]:
             stem, suffix = os.path.splitext(entry.name)
             if entry.is_dir():
                 pending.append((prefix + entry.name + "/", entry.path))
-            elif suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            elif suffix.lower() in IMAGE_SUFFIXES and entry.is_file() \
+                    and not is_mask_name(entry.name):
                 found.append((prefix + entry.name, entry.path, stem + ".txt" in names))
     found.sort()
     return found
+
+
+MASK_INFIX = ".mask"  # NAME.mask.png is the mask of NAME.<image suffix>
+
+
+def is_mask_name(name: str) -> bool:
+    """Whether a file name is a mask's (`NAME.mask.<image suffix>`), not an image's."""
+    stem, suffix = os.path.splitext(name)
+    return suffix.lower() in IMAGE_SUFFIXES and stem.lower().endswith(MASK_INFIX) \
+        and len(stem) > len(MASK_INFIX)
+
+
+def sidecar_mask(image_path: str) -> str | None:
+    """The `NAME.mask.<suffix>` file beside an image (.png first), or None."""
+    stem = os.path.splitext(image_path)[0]
+    for suffix in (".png",) + tuple(s for s in IMAGE_SUFFIXES if s != ".png"):
+        candidate = stem + MASK_INFIX + suffix
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def read_folder(folder: Path, *, split: str) -> list[SourceRow]:

@@ -9,6 +9,11 @@ Steps: decode (EXIF orientation, RGB; see `images.decode_rgb`) -> resize so the 
 covers the target (Lanczos, which low-pass filters when shrinking) -> crop the target out of the
 resized image -> optionally flip left/right -> float32 [3, H, W] in [-1, 1].
 Crop offsets are in the coordinates of the resized (unflipped) image.
+
+A loss mask ([data] use_masks) goes through the same geometry (`fit_image`: the same resize
+filter, crop and flip), so it lies on the training tensor exactly as on the image, and becomes
+float32 [1, H, W] in [0, 1] (`load_training_mask`); `latent_mask` averages it over each latent
+pixel's area.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import decode_rgb, read_image_file
+from .images import decode_mask, decode_rgb, read_image_file
 
 Crop = Literal["center"] | tuple[int, int]
 DEFAULT_MAX_PIXELS = 100_000_000  # matches [data] max_image_pixels' default
@@ -63,6 +68,15 @@ def transform_image(image: Image.Image, target_w: int, target_h: int, *,
     """Resize-to-cover, crop, flip and normalise an RGB PIL image (see load_training_image)."""
     if image.mode != "RGB":
         raise ValueError(f"transform_image needs an RGB image, got mode {image.mode}")
+    image = fit_image(image, target_w, target_h, crop=crop, flip=flip)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
+    return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)  # [3, H, W]
+
+
+def fit_image(image: Image.Image, target_w: int, target_h: int, *, crop: Crop = "center",
+              flip: bool = False) -> Image.Image:
+    """Resize to cover (Lanczos), crop, flip: the geometry of the transform, for an image of any
+    mode (the RGB image and its grey mask alike)."""
     width, height = image.size
     max_left, max_top = crop_offset_range(width, height, target_w, target_h)
     if crop == "center":
@@ -78,5 +92,22 @@ def transform_image(image: Image.Image, target_w: int, target_h: int, *,
     image = image.crop((left, top, left + target_w, top + target_h))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # [H, W, 3]
-    return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)  # [3, H, W]
+    return image
+
+
+def load_training_mask(path: str | Path, target_w: int, target_h: int, *, alpha: bool = False,
+                       crop: Crop = "center", flip: bool = False,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """The loss mask of one image at its training size: float32 [1, target_h, target_w] in
+    [0, 1] (1: learn). `path` is a mask file, or with `alpha` the image whose alpha channel
+    is the mask; `crop` and `flip` are the image's (see `load_training_image`)."""
+    mask = decode_mask(read_image_file(path, max_pixels)[0], max_pixels=max_pixels, alpha=alpha)
+    mask = fit_image(mask, target_w, target_h, crop=crop, flip=flip)
+    pixels = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())  # [H, W]
+    return pixels.unsqueeze(0).to(torch.float32).div_(255.0)
+
+
+def latent_mask(mask: torch.Tensor, spatial_factor: int) -> torch.Tensor:
+    """A pixel mask [..., 1, H, W] on the latent grid [..., 1, H/f, W/f]: the mean over each
+    latent pixel's f x f area (training sizes are multiples of f)."""
+    return torch.nn.functional.avg_pool2d(mask, spatial_factor)

@@ -26,7 +26,8 @@ from ..runs import (ADAPTER_CONFIG, LORA_WEIGHTS, OPTIMIZER_STATE, RNG_STATE, SC
                     list_checkpoints, remove_checkpoint, verify_checkpoint)
 from ..tensorfile import write_safetensors
 from .ema import EMA_WEIGHTS, EmaWeights
-from .lora import adapter_config_dict, has_lora, load_adapter_weights, peft_state_dict
+from .lora import (adapter_config_dict, has_lora, is_adapter_param, load_adapter_weights,
+                   peft_state_dict)
 from .optim import load_state, save_state, scheduler_state
 
 
@@ -64,7 +65,7 @@ def restore_rng(state: dict) -> None:
 
 def _trainable_base(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in denoiser.named_parameters()
-            if p.requires_grad and "lora_" not in name}
+            if p.requires_grad and not is_adapter_param(name)}
 
 
 def save_checkpoint(run_dir: Path, position: Position, denoiser: torch.nn.Module,

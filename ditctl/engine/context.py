@@ -83,13 +83,19 @@ class TrainingData:
         pool = others + list(batch)
         return batch + [pool[k % len(pool)] for k in range(self.step_batch - len(batch))]
 
+    @functools.cached_property
+    def masked(self) -> bool:
+        """Whether any row has a loss mask ([data] use_masks): then every batch carries masks."""
+        return any(row.mask is not None for row in self.rows)
+
     def load(self, indices: list[int], epoch: int) -> Batch:
         flips = [flip_for(self.seed, epoch, i, self._flips(i)) for i in indices]
         captions = None
         if any(d.shuffle_tags for d in self.datasets):
             captions = [training_caption(self.rows[i].source_caption, self.dataset(i), self.seed,
                                          epoch, i) for i in indices]
-        return collate(self.source, self.rows, indices, flips, captions)
+        return collate(self.source, self.rows, indices, flips, masks=self.masked,
+                       captions=captions)
 
     def _flips(self, index: int) -> bool:
         dataset = self.dataset(index)
@@ -105,10 +111,6 @@ class TrainingData:
         if all(d.loss_weight == 1.0 for d in self.datasets):
             return None
         return [self.dataset(i).loss_weight for i in indices]
-
-    @property
-    def shuffles_captions(self) -> bool:
-        return any(d.shuffle_tags for d in self.datasets)
 
     __hash__ = object.__hash__
 

@@ -1,7 +1,8 @@
 """The training loop: one loop for every model family, full or LoRA, one or many processes.
 
 Reads top to bottom as the algorithm: take the next global batch, keep this process's share,
-noise it (counter-based randomness, see objective.py), predict, MSE, accumulate, clip, step,
+noise it (counter-based randomness, see objective.py), predict, the loss (MSE, masked and
+weighted as configured), accumulate, clip, step,
 schedule; then log, sample, evaluate and checkpoint on their cadences. Everything a resume needs
 is in the checkpoint, so k steps + resume + (N - k) steps equals N steps bit for bit.
 """
@@ -25,8 +26,8 @@ from .checkpoint import Position, load_checkpoint, restore_rng, rng_state, save_
 from .context import TrainingContext, TrainingData
 from .ema import EmaWeights, ema_settings
 from .monitor import Monitor
-from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_mse, sample_seed,
-                        training_guidance, weighted_loss)
+from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_loss, sample_seed,
+                        training_guidance)
 from .prefetch import MicroJob, Peekable, Prefetcher, to_device
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
@@ -127,11 +128,12 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
         batch = data.load(rows, job.epoch)
         dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
                           batch.dist.std.repeat_interleave(reps, 0))
+        mask = batch.mask.repeat_interleave(reps, 0) if batch.mask is not None else None
         repeated = [i for i in rows for _ in range(reps)]  # each dataset's dropout, loss weight
         return noised_batch(family, dist, batch.cond.repeat_interleave(reps), list(job.seeds),
                             density, data.caption_dropouts(repeated, train.caption_dropout),
                             train.resolution_shift, unconditional, guidance,
-                            data.loss_weights(repeated))
+                            train.loss_weighting, mask, data.loss_weights(repeated))
 
     jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
     device = acc.device
@@ -156,8 +158,8 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                 sync = micro == schedule.accumulation - 1
                 with _sync_context(acc, model, sync, sharded), acc.autocast():
                     prediction = family.predict(model, noised.noisy, noised.t, noised.cond)
-                    per_sample = per_sample_mse(prediction, noised.target)
-                    loss = weighted_loss(per_sample, noised.weight)
+                    per_sample = per_sample_loss(prediction, noised, train.masked_loss_floor)
+                    loss = per_sample.mean()
                 finite_on_device &= torch.isfinite(loss)
                 # a non-finite loss still runs its backward (every process must take part in
                 # the gradient sync); its gradients are discarded with the step below

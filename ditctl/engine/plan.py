@@ -22,6 +22,10 @@ measurement by `python -m bench memory_plan` (within 10%) and bench/gpu_check.py
                    bf16: 12) + 8·T·head_dim (RoPE tables) + 4·T·(5·heads + 3) (norm and
                    softmax statistics) + the text side (L tokens: 10·L·H + 2·L·D_text) + the
                    LoRA path (2·r per token and target, and a bf16 copy of the adapters).
+                   Other adapter kinds ([lora] lora_type): DoRA adds its rescaled base and
+                   LoRA outputs (2 x 2 B per token and adapted output feature); LoKr and LoHa
+                   have no per-token path but keep each adapted layer's whole update (a bf16
+                   out x in matrix) once per step, whatever the batch.
                    With gradient checkpointing only each block's fp32 input (4·T·H) is kept,
                    and one block is recomputed at a time.
   working set      the transients at the peak (the backward of one block): its gradient
@@ -41,7 +45,7 @@ Everything is bytes; `total` is the device's sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,9 +74,11 @@ class StepShape:
 
 def _linear_layers(denoiser: torch.nn.Module) -> list[tuple[str, int, int, bool]]:
     """(name, in, out, has bias) of every base linear layer (LoRA wrappers looked through)."""
+    from .lora import is_adapter_param
+
     layers = []
     for name, module in denoiser.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+        if isinstance(module, torch.nn.Linear) and not is_adapter_param(name):
             layers.append((name.replace(".base_layer", ""), module.in_features,
                            module.out_features, module.bias is not None))
     return layers
@@ -82,13 +88,14 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
                       blocks_resident: int | None = None, mixed_precision: str = "bf16") -> int:
     """Bytes of the frozen base stored as `precision` (see the module doc). `blocks_resident`:
     only that many blocks' weights count (block streaming)."""
+    from .lora import is_adapter_param
     from .precision import QUANTIZED, is_quantized_layer_name, storage_dtype
 
     blocks = tuple(block_names(denoiser))
     depth = len(blocks) or 1
 
     other = storage_dtype(precision, mixed_precision).itemsize
-    lora = {id(p) for n, p in denoiser.named_parameters() if "lora_" in n}
+    lora = {id(p) for n, p in denoiser.named_parameters() if is_adapter_param(n)}
     linear_weights = set()
     block_bytes = rest_bytes = 0.0
     for name, fan_in, fan_out, bias in _linear_layers(denoiser):
@@ -126,27 +133,52 @@ def base_weight_bytes(denoiser: torch.nn.Module, precision: str,
     return int(block_bytes + rest_bytes)
 
 
-def lora_layout(denoiser: torch.nn.Module) -> tuple[int, int, int]:
-    """(adapter parameters per block, adapted layers per block, rank) of the model's LoRA, as
-    its first block holds them."""
-    per_block = layers = rank = 0
+class AdapterLayout(NamedTuple):
+    """What the adapters of one block (the first) add to a step, as peft built them."""
+
+    params: int = 0  # adapter parameters of the block
+    layers: int = 0  # adapted layers of the block
+    rank: int = 0  # LoRA/DoRA rank (the low-rank path's width per token)
+    delta_elements: int = 0  # LoKr/LoHa: every adapted layer's whole weight update, summed
+    dora_outputs: int = 0  # DoRA: the adapted layers' output widths, summed
+
+
+def lora_layout(denoiser: torch.nn.Module) -> AdapterLayout:
+    """The adapter layout of the model's first block (see AdapterLayout): LoRA and DoRA run
+    a rank-r path per token; LoKr and LoHa build each layer's whole weight update (out x in)
+    and multiply by it, so autograd keeps that matrix (a bf16 copy under autocast) whatever
+    the batch; DoRA also keeps the base and LoRA outputs it rescales."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .lora import is_adapter_param
+
     first = tuple(block_names(denoiser)[:1])
+    params = layers = rank = delta = dora = 0
     for name, param in denoiser.named_parameters():
-        if "lora_" in name and in_block(name, first):
-            per_block += param.numel()
-            if "lora_A" in name:
-                layers += 1
-                rank = param.shape[0]
-    return per_block, layers, rank
+        if is_adapter_param(name) and in_block(name, first):
+            params += param.numel()
+    for name, module in denoiser.named_modules():
+        if not (isinstance(module, BaseTunerLayer) and in_block(name, first)
+                and getattr(module, "r", None)):
+            continue
+        base = module.get_base_layer()
+        layers += 1
+        rank = next(iter(module.r.values()))
+        if hasattr(module, "lora_A"):
+            dora += base.out_features if getattr(module, "lora_magnitude_vector", None) else 0
+        else:
+            delta += base.out_features * base.in_features
+    return AdapterLayout(params, layers, rank, delta, dora)
 
 
 def saved_per_block(config: DenoiserShape, shape: StepShape, precision: str,
-                    lora: tuple[int, int, int] = (0, 0, 0)) -> int:
+                    lora: AdapterLayout = AdapterLayout()) -> int:
     """Bytes autograd saves for one block's backward (see the module doc), per step."""
     hidden, heads = config.hidden_size, config.num_heads
     head_dim = hidden // heads
     t, text, text_dim = shape.tokens, shape.text_tokens, config.text_dim
-    adapters, adapted, rank = lora
+    lora = AdapterLayout(*lora)
+    adapters, adapted, rank = lora.params, lora.layers, lora.rank
     if precision == "no":  # fp32: no casts, so no fp32 duplicates of bf16 tensors
         per_token_hidden = 80
         unit = 4
@@ -156,13 +188,18 @@ def saved_per_block(config: DenoiserShape, shape: StepShape, precision: str,
     image = per_token_hidden * t * hidden + 8 * t * head_dim + 4 * t * (5 * heads + 3)
     text_side = 5 * unit * text * hidden + unit * text * text_dim + 4 * text * heads
     lora_side = unit * rank * (adapted - 1) * t + unit * rank * text + unit * adapters \
-        if adapted else 0
+        if adapted and not lora.delta_elements else 0
     modulation = unit * 12 * hidden
-    return int(shape.batch * (image + text_side + lora_side + modulation))
+    # DoRA rescales each adapted layer's base and LoRA outputs by the magnitude over the
+    # weight norm: both stay for the backward (the magnitude's gradient needs them)
+    dora_side = 2 * unit * t * lora.dora_outputs
+    per_sample = image + text_side + lora_side + dora_side + modulation
+    per_step = unit * lora.delta_elements  # LoKr/LoHa: each layer's update, once per step
+    return int(shape.batch * per_sample + per_step)
 
 
 def activation_bytes(config: DenoiserShape, shape: StepShape, precision: str,
-                     checkpointing: bool, lora: tuple[int, int, int] = (0, 0, 0)) -> int:
+                     checkpointing: bool, lora: AdapterLayout = AdapterLayout()) -> int:
     """Saved activations at the peak: every block's, or (checkpointing) every block's fp32
     input plus one recomputed block's."""
     depth, hidden = config.depth, config.hidden_size
@@ -228,7 +265,7 @@ def memory_estimate(denoiser: torch.nn.Module, dit_config: DenoiserShape, config
                       batch=train.train_batch_size * train.batch_multiplicity)
     base = base_storage(config)
     frozen_base = lora_settings.use_lora and lora_settings.train_only_lora
-    lora = lora_layout(denoiser) if lora_settings.use_lora else (0, 0, 0)
+    lora = lora_layout(denoiser) if lora_settings.use_lora else AdapterLayout()
     resident = 2 if lora_settings.offload_base_blocks else None
     if frozen_base:
         weights = base_weight_bytes(denoiser, base, resident, train.mixed_precision)

@@ -443,3 +443,25 @@ def _tensor_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
         names, _ = flatten()
         return [p for n in names for p in _tensor_parts(getattr(tensor, n))]
     return [tensor]
+
+
+def cpu_lacks_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True where this is an x86 Linux CPU without bf16 matrix instructions (neither
+    AVX512-BF16 nor AMX-BF16): there bf16 autocast emulates every bf16 matmul and a training
+    step is slower than in fp32. False where it has them, or where it cannot be told (other
+    systems): ditctl then does not guess. (bench/bench_cpu_precision.py measures the parts of a
+    step on a CPU that has them: docs/performance.md.)"""
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return not flags & {"avx512_bf16", "amx_bf16"}
+    except OSError:
+        pass
+    return False
+

@@ -21,7 +21,6 @@ from typing import Callable, Hashable, Iterator, TypeVar
 
 import torch
 
-from ..models.base import Conditioning
 from .objective import NoisedBatch
 
 T = TypeVar("T")
@@ -66,9 +65,7 @@ class Peekable(Iterator[T]):
 
 def pin(batch: NoisedBatch) -> NoisedBatch:
     """The batch in pinned host memory (asynchronous copies to a CUDA device)."""
-    return NoisedBatch(batch.noisy.pin_memory(), batch.t.pin_memory(),
-                       batch.cond.map(lambda _, t: t.pin_memory()), batch.target.pin_memory(),
-                       None if batch.weight is None else batch.weight.pin_memory())
+    return batch.map(lambda t: t.pin_memory())
 
 
 class Prefetcher:
@@ -119,8 +116,4 @@ def to_device(batch: NoisedBatch, device: torch.device) -> NoisedBatch:
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
 
-    return NoisedBatch(move(batch.noisy), move(batch.t),
-                       Conditioning.from_named({k: move(v) for k, v in
-                                                batch.cond.named_tensors().items()}),
-                       move(batch.target),
-                       None if batch.weight is None else move(batch.weight))
+    return batch.map(move)

@@ -29,7 +29,7 @@ from ..fsutil import atomic_dir, check_free_space
 from ..runs import (ADAPTER_CONFIG, OPTIMIZER_GROUPS, RNG_STATE, SCHEDULER_STATE, SHARDS_DIR,
                     CheckpointWriter, checkpoint_dir, file_sha256, is_sharded, list_checkpoints,
                     remove_checkpoint, verify_checkpoint)
-from .lora import adapter_config_dict, has_lora
+from .lora import adapter_config_dict, has_lora, is_adapter_param
 from .optim import load_state, save_state, scheduler_state
 
 MODEL = "model."  # key prefix of trained weights in the shards
@@ -122,7 +122,7 @@ def save_sharded_checkpoint(run_dir: Path, position, model: torch.nn.Module,
                 files.write_json(ADAPTER_CONFIG, adapter_config_dict(model), indent=2)
             files.write_json(SCHEDULER_STATE, scheduler_state(scheduler))
             save_state(rng, files, RNG_STATE)
-            trains_base = any("lora_" not in k for k in tensors if k.startswith(MODEL))
+            trains_base = any(not is_adapter_param(k) for k in tensors if k.startswith(MODEL))
             files.finish({**meta, **asdict(position), "ditctl_version": __version__,
                           "sharded": {"world_size": world, "trains_base": trains_base}})
     finally:

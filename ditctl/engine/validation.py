@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..models.base import (Conditioning, LatentDist, ModelFamily, flow_noisy, flow_target,
                            with_guidance)
 from .inference import inference_context, param_dtype
-from .objective import per_sample_mse, sample_seed, shift_timesteps
+from .objective import per_sample_mse, sample_seed, shift_alpha, shift_timesteps
 
 VALIDATION_SEED = 0  # fixed, so that every run and checkpoint is measured on the same noise
 
@@ -53,12 +53,15 @@ def validation_generator(seed: int, index: int) -> torch.Generator:
 def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequence[ManifestRow],
                     source: Any, quantiles: Sequence[float], seed: int = VALIDATION_SEED,
                     batch_size: int = 1, *, resolution_shift: bool = True,
+                    fixed_shift: float | None = None,
                     guidance: float | None = None) -> dict[str, Any]:
     """The training loss at fixed timesteps, with fixed noise.
 
     Sample i draws, from `validation_generator(seed, i)`, its posterior eps (x0 =
     family.sample_latents) and then one noise tensor per quantile in order; the timestep of
-    quantile q is q warped by the resolution shift (as in training, when `resolution_shift`);
+    quantile q is q warped by the time shift as in training (`objective.shift_alpha`: the
+    fixed [train] timestep_shift, else the family's rule when `resolution_shift`); the loss is
+    the plain MSE (no loss mask or weighting, so validation losses compare across settings);
     a guidance-distilled denoiser reads `guidance` (`objective.training_guidance`).
     Loss = MSE(prediction, flow_target(x0, noise)) per sample (fp32), averaged per
     quantile; "overall" is the mean over quantiles. Returns {"per_quantile": {q: loss},
@@ -80,7 +83,7 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
     order: list[int] = []  # the samples in the order their losses are appended
     with inference_context(denoiser):
         for shape, members in groups.items():
-            alpha = family.resolution_shift(shape[-2], shape[-1]) if resolution_shift else 1.0
+            alpha = shift_alpha(family, shape[-2], shape[-1], resolution_shift, fixed_shift)
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
                 order += chunk

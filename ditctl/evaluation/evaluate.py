@@ -155,6 +155,7 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
                                          config.eval.timestep_quantiles, VALIDATION_SEED,
                                          config.train.eval_batch_size,
                                          resolution_shift=config.train.resolution_shift,
+                                         fixed_shift=config.train.timestep_shift,
                                          guidance=training_guidance(family, config.train))
             if "per_dataset" in model.loss:
                 names = [d.name for d in resolve_datasets(config)]
@@ -175,7 +176,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
         "validation": {"kind": validation.kind, "description": validation.description,
                        "images": len(validation.rows), "inputs": source_how,
                        "quantiles": list(config.eval.timestep_quantiles), "seed": VALIDATION_SEED,
-                       "resolution_shift": config.train.resolution_shift},
+                       "resolution_shift": config.train.resolution_shift,
+                       "timestep_shift": config.train.timestep_shift},
         "models": [m.summary() for m in models],
         # one point per step: a checkpoint's EMA where it has one (what sample/export default to)
         "curve": [{"step": m.step, "label": m.label, "weights": m.weights,

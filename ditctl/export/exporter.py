@@ -15,6 +15,7 @@ An interrupted or failed export leaves nothing under the final name.
 from __future__ import annotations
 
 import gc
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from .. import __version__
 from ..config import Config
 from ..console import console
 from ..engine.loading import load_denoiser, trained_base_precision
-from ..engine.lora import adapter_config_dict, adapters_disabled, has_lora, peft_state_dict
+from ..engine.lora import (adapter_alpha, adapter_config_dict, adapter_kind, adapters_disabled,
+                           has_lora, is_adapter_param, peft_state_dict)
 from ..fsutil import (atomic_dir, check_free_space, folder_size, format_bytes, remove_leftovers,
                       restore_replaced, temp_leftovers)
 from ..models.base import ModelFamily
@@ -184,27 +186,38 @@ def write_adapter(folder: Path, plan: ExportPlan, denoiser: torch.nn.Module,
     dtype = DTYPES[plan.dtype]
     state = {k: v.to(dtype) for k, v in peft_state_dict(denoiser).items()}
     layout = family.lora_layout
+    lora = lora_summary(denoiser)
     if plan.format == "comfy":
         comfy = lora_formats.to_single_file(state, lora_formats.comfy_alphas(denoiser),
                                             denoiser, layout)
-        lora = lora_summary(denoiser)
         kohya = {"ss_network_dim": str(lora["rank"]), "ss_network_alpha": f"{lora['alpha']:g}"}
+        if lora["type"] in ("lokr", "loha"):  # how kohya's scripts record a LyCORIS network
+            kohya.update(ss_network_module="lycoris.kohya",
+                         ss_network_args=json.dumps({"algo": lora["type"]}))
         lora_formats.write_comfy(folder / f"{plan.name}.safetensors", comfy,
                                  {**metadata, **kohya, "format": "comfy"})
     else:
         config = {**adapter_config_dict(denoiser), "base_model_name_or_path": str(plan.model_path),
                   "inference_mode": True}
-        lora_formats.write_peft(folder, state, config, metadata, layout)
+        lora_formats.write_peft(folder, state, config, metadata,
+                                lora_formats.peft_layout(layout, lora["type"]))
     return _listing(folder)
 
 
 def lora_summary(denoiser: torch.nn.Module) -> dict | None:
-    """rank, alpha and target module names of the model's adapter (None without one)."""
+    """Kind (lora / dora / lokr / loha), rank, alpha, per-module patterns and target module
+    names of the model's adapter (None without one)."""
     if not has_lora(denoiser):
         return None
     config = adapter_config_dict(denoiser)
-    return {"rank": int(config["r"]), "alpha": float(config["lora_alpha"]),
-            "targets": sorted(config["target_modules"])}
+    summary = {"type": adapter_kind(config), "rank": int(config["r"]),
+               "alpha": adapter_alpha(config), "targets": sorted(config["target_modules"])}
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            summary[key] = dict(config[key])
+    if summary["type"] == "lokr":
+        summary["lokr_factor"] = int(config.get("decompose_factor", -1))
+    return summary
 
 
 def lora_metadata(plan: ExportPlan, base_identity: str, lora: dict,
@@ -212,7 +225,7 @@ def lora_metadata(plan: ExportPlan, base_identity: str, lora: dict,
     """The str→str safetensors metadata of an exported adapter file."""
     return {"ditctl_version": __version__, "family": plan.family,
             "base_model": str(plan.model_path), "base_model_identity": base_identity,
-            "rank": str(lora["rank"]), "alpha": f"{lora['alpha']:g}",
+            "lora_type": lora["type"], "rank": str(lora["rank"]), "alpha": f"{lora['alpha']:g}",
             "target_modules": ",".join(lora["targets"]), "steps": str(plan.step),
             "dataset_size": str(dataset_images) if dataset_images is not None else "unknown",
             "run": plan.run_name, "checkpoint": plan.checkpoint.name, "dtype": plan.dtype}
@@ -222,8 +235,6 @@ def lora_metadata(plan: ExportPlan, base_identity: str, lora: dict,
 
 def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.nn.Module:
     """The export loaded fresh from disk, as its users load it, in fp32 for the comparison."""
-    from peft import LoraConfig
-
     if plan.kind != "lora":
         return load_family(folder, plan.family).load_denoiser(torch.float32)
     base = family.load_denoiser(torch.float32)
@@ -233,8 +244,10 @@ def reload_export(folder: Path, plan: ExportPlan, family: ModelFamily) -> torch.
             lora_formats.read_comfy(folder / f"{plan.name}.safetensors"), base, layout)
         lora_formats.inject_adapter(base, config, state)
     else:
-        _, state = lora_formats.read_peft(folder, layout)
-        lora_formats.inject_adapter(base, LoraConfig.from_pretrained(str(folder)), state)
+        config = json.loads((folder / lora_formats.PEFT_CONFIG_FILE).read_text())
+        _, state = lora_formats.read_peft(
+            folder, lora_formats.peft_layout(layout, adapter_kind(config)))
+        lora_formats.inject_adapter(base, config, state)
     return base.eval().requires_grad_(False)
 
 
@@ -257,7 +270,7 @@ def _listing(folder: Path, copied: tuple[str, ...] = ()) -> list[str]:
 
 def _estimated_bytes(plan: ExportPlan, family: ModelFamily, denoiser: torch.nn.Module) -> int:
     itemsize = DTYPES[plan.dtype].itemsize
-    lora_params = sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" in n)
+    lora_params = sum(p.numel() for n, p in denoiser.named_parameters() if is_adapter_param(n))
     if plan.kind == "lora":
         return lora_params * itemsize
     size = (sum(p.numel() for p in denoiser.parameters()) - lora_params) * itemsize

@@ -28,6 +28,20 @@ rank comes from the tensor shapes, a module without an `.alpha` gets alpha = ran
 common convention), and ranks/alphas that differ between modules go into peft's
 `rank_pattern` / `alpha_pattern`.
 
+The other adapter kinds ([lora] lora_type) in the comfy layout, as LyCORIS and ComfyUI name
+them (PEFT's keys without the `diffusion_model.` prefix are the same names):
+
+| kind | comfy keys per module                                      | update of W               |
+|------|------------------------------------------------------------|---------------------------|
+| lokr | `lokr_w1` [a, c], `lokr_w2` [b, d] or `lokr_w2_a` [b, r] + `lokr_w2_b` [r, d], `alpha` | `kron(w1, w2) · s` |
+| loha | `hada_w1_a` [out, r], `hada_w1_b`, `hada_w2_a`, `hada_w2_b` [r, in], `alpha`     | `(w1_a@w1_b) ⊙ (w2_a@w2_b) · s` |
+
+with `s = alpha / r` (r: `lokr_w2_b`'s or `hada_w1_b`'s first side). A LoKr whose w2 is whole
+has no r in the file, and ComfyUI then applies `s = 1`: its peft scale is folded into `lokr_w1`
+and no `alpha` is written. DoRA has no exact single-file form: ComfyUI's `dora_scale` rescales by
+the norm of the base weight alone where peft uses the norm of the adapted weight, so the file
+would not predict what the run predicts; a DoRA run exports as PEFT or merged.
+
 A family whose ecosystem names LoRA files otherwise says so in its `lora_layout`
 (`models.base.LoraLayout`): the PEFT folder's weights file name and key prefix (diffusers'
 pipeline layout: `pytorch_lora_weights.safetensors` with `transformer.<module>` keys, which
@@ -68,19 +82,51 @@ _DIFFUSERS_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _COMFY_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lora_down\.weight|"
                         r"lora_up\.weight|alpha)$")
+# every adapter kind's tensors in a PEFT state dict (peft drops the adapter name from them)
+_LYCORIS_PARTS = {"lokr": ("lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+                  "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|"
+                          r"lora_magnitude_vector|lokr_w1|lokr_w2|lokr_w2_a|lokr_w2_b|"
+                          r"hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b)$")
+_COMFY_LYCORIS_KEY = re.compile(r"^diffusion_model\.(?P<module>.+)\.(?P<part>lokr_w1|lokr_w2|"
+                                r"lokr_w2_a|lokr_w2_b|hada_w1_a|hada_w1_b|hada_w2_a|hada_w2_b|"
+                                r"alpha)$")
+DORA_NO_SINGLE_FILE = ("a DoRA adapter has no exact single-file (comfy/kohya) form: those "
+                       "loaders' dora_scale normalises by the base weight alone, peft by the "
+                       "adapted one, so the file would not predict what the run predicts")
 
 
 # --- PEFT ----------------------------------------------------------------------------------------
 
+def state_kind(state: dict[str, torch.Tensor]) -> str:
+    """lora / dora / lokr / loha: the adapter kind of a PEFT state dict, from its key names."""
+    parts = set()
+    for key in state:
+        match = _ADAPTER_KEY.match(key)
+        if match is None:
+            raise ExportError(f"adapter weight {key!r} is not part of a LoRA, DoRA, LoKr or "
+                              "LoHa adapter as ditctl trains them (LoRA biases, LoKr's "
+                              "decomposed w1 and CP-decomposed tensors have no mapping here)",
+                              hint="export this run with --merge-lora instead")
+        parts.add(match["part"])
+    if "lora_magnitude_vector" in parts:
+        return "dora"
+    return next((kind for kind, names in _LYCORIS_PARTS.items() if parts & set(names)), "lora")
+
+
 def adapter_modules(state: dict[str, torch.Tensor]) -> list[str]:
-    """The module paths a PEFT state dict adapts, sorted; anything but plain LoRA A/B is refused."""
+    """The module paths a PEFT state dict of a plain LoRA adapts, sorted; every other kind is
+    refused (the single-file converters of plain LoRA call this)."""
+    kind = state_kind(state)
+    if kind == "dora":
+        raise ExportError(DORA_NO_SINGLE_FILE, hint="export with --format peft or --merge-lora")
+    if kind != "lora":
+        raise ExportError(f"this single-file layout holds plain LoRA (lora_down/lora_up) only; "
+                          f"the adapter is {kind}", hint="export with --format peft or "
+                          "--merge-lora")
     modules = set()
     for key in state:
         match = _PEFT_KEY.match(key)
-        if match is None:
-            raise ExportError(f"adapter weight {key!r} is not a plain LoRA A/B matrix "
-                              "(DoRA magnitudes and LoRA biases have no comfy/merge mapping)",
-                              hint="export this run with --merge-lora instead")
         modules.add(match["module"])
     for module in modules:
         if f"{module}.lora_A.weight" not in state or f"{module}.lora_B.weight" not in state:
@@ -89,16 +135,25 @@ def adapter_modules(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(modules)
 
 
+def peft_layout(layout: LoraLayout, kind: str) -> LoraLayout:
+    """The layout a PEFT-format export of a `kind` adapter is written in: the family's for
+    LoRA and DoRA (diffusers' `load_lora_weights` reads both), the bare PEFT layout for LoKr
+    and LoHa, which diffusers does not load (peft does)."""
+    return layout if kind in ("lora", "dora") else DEFAULT_LAYOUT
+
+
 def write_peft(folder: Path, state: dict[str, torch.Tensor], adapter_config: dict,
                metadata: dict[str, str], layout: LoraLayout = DEFAULT_LAYOUT) -> list[Path]:
     """Write adapter_config.json + the layout's weights file (adapter_model.safetensors by
     default) into `folder`; returns the files."""
     folder = Path(folder)
     prefix = layout.key_prefix
-    lora_config = {prefix + k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS
-                   if k in adapter_config}
-    full_metadata = {"format": "pt", **metadata,
-                     DIFFUSERS_METADATA_KEY: json.dumps(lora_config, sort_keys=True)}
+    full_metadata = {"format": "pt", **metadata}
+    if str(adapter_config.get("peft_type", "LORA")).upper().endswith("LORA"):
+        # diffusers rebuilds LoRA (and DoRA) adapters from this; it loads no LyCORIS kinds
+        lora_config = {prefix + k: adapter_config[k] for k in _DIFFUSERS_CONFIG_KEYS
+                       if k in adapter_config}
+        full_metadata[DIFFUSERS_METADATA_KEY] = json.dumps(lora_config, sort_keys=True)
     weights = folder / layout.weights_file
     save_file(_contiguous({prefix + k: v for k, v in state.items()}), weights,
               metadata=full_metadata)
@@ -126,9 +181,13 @@ def read_peft(folder: Path, layout: LoraLayout = DEFAULT_LAYOUT
 
 # --- comfy ---------------------------------------------------------------------------------------
 
-def peft_to_comfy(state: dict[str, torch.Tensor],
-                  alphas: dict[str, float]) -> dict[str, torch.Tensor]:
-    """PEFT state dict -> comfy state dict; `alphas[module]` is the comfy alpha (scale · rank)."""
+def peft_to_comfy(state: dict[str, torch.Tensor], alphas: dict[str, float],
+                  ranks: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT state dict -> comfy state dict; `alphas[module]` is the comfy alpha (scale · rank),
+    `ranks[module]` the adapter's rank (LoKr/LoHa: peft's r)."""
+    kind = state_kind(state)
+    if kind in _LYCORIS_PARTS:
+        return _lycoris_to_comfy(state, alphas, ranks or {})
     out: dict[str, torch.Tensor] = {}
     for module in adapter_modules(state):
         if module not in alphas:
@@ -141,8 +200,90 @@ def peft_to_comfy(state: dict[str, torch.Tensor],
     return out
 
 
+def _grouped(state: dict[str, torch.Tensor], pattern: re.Pattern) -> dict[str, dict]:
+    modules: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    for key, value in state.items():
+        match = pattern.match(key)
+        if match is None:
+            raise ExportError(f"adapter weight {key!r} does not belong to a LoKr or LoHa "
+                              "adapter as ditctl writes them",
+                              hint="export this run with --merge-lora instead")
+        modules[match["module"]][match["part"]] = value
+    return dict(sorted(modules.items()))
+
+
+def _lycoris_to_comfy(state: dict[str, torch.Tensor], alphas: dict[str, float],
+                      ranks: dict[str, int]) -> dict[str, torch.Tensor]:
+    """LoKr / LoHa PEFT state -> comfy keys (the module doc's table)."""
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in _grouped(state, _ADAPTER_KEY).items():
+        if module not in alphas or module not in ranks:
+            raise ExportError(f"no alpha or rank known for {module}",
+                              hint="the adapter config does not match its weights")
+        parts = dict(parts)
+        if "lokr_w1" in parts and "lokr_w2" in parts:  # no r in the file: ComfyUI scales by 1
+            parts["lokr_w1"] = parts["lokr_w1"] * (alphas[module] / ranks[module])
+        else:
+            out[f"{COMFY_PREFIX}{module}.alpha"] = torch.tensor(float(alphas[module]),
+                                                                dtype=torch.float32)
+        for part, value in parts.items():
+            out[f"{COMFY_PREFIX}{module}.{part}"] = value
+    return out
+
+
+def _comfy_lycoris_to_peft(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Comfy LoKr / LoHa state -> (config kwargs, PEFT state): the inverse of
+    `_lycoris_to_comfy` (peft rebuilds the same shapes: the LoKr factor is read back from
+    them)."""
+    from peft.tuners.lokr.layer import factorization
+
+    peft_state: dict[str, torch.Tensor] = {}
+    ranks: dict[str, float] = {}
+    alphas: dict[str, float] = {}
+    shapes = {}
+    lokr = False
+    for module, parts in _grouped(state, _COMFY_LYCORIS_KEY).items():
+        alpha = parts.pop("alpha", None)
+        for part, value in parts.items():
+            peft_state[f"{module}.{part}"] = value
+        if "hada_w1_b" in parts:
+            ranks[module] = int(parts["hada_w1_b"].shape[0])
+        else:
+            lokr = True
+            w1 = parts["lokr_w1"]
+            w2_out, w2_in = ((parts["lokr_w2"].shape[0], parts["lokr_w2"].shape[1])
+                             if "lokr_w2" in parts else
+                             (parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"].shape[1]))
+            shapes[module] = ((int(w1.shape[0]), int(w2_out)), (int(w1.shape[1]), int(w2_in)))
+            # a whole w2: any r of at least half its larger side keeps it whole in peft
+            ranks[module] = (int(parts["lokr_w2_b"].shape[0]) if "lokr_w2_b" in parts
+                             else max(int(w2_out), int(w2_in)))
+        alphas[module] = float(alpha.item()) if alpha is not None else float(ranks[module])
+    rank, rank_pattern = _common_value(ranks)
+    alpha, alpha_pattern = _common_value(alphas)
+    config = {"peft_type": "LOKR" if lokr else "LOHA", "r": int(rank), "alpha": alpha,
+              "target_modules": sorted({m for m in ranks}), "rank_pattern": rank_pattern,
+              "alpha_pattern": alpha_pattern}
+    if lokr:
+        def fits(factor: int) -> bool:
+            return all(factorization(out_l * out_k, factor) == (out_l, out_k) and
+                       factorization(in_m * in_n, factor) == (in_m, in_n)
+                       for (out_l, out_k), (in_m, in_n) in shapes.values())
+
+        first = next(iter(shapes.values()))
+        factor = next((f for f in (-1, first[0][0], first[0][1]) if fits(f)), None)
+        if factor is None:
+            raise ExportError("the LoKr factors of this file differ between modules",
+                              hint="read files of one [lora] lokr_factor")
+        config["decompose_factor"] = factor
+    return config, peft_state
+
+
 def comfy_to_peft(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Comfy state dict -> (LoraConfig kwargs, PEFT state dict); the inverse of `peft_to_comfy`."""
+    """Comfy state dict -> (adapter config kwargs, PEFT state dict); the inverse of
+    `peft_to_comfy`."""
+    if any(_COMFY_LYCORIS_KEY.match(k) and not k.endswith(".alpha") for k in state):
+        return _comfy_lycoris_to_peft(state)
     peft_state: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for key, value in state.items():
@@ -194,8 +335,13 @@ def to_single_file(state: dict[str, torch.Tensor], alphas: dict[str, float],
                    ) -> dict[str, torch.Tensor]:
     """The single-file state of a PEFT state: the layout's own, else the comfy layout."""
     if layout.to_single_file is None:
-        return peft_to_comfy(state, alphas)
-    adapter_modules(state)  # plain LoRA A/B only
+        return peft_to_comfy(state, alphas, adapter_ranks(denoiser))
+    kind = state_kind(state)
+    if kind in _LYCORIS_PARTS:  # the family's layout fuses and renames plain LoRA pairs only
+        raise ExportError(f"this model family's single-file layout ({layout.single_file_keys}) "
+                          f"holds plain LoRA only, not a {kind} adapter",
+                          hint="export with --format peft or --merge-lora")
+    adapter_modules(state)  # plain LoRA A/B only (DoRA: its own error)
     return layout.to_single_file(state, alphas, denoiser)
 
 
@@ -218,18 +364,19 @@ def read_metadata(file: Path) -> dict[str, str]:
 
 def inject_adapter(denoiser: torch.nn.Module, adapter_config,
                    state: dict[str, torch.Tensor]) -> None:
-    """Add a saved adapter (config: a peft LoraConfig or its kwargs) to a freshly loaded base
-    denoiser, through peft's public API only."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    """Add a saved adapter (config: a peft config of any kind ditctl trains, or its kwargs
+    with `peft_type`) to a freshly loaded base denoiser, through peft's public API only."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from ..engine.lora import adapter_from_config_dict, is_adapter_param
 
     config = adapter_config
     if isinstance(adapter_config, dict):
-        known = LoraConfig.__dataclass_fields__
-        config = LoraConfig(**{k: v for k, v in adapter_config.items() if k in known})
+        config = adapter_from_config_dict(adapter_config)
     inject_adapter_in_model(config, denoiser, adapter_name="default")
     result = set_peft_model_state_dict(denoiser, state, adapter_name="default")
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
-    missing = [k for k in (getattr(result, "missing_keys", None) or []) if "lora_" in k]
+    missing = [k for k in (getattr(result, "missing_keys", None) or []) if is_adapter_param(k)]
     if unexpected or missing:
         raise ExportError(f"adapter does not fit the base model: unexpected {unexpected[:3]}, "
                           f"missing {missing[:3]}",
@@ -238,16 +385,27 @@ def inject_adapter(denoiser: torch.nn.Module, adapter_config,
 
 def comfy_alphas(denoiser: torch.nn.Module) -> dict[str, float]:
     """Per adapted module of a live model: the comfy alpha (scale · rank) that reproduces its
-    peft scaling; the plain lora_alpha when the scale is the usual alpha / rank."""
-    from peft.tuners.lora import LoraLayer
-
+    peft scaling; the plain alpha when the scale is the usual alpha / rank."""
     alphas = {}
-    for name, module in denoiser.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.r:
-            rank, alpha = module.r["default"], float(module.lora_alpha["default"])
-            scale = float(module.scaling["default"])
-            alphas[name] = alpha if scale == alpha / rank else scale * rank
+    for name, module, rank, scale in _scaled_layers(denoiser):
+        alpha = float(module.lora_alpha["default"] if hasattr(module, "lora_alpha")
+                      else module.alpha["default"])
+        alphas[name] = alpha if scale == alpha / rank else scale * rank
     return alphas
+
+
+def adapter_ranks(denoiser: torch.nn.Module) -> dict[str, int]:
+    """Per adapted module of a live model: its adapter's rank (peft's r)."""
+    return {name: rank for name, _, rank, _ in _scaled_layers(denoiser)}
+
+
+def _scaled_layers(denoiser: torch.nn.Module):
+    """(name, layer, rank, scale) of every layer holding the "default" adapter, any kind."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in denoiser.named_modules():
+        if isinstance(module, BaseTunerLayer) and "default" in (getattr(module, "r", None) or {}):
+            yield name, module, int(module.r["default"]), float(module.scaling["default"])
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -177,7 +177,8 @@ def render_model_card(plan: ExportPlan, *, base_identity: str, lora: dict | None
         _evaluation_section(plan, parity, trained_parity),
         _samples_section(samples_label),
         _licence_section(licence),
-        ["## How to load it", "", *_usage(plan, usage_note, lora_layout)],
+        ["## How to load it", "", *_usage(plan, usage_note, lora_layout,
+                                          (lora or {}).get("type", "lora"))],
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -226,10 +227,22 @@ def _contents_section(plan: ExportPlan, lora: dict | None, files: list[str]) -> 
     lines = ["## What was exported", ""] + [f"- `{f}`" for f in files]
     lines += ["- `README.md` (this card)", f"- weights stored as {plan.dtype}"]
     if lora:
-        lines.append(f"- LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, target modules: "
-                     f"{', '.join(lora['targets'])}"
-                     + (" (merged into the DiT weights)" if plan.kind == "merged" else ""))
+        kind = lora.get("type", "lora")
+        extra = "".join(f", {key.replace('_', ' ')} `{json.dumps(lora[key])}`"
+                        for key in ("rank_pattern", "alpha_pattern", "lokr_factor")
+                        if key in lora)
+        lines.append(f"- {ADAPTER_TITLES[kind]} rank {lora['rank']}, alpha {lora['alpha']:g}"
+                     f"{extra}, target modules: {', '.join(lora['targets'])}"
+                     + (" (merged into the DiT weights)" if plan.kind == "merged" else "")
+                     + f"; `[lora] lora_type = \"{kind}\"`")
     return lines
+
+
+ADAPTER_TITLES = {"lora": "LoRA", "dora": "DoRA (weight-decomposed LoRA)",
+                  "lokr": "LoKr (LyCORIS Kronecker product)",
+                  "loha": "LoHa (LyCORIS Hadamard product)"}
+PEFT_CONFIG_CLASSES = {"lora": "LoraConfig", "dora": "LoraConfig", "lokr": "LoKrConfig",
+                       "loha": "LoHaConfig"}
 
 
 def _data_section(run_info: dict, dataset_images: int | None) -> list[str]:
@@ -290,7 +303,7 @@ def _licence_section(licence: Licence) -> list[str]:
 
 
 def _usage(plan: ExportPlan, usage_note: str = "",
-           lora_layout: LoraLayout = LoraLayout()) -> list[str]:
+           lora_layout: LoraLayout = LoraLayout(), kind: str = "lora") -> list[str]:
     folder = str(plan.out_dir)
     if plan.kind != "lora":
         return [
@@ -302,12 +315,15 @@ def _usage(plan: ExportPlan, usage_note: str = "",
             "dit = family.load_denoiser()  # the fine-tuned DiT",
             "```"]
     base = str(plan.model_path)
-    if lora_layout.pipeline_class is not None:
+    if lora_layout.pipeline_class is not None and kind in ("lora", "dora"):
         return _pipeline_lora_usage(plan, lora_layout)
     if plan.format == "comfy":
+        keys = {"lokr": "`diffusion_model.<module>.lokr_w1/lokr_w2(_a/_b)/alpha`, as LyCORIS",
+                "loha": "`diffusion_model.<module>.hada_w1_a/.../hada_w2_b/alpha`, as LyCORIS"
+                }.get(kind, "`diffusion_model.<module>.lora_down/lora_up/alpha`")
         return [
             f"`{plan.name}.safetensors` uses the key naming of community UIs "
-            "(`diffusion_model.<module>.lora_down/lora_up/alpha`). Back to PEFT in Python:",
+            f"({keys}). Back to PEFT in Python:",
             "", "```python",
             "from safetensors.torch import load_file",
             "from ditctl.export.lora_formats import comfy_to_peft, inject_adapter",
@@ -317,22 +333,27 @@ def _usage(plan: ExportPlan, usage_note: str = "",
             "inject_adapter(dit, config, state)", "```"]
     load_base = ["from ditctl.models.registry import load_family",
                  f"dit = load_family({base!r}).load_denoiser()  # the base DiT"]
-    return [
+    cls = PEFT_CONFIG_CLASSES[kind]
+    diffusers = [
         "With diffusers (the DiT class inherits `PeftAdapterMixin`; the keys have no prefix):",
         "", "```python", *load_base,
         f"dit.load_lora_adapter({folder!r}, weight_name=\"adapter_model.safetensors\", "
-        "prefix=None)", "```", "",
+        "prefix=None)", "```", ""] if kind in ("lora", "dora") else [
+        f"diffusers loads LoRA and DoRA adapters only; load this {ADAPTER_TITLES[kind]} "
+        "adapter with peft:", ""]
+    return [
+        *diffusers,
         "With peft directly:", "", "```python",
-        "from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict",
+        f"from peft import {cls}, inject_adapter_in_model, set_peft_model_state_dict",
         "from safetensors.torch import load_file", *load_base,
-        f"inject_adapter_in_model(LoraConfig.from_pretrained({folder!r}), dit)",
+        f"inject_adapter_in_model({cls}.from_pretrained({folder!r}), dit)",
         f"set_peft_model_state_dict(dit, load_file({folder + '/adapter_model.safetensors'!r}))",
         "```", "",
-        "(`PeftModel.from_pretrained` expects keys prefixed `base_model.model.`; use one of the "
-        "two ways above.)", "",
+        "(`PeftModel.from_pretrained` expects keys prefixed `base_model.model.`; use "
+        + ("one of the two ways above.)" if kind in ("lora", "dora") else "the way above.)"), "",
         "With ditctl, to continue training from it: set `[lora] lora_checkpoint = "
-        f"\"{folder}\"` in project.toml. For `ditctl sample --model`, export the run with "
-        "`--merge-lora`."]
+        f"\"{folder}\"` (and `lora_type = \"{kind}\"`) in project.toml. For `ditctl sample "
+        "--model`, export the run with `--merge-lora`."]
 
 
 def _pipeline_lora_usage(plan: ExportPlan, layout: LoraLayout) -> list[str]:

@@ -161,3 +161,26 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir):
                              env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"step-{step + 1:06d}" in resumed.stdout
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_to_train_in_fp32(tmp_path, tiny_model_dir,
+                                                                       cli, monkeypatch):
+    from ditctl.engine.precision import cpu_lacks_native_bf16
+
+    without, with_amx = tmp_path / "cpuinfo-avx2", tmp_path / "cpuinfo-amx"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    with_amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n")
+    assert cpu_lacks_native_bf16(str(without)) is True
+    assert cpu_lacks_native_bf16(str(with_amx)) is False
+    assert cpu_lacks_native_bf16(str(tmp_path / "missing")) is False  # cannot tell: no advice
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=2)
+    monkeypatch.setattr(training, "cpu_lacks_native_bf16", lambda: True)
+    result = cli("train", "-w", ws.root, "--max-steps", "1", "--mixed-precision", "bf16",
+                 "--lora", "--run-name", "r")
+    assert result.exit_code == 0, result.output
+    assert "--mixed-precision no" in result.stderr
+    monkeypatch.setattr(training, "cpu_lacks_native_bf16", lambda: False)
+    result = cli("train", "-w", ws.root, "--max-steps", "1", "--mixed-precision", "bf16",
+                 "--lora", "--run-name", "s")
+    assert result.exit_code == 0 and "bf16 matrix instructions" not in result.stderr

@@ -38,11 +38,11 @@ def test_regularization_images_get_their_loss_weight(tmp_path, tiny_model_dir, m
 
     seen = []
 
-    def recording(per_sample, weight):
-        seen.append(weight.clone())
-        return objective.weighted_loss(per_sample, weight)
+    def recording(prediction, batch, *args):
+        seen.append(batch.weight.clone())
+        return objective.per_sample_loss(prediction, batch, *args)
 
-    monkeypatch.setattr(loop, "weighted_loss", recording)
+    monkeypatch.setattr(loop, "per_sample_loss", recording)
     ws = _two_datasets(tmp_path / "w", tiny_model_dir, train={"train_batch_size": 8})
     _train(ws, max_steps=1, learning_rate=1e-3)
     (weight,) = seen

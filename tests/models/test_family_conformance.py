@@ -167,6 +167,29 @@ def test_training_on_the_target_makes_the_sampler_land_on_the_data(tiny):
     assert (landed - x0).norm() < 0.3 * (noise - x0).norm()
 
 
+def test_a_pixel_mask_lies_on_the_latents_the_loss_compares(tiny):
+    """A loss mask made at the image's size and area-averaged to the latent grid has the shape
+    of `predict`'s output (packed families unpack inside `predict`), and a masked-out half
+    gets no gradient."""
+    from ditctl.data.transforms import latent_mask
+    from ditctl.engine.objective import NoisedBatch, per_sample_loss
+
+    family, _ = tiny
+    side = _image_side(family)
+    pixels = torch.ones(1, 1, side, side)
+    pixels[..., : side // 2] = 0
+    mask = latent_mask(pixels, family.latent.spatial_factor)
+    x, t = _inputs(family, batch=1)
+    cond = family.encode_prompts(family.load_text_encoder(), PROMPTS[:1])
+    prediction = family.predict(family.load_denoiser(), x, t, cond).detach().requires_grad_()
+    assert mask.shape[-2:] == prediction.shape[-2:]
+    batch = NoisedBatch(x, t, cond, torch.zeros_like(x), mask=mask)
+    per_sample_loss(prediction, batch).sum().backward()
+    half = prediction.shape[-1] // 2
+    assert torch.equal(prediction.grad[..., :half], torch.zeros_like(prediction.grad[..., :half]))
+    assert (prediction.grad[..., half:] != 0).any()
+
+
 # --- the memory plan -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8", "int8"])

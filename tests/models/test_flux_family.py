@@ -337,3 +337,32 @@ def test_init_on_a_flux_folder_names_the_family(tiny, tmp_path, cli):
     assert 'family = "flux"' in (tmp_path / "ws" / "project.toml").read_text()
     status = json.loads(cli("status", "--json", "--workspace", tmp_path / "ws").stdout)
     assert "flux" in json.dumps(status["model"])
+
+
+def test_dora_exports_in_diffusers_layout_and_lokr_refuses_the_kohya_file(tiny, tmp_path):
+    """A DoRA adapter keeps the diffusers LoRA layout (FluxPipeline.load_lora_weights reads its
+    magnitudes and predicts what the run predicts); LoKr has no kohya (fused q/k/v) form: a
+    one-line error naming the formats that hold it."""
+    from diffusers import FluxPipeline
+
+    from ditctl.engine.loading import load_denoiser
+    from ditctl.errors import ExportError
+    from ditctl.export import export_checkpoint
+    from tests.test_lora_variants import _run_with_checkpoint
+
+    family = registry.load_family(tiny)
+    ws, checkpoint = _run_with_checkpoint(tmp_path / "dora", tiny, {"lora_type": "dora"})
+    result = export_checkpoint(ws, ws.config({"export.dtype": "fp32"}))
+    assert (result.path / "pytorch_lora_weights.safetensors").is_file()
+    run = load_denoiser(family, checkpoint)
+    inputs = parity.fixed_inputs(family, run)
+    reference = parity.predict(family, run, inputs)
+    pipe = FluxPipeline.from_pretrained(tiny)
+    pipe.load_lora_weights(result.path)
+    assert _relative(reference, parity.predict(family, pipe.transformer, inputs)) <= 1e-5
+
+    ws, _ = _run_with_checkpoint(tmp_path / "lokr", tiny, {"lora_type": "lokr"})
+    with pytest.raises(ExportError) as info:
+        export_checkpoint(ws, ws.config({"export.format": "comfy"}))
+    assert "holds plain LoRA only, not a lokr adapter" in str(info.value)
+    assert "--format peft" in info.value.hint and "\n" not in str(info.value)

@@ -180,3 +180,22 @@ def test_two_processes_match_one_with_two_datasets(tmp_path, tiny_model_dir):
         logs.append([json.loads(line)["train/loss"] for line in lines])
     assert len(logs[0]) == len(logs[1]) == 3
     assert logs[0] == pytest.approx(logs[1], rel=1e-4)
+
+
+def test_dataset_loss_weights_multiply_the_timestep_weighting(tiny_model_dir):
+    from ditctl.engine.objective import TimestepDensity, loss_weights, noised_batch
+    from ditctl.models.base import Conditioning, LatentDist
+    from ditctl.models.registry import load_family
+
+    family = load_family(tiny_model_dir)
+    dist = LatentDist(torch.zeros(3, family.latent.channels, 4, 4),
+                      torch.ones(3, family.latent.channels, 4, 4) * 0.1)
+    cond = Conditioning(torch.zeros(3, 8, family.denoiser_shape().text_dim))
+    args = (family, dist, cond, [1, 2, 3], TimestepDensity(), 0.0, True)
+    plain = noised_batch(*args)
+    assert plain.weight is None
+    only_datasets = noised_batch(*args, sample_weights=[1.0, 0.25, 0.0])
+    assert only_datasets.weight.tolist() == [1.0, 0.25, 0.0]
+    both = noised_batch(*args, weighting="sigma_sqrt", sample_weights=[1.0, 0.25, 0.0])
+    expected = loss_weights(both.t, "sigma_sqrt") * torch.tensor([1.0, 0.25, 0.0])
+    assert torch.equal(both.weight, expected) and torch.equal(both.t, plain.t)

@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from rich.markup import escape
 from rich.table import Table
@@ -48,6 +48,7 @@ from ..procutil import worker_started
 from ..workspace import Workspace
 from . import images
 from .buckets import BucketPlan, plan_buckets
+from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
 from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleKey, read_previous, sample_key,
                        write_manifest)
@@ -98,6 +99,7 @@ class IngestSummary:
     files_read: int
     files_reused: int
     report_path: Path
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> counts, role
     fingerprint: str | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -114,7 +116,8 @@ class IngestSummary:
                 "buckets": {s: len(p.buckets) for s, p in self.plans.items()},
                 "batches_per_epoch": {s: p.batches_per_epoch for s, p in self.plans.items()},
                 **dataclasses.asdict(self.changes), "files_read": self.files_read,
-                "files_reused": self.files_reused, "fingerprint": self.fingerprint}
+                "files_reused": self.files_reused, "fingerprint": self.fingerprint,
+                "datasets": self.datasets}
 
 
 class StrictIngestError(DataError):
@@ -140,9 +143,8 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     """
     started = time.perf_counter()
     data = config.data
-    rows = _read_rows(ws, data)
-    origin = {"train": str(ws.resolve(data.train_data_path)),
-              "val": str(ws.resolve(data.val_data_path)) if data.val_data_path else ""}
+    datasets = resolve_datasets(config)
+    rows, origin, dataset_of = _read_rows(ws, data, datasets)
     previous = read_previous(ws.manifest_db)
     notes = []
     if previous.problem:
@@ -150,33 +152,36 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
 
     facts, problems, files_read, files_reused = _examine_files(
         rows, previous, data.max_image_pixels, workers)
-    good, bad = _classify(rows, facts, problems, data, origin)
+    good, bad = _classify(rows, facts, problems, data, origin, dataset_of, datasets)
     masks, mask_facts, masks_read = {}, {}, 0
     if data.use_masks:
-        good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data, origin,
-                                                             workers)
+        good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data, workers)
     batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
     samples, plans = _plan(good, bad, data, batch_sizes, origin,
-                           size_multiple(config.model.family), masks)
+                           size_multiple(config.model.family), datasets, masks)
     if data.use_masks:
         kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
         notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from alpha "
                      f"channels; {kinds['none']} image(s) without one train everywhere")
-    position = {(row.split, row.source): i for i, row in enumerate(rows)}
-    bad.sort(key=lambda b: position[(b.split, b.source)])
+    position = {(origin[i], row.split, row.source): i for i, row in enumerate(rows)}
+    bad.sort(key=lambda b: position[(b.origin, b.split, b.source)])
 
     summary = IngestSummary(
         counts=dict(Counter(s.split for s in samples)), bad=bad,
         empty_captions_kept=[s for s in samples if not s.caption],
         duplicates=_duplicates(samples), plans=plans, changes=_changes(previous, samples),
         files_read=files_read + masks_read, files_reused=files_reused,
-        report_path=ws.data_dir / REPORT_NAME, notes=notes)
+        report_path=ws.data_dir / REPORT_NAME, notes=notes,
+        datasets=_dataset_counts(datasets, samples, Counter(
+            dataset_of[position[(b.origin, b.split, b.source)]] for b in bad
+            if b.split == "train")))
 
     refusal: DataError | None = None
     if strict and bad:
         refusal = StrictIngestError(summary)
     elif not summary.counts.get("train"):
-        refusal = DataError(f"no usable training images in {origin['train']} ({len(bad)} bad "
+        where = ", ".join(d.path for d in datasets)
+        refusal = DataError(f"no usable training images in {where} ({len(bad)} bad "
                             f"row(s); details in {summary.report_path})",
                             hint="fix the rows listed above, or point [data] train_data_path "
                                  "at other data")
@@ -198,8 +203,9 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
     ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
-                               "train_data_path": origin["train"],
-                               "val_data_path": origin["val"] or None})
+                               "train_data_path": origin[0] if rows else None,
+                               "val_data_path": (str(ws.resolve(data.val_data_path))
+                                                 if data.val_data_path else None)})
     return summary
 
 
@@ -207,23 +213,39 @@ def _finish(summary: IngestSummary, started: float) -> None:
     summary.elapsed_s = time.perf_counter() - started
 
 
-def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
-    if not data.train_data_path:
+def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
+               ) -> tuple[list[SourceRow], list[str], list[int]]:
+    """Every dataset's rows, then the validation rows; the source (CSV or folder) of each, and
+    its dataset (validation rows: 0, the [data] settings).
+
+    Each dataset reads its own path through `read_source` with its own columns and base folder.
+    """
+    if not datasets:
         raise DataError("no training data: [data] train_data_path is not set",
-                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER")
-    base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
-    rows = []
-    for split, where in (("train", data.train_data_path), ("val", data.val_data_path)):
-        if where:
-            found = read_source(ws.resolve(where), split=split, base_image_dir=base,
-                                image_column=data.image_column, caption_column=data.caption_column,
-                                mask_column=data.mask_column if data.use_masks else None)
-            if not found:
-                raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
-                                hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
-                                     "to the folder")
-            rows += found
-    return rows
+                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER "
+                             "(or add [[data.datasets]] tables)")
+    val_base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
+    sources = [("train", d.index, d.path,
+                ws.resolve(d.base_image_dir) if d.base_image_dir else None,
+                d.image_column, d.caption_column) for d in datasets]
+    if data.val_data_path:
+        sources.append(("val", 0, data.val_data_path, val_base, data.image_column,
+                        data.caption_column))
+    rows: list[SourceRow] = []
+    origin: list[str] = []
+    dataset_of: list[int] = []
+    for split, index, where, base, image_column, caption_column in sources:
+        found = read_source(ws.resolve(where), split=split, base_image_dir=base,
+                            image_column=image_column, caption_column=caption_column,
+                            mask_column=data.mask_column if data.use_masks else None)
+        if not found:
+            raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
+                            hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
+                                 "to the folder")
+        rows += found
+        origin += [str(ws.resolve(where))] * len(found)
+        dataset_of += [index] * len(found)
+    return rows, origin, dataset_of
 
 
 # --- validating the files ---------------------------------------------------------------------
@@ -330,17 +352,41 @@ def _probe_all(paths: list[str], max_pixels: int, workers: int | None,
 
 # --- classifying rows -------------------------------------------------------------------------
 
-def _bad(row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
-    return BadRow(split=row.split, origin=origin[row.split], source=row.source,
+class Good(NamedTuple):
+    """A row that passed validation."""
+
+    dataset: int
+    row: SourceRow
+    facts: ImageFacts
+    caption: str  # after the dataset's caption tools
+    origin: str
+
+
+def _dataset_counts(datasets: tuple[Dataset, ...], samples: list[ManifestRow],
+                    bad: Counter) -> dict[str, dict[str, Any]]:
+    """Per dataset: its role, good images, bad rows (`bad`: by dataset index), repeats and
+    weights (ingest's report and summary)."""
+    good = Counter(s.dataset for s in samples if s.split == "train")
+    return {d.name: {"path": d.path, "role": d.role, "images": good.get(d.index, 0),
+                     "bad": bad.get(d.index, 0), "repeats": d.repeats,
+                     "weight": d.weight, "loss_weight": d.loss_weight}
+            for d in datasets}
+
+
+def _bad(row: SourceRow, code: str, reason: str, origin: str) -> BadRow:
+    return BadRow(split=row.split, origin=origin, source=row.source,
                   listed_path=row.listed_path, path=row.path, code=code, reason=reason)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
-              problems: dict[str, tuple[str, str]], data: DataConfig, origin: dict[str, str],
-              ) -> tuple[list[tuple[SourceRow, ImageFacts]], list[BadRow]]:
+              problems: dict[str, tuple[str, str]], data: DataConfig, origin: list[str],
+              dataset_of: list[int], datasets: tuple[Dataset, ...],
+              ) -> tuple[list[Good], list[BadRow]]:
+    """(good rows, bad rows); a good row's caption is after its dataset's caption tools."""
     good, bad = [], []
-    for row in rows:
+    for i, row in enumerate(rows):
         path = row.path
+        caption = dataset_caption(row.caption, datasets[dataset_of[i]])
         problem = row.problem or problems.get(path)
         if problem is None:
             found = facts[path]
@@ -349,13 +395,13 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
                 refused = images.pixel_limit_problem(found.width, found.height,
                                                      data.max_image_pixels)
                 problem = (refused.code, refused.message)
-            elif not row.caption and not data.keep_empty_captions:
+            elif not caption and not data.keep_empty_captions:
                 problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
                                             "to train on it as an unconditional sample)")
         if problem is not None:
-            bad.append(_bad(row, *problem, origin))
+            bad.append(_bad(row, *problem, origin[i]))
         else:
-            good.append((row, facts[path]))
+            good.append(Good(dataset_of[i], row, facts[path], caption, origin[i]))
     return good, bad
 
 
@@ -363,19 +409,18 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
 
 
-def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
-                   previous: PreviousManifest, data: DataConfig, origin: dict[str, str],
-                   workers: int | None,
-                   ) -> tuple[list[tuple[SourceRow, ImageFacts]], dict[tuple[str, str], MaskRef],
+def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManifest,
+                   data: DataConfig, workers: int | None,
+                   ) -> tuple[list[Good], dict[tuple[str, str, str], MaskRef],
                               dict[str, ImageFacts], int]:
     """Each good row's loss mask (see the module doc): (the rows still good, their masks by
-    (split, source), the facts of the mask files for the next ingest, mask files decoded).
-    Rows with a bad mask go to `bad`, naming the mask and why."""
-    chosen = {}  # (split, source) -> mask file path
-    for row, _ in good:
-        path = row.mask_path or sidecar_mask(row.path)
+    (source file, split, row), the facts of the mask files for the next ingest, mask files
+    decoded). Rows with a bad mask go to `bad`, naming the mask and why."""
+    chosen = {}  # (source file, split, row) -> mask file path
+    for g in good:
+        path = g.row.mask_path or sidecar_mask(g.row.path)
         if path is not None:
-            chosen[(row.split, row.source)] = path
+            chosen[(g.origin, g.row.split, g.row.source)] = path
     facts, problems, to_probe = {}, {}, []
     for path in dict.fromkeys(chosen.values()):
         try:
@@ -395,8 +440,9 @@ def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
             problems[result.path] = (result.code, result.message)
 
     kept, masks = [], {}
-    for row, image in good:
-        key = (row.split, row.source)
+    for g in good:
+        row, image = g.row, g.facts
+        key = (g.origin, row.split, row.source)
         path = chosen.get(key)
         problem = None
         if path is None:
@@ -416,9 +462,9 @@ def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
             masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
                                  found.mtime_ns)
         if problem is not None:
-            bad.append(_bad(row, *problem, origin))
+            bad.append(_bad(row, *problem, g.origin))
         else:
-            kept.append((row, image))
+            kept.append(g)
     return kept, masks, facts, len(to_probe)
 
 
@@ -429,32 +475,58 @@ def _has_alpha(path: str, max_pixels: int) -> bool:
         return False
 
 
-def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
-          batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
-          masks: dict[tuple[str, str], MaskRef] | None = None,
+def _plan(good: list[Good], bad: list[BadRow],
+          data: DataConfig, batch_sizes: dict[str, int], origin: list[str], multiple: int,
+          datasets: tuple[Dataset, ...],
+          masks: dict[tuple[str, str, str], MaskRef] | None = None,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
-    """Bucket plan per split; images it cannot use (too small) become bad rows."""
-    samples, plans = [], {}
-    for split in ("train", "val"):
-        items = [(row, found) for row, found in good if row.split == split]
+    """Bucket plans; images a plan cannot use (too small) become bad rows.
+
+    Datasets with the same size settings (resolution, buckets, max_upscale) are planned
+    together, so their images share buckets and batches; a dataset with its own settings gets
+    its own plan (named "train: NAME" in the report). Validation rows use [data]'s settings.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for d in datasets:
+        groups.setdefault((d.resolution, d.use_resolution_buckets, d.max_upscale), []).append(
+            d.index)
+    plan_of: list[tuple[str, tuple, list[int]]] = [
+        ("train" if len(groups) == 1 else
+         "train: " + ", ".join(datasets[i].name for i in members), settings, members)
+        for settings, members in groups.items()]
+    if any(g.row.split == "val" for g in good):
+        plan_of.append(("val", (data.resolution, data.use_resolution_buckets, data.max_upscale),
+                        []))
+    targets: dict[int, tuple[tuple[int, int] | None, str]] = {}  # position in `good`
+    plans = {}
+    for name, (resolution, use_buckets, max_upscale), members in plan_of:
+        split = "val" if name == "val" else "train"
+        items = [k for k, g in enumerate(good)
+                 if g.row.split == split and (split == "val" or g.dataset in members)]
         if not items:
             continue
-        plan = plan_buckets([(f.width, f.height) for _, f in items],
-                            resolution=data.resolution, use_buckets=data.use_resolution_buckets,
-                            max_upscale=data.max_upscale, max_native_pixels=data.max_native_pixels,
+        plan = plan_buckets([(good[k].facts.width, good[k].facts.height) for k in items],
+                            resolution=resolution, use_buckets=use_buckets,
+                            max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
                             batch_size=batch_sizes[split], multiple=multiple)
-        plans[split] = plan
-        for index, (row, found) in enumerate(items):
-            target = plan.targets[index]
-            if target is None:
-                bad.append(_bad(row, "too_small", plan.dropped[index], origin))
-                continue
-            samples.append(ManifestRow(
-                split=split, source=row.source, path=Path(found.path), caption=row.caption,
-                sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
-                width=found.width, height=found.height, format=found.format,
-                bucket_w=target[0], bucket_h=target[1],
-                mask=(masks or {}).get((row.split, row.source))))
+        plans[name] = plan
+        for n, k in enumerate(items):
+            targets[k] = (plan.targets[n], plan.dropped.get(n, ""))
+    samples = []
+    for k, (d, row, found, caption, where) in enumerate(good):
+        target, why = targets[k]
+        if target is None:
+            bad.append(_bad(row, "too_small", why, where))
+            continue
+        samples.append(ManifestRow(
+            split=row.split, source=row.source, path=Path(found.path), caption=caption,
+            sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
+            width=found.width, height=found.height, format=found.format,
+            bucket_w=target[0], bucket_h=target[1],
+            mask=(masks or {}).get((where, row.split, row.source)), dataset=d,
+            raw_caption=None if caption == row.caption else row.caption))
+    # the manifest keeps training rows before validation rows, in source order
+    samples.sort(key=lambda s: s.split != "train")
     return samples, plans
 
 
@@ -563,6 +635,10 @@ def print_summary(summary: IngestSummary) -> None:
             console.info(f"note ({split}): {note}")
     for note in summary.notes:
         console.info(f"note: {note}")
+    if len(summary.datasets) > 1:
+        for name, counts in summary.datasets.items():
+            console.print(f"dataset {escape(name)} ({counts['role']}): {counts['images']} "
+                          f"image(s), {counts['bad']} bad")
     c = summary.changes
     rate = summary.files_read / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     console.print(

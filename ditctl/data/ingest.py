@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from rich.markup import escape
 from rich.table import Table
@@ -55,6 +55,7 @@ from ..procutil import worker_started
 from ..workspace import Workspace
 from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
+from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
 from .manifest import (ManifestRow, MaskRef, PreviousManifest, count_changes, read_meta,
                        read_previous, write_manifest)
@@ -119,6 +120,7 @@ class IngestSummary:
     report_path: Path
     containers_read: int = 0    # tar shards / Arrow files read
     containers_reused: int = 0  # unchanged since the last ingest: not read
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> counts, role
     fingerprint: str | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -142,7 +144,8 @@ class IngestSummary:
                 "batches_per_epoch": {s: p.batches_per_epoch for s, p in self.plans.items()},
                 **dataclasses.asdict(self.changes), "files_read": self.files_read,
                 "files_reused": self.files_reused, "containers_read": self.containers_read,
-                "containers_reused": self.containers_reused, "fingerprint": self.fingerprint}
+                "containers_reused": self.containers_reused, "fingerprint": self.fingerprint,
+                "datasets": self.datasets}
 
 
 class StrictIngestError(DataError):
@@ -170,17 +173,16 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     data = config.data
     batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
     multiple = size_multiple(config.model.family)
-    kept = _kept_summary(ws, data, batch_sizes, multiple, strict)
+    datasets = resolve_datasets(config)
+    kept = _kept_summary(ws, data, datasets, batch_sizes, multiple, strict)
     if kept is not None:
         _finish(kept, started)
         return kept
     cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
     try:
-        rows = _read_rows(ws, data, cache)
+        rows, origin, dataset_of = _read_rows(ws, data, datasets, cache)
     finally:
         cache.close()
-    origin = {"train": str(ws.resolve(data.train_data_path)),
-              "val": str(ws.resolve(data.val_data_path)) if data.val_data_path else ""}
     previous = read_previous(ws.manifest_db)
     notes = []
     if previous.problem:
@@ -189,12 +191,12 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     try:
         facts, problems, files_read, files_reused = _examine_files(
             rows, previous, data.max_image_pixels, workers)
-        good, bad = _classify(rows, facts, problems, data, origin)
+        good, bad = _classify(rows, facts, problems, data, origin, dataset_of, datasets)
         masks, mask_facts, masks_read = {}, {}, 0
         if data.use_masks:
             good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data,
-                                                                 origin, workers)
-        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple, masks)
+                                                                 workers)
+        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple, datasets, masks)
         if data.use_masks:
             kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
             notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
@@ -210,13 +212,16 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         duplicates=_duplicates(samples), plans=plans, changes=changes,
         files_read=files_read + masks_read, files_reused=files_reused,
         report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
-        containers_reused=cache.reused, notes=notes)
+        containers_reused=cache.reused, notes=notes,
+        datasets=_dataset_counts(datasets, samples, Counter(
+            dataset_of[b.seq] for b in bad if b.split == "train")))
 
     refusal: DataError | None = None
     if strict and bad:
         refusal = StrictIngestError(summary)
     elif not summary.counts.get("train"):
-        refusal = DataError(f"no usable training images in {origin['train']} ({len(bad)} bad "
+        where = ", ".join(d.path for d in datasets)
+        refusal = DataError(f"no usable training images in {where} ({len(bad)} bad "
                             f"row(s); details in {summary.report_path})",
                             hint="fix the rows listed above, or point [data] train_data_path "
                                  "at other data")
@@ -229,7 +234,7 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     # rows that were refused as too small or uncaptioned), so the next run skips them too.
     del good, problems
     inputs = ingest_inputs.record(
-        _sources(ws, data), {r.path for r in rows if r.member},
+        _sources(ws, data, datasets), {r.path for r in rows if r.member},
         loose_files=any(not r.member and r.problem is None for r in rows)
         or any(s.mask is not None and s.mask.kind == "file" for s in samples))
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
@@ -244,28 +249,33 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
     ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
-                               "train_data_path": origin["train"],
-                               "val_data_path": origin["val"] or None})
+                               "train_data_path": origin[0] if rows else None,
+                               "val_data_path": (str(ws.resolve(data.val_data_path))
+                                                 if data.val_data_path else None)})
     return summary
 
 
-def _sources(ws: Workspace, data: DataConfig) -> dict[str, Path]:
-    return {split: ws.resolve(where) for split, where in
-            (("train", data.train_data_path), ("val", data.val_data_path)) if where}
+def _sources(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...]) -> dict[str, Path]:
+    """Every data path read, by a name: each training dataset's, and the validation data's."""
+    found = {f"train:{d.name}": ws.resolve(d.path) for d in datasets}
+    if data.val_data_path:
+        found["val"] = ws.resolve(data.val_data_path)
+    return found
 
 
-def _kept_summary(ws: Workspace, data: DataConfig, batch_sizes: dict[str, int], multiple: int,
+def _kept_summary(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
+                  batch_sizes: dict[str, int], multiple: int,
                   strict: bool) -> IngestSummary | None:
     """The last ingest's summary when nothing it read has changed (see `ingest_inputs`): the
     manifest and the report stay as they are. None when ingest must run."""
     meta = read_meta(ws.manifest_db)
     report_path = ws.data_dir / REPORT_NAME
-    if (meta is None or not data.train_data_path or not report_path.is_file()
+    if (meta is None or not datasets or not report_path.is_file()
             or meta.get("ditctl_version") != __version__
             or meta.get("data_config") != json.loads(json.dumps(dataclasses.asdict(data)))
             or meta.get("batch_sizes") != batch_sizes or meta.get("size_multiple") != multiple
             or (strict and (meta.get("counters") or {}).get("bad_count", 1))
-            or not ingest_inputs.unchanged(meta.get("inputs"), _sources(ws, data))):
+            or not ingest_inputs.unchanged(meta.get("inputs"), _sources(ws, data, datasets))):
         return None
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
@@ -287,24 +297,40 @@ def _finish(summary: IngestSummary, started: float) -> None:
     summary.elapsed_s = time.perf_counter() - started
 
 
-def _read_rows(ws: Workspace, data: DataConfig, cache: ContainerCache) -> list[SourceRow]:
-    if not data.train_data_path:
+def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
+               cache: ContainerCache) -> tuple[list[SourceRow], list[str], list[int]]:
+    """Every dataset's rows, then the validation rows; the source (CSV or folder) of each, and
+    its dataset (validation rows: 0, the [data] settings).
+
+    Each dataset reads its own path through `read_source` with its own columns and base folder.
+    """
+    if not datasets:
         raise DataError("no training data: [data] train_data_path is not set",
-                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER")
-    base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
-    rows = []
-    for split, where in (("train", data.train_data_path), ("val", data.val_data_path)):
-        if where:
-            found = read_source(ws.resolve(where), split=split, base_image_dir=base,
-                                image_column=data.image_column, caption_column=data.caption_column,
-                                cache=cache,
-                                mask_column=data.mask_column if data.use_masks else None)
-            if not found:
-                raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
-                                hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
-                                     "to the folder")
-            rows += found
-    return rows
+                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER "
+                             "(or add [[data.datasets]] tables)")
+    val_base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
+    sources = [("train", d.index, d.path,
+                ws.resolve(d.base_image_dir) if d.base_image_dir else None,
+                d.image_column, d.caption_column) for d in datasets]
+    if data.val_data_path:
+        sources.append(("val", 0, data.val_data_path, val_base, data.image_column,
+                        data.caption_column))
+    rows: list[SourceRow] = []
+    origin: list[str] = []
+    dataset_of: list[int] = []
+    for split, index, where, base, image_column, caption_column in sources:
+        found = read_source(ws.resolve(where), split=split, base_image_dir=base,
+                            image_column=image_column, caption_column=caption_column,
+                            cache=cache,
+                            mask_column=data.mask_column if data.use_masks else None)
+        if not found:
+            raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
+                            hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
+                                 "to the folder")
+        rows += found
+        origin += [str(ws.resolve(where))] * len(found)
+        dataset_of += [index] * len(found)
+    return rows, origin, dataset_of
 
 
 # --- validating the files ---------------------------------------------------------------------
@@ -456,19 +482,44 @@ def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int 
 
 # --- classifying rows -------------------------------------------------------------------------
 
-def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
-    return BadRow(split=row.split, origin=origin[row.split], source=row.source,
+class Good(NamedTuple):
+    """A row that passed validation."""
+
+    dataset: int
+    row: SourceRow
+    facts: ImageFacts
+    caption: str  # after the dataset's caption tools
+    origin: str
+    seq: int      # the row's position among all rows read
+
+
+def _dataset_counts(datasets: tuple[Dataset, ...], samples: list[ManifestRow],
+                    bad: Counter) -> dict[str, dict[str, Any]]:
+    """Per dataset: its role, good images, bad rows (`bad`: by dataset index), repeats and
+    weights (ingest's report and summary)."""
+    good = Counter(s.dataset for s in samples if s.split == "train")
+    return {d.name: {"path": d.path, "role": d.role, "images": good.get(d.index, 0),
+                     "bad": bad.get(d.index, 0), "repeats": d.repeats,
+                     "weight": d.weight, "loss_weight": d.loss_weight}
+            for d in datasets}
+
+
+def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: str) -> BadRow:
+    return BadRow(split=row.split, origin=origin, source=row.source,
                   listed_path=row.listed_path or (
                       f"{os.path.basename(row.path)}#{row.member}" if row.member else ""),
                   path=row.path, code=code, reason=reason, member=row.member, seq=seq)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
-              problems: dict[str, tuple[str, str]], data: DataConfig, origin: dict[str, str],
-              ) -> tuple[list[tuple[int, SourceRow, ImageFacts]], list[BadRow]]:
+              problems: dict[str, tuple[str, str]], data: DataConfig, origin: list[str],
+              dataset_of: list[int], datasets: tuple[Dataset, ...],
+              ) -> tuple[list[Good], list[BadRow]]:
+    """(good rows, bad rows); a good row's caption is after its dataset's caption tools."""
     good, bad = [], []
-    for seq, row in enumerate(rows):
+    for i, row in enumerate(rows):
         key = row.key
+        caption = dataset_caption(row.caption, datasets[dataset_of[i]])
         problem = row.problem or problems.get(key)
         if problem is None:
             found = facts[key]
@@ -477,13 +528,13 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
                 refused = images.pixel_limit_problem(found.width, found.height,
                                                      data.max_image_pixels)
                 problem = (refused.code, refused.message)
-            elif not row.caption and not data.keep_empty_captions:
+            elif not caption and not data.keep_empty_captions:
                 problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
                                             "to train on it as an unconditional sample)")
         if problem is not None:
-            bad.append(_bad(seq, row, *problem, origin))
+            bad.append(_bad(i, row, *problem, origin[i]))
         else:
-            good.append((seq, row, facts[key]))
+            good.append(Good(dataset_of[i], row, facts[key], caption, origin[i], i))
     return good, bad
 
 
@@ -491,20 +542,19 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
 
 
-def _examine_masks(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow],
-                   previous: PreviousManifest, data: DataConfig, origin: dict[str, str],
-                   workers: int | None,
-                   ) -> tuple[list[tuple[int, SourceRow, ImageFacts]],
-                              dict[tuple[str, str], MaskRef], dict[str, ImageFacts], int]:
+def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManifest,
+                   data: DataConfig, workers: int | None,
+                   ) -> tuple[list[Good], dict[tuple[str, str, str], MaskRef],
+                              dict[str, ImageFacts], int]:
     """Each good row's loss mask (see the module doc): (the rows still good, their masks by
-    (split, source), the facts of the mask files for the next ingest, mask files decoded).
-    Rows with a bad mask go to `bad`, naming the mask and why. An image inside a tar shard or
-    Arrow file has no sidecar mask file; its alpha channel is its mask."""
-    chosen = {}  # (split, source) -> mask file path
-    for _, row, _ in good:
-        path = row.mask_path or (None if row.member else sidecar_mask(row.path))
+    (source file, split, row), the facts of the mask files for the next ingest, mask files
+    decoded). Rows with a bad mask go to `bad`, naming the mask and why. An image inside a tar
+    shard or Arrow file has no sidecar mask file; its alpha channel is its mask."""
+    chosen = {}  # (source file, split, row) -> mask file path
+    for g in good:
+        path = g.row.mask_path or (None if g.row.member else sidecar_mask(g.row.path))
         if path is not None:
-            chosen[(row.split, row.source)] = path
+            chosen[(g.origin, g.row.split, g.row.source)] = path
     facts, problems, to_probe = {}, {}, []
     for path in dict.fromkeys(chosen.values()):
         try:
@@ -524,8 +574,9 @@ def _examine_masks(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadR
             problems[result.key] = (result.code, result.message)
 
     kept, masks = [], {}
-    for seq, row, image in good:
-        key = (row.split, row.source)
+    for g in good:
+        row, image = g.row, g.facts
+        key = (g.origin, row.split, row.source)
         path = chosen.get(key)
         problem = None
         if path is None:
@@ -545,9 +596,9 @@ def _examine_masks(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadR
             masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
                                  found.mtime_ns)
         if problem is not None:
-            bad.append(_bad(seq, row, *problem, origin))
+            bad.append(_bad(g.seq, row, *problem, g.origin))
         else:
-            kept.append((seq, row, image))
+            kept.append(g)
     return kept, masks, facts, len(to_probe)
 
 
@@ -558,34 +609,60 @@ def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
         return False
 
 
-def _plan(good: list[tuple[int, SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
-          batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
-          masks: dict[tuple[str, str], MaskRef] | None = None,
+def _plan(good: list[Good], bad: list[BadRow],
+          data: DataConfig, batch_sizes: dict[str, int], origin: list[str], multiple: int,
+          datasets: tuple[Dataset, ...],
+          masks: dict[tuple[str, str, str], MaskRef] | None = None,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
-    """Bucket plan per split; images it cannot use (too small) become bad rows."""
-    samples, plans = [], {}
-    paths: dict[str, Path] = {}  # one Path per file or container, not one per member
-    for split in ("train", "val"):
-        items = [item for item in good if item[1].split == split]
+    """Bucket plans; images a plan cannot use (too small) become bad rows.
+
+    Datasets with the same size settings (resolution, buckets, max_upscale) are planned
+    together, so their images share buckets and batches; a dataset with its own settings gets
+    its own plan (named "train: NAME" in the report). Validation rows use [data]'s settings.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for d in datasets:
+        groups.setdefault((d.resolution, d.use_resolution_buckets, d.max_upscale), []).append(
+            d.index)
+    plan_of: list[tuple[str, tuple, list[int]]] = [
+        ("train" if len(groups) == 1 else
+         "train: " + ", ".join(datasets[i].name for i in members), settings, members)
+        for settings, members in groups.items()]
+    if any(g.row.split == "val" for g in good):
+        plan_of.append(("val", (data.resolution, data.use_resolution_buckets, data.max_upscale),
+                        []))
+    targets: dict[int, tuple[tuple[int, int] | None, str]] = {}  # position in `good`
+    plans = {}
+    for name, (resolution, use_buckets, max_upscale), members in plan_of:
+        split = "val" if name == "val" else "train"
+        items = [k for k, g in enumerate(good)
+                 if g.row.split == split and (split == "val" or g.dataset in members)]
         if not items:
             continue
-        plan = plan_buckets([(f.width, f.height) for _, _, f in items],
-                            resolution=data.resolution, use_buckets=data.use_resolution_buckets,
-                            max_upscale=data.max_upscale, max_native_pixels=data.max_native_pixels,
+        plan = plan_buckets([(good[k].facts.width, good[k].facts.height) for k in items],
+                            resolution=resolution, use_buckets=use_buckets,
+                            max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
                             batch_size=batch_sizes[split], multiple=multiple)
-        plans[split] = plan
-        for index, (seq, row, found) in enumerate(items):
-            target = plan.targets[index]
-            if target is None:
-                bad.append(_bad(seq, row, "too_small", plan.dropped[index], origin))
-                continue
-            path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
-            samples.append(ManifestRow(
-                split=split, source=row.source, path=path, caption=row.caption,
-                sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
-                width=found.width, height=found.height, format=found.format,
-                bucket_w=target[0], bucket_h=target[1], member=found.member,
-                offset=found.offset, mask=(masks or {}).get((row.split, row.source))))
+        plans[name] = plan
+        for n, k in enumerate(items):
+            targets[k] = (plan.targets[n], plan.dropped.get(n, ""))
+    samples = []
+    paths: dict[str, Path] = {}  # one Path per file or container, not one per member
+    for k, (d, row, found, caption, where, seq) in enumerate(good):
+        target, why = targets[k]
+        if target is None:
+            bad.append(_bad(seq, row, "too_small", why, where))
+            continue
+        path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
+        samples.append(ManifestRow(
+            split=row.split, source=row.source, path=path, caption=caption,
+            sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
+            width=found.width, height=found.height, format=found.format,
+            bucket_w=target[0], bucket_h=target[1], member=found.member, offset=found.offset,
+            mask=(masks or {}).get((where, row.split, row.source)), dataset=d,
+            raw_caption=None if caption == row.caption else row.caption))
+    # the manifest keeps training rows before validation rows, in source order
+    samples.sort(key=lambda s: s.split != "train")
     return samples, plans
 
 
@@ -692,6 +769,10 @@ def print_summary(summary: IngestSummary) -> None:
             console.info(f"note ({split}): {note}")
     for note in summary.notes:
         console.info(f"note: {note}")
+    if len(summary.datasets) > 1:
+        for name, counts in summary.datasets.items():
+            console.print(f"dataset {escape(name)} ({counts['role']}): {counts['images']} "
+                          f"image(s), {counts['bad']} bad")
     c = summary.changes
     rate = summary.files_read / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     console.print(

@@ -36,7 +36,8 @@ from ..fsutil import TEMP_PREFIX, fsync_dir
 from ..workspace import Workspace
 from .images import ImageFacts, ImageRef, ref_key
 
-SCHEMA_VERSION = 2  # 2: member and offset (images inside tar shards / Arrow files)
+SCHEMA_VERSION = 3  # 2: the dataset of each sample, its caption as the source wrote it;
+#                     3: member and offset (images inside tar shards / Arrow files)
 SPLITS = ("train", "val")
 
 _SCHEMA = """
@@ -56,7 +57,9 @@ CREATE TABLE samples (
     bucket_w INTEGER NOT NULL,
     bucket_h INTEGER NOT NULL,
     member TEXT NOT NULL DEFAULT '',
-    offset INTEGER NOT NULL DEFAULT -1
+    offset INTEGER NOT NULL DEFAULT -1,
+    dataset INTEGER NOT NULL DEFAULT 0,
+    raw_caption TEXT            -- NULL: the same as caption
 );
 CREATE INDEX samples_split ON samples (split, id);
 CREATE TABLE masks (
@@ -81,7 +84,8 @@ CREATE TABLE files (
 );
 """
 _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
-                   "width", "height", "format", "bucket_w", "bucket_h", "member", "offset")
+                   "width", "height", "format", "bucket_w", "bucket_h", "member", "offset",
+                   "dataset", "raw_caption")
 _FILE_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
                  "member", "offset")
 
@@ -125,6 +129,14 @@ class ManifestRow:
     member: str = ""
     offset: int = -1
     mask: MaskRef | None = None  # [data] use_masks: the loss mask; None: train everywhere
+    # the run's dataset it belongs to (ditctl.data.datasets), and its caption before the
+    # dataset's caption tools (`caption` is after them; None: the same)
+    dataset: int = 0
+    raw_caption: str | None = None
+
+    @property
+    def source_caption(self) -> str:
+        return self.caption if self.raw_caption is None else self.raw_caption
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -145,7 +157,8 @@ class ManifestRow:
         """The row in the column order of the samples table."""
         return (self.split, self.source, str(self.path), self.caption, self.sha256,
                 self.size_bytes, self.mtime_ns, self.width, self.height, self.format,
-                self.bucket_w, self.bucket_h, self.member, self.offset)
+                self.bucket_w, self.bucket_h, self.member, self.offset, self.dataset,
+                self.raw_caption)
 
 
 def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
@@ -157,6 +170,8 @@ def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
                   row.bucket_w, row.bucket_h]
         if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
             fields.append(row.mask.identity)
+        if row.dataset:  # a one-dataset manifest keeps the fingerprint it always had
+            fields.append(row.dataset)
         digest.update(json.dumps(fields).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
@@ -301,9 +316,21 @@ def manifest_meta(ws: Workspace) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
 
 
-# [data] keys that only change how training reads the images (crop position, flips), not what
-# ingest writes: changing them never makes the manifest stale.
-NOT_INGEST_KEYS = ("center_crop", "random_flip")
+# [data] keys (and keys of its dataset tables) that only change how training reads the
+# samples (crop position, flips, caption shuffling, how often and how much each one counts),
+# not what ingest writes: changing them never makes the manifest stale.
+NOT_INGEST_KEYS = ("center_crop", "random_flip", "shuffle_tags", "keep_tokens")
+NOT_INGEST_DATASET_KEYS = NOT_INGEST_KEYS + ("repeats", "weight", "role", "loss_weight",
+                                             "caption_dropout")
+
+
+def ingest_settings(data_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a [data] dict (as the manifest stores it) that change what ingest writes."""
+    out = {k: v for k, v in data_config.items() if k not in NOT_INGEST_KEYS}
+    if "datasets" in out:
+        out["datasets"] = [{k: v for k, v in table.items() if k not in NOT_INGEST_DATASET_KEYS}
+                           for table in out["datasets"] or ()]
+    return out
 
 
 def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
@@ -314,11 +341,14 @@ def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
     """
     if not ws.manifest_db.is_file():
         return "the data has not been ingested yet"
-    recorded = manifest_meta(ws).get("data_config") or {}
+    try:
+        recorded = ingest_settings(manifest_meta(ws).get("data_config") or {})
+    except DataError as exc:  # another schema version, unreadable: rebuilt the same way
+        return str(exc)
     # Through JSON, as the manifest stored it, so that tuples and lists compare equal.
-    current = json.loads(json.dumps(dataclasses.asdict(config.data)))
+    current = ingest_settings(json.loads(json.dumps(dataclasses.asdict(config.data))))
     changed = [f"{key} = {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
-               if key not in NOT_INGEST_KEYS and recorded.get(key) != value]
+               if recorded.get(key) != value]
     if changed:
         return "the manifest was built with other [data] settings (" + "; ".join(changed) + ")"
     return None
@@ -357,6 +387,7 @@ def read_previous(path: Path) -> PreviousManifest:
         return PreviousManifest(None)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            # earlier schemas' files tables lack member/offset: every image is read again
             if _meta_value(db, "schema_version") != SCHEMA_VERSION:
                 return PreviousManifest(None, "written by another ditctl version")
             db.execute("SELECT path FROM files LIMIT 1").fetchall()

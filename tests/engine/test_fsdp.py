@@ -208,11 +208,14 @@ def test_export_of_an_fsdp_checkpoint_passes_parity_and_loads_back(runs):
 
 
 @pytest.mark.slow
-def test_lora_on_a_sharded_base_over_two_nodes_matches_one_process(tmp_path, tiny_model_dir):
-    """Two "nodes" on 127.0.0.1 (one process each, --nnodes 2) train LoRA on an FSDP-sharded
-    frozen base with gradient accumulation and checkpoint; the result equals single-process
-    LoRA training at the same global batch."""
-    lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 4}
+@pytest.mark.parametrize("lora_type", ["lora", "dora", "lokr"])
+def test_lora_on_a_sharded_base_over_two_nodes_matches_one_process(tmp_path, tiny_model_dir,
+                                                                    lora_type):
+    """Two "nodes" on 127.0.0.1 (one process each, --nnodes 2) train LoRA (and DoRA, which
+    reads the sharded base weight, and LoKr) on an FSDP-sharded frozen base with gradient
+    accumulation and checkpoint; the result equals single-process training at the same
+    global batch."""
+    lora = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_type": lora_type}
     reference = make_workspace(tmp_path / "ref", tiny_model_dir, n_train=8, lora=lora)
     train(reference, "--train-batch-size", "4", *STEPS)
     ws = make_workspace(tmp_path / "nodes", tiny_model_dir, n_train=8, lora=lora)

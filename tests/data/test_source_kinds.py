@@ -385,3 +385,22 @@ def test_alpha_mask_of_an_image_inside_a_shard(tmp_path):
     assert torch.equal(load_training_mask(row.ref, 32, 32, alpha=True), expected)
     mask = row_latent_mask(row, "center", False, 10**8, 8)
     assert mask.shape == (1, 4, 4) and mask[0, :, :2].max() == 0 and mask[0, :, 2:].min() == 1
+
+
+def test_datasets_tables_mix_source_kinds(tmp_path):
+    """[[data.datasets]]: a WebDataset and a JSONL file in one run, each through read_source,
+    each sample counted against its dataset; unchanged, the whole run is kept as it was."""
+    samples = write_shards(tmp_path / "shards", 3, 3)
+    images = _plain_images(tmp_path, 2)
+    (tmp_path / "meta.jsonl").write_text("".join(
+        json.dumps({"image_path": p, "caption": c}) + "\n" for p, _, c in images))
+    ws = _workspace(tmp_path, {"datasets": [{"name": "web", "path": "shards"},
+                                            {"name": "local", "path": "meta.jsonl"}]})
+    summary = run_ingest(ws, ws.config(), workers=1)
+    assert {n: d["images"] for n, d in summary.datasets.items()} == {"web": 3, "local": 2}
+    rows = read_manifest(ws)
+    assert sorted(r.member for r in rows if r.dataset == rows[0].dataset) == \
+        sorted(f"{k}.png" for k in samples)
+    again = run_ingest(ws, ws.config(), workers=1)  # loose image files: no fast path
+    assert again.kept_counters is None and again.files_read == 0
+    assert again.containers_reused == 1

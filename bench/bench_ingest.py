@@ -1,7 +1,20 @@
 """Ingest throughput: first ingest and no-change re-ingest vs. a bare decode + sha256 loop.
 
-    /work/venv/bin/python bench/bench_ingest.py [--quick]
+    .venv/bin/python bench/bench_ingest.py [--quick] [--records N]
 
+Two datasets, each measured the same way:
+
+1. a folder of JPEGs (below);
+2. WebDataset + Parquet: N records (default 100,000; --quick: 2,000; issue #20's acceptance
+   run is `--only-webdataset --records 1000000`) of 32-64 px JPEGs in tar shards of 10,000
+   images, their captions in one Parquet file whose image column names each image as
+   `shards/shard-00000.tar#000000000.jpg`. Ingest runs
+   in a child process (so its peak RSS is its own: main process and, separately, the largest
+   worker; a worker's figure is an upper bound, since between fork and exec it counts the
+   pages it shares with ingest's main process). Targets: first >= 0.7 x bare, peak RSS <= 1 GiB, no-change re-ingest <= 5% of
+   first.
+
+Folder of JPEGs:
 Generates N random-content 512x512 JPEGs (1000; --quick: 100): smooth random colour fields plus
 grain, so they compress like photos (~60 KB each) rather than like pure noise. Then measures,
 side by side on this machine:
@@ -19,8 +32,12 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
+import subprocess
 import sys
+import tarfile
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -81,7 +98,14 @@ def bare_loop(paths: list[str], workers: int) -> float:
     return elapsed
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, records: int | None = None) -> dict:
+    folder = run_folder(quick)
+    shards = run_webdataset(records or (QUICK_RECORDS if quick else RECORDS))
+    return {"tables": {"folder of 512 px JPEGs": [folder],
+                       "WebDataset shards + Parquet captions": [shards]}}
+
+
+def run_folder(quick: bool) -> dict:
     count = 100 if quick else 1000
     workers = available_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
@@ -120,5 +144,152 @@ def run(quick: bool) -> dict:
     }
 
 
+# --- WebDataset shards + Parquet captions ------------------------------------------------------
+
+RECORDS, QUICK_RECORDS = 100_000, 2_000  # the acceptance run: --records 1000000
+PER_SHARD = 10_000
+
+
+def _write_shard(path: str, first: int, count: int, seed: int) -> list[tuple[str, int, int]]:
+    """One shard of `count` random 32-64 px JPEGs; returns (member, offset, size) of each."""
+    rng = np.random.default_rng([seed, first])
+    members = []
+    with open(path + ".tmp", "wb") as out:
+        for index in range(first, first + count):
+            w, h = (int(v) for v in rng.integers(32, 65, 2))
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+            data = buffer.getvalue()
+            info = tarfile.TarInfo(f"{index:09d}.jpg")
+            info.size, info.mtime = len(data), 0
+            out.write(info.tobuf(tarfile.USTAR_FORMAT))
+            members.append((info.name, out.tell(), len(data)))
+            out.write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+    os.replace(path + ".tmp", path)
+    return members
+
+
+def make_webdataset(root: Path, records: int, workers: int, seed: int = 0) -> list[tuple]:
+    """Shards under root/shards and root/captions.parquet; returns (shard, member, offset,
+    size) of every image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "shards").mkdir(parents=True)
+    jobs = [(str(root / "shards" / f"shard-{first // PER_SHARD:05d}.tar"), first,
+             min(PER_SHARD, records - first), seed) for first in range(0, records, PER_SHARD)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        indexes = list(pool.map(_write_shard, *zip(*jobs)))
+    images = [(path, *member) for (path, *_), members in zip(jobs, indexes)
+              for member in members]
+    listed = [f"shards/{os.path.basename(path)}#{member}" for path, member, _, _ in images]
+    captions = [f"random pixels number {i}" for i in range(len(images))]
+    pq.write_table(pa.table({"image_path": listed, "caption": captions}),
+                   root / "captions.parquet", row_group_size=PER_SHARD)
+    return images
+
+
+def _bare_members(chunk: list[tuple]) -> int:
+    for path, _, offset, size in chunk:
+        with open(path, "rb") as fh:
+            data = os.pread(fh.fileno(), size, offset)
+        hashlib.sha256(data).hexdigest()
+        Image.open(io.BytesIO(data)).load()
+    return len(chunk)
+
+
+def bare_members(images: list[tuple], workers: int) -> float:
+    """Seconds for pread + sha256 + decode of every image over `workers` warm processes."""
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_noop) for _ in range(workers * 2)]:
+            future.result()
+        size = 256
+        started = time.perf_counter()
+        done = sum(pool.map(_bare_members, [images[i:i + size]
+                                            for i in range(0, len(images), size)]))
+        elapsed = time.perf_counter() - started
+    assert done == len(images)
+    return elapsed
+
+
+_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    from ditctl.config import build_config
+    from ditctl.console import console
+    from ditctl.data.ingest import run_ingest
+    from ditctl.workspace import Workspace
+    console.quiet = True
+    ws = Workspace(Path({root!r}))
+    config = build_config({{"data": {{"train_data_path": "captions.parquet"}}}})
+    started = time.perf_counter()
+    summary = run_ingest(ws, config)
+    elapsed = time.perf_counter() - started
+    print(json.dumps({{"elapsed_s": elapsed, "train": summary.counts.get("train", 0),
+                      "bad": len(summary.bad), "files_read": summary.files_read,
+                      "containers_read": summary.containers_read,
+                      "main_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "worker_peak_rss":
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}}))
+""")
+
+
+def ingest_in_child(root: Path) -> dict:
+    code = _CHILD.format(repo=str(Path(__file__).resolve().parents[1]), root=str(root))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ingest failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_webdataset(records: int) -> dict:
+    workers = available_cpus()
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-wds-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        images = make_webdataset(root, records, workers)
+        made_s = time.perf_counter() - started
+        (root / "project.toml").write_text('[data]\ntrain_data_path = "captions.parquet"\n')
+        bare_s = bare_members(images, workers)
+        shard_bytes = sum(p.stat().st_size for p in (root / "shards").iterdir())
+        del images
+        first = ingest_in_child(root)
+        again = ingest_in_child(root)
+    assert first["train"] == records and first["bad"] == 0, first
+    assert again["files_read"] == 0 and again["containers_read"] == 0, again
+    peak = max(first["main_peak_rss"], again["main_peak_rss"])
+    return {
+        "records": records, "shards": -(-records // PER_SHARD), "workers": workers,
+        "shards_mb": round(shard_bytes / 2**20, 1), "generate_s": round(made_s, 1),
+        "bare_s": round(bare_s, 2), "bare_images_per_s": round(records / bare_s, 1),
+        "first_s": round(first["elapsed_s"], 2),
+        "first_images_per_s": round(records / first["elapsed_s"], 1),
+        "reingest_s": round(again["elapsed_s"], 3),
+        "first_vs_bare": round(bare_s / first["elapsed_s"], 3),
+        "reingest_vs_first": round(again["elapsed_s"] / first["elapsed_s"], 4),
+        "main_peak_rss_mb": round(peak / 2**20, 1),
+        "worker_peak_rss_mb": round(first["worker_peak_rss"] / 2**20, 1),
+        "target_first_ge_0_7_bare": bare_s / first["elapsed_s"] >= 0.7,
+        "target_peak_rss_le_1gib": peak <= 2**30,
+        "target_reingest_le_5pct": again["elapsed_s"] / first["elapsed_s"] <= 0.05,
+    }
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--records", type=int, help="WebDataset records (default 100,000)")
+    parser.add_argument("--only-webdataset", action="store_true",
+                        help="skip the folder-of-JPEGs measurement")
+    args = parser.parse_args()
+    if args.only_webdataset:
+        result = run_webdataset(args.records or (QUICK_RECORDS if args.quick else RECORDS))
+    else:
+        result = run(args.quick, args.records)
+    print(json.dumps(result, indent=2))

@@ -122,18 +122,73 @@ class ModelConfig:
     family: str = opt(DEFAULT_FAMILY, "Model family of the base model.", choices=family_names())
 
 
+def _template_problem(template: str | None) -> str | None:
+    if template is not None and "{caption}" not in template:
+        return "must contain {caption} (where the caption goes), e.g. \"a photo of {caption}\""
+    return None
+
+
+ROLES = ("train", "regularization")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """[[data.datasets]]: one more dataset of the run. Unset keys take the [data] value."""
+
+    path: str = opt("", "The dataset: a CSV file (image path + caption columns) or a folder of "
+                    "images (required).", check=lambda v: None if v else "must be set")
+    name: str | None = opt(None, "Name in reports (default: the file or folder name).")
+    base_image_dir: str | None = opt(None, "Folder the CSV's image paths are relative to.")
+    image_column: str | None = opt(None, "CSV column holding the image paths.")
+    caption_column: str | None = opt(None, "CSV column holding the captions.")
+    role: str = opt("train", "train, or regularization (prior-preservation images, as in "
+                    "DreamBooth: their loss counts loss_weight times).", choices=ROLES)
+    loss_weight: float = opt(1.0, "Factor on this dataset's per-image loss.", min=0.0)
+    repeats: int = opt(1, "Times each image of this dataset appears per epoch.", min=1)
+    weight: float | None = opt(
+        None, "Relative sampling weight: with weights, an epoch keeps its length and each "
+        "dataset fills weight / (sum of weights) of it (unset: 1).", min=0.0,
+        min_exclusive=True)
+    caption_dropout: float | None = opt(None, "Caption dropout of this dataset (default: "
+                                        "[train] caption_dropout).", min=0.0, max=1.0)
+    resolution: int | None = opt(None, "Training resolution of this dataset.", min=16)
+    center_crop: bool | None = opt(None, "Centre crop (else a random crop).")
+    random_flip: bool | None = opt(None, "Random horizontal flips.")
+    use_resolution_buckets: bool | None = opt(None, "Aspect-ratio buckets.")
+    max_upscale: float | None = opt(None, "Largest enlargement factor.", min=1.0)
+    trigger_word: str | None = opt(None, "Word put in front of every caption.")
+    caption_template: str | None = opt(None, "Template around every caption ({caption}).",
+                                       check=lambda v: _template_problem(v))
+    shuffle_tags: bool | None = opt(None, "Shuffle comma-separated tags at each step.")
+    keep_tokens: int | None = opt(None, "Leading tags kept in place when shuffling.", min=0)
+
+
+# keys of a dataset table that a [data] key of the same name gives a default to
+DATASET_INHERITED = ("base_image_dir", "image_column", "caption_column", "resolution",
+                     "center_crop", "random_flip", "use_resolution_buckets", "max_upscale",
+                     "trigger_word", "caption_template", "shuffle_tags", "keep_tokens")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """[data]: where the images and captions are and how they become training tensors."""
 
     train_data_path: str | None = opt(
-        None, "Training data: a CSV file (image path + caption columns) or a folder of images.",
+        None, "Training data: a CSV, JSONL or Parquet file (image path + caption columns), a "
+        "folder of images, WebDataset tar shards (a folder, glob or {000..099} list), or a "
+        "Hugging Face datasets folder (save_to_disk).",
         aliases=("--data-path", "--data_path"))
-    val_data_path: str | None = opt(None, "Validation data: a CSV file or a folder of images.")
+    val_data_path: str | None = opt(None, "Validation data: any source train_data_path takes.")
     base_image_dir: str | None = opt(
-        None, "Folder that the CSV's image paths are relative to (default: the CSV's folder).")
-    image_column: str = opt("image_path", "CSV column holding the image paths.")
-    caption_column: str = opt("caption", "CSV column holding the captions.")
+        None, "Folder that the image paths of a CSV, JSONL or Parquet file are relative to "
+        "(default: that file's folder).")
+    image_column: str = opt(
+        "image_path", "CSV/JSONL/Parquet column holding the image paths (`shards/000.tar#k.jpg` "
+        "names an image inside a tar shard); a datasets folder's Image column (found by itself "
+        "when there is one).")
+    caption_column: str = opt(
+        "caption", "CSV/JSONL/Parquet/datasets column holding the captions (also the field of a "
+        "WebDataset .json member).")
     resolution: int | None = opt(
         None, "Training resolution in pixels (side of a square of the same area). "
         "Unset: native sizes, rounded down to the family's size multiple.", min=16)
@@ -158,6 +213,20 @@ class DataConfig:
         "channel; images without one train everywhere.")
     mask_column: str = opt("mask_path", "CSV column holding the mask paths (use_masks; "
                                         "optional column, empty cells: no mask file).")
+    trigger_word: str | None = opt(
+        None, "Word (or words) put in front of every caption, as its first tag, e.g. \"ohwx "
+        "dog\".")
+    caption_template: str | None = opt(
+        None, "Template around every caption; {caption} stands for it, e.g. \"a photo of "
+        "{caption}\".", check=lambda v: _template_problem(v))
+    shuffle_tags: bool = opt(
+        False, "Shuffle the comma-separated tags of every caption at each step (tag-style "
+        "captions); the first keep_tokens tags and the trigger word stay in front. Shuffled "
+        "captions are encoded during training (the text encoder stays loaded).")
+    keep_tokens: int = opt(0, "With shuffle_tags: how many leading tags stay in place.", min=0)
+    datasets: tuple["DatasetConfig", ...] = opt(
+        (), "More datasets in one run: [[data.datasets]] tables (see the example below).",
+        flag=False)
 
 
 @dataclass(frozen=True)
@@ -439,7 +508,10 @@ class Config:
             values = {}
             for f in dataclasses.fields(section):
                 value = getattr(getattr(self, name), f.name)
-                if value is not None:
+                if f.name == "datasets":  # [[data.datasets]] tables; none: no key at all
+                    if value:
+                        values[f.name] = [_table(table) for table in value]
+                elif value is not None:
                     values[f.name] = list(value) if isinstance(value, tuple) else value
             out[name] = values
         return out
@@ -455,6 +527,12 @@ class Config:
         """A copy with some keys of one section changed (values are validated)."""
         overrides = {f"{section}.{k}": v for k, v in changes.items()}
         return build_config(self.to_dict(), overrides, source="(internal)")
+
+
+def _table(obj: Any) -> dict[str, Any]:
+    """A frozen config dataclass as a TOML table: unset (None) keys left out, tuples as lists."""
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(obj) if (v := getattr(obj, f.name)) is not None}
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -481,8 +559,9 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def field_type(section: str, key: str) -> tuple[Any, bool]:
-    cls = SECTIONS[section]
+def field_type(section: str | type, key: str) -> tuple[Any, bool]:
+    """The type of a key of a section (by name) or of a config dataclass."""
+    cls = SECTIONS[section] if isinstance(section, str) else section
     if cls not in _HINTS:
         _HINTS[cls] = typing.get_type_hints(cls)
     return _base_type(_HINTS[cls][key])
@@ -494,7 +573,7 @@ def _type_name(hint: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
-def coerce(section: str, key: str, value: Any) -> Any:
+def coerce(section: str | type, key: str, value: Any) -> Any:
     """Convert a TOML/CLI value to the field's type; raises ValueError with the expected type."""
     hint, optional = field_type(section, key)
     if value is None:
@@ -586,6 +665,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None,
         _set(values, section, key, value, f"--{key.replace('_', '-')}", errors)
 
     _cross_checks(values, errors)
+    _dataset_checks(values, errors, source)
     if errors:
         noun = "problem" if len(errors) == 1 else "problems"
         raise ConfigError(f"{len(errors)} configuration {noun}:\n  " + "\n  ".join(errors),
@@ -595,6 +675,11 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None,
 
 
 def _set(values: dict, section: str, key: str, value: Any, where: str, errors: list[str]) -> None:
+    if (section, key) == ("data", "datasets"):
+        tables = _dataset_tables(value, where.rsplit(" [data]", 1)[0], errors)
+        if tables is not None:
+            values[section][key] = tables
+        return
     try:
         value = coerce(section, key, value)
     except ValueError as exc:
@@ -605,6 +690,62 @@ def _set(values: dict, section: str, key: str, value: Any, where: str, errors: l
         errors.append(f"{where} = {value!r}: {problem}")
         return
     values[section][key] = value
+
+
+def _dataset_tables(value: Any, source: str, errors: list[str],
+                    ) -> tuple[DatasetConfig, ...] | None:
+    """[[data.datasets]] tables -> DatasetConfigs; each problem names the table and its key."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(t, (dict, DatasetConfig)) for t in value):
+        errors.append(f"{source} [data] datasets: must be [[data.datasets]] tables")
+        return None
+    valid = [f.name for f in dataclasses.fields(DatasetConfig)]
+    specs = {f.name: f for f in dataclasses.fields(DatasetConfig)}
+    tables, ok = [], True
+    for number, table in enumerate(value, 1):
+        if isinstance(table, DatasetConfig):
+            table = _table(table)
+        label = f"{source} [[data.datasets]] #{number}"
+        keys: dict[str, Any] = {}
+        for key, item in table.items():
+            if key not in valid:
+                errors.append(f"{label}: unknown key '{key}'{_suggest(key, valid)}")
+                ok = False
+                continue
+            try:
+                item = coerce(DatasetConfig, key, item)
+                problem = _range_error(specs[key], item)
+            except ValueError as exc:
+                problem = str(exc)
+            if problem:
+                errors.append(f"{label} {key} = {table[key]!r}: {problem}")
+                ok = False
+                continue
+            keys[key] = item
+        if "path" not in table:
+            errors.append(f"{label}: path is not set (a CSV file or a folder of images)")
+            ok = False
+        if ok:
+            tables.append(DatasetConfig(**keys))
+    return tuple(tables) if ok else None
+
+
+def _dataset_checks(values: dict[str, dict[str, Any]], errors: list[str], source: str) -> None:
+    """What a dataset table may only hold together with the rest of the configuration."""
+    family = values["model"].get("family", DEFAULT_FAMILY)
+    # [data] train_data_path is the dataset named "train" (data/datasets.py)
+    names: dict[str, str] = ({"train": "[data] train_data_path's"}
+                             if values["data"].get("train_data_path") else {})
+    for number, table in enumerate(values["data"].get("datasets", ()), 1):
+        label = f"{source} [[data.datasets]] #{number}"
+        problem = _size_problem(table.resolution, family)
+        if problem:
+            errors.append(f"{label} resolution = {table.resolution}: {problem}")
+        name = table.name or Path(table.path).stem or table.path
+        if name in names:
+            errors.append(f"{label} name = {name!r}: already the name of {names[name]} "
+                          "dataset; give each dataset its own name (name = \"...\")")
+        names.setdefault(name, f"#{number}")
 
 
 def _cross_checks(values: dict[str, dict[str, Any]], errors: list[str]) -> None:
@@ -719,6 +860,9 @@ def render_template(set_values: dict[str, dict[str, Any]] | None = None) -> str:
         purpose = cls.__doc__.split(":", 1)[1].strip()
         lines += ["", f"[{name}]", f"# {purpose[0].upper()}{purpose[1:]}"]
         for f in dataclasses.fields(cls):
+            if f.name == "datasets":
+                lines += _dataset_example()
+                continue
             default = getattr(cls(), f.name)
             meta = f.metadata
             help_text = meta["help"]
@@ -734,11 +878,29 @@ def render_template(set_values: dict[str, dict[str, Any]] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dataset_example() -> list[str]:
+    """The commented [[data.datasets]] example of the template: every key with its help."""
+    lines = ["# More datasets in one run: one [[data.datasets]] table each, after [data] (unset",
+             "# keys take the [data] value). [data] train_data_path, when set, is the first "
+             "dataset.",
+             "# datasets = []",
+             "# [[data.datasets]]"]
+    example = {"path": "data/regularization", "role": "regularization"}
+    for f in dataclasses.fields(DatasetConfig):
+        default = example.get(f.name, f.default)
+        lines.append(f"#   {f.metadata['help']}")
+        shown = "(default: from [data])" if f.name in DATASET_INHERITED else "(default: unset)"
+        lines.append(f"#   {f.name} = {_toml_value(default)}" if default not in (None, "")
+                     else f"#   {f.name} =            {shown}")
+    return lines
+
+
 def activate_keys(template: str, values: dict[str, dict[str, Any]]) -> str:
     """Set keys in a rendered template: `# key = default` in [section] becomes `key = value`."""
     lines = template.splitlines()
     section = None
     pending = {s: dict(v) for s, v in values.items()}
+    tables = pending.get("data", {}).pop("datasets", [])
     for i, line in enumerate(lines):
         if line.startswith("[") and line.endswith("]"):
             section = line[1:-1]
@@ -750,4 +912,9 @@ def activate_keys(template: str, values: dict[str, dict[str, Any]]) -> str:
     left = [f"[{s}] {k}" for s, keys in pending.items() for k in keys]
     if left:
         raise KeyError(f"template has no line for {', '.join(left)}")
+    if tables:  # [[data.datasets]] tables go at the end of [data], after its commented example
+        end = next(i for i, line in enumerate(lines) if line.startswith("[")
+                   and lines.index("[data]") < i)
+        lines[end:end] = [line for table in tables for line in (
+            "[[data.datasets]]", *(f"{k} = {_toml_value(v)}" for k, v in table.items()), "")]
     return "\n".join(lines) + "\n"

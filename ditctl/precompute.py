@@ -37,6 +37,7 @@ from rich.markup import escape
 from .config import Config
 from .console import console
 from .data.batches import crop_for, load_row_pixels, row_latent_mask
+from .data.datasets import of_row, per_dataset
 from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan, IndexEntry,
                          KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
                          prompts_to_cache, text_file_bytes)
@@ -136,7 +137,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
         text_encoder = None
         max_length = family.text_tokens()  # a family fact: the keys need no encoder
         cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
-        plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
+        plan = cache.plan(rows, random_flip=per_dataset(config, "random_flip"), captions=prompts)
         summary = PrecomputeSummary(
             cache_dir=cache_root, dtype=cache.spec.dtype, images=len(rows), variants=plan.variants,
             latents=EntryCounts(total=len(plan.latents)), texts=EntryCounts(total=len(plan.texts)),
@@ -281,7 +282,7 @@ class _ImageJobs(torch.utils.data.Dataset):
     them as DataError with the file's name (a worker's exception arrives as a traceback text).
     """
 
-    def __init__(self, jobs: Sequence[LatentJob], center_crop: bool, max_pixels: int,
+    def __init__(self, jobs: Sequence[LatentJob], center_crop: tuple[bool, ...], max_pixels: int,
                  spatial_factor: int):
         self.jobs, self.center_crop, self.max_pixels = list(jobs), center_crop, max_pixels
         self.spatial_factor = spatial_factor
@@ -291,7 +292,7 @@ class _ImageJobs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         row, flip = self.jobs[i].row, self.jobs[i].flip
-        crop = crop_for(row, self.center_crop)
+        crop = crop_for(row, of_row(self.center_crop, row.dataset))  # its dataset's crop
         try:
             pixels = load_row_pixels(row, crop, flip, self.max_pixels)
             # the loss mask as training on the fly makes it (None: the row has none)
@@ -301,7 +302,7 @@ class _ImageJobs(torch.utils.data.Dataset):
         except DataError as exc:
             return i, None, None, (exc.message, exc.hint)
         except (ImageProblem, OSError) as exc:
-            return i, None, None, (f"{row.path}: {exc} (it was readable at ingest)",
+            return i, None, None, (f"{row.image_name}: {exc} (it was readable at ingest)",
                                    "run `ditctl ingest` to update the manifest")
 
 
@@ -335,7 +336,7 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
     settings = config.precompute
     workers = settings.num_workers
     loader = torch.utils.data.DataLoader(
-        _ImageJobs(jobs, config.data.center_crop, config.data.max_image_pixels,
+        _ImageJobs(jobs, per_dataset(config, "center_crop"), config.data.max_image_pixels,
                    family.latent.spatial_factor),
         batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
         collate_fn=_stack_batch, persistent_workers=workers > 0,
@@ -382,7 +383,7 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
         data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype, mask)
         files.append((cache.path("latent", job.key), data))
         entries.append(IndexEntry(job.key, "latent", tuple(job_mean.shape), cache.spec.dtype,
-                                  len(data), job.flip, str(job.row.path)))
+                                  len(data), job.flip, job.row.image_name))
     writer.submit(files, entries)
     return sum(len(data) for _, data in files)
 

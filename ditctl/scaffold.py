@@ -140,9 +140,12 @@ def _scaffold(root: Path, *, model: str, example: bool, seed: int,
         from .demo.scenes import example_prompts, write_example_dataset
 
         result.example = write_example_dataset(root / "data" / "example", seed=seed)
+        # the prior-preservation scenes: a second dataset (role = "regularization")
         settings["data"] = {"train_data_path": "data/example/train.csv",
                             "val_data_path": "data/example/val.csv",
-                            "resolution": 64, "use_resolution_buckets": True}
+                            "resolution": 64, "use_resolution_buckets": True,
+                            "datasets": [{"path": "data/example/prior.csv", "name": "prior",
+                                          "role": "regularization", "loss_weight": 1.0}]}
         for section, values in EXAMPLE_SETTINGS.items():
             settings.setdefault(section, {}).update(values)
         prompts = _prompt_header(prompts) + "\n".join(example_prompts()) + "\n"

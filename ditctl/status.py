@@ -34,7 +34,7 @@ def workspace_summary(ws: Workspace, config: Config) -> dict[str, Any]:
     counts = _manifest_counts(ws)
     if counts is not None:
         ingest = {**(ingest or {}), "train_count": counts["train"], "val_count": counts["val"]}
-    summary["data"] = {"train_data_path": config.data.train_data_path,
+    summary["data"] = {"train_data_path": _first_data_path(config),
                        "val_data_path": config.data.val_data_path,
                        "ingest": ingest,
                        "ingested_other_data": bool(ingest) and _ingested_other_data(ws, config,
@@ -82,12 +82,19 @@ def _cache_entries(cache_dir: Path) -> int | None:
         return None
 
 
+def _first_data_path(config: Config) -> str | None:
+    """[data] train_data_path, else the first [[data.datasets]] table's path."""
+    if config.data.train_data_path or not config.data.datasets:
+        return config.data.train_data_path
+    return config.data.datasets[0].path
+
+
 def _ingested_other_data(ws: Workspace, config: Config, ingest: dict[str, Any]) -> bool:
     """Whether the last ingest read other data than project.toml names (an ingest run with
     --train-data-path, say). State files from before paths were recorded: assume not."""
     if "train_data_path" not in ingest:
         return False
-    wanted = {"train_data_path": config.data.train_data_path,
+    wanted = {"train_data_path": _first_data_path(config),
               "val_data_path": config.data.val_data_path}
     return any((str(ws.resolve(path)) if path else None) != ingest.get(key)
                for key, path in wanted.items())

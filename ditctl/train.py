@@ -15,6 +15,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from . import __version__
 from .config import Config
 from .console import console
+from .data.datasets import dataset_plan, resolve_datasets
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
@@ -43,9 +44,10 @@ def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
 
     stale = stale_manifest_reason(ws, config)
     if stale:
-        if not config.data.train_data_path:
+        if not resolve_datasets(config):
             raise WorkspaceError("no training data: [data] train_data_path is not set",
-                                 hint="set it in project.toml or pass --train-data-path")
+                                 hint="set it in project.toml or pass --train-data-path (or "
+                                      "add [[data.datasets]] tables)")
         console.info(f"ingesting first ({stale})")
         run_ingest(ws, config)
     rows = read_manifest(ws, "train")
@@ -122,7 +124,9 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     seed = broadcast_object_list([seed])[0] if world > 1 else seed
     if dry_run and world == 1:  # the plan is made in one process for the processes asked for
         world = config.train.num_processes * config.distributed.nnodes
-    data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip)
+    datasets = resolve_datasets(config)
+    data = TrainingData(rows, None, seed, step_batch_size(config, world), config.data.random_flip,
+                        datasets)
     schedule = plan_schedule(config, len(data.epoch_batches(0)), world)
     info = run_info(ws, config, family, rows, seed, schedule)
     info["base_precision"] = base_storage(config)
@@ -137,6 +141,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
         plan["objective"] = describe_objective(
             config.train, sum(row.mask is not None for row in rows), len(rows))
+        plan["datasets"] = dataset_plan(datasets, rows, schedule.step_batch)
         return TrainOutcome(plan=plan)
     if state.device.type == "cpu" and config.train.mixed_precision == "bf16" \
             and cpu_lacks_native_bf16():

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .config import Config
 from .console import console
+from .data.datasets import of_row, resolve_datasets
 from .engine.context import EvalHook, SampleHook
 from .engine.objective import training_guidance
 from .engine.run import Run
@@ -97,6 +98,9 @@ def make_evaluator(ws: Workspace, config: Config, family: ModelFamily, run: Run,
                                  guidance=training_guidance(family, config.train))
         metrics = {"val_loss": result["overall"],
                    **{f"val_loss_t{q:.2f}": v for q, v in result["per_quantile"].items()}}
+        names = [d.name for d in resolve_datasets(config)]
+        for d, value in result.get("per_dataset", {}).items():  # several datasets: each one
+            metrics[f"val_loss_{of_row(names, d) if names else d}"] = value
         if not writes:  # another process of a sharded run: only the main one records
             return metrics
         log.parent.mkdir(parents=True, exist_ok=True)

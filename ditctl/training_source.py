@@ -25,6 +25,7 @@ from pathlib import Path
 from .config import Config
 from .console import console
 from .data.cache import Cache, CacheGap, cache_gap, check_cache_complete
+from .data.datasets import per_dataset, resolve_datasets
 from .data.manifest import ManifestRow
 from .errors import CacheError
 from .fsutil import format_bytes
@@ -74,9 +75,32 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
                 encodes_on_the_fly: int = 0):
     """The run's data source: the cache (filled first when that pays off), else on-the-fly
     encoding (see the module doc). `encodes_on_the_fly`: image variants the whole run would
-    encode without a cache (samples per step x steps)."""
-    from .data.batches import CachedSource, OnTheFlySource
+    encode without a cache (samples per step x steps).
+
+    A dataset with shuffle_tags gets a new caption at every step: with the cache, its latents
+    come from the cache and the text encoder stays loaded to encode the captions."""
+    from .data.batches import CachedLatentsLiveText, CachedSource
+
+    source = _image_source(ws, config, family, rows, encodes_on_the_fly)
+    # on the fly, every caption is encoded anyway
+    if not isinstance(source, CachedSource) or not any(
+            d.shuffle_tags for d in resolve_datasets(config)):
+        return source
+    console.info("shuffle_tags: captions are encoded at every step (the text encoder is "
+                 "loaded; latents come from the cache)")
+    return CachedLatentsLiveText(source, family, family.load_text_encoder(
+        device=_text_device(config)))
+
+
+def _text_device(config: Config):
     from .engine.setup import process_state
+
+    return "cpu" if config.train.text_encoder_device == "cpu" else process_state().device
+
+
+def _image_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow],
+                  encodes_on_the_fly: int):
+    from .data.batches import CachedSource, OnTheFlySource
 
     if config.train.use_precomputed_data:
         gap = cache_gap(ws, config, family, rows)
@@ -102,10 +126,9 @@ def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[M
             console.info(f"encoding images and captions on the fly: {reason}")
     else:
         console.info("encoding images and captions on the fly (--no-use-precomputed-data)")
-    state = process_state()
-    text_device = "cpu" if config.train.text_encoder_device == "cpu" else state.device
-    return OnTheFlySource(family, family.load_vae(), family.load_text_encoder(device=text_device),
-                          config.data)
+    return OnTheFlySource(family, family.load_vae(),
+                          family.load_text_encoder(device=_text_device(config)), config.data,
+                          per_dataset(config, "center_crop"))
 
 
 def _fill_cache(ws: Workspace, config: Config) -> None:

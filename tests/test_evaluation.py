@@ -95,6 +95,23 @@ def test_validation_loss_is_deterministic_and_batching_changes_nothing(tiny):
     assert unshifted["per_quantile"][0.5] != first["per_quantile"][0.5]
 
 
+def test_validation_loss_by_dataset(tiny):
+    import dataclasses
+
+    from ditctl.engine.validation import validation_loss
+
+    family, dit = tiny
+    rows = [dataclasses.replace(_row(name, size), dataset=d)
+            for name, size, d in (("a", 32, 0), ("b", 64, 1), ("c", 32, 1), ("d", 32, 0),
+                                  ("e", 64, 1))]
+    result = validation_loss(family, dit, rows, FixedSource(rows), [0.2, 0.7], batch_size=2)
+    by_dataset = result["per_dataset"]
+    assert set(by_dataset) == {0, 1} and by_dataset[0] != by_dataset[1]
+    assert result["overall"] == pytest.approx((2 * by_dataset[0] + 3 * by_dataset[1]) / 5)
+    one = [dataclasses.replace(r, dataset=0) for r in rows]
+    assert "per_dataset" not in validation_loss(family, dit, one, FixedSource(one), [0.5])
+
+
 def test_validation_loss_needs_rows(tiny):
     from ditctl.errors import DataError
     from ditctl.engine.validation import validation_loss
@@ -115,13 +132,17 @@ def test_without_a_val_split_the_last_training_rows_are_held_out(tmp_path, tiny_
     assert config.data.val_data_path is None
     run_ingest(ws, config)
     held = validation_set(ws, config)
-    assert held.kind == "holdout" and len(held.rows) == 14  # round(144 * 0.1)
-    assert held.description == "held-out slice of training data (last 14 of 144 training images)"
+    # each dataset's last tenth: round(48 * 0.1) green scenes + round(96 * 0.1) prior scenes
+    assert held.kind == "holdout" and len(held.rows) == 15
+    assert held.description == ("held-out slice of training data (the last 15 of 144 training "
+                                "images: each dataset's last 0.1)")
     from ditctl.data.manifest import read_manifest
     from ditctl.evaluation.inputs import split_holdout
     train = read_manifest(ws, "train")
-    assert held.rows == train[-14:]
-    assert split_holdout(train, 0.1) == (train[:-14], train[-14:])
+    assert held.rows == train[43:48] + train[134:]
+    assert split_holdout(train, 0.1) == (train[:43] + train[48:134], held.rows)
+    one = [r for r in train if r.dataset == 0]  # one dataset: its last rows, as always
+    assert split_holdout(one, 0.1) == (one[:-5], one[-5:])
 
     with pytest.raises(Exception, match="no validation data"):
         validation_set(ws, ws.config({"eval.holdout_fraction": 0.0}))

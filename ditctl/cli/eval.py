@@ -74,6 +74,11 @@ def eval_command(
     scorers = image_metrics()
     console.print(_table(["model", "step", "val loss", *(s.column for s in scorers)],
                          metrics_rows(metrics, scorers)))
+    for model in metrics["models"]:  # several datasets: each one's validation loss
+        if model.get("val_loss_by_dataset"):
+            console.print(f"{model['label']}: val loss by dataset " + ", ".join(
+                f"{name} {loss:.5f}" for name, loss in model["val_loss_by_dataset"].items()),
+                markup=False)
     for scorer in scorers:
         result = metrics.get(scorer.key) or {}
         if result.get("status") == "skipped":

@@ -33,10 +33,10 @@ def init(
     console.print(f"  model   {result.model_path}")
     if result.example:
         ex = result.example
-        console.print(f"  data    {ex['train_csv']}: {ex['train_rows']} training images "
-                      f"({ex['n_train']} {ex['concept']} scenes to learn + {ex['n_prior']} "
-                      f"prior-preservation scenes of colours the model knows), "
-                      f"{ex['n_val']} validation images")
+        console.print(f"  data    {ex['train_rows']} training images: {ex['train_csv']} "
+                      f"({ex['n_train']} {ex['concept']} scenes to learn) + {ex['prior_csv']} "
+                      f"({ex['n_prior']} prior-preservation scenes of colours the model knows, "
+                      f"a regularization dataset); {ex['n_val']} validation images")
     console.print(f"  config  {ws.project_file}")
     for note in result.notes:
         console.warn(note)

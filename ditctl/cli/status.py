@@ -53,6 +53,10 @@ def _data_cell(data: dict, root: Path) -> str:
     cell = (escape(_short(train, root)) + (f" + {escape(_short(val, root))}" if val else "")
             + f" — {ingest.get('train_count', '?')} train / {ingest.get('val_count', 0)} val "
               f"images, {ingest.get('bad_count', 0)} bad")
+    datasets = ingest.get("datasets") or {}
+    if len(datasets) > 1:
+        cell += "\n" + ", ".join(f"{escape(name)} ({d['role']}): {d['images']}"
+                                 for name, d in datasets.items())
     if data["ingested_other_data"]:
         named = " + ".join(escape(p) for p in (data["train_data_path"], data["val_data_path"]) if p)
         cell += (f"\n[yellow]project.toml names {named or 'no data'}: a plain `ditctl ingest` "

@@ -85,6 +85,21 @@ def _print_plan(plan: dict) -> None:
     table.add_row("buckets", ", ".join(f"{k}: {v}" for k, v in plan["buckets"].items()))
     for key, value in plan.get("objective", {}).items():
         table.add_row(key.replace("_", " "), value)
+    for d in plan.get("datasets", ()):
+        weight = f", weight {d['weight']:g}" if d["weight"] is not None else ""
+        table.add_row(f"dataset {d['name']}",
+                      f"{d['role']}: {d['images']} images x {d['repeats']} repeats{weight} -> "
+                      f"{d['images_per_epoch']} per epoch; loss weight {d['loss_weight']:g}, "
+                      f"caption dropout {d['caption_dropout']:g}")
+        if d["caption_tools"]:
+            shuffles = any(tool.startswith("shuffle") for tool in d["caption_tools"])
+            cost = ""
+            if d["captions_encoded_per_step"]:
+                cost = (f"; text encoder runs ~{d['captions_encoded_per_step']:g} times per "
+                        "step (shuffled captions are encoded while training, not cached)")
+            elif shuffles:
+                cost = "; no caption has tags to shuffle (all read from the cache)"
+            table.add_row("", "captions: " + ", ".join(d["caption_tools"]) + cost)
     memory = plan["memory_estimate_bytes"]
     gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
     table.add_row("base stored as", plan["base_precision"])

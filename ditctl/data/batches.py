@@ -29,6 +29,7 @@ import torch
 from ..config import DataConfig
 from ..errors import DataError
 from ..models.base import Conditioning, LatentDist, ModelFamily
+from .datasets import of_row
 from .manifest import ManifestRow
 from .transforms import (Crop, crop_offset_range, latent_mask, load_training_image,
                          load_training_mask)
@@ -57,17 +58,20 @@ def flip_for(seed: int, epoch: int, index: int, enabled: bool) -> bool:
     return random.Random(f"{seed}:{epoch}:{index}").random() < 0.5
 
 
-def sample_variants(row: ManifestRow, random_flip: bool) -> tuple[bool, ...]:
+def sample_variants(row: ManifestRow, random_flip: bool | Sequence[bool]) -> tuple[bool, ...]:
     """The flip values training can ask for: both with random_flip (train split only; evaluation
-    always uses the unflipped image)."""
+    always uses the unflipped image). `random_flip`: one value, or one per dataset."""
+    if not isinstance(random_flip, bool):
+        random_flip = of_row(random_flip, row.dataset)
     return (False, True) if random_flip and row.split == "train" else (False,)
 
 
 # --- the epoch plan ---------------------------------------------------------------------------
 
 def epoch_batches(rows: Sequence[ManifestRow], global_batch_size: int, seed: int,
-                  epoch: int) -> list[list[int]]:
-    """The batches of one epoch, as lists of row indices; every index exactly once.
+                  epoch: int, slots: Sequence[int] | None = None) -> list[list[int]]:
+    """The batches of one epoch, as lists of row indices; every index exactly once (or as
+    often as `slots`, the epoch's row indices, lists it: `datasets.epoch_slots`).
 
     Rows are grouped by bucket (a batch has one image size), each bucket is shuffled and cut
     into batches of `global_batch_size` (the last partial batch is kept, never dropped), and
@@ -78,8 +82,8 @@ def epoch_batches(rows: Sequence[ManifestRow], global_batch_size: int, seed: int
         raise ValueError(f"global_batch_size must be >= 1, not {global_batch_size}")
     rng = random.Random(f"{seed}:{epoch}:order")
     by_bucket: dict[tuple[int, int], list[int]] = {}
-    for index, row in enumerate(rows):
-        by_bucket.setdefault(row.bucket, []).append(index)
+    for index in range(len(rows)) if slots is None else slots:
+        by_bucket.setdefault(rows[index].bucket, []).append(index)
     batches: list[list[int]] = []
     for bucket in sorted(by_bucket):
         members = by_bucket[bucket]
@@ -99,16 +103,17 @@ def rank_share(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 # --- pixels -----------------------------------------------------------------------------------
 
-def _check_unchanged(path, size_bytes: int, mtime_ns: int) -> None:
+def _check_unchanged(path, size_bytes: int, mtime_ns: int, member: str = "") -> None:
     """A file's content hash names cache entries, so a file edited after ingest must not be
     encoded under the old hash: its size and mtime are checked against the manifest (the same
-    test ingest uses to decide what to re-read)."""
+    test ingest uses to decide what to re-read). For an image inside a tar shard or Arrow file
+    (`member`), that is the container's mtime (`size_bytes` is the member's own size)."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found (it was there at ingest)",
                         hint="run `ditctl ingest` to update the manifest") from None
-    if stat.st_size != size_bytes or stat.st_mtime_ns != mtime_ns:
+    if stat.st_mtime_ns != mtime_ns or (not member and stat.st_size != size_bytes):
         raise DataError(f"{path}: changed since ingest (size or modification time differ)",
                         hint="run `ditctl ingest` to update the manifest")
 
@@ -116,8 +121,8 @@ def _check_unchanged(path, size_bytes: int, mtime_ns: int) -> None:
 def load_row_pixels(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int) -> torch.Tensor:
     """The training tensor [3, bucket_h, bucket_w] of a manifest row, via the one transform
     (the file checked unchanged since ingest first)."""
-    _check_unchanged(row.path, row.size_bytes, row.mtime_ns)
-    return load_training_image(row.path, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
+    _check_unchanged(row.path, row.size_bytes, row.mtime_ns, row.member)
+    return load_training_image(row.ref, row.bucket_w, row.bucket_h, crop=crop, flip=flip,
                                max_pixels=max_pixels)
 
 
@@ -129,8 +134,10 @@ def row_latent_mask(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int,
     h, w = row.bucket_h // spatial_factor, row.bucket_w // spatial_factor
     if row.mask is None:
         return torch.ones(1, h, w)
-    _check_unchanged(row.mask.path, row.mask.size_bytes, row.mask.mtime_ns)
-    pixels = load_training_mask(row.mask.path, row.bucket_w, row.bucket_h,
+    in_image = row.mask.kind == "alpha" and row.member  # the alpha of an image in a container
+    _check_unchanged(row.mask.path, row.mask.size_bytes, row.mask.mtime_ns,
+                     row.member if in_image else "")
+    pixels = load_training_mask(row.ref if in_image else row.mask.path, row.bucket_w, row.bucket_h,
                                 alpha=row.mask.kind == "alpha", crop=crop, flip=flip,
                                 max_pixels=max_pixels)
     return latent_mask(pixels, spatial_factor)
@@ -182,24 +189,52 @@ class OnTheFlySource:
     guarantees the same bits.
     """
 
-    def __init__(self, family: ModelFamily, vae: Any, text_encoder: Any, data_config: DataConfig):
+    def __init__(self, family: ModelFamily, vae: Any, text_encoder: Any, data_config: DataConfig,
+                 center_crop: Sequence[bool] | None = None):
         self.family = family
         self.vae = vae
         self.text_encoder = text_encoder
         self.data = data_config
+        # per dataset (datasets.per_dataset); default: [data]'s
+        self.center_crop = tuple(center_crop or (data_config.center_crop,))
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
-        pixels = load_row_pixels(row, crop_for(row, self.data.center_crop), flip,
+        pixels = load_row_pixels(row, crop_for(row, of_row(self.center_crop, row.dataset)), flip,
                                  self.data.max_image_pixels)
         return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
 
     def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
-        mask = row_latent_mask(row, crop_for(row, self.data.center_crop), flip,
+        mask = row_latent_mask(row, crop_for(row, of_row(self.center_crop, row.dataset)), flip,
                                self.data.max_image_pixels, self.family.latent.spatial_factor)
         return self.latent_dist(row, flip), mask.unsqueeze(0)
 
     def conditioning(self, caption: str) -> Conditioning:
         # on the CPU like cached entries, whichever device encoded it
+        return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
+
+
+class CachedLatentsLiveText:
+    """Latents from the cache, and captions from it where it holds them (a caption whose
+    shuffle left it as precompute saw it); others are encoded: for datasets whose tags are
+    shuffled at each step (their captions cannot all be cached), without the VAE."""
+
+    def __init__(self, cached: CachedSource, family: ModelFamily, text_encoder: Any):
+        self.cached = cached
+        self.family = family
+        self.text_encoder = text_encoder
+
+    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
+        return self.cached.latent_dist(row, flip)
+
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        return self.cached.masked_latent(row, flip)
+
+    def conditioning(self, caption: str) -> Conditioning:
+        cache = self.cached.cache
+        # entry files are renamed into place complete: one that exists can be read (and is
+        # checked against its hash as it is)
+        if cache.path("text", cache.spec.text_key(caption)).is_file():
+            return cache.read_text(caption)
         return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
 
 
@@ -216,10 +251,12 @@ class Batch:
 
 
 def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence[int],
-            flips: Sequence[bool], masks: bool = False) -> Batch:
+            flips: Sequence[bool], masks: bool = False,
+            captions: Sequence[str] | None = None) -> Batch:
     """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index);
     with `masks`, their loss masks too (every row gets one, ones where it has none, so a
-    batch's loss does not depend on which rows it holds)."""
+    batch's loss does not depend on which rows it holds); with `captions` (one per index;
+    default: the rows' captions)."""
     if len(indices) != len(flips):
         raise ValueError(f"{len(indices)} indices but {len(flips)} flips")
     if not indices:
@@ -236,5 +273,7 @@ def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence
         dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
     mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
     std = torch.cat([d.std for d in dists])
-    cond = Conditioning.cat([source.conditioning(rows[i].caption) for i in indices])
+    if captions is None:
+        captions = [rows[i].caption for i in indices]
+    cond = Conditioning.cat([source.conditioning(caption) for caption in captions])
     return Batch(LatentDist(mean, std), cond, tuple(int(i) for i in indices), mask)

@@ -16,7 +16,9 @@ A key is the SHA-256 of everything the stored tensor depends on, and nothing els
 - latent: the image's content hash, its bucket size, the crop offsets, the flip, the VAE's
   identity, the storage dtype (and the transform's version), and its loss mask's identity
   when it has one (the mask file's sha256, or "alpha"): editing a mask re-keys its entries;
-- text: the caption, the text encoder's identity (weights, tokenizer, layer), the token length,
+  each dataset's resolution and crop settings reach the key through the bucket and offsets;
+- text: the caption (after its dataset's trigger word and template), the text encoder's
+  identity (weights, tokenizer, layer), the token length,
   the storage dtype.
 
 So changing an image, a caption, the resolution, the crop or a model changes exactly the keys of
@@ -56,6 +58,7 @@ from ..errors import CacheError, DataError
 from ..models.base import Conditioning, LatentDist, ModelFamily, unconditional_text
 from ..workspace import Workspace
 from .batches import crop_for, sample_variants
+from .datasets import of_row, per_dataset
 from .manifest import ManifestRow
 from .transforms import center_crop_offset
 
@@ -123,9 +126,12 @@ def text_key(*, caption: str, text_identity: str, max_length: int | None, dtype:
                     "encoder": text_identity, "max_length": max_length, "dtype": dtype})
 
 
-def crop_offsets(row: ManifestRow, center_crop: bool) -> tuple[int, int]:
+def crop_offsets(row: ManifestRow, center_crop: bool | tuple[bool, ...]) -> tuple[int, int]:
     """The crop offset the transform will use ("center" resolved to numbers, so that a centred
-    crop and the same explicit offset share one entry)."""
+    crop and the same explicit offset share one entry). `center_crop`: one value, or one per
+    dataset."""
+    if not isinstance(center_crop, bool):
+        center_crop = of_row(center_crop, row.dataset)
     crop = crop_for(row, center_crop)
     if crop == "center":
         return center_crop_offset(row.width, row.height, row.bucket_w, row.bucket_h)
@@ -140,7 +146,7 @@ class KeySpec:
     text_identity: str
     text_max_length: int | None
     dtype: str            # storage dtype name: fp32 | bf16 | fp16
-    center_crop: bool
+    center_crop: bool | tuple[bool, ...]  # one per dataset (datasets.per_dataset)
 
     @classmethod
     def for_config(cls, config: Config, family: ModelFamily,
@@ -149,7 +155,7 @@ class KeySpec:
                    text_identity=family.text_encoder_identity(),
                    text_max_length=text_max_length,
                    dtype=STORAGE_DTYPES[config.precompute.mixed_precision][0],
-                   center_crop=config.data.center_crop)
+                   center_crop=per_dataset(config, "center_crop"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -200,7 +206,8 @@ def cache_plan_fingerprint(keys: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *, random_flip: bool,
+def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *,
+                 random_flip: bool | tuple[bool, ...],
                  captions: Sequence[str] = ()) -> CachePlan:
     """The entries needed for `rows` (both flips of train rows with random_flip), their
     captions, and the extra `captions` (sample prompts)."""
@@ -370,7 +377,7 @@ class Cache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / FOLDERS[kind] / key[:2] / f"{key}.safetensors"
 
-    def plan(self, rows: Sequence[ManifestRow], *, random_flip: bool,
+    def plan(self, rows: Sequence[ManifestRow], *, random_flip: bool | tuple[bool, ...],
              captions: Sequence[str] = ()) -> CachePlan:
         return plan_entries(self.spec, rows, random_flip=random_flip, captions=captions)
 
@@ -576,7 +583,7 @@ def cache_gap(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence
     if prompts is None:
         prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
         prompts = list(prompts) + training_texts(config, family)
-    plan = cache.plan(rows, random_flip=config.data.random_flip, captions=prompts)
+    plan = cache.plan(rows, random_flip=per_dataset(config, "random_flip"), captions=prompts)
     present: set[str] = set()
     if cache.index_path.is_file():
         with CacheIndex(cache.index_path) as index:

@@ -2,7 +2,13 @@
 
 Validation (`probe_file`, run by `ingest` for every image) and training
 (`transforms.load_training_image`) both go through `decode_rgb`, so an image that passed
-ingest decodes the same way at train time. Torch-free on purpose: ingest's worker processes
+ingest decodes the same way at train time.
+
+An image is named by an `ImageRef`: a file on disk, or a member of a container file (a
+WebDataset tar shard, an Arrow file of a Hugging Face `datasets` folder) at a byte offset and
+size recorded when the container was indexed. `read_image` is the one way every stage (ingest,
+precompute, on-the-fly training, eval) gets an image's bytes: one read of the file, or one
+positioned read (pread) inside the container. Torch-free on purpose: ingest's worker processes
 import this module and nothing heavier.
 
 What "safe" means here:
@@ -16,6 +22,7 @@ What "safe" means here:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -45,9 +52,39 @@ class ImageProblem(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """Where an image's bytes are: the whole file `path`, or `size` bytes at `offset` inside the
+    container file `path`, where the container calls it `member` (a tar member name, an Arrow
+    row). Slots: ingest holds one per sample."""
+
+    path: str
+    member: str = ""
+    offset: int = -1
+    size: int = -1
+
+    @property
+    def key(self) -> str:
+        """A unique string per image (NUL cannot occur in a path): dictionary and table key."""
+        return ref_key(self.path, self.member)
+
+    @property
+    def name(self) -> str:
+        """For messages: `photo.jpg`, or `shard-000.tar#0001.jpg`."""
+        return f"{self.path}#{self.member}" if self.member else self.path
+
+
+def ref_key(path: str, member: str) -> str:
+    return f"{path}\0{member}" if member else path
+
+
+@dataclass(frozen=True, slots=True)
 class ImageFacts:
-    """What validating one file learned. Width and height are after EXIF orientation."""
+    """What validating one image learned. Width and height are after EXIF orientation.
+
+    For a member of a container, `size_bytes` is the member's size, `mtime_ns` the
+    container's, and `offset` where its bytes start (-1 for an image file).
+    """
 
     path: str
     size_bytes: int
@@ -56,13 +93,25 @@ class ImageFacts:
     width: int
     height: int
     format: str
+    member: str = ""
+    offset: int = -1
+
+    @property
+    def key(self) -> str:
+        return ref_key(self.path, self.member)
+
+    @property
+    def ref(self) -> ImageRef:
+        return ImageRef(self.path, self.member, self.offset,
+                        self.size_bytes if self.member else -1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """One file's outcome: `facts` when it decoded, else the problem's code and message."""
+    """One image's outcome: `facts` when it decoded, else the problem's code and message.
+    `key` is the image's `ImageRef.key`."""
 
-    path: str
+    key: str
     facts: ImageFacts | None
     code: str = ""
     message: str = ""
@@ -156,9 +205,11 @@ def has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
-def file_has_alpha(path: str | os.PathLike, max_pixels: int) -> bool:
-    """Whether an image file carries transparency, from its header only (no pixel decoded)."""
-    data, _ = read_image_file(path, max_pixels)
+def file_has_alpha(path: "ImageRef | str | os.PathLike", max_pixels: int) -> bool:
+    """Whether an image (a file, or an ImageRef inside a container) carries transparency,
+    from its header only (no pixel decoded)."""
+    data, _ = read_image(path if isinstance(path, ImageRef) else ImageRef(str(path)),
+                         max_pixels)
     try:
         return has_alpha(_open_header(data, max_pixels))
     except Exception as exc:  # it decoded at ingest; a changed file is caught at training
@@ -258,26 +309,75 @@ def read_image_file(path: str | os.PathLike, max_pixels: int) -> tuple[bytes, os
     return data, stat
 
 
-def _read_for_probe(path: str, max_pixels: int) -> tuple[bytes, os.stat_result]:
-    """`read_image_file`, every failure an ImageProblem."""
+def read_member(ref: ImageRef, max_pixels: int,
+                container: int | None = None) -> tuple[bytes, os.stat_result]:
+    """The bytes of a container member (one pread at its recorded offset) and the container's
+    stat; raises ImageProblem (or OSError). The container must be a regular file that still
+    holds the whole member (a shard truncated after indexing is caught here). `container`:
+    an open descriptor of `ref.path`, when the caller reads many members of it."""
+    limit = max_file_bytes(max_pixels)
+    if ref.size > limit:
+        raise ImageProblem("too_large", f"{ref.size:,} bytes, more than any image within "
+                                        f"max_image_pixels ({max_pixels:,}) can take "
+                                        f"({limit:,} bytes; decompression-bomb guard)")
+    fd = container if container is not None else _open_container(ref.path)
     try:
-        data, stat = read_image_file(path, max_pixels)
+        stat = os.fstat(fd)
+        if not stat_module.S_ISREG(stat.st_mode):
+            raise ImageProblem("not_regular_file", "the container is not a regular file")
+        if ref.offset < 0 or ref.offset + ref.size > stat.st_size:
+            raise ImageProblem("truncated", f"the container ends at byte {stat.st_size:,}, "
+                                            f"before this member ({ref.offset:,}+{ref.size:,})")
+        data = os.pread(fd, ref.size, ref.offset)
+    finally:
+        if container is None:
+            os.close(fd)
+    if len(data) != ref.size:
+        raise ImageProblem("truncated", f"read {len(data):,} of {ref.size:,} bytes")
+    return data, stat
+
+
+def _open_container(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+
+
+def read_image(ref: ImageRef, max_pixels: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of the image `ref` names and the stat of the file holding them."""
+    if ref.member:
+        return read_member(ref, max_pixels)
+    return read_image_file(ref.path, max_pixels)
+
+
+def _read_for_probe(ref: ImageRef | str, max_pixels: int,
+                    container: int | None = None) -> tuple[bytes, os.stat_result]:
+    """`read_image`, every failure an ImageProblem."""
+    if isinstance(ref, str):
+        ref = ImageRef(ref)
+    try:
+        if ref.member:
+            return read_member(ref, max_pixels, container)
+        return read_image_file(ref.path, max_pixels)
     except FileNotFoundError:
-        raise ImageProblem("missing", "file not found") from None
+        raise ImageProblem("missing", "file not found" if not ref.member else
+                           "the container file is gone") from None
     except IsADirectoryError:
         raise ImageProblem("not_image", "is a folder, not an image file") from None
     except OSError as exc:
         raise ImageProblem("unreadable", f"cannot read the file ({exc.strerror or exc})") from None
-    return data, stat
 
 
-def probe_file(path: str, *, max_pixels: int) -> ImageFacts:
-    """Read a file once, hash its bytes and fully decode them; raises ImageProblem if bad."""
-    data, stat = _read_for_probe(path, max_pixels)
+def probe_file(ref: ImageRef | str, *, max_pixels: int,
+               container: int | None = None) -> ImageFacts:
+    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad.
+    `container`: an open descriptor of the container holding `ref` (see read_member)."""
+    if isinstance(ref, str):
+        ref = ImageRef(ref)
+    data, stat = _read_for_probe(ref, max_pixels, container)
     image = decode_rgb(data, max_pixels=max_pixels)
-    return ImageFacts(path=path, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns,
-                      sha256=hashlib.sha256(data).hexdigest(), width=image.width,
-                      height=image.height, format=_format_name(data))
+    return ImageFacts(path=ref.path, size_bytes=len(data) if ref.member else stat.st_size,
+                      mtime_ns=stat.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(),
+                      width=image.width, height=image.height, format=_format_name(data),
+                      member=ref.member, offset=ref.offset)
 
 
 def _format_name(data: bytes) -> str:
@@ -297,15 +397,39 @@ def _format_name(data: bytes) -> str:
     return "?"
 
 
-def probe_chunk(paths: Sequence[str], max_pixels: int, masks: bool = False
+def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int, masks: bool = False,
                 ) -> list[ProbeResult]:
-    """Probe several files (one unit of work for a pool process); never raises for bad files.
-    `masks`: they are mask files (`probe_mask`)."""
-    probe = probe_mask if masks else probe_file
+    """Probe several images (one unit of work for a pool process); never raises for bad ones.
+    Members of one container are read through one open descriptor. `masks`: they are mask
+    files (`probe_mask`)."""
     results = []
-    for path in paths:
-        try:
-            results.append(ProbeResult(path, probe(path, max_pixels=max_pixels)))
-        except ImageProblem as problem:
-            results.append(ProbeResult(path, None, problem.code, problem.message))
+    with contextlib.ExitStack() as open_containers:
+        descriptors: dict[str, int | None] = {}
+        for ref in refs:
+            if isinstance(ref, str):
+                ref = ImageRef(ref)
+            try:
+                if masks:
+                    facts = probe_mask(ref.path, max_pixels=max_pixels)
+                else:
+                    fd = None
+                    if ref.member:
+                        if ref.path not in descriptors:
+                            descriptors[ref.path] = _open_shared(ref.path, open_containers)
+                        fd = descriptors[ref.path]
+                    facts = probe_file(ref, max_pixels=max_pixels, container=fd)
+                results.append(ProbeResult(ref.key, facts))
+            except ImageProblem as problem:
+                results.append(ProbeResult(ref.key, None, problem.code, problem.message))
     return results
+
+
+def _open_shared(path: str, stack: contextlib.ExitStack) -> int | None:
+    """An open descriptor of a container, closed with `stack`; None when it cannot be opened
+    (each member then reports why, through probe_file)."""
+    try:
+        fd = _open_container(path)
+    except OSError:
+        return None
+    stack.callback(os.close, fd)
+    return fd

@@ -1,8 +1,12 @@
 """`ingest`: read the data sources, validate every image, plan buckets, write the manifest.
 
-    sources (CSV / folder)  ->  rows
-    stat every file; reuse what the previous manifest learned where size and mtime match
-    probe the rest (read once, sha256, full decode) in worker processes
+    sources (CSV, JSONL, Parquet, image folder, WebDataset shards, datasets folder) -> rows
+        (a tar shard or Arrow file is read only when its size or mtime changed since the last
+        ingest: `containers.ContainerCache`)
+    stat every file (or container); reuse what the previous manifest learned where size and
+        mtime match
+    probe the rest (read once, sha256, full decode) in worker processes, images inside a
+        container by one positioned read each, in container order
     classify rows: good / bad (missing, corrupt, not an image, empty, too many pixels,
                    too small, empty caption, ...); duplicates (same hash) are reported
     masks ([data] use_masks): each good row's mask file (the CSV's mask column, else
@@ -23,17 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import json
 import math
 import multiprocessing
 import os
+import stat as stat_module
 import sys
 import time
 import types
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from rich.markup import escape
 from rich.table import Table
@@ -46,17 +53,23 @@ from ..fsutil import atomic_write_json
 from ..models.registry import size_multiple
 from ..procutil import worker_started
 from ..workspace import Workspace
-from . import images
+from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
+from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleKey, read_previous, sample_key,
-                       write_manifest)
+from .manifest import (ManifestRow, MaskRef, PreviousManifest, count_changes, read_meta,
+                       read_previous, write_manifest)
+from .containers import ContainerCache
+from .images import ImageRef
 from .sources import SourceRow, read_source, sidecar_mask
 
 REPORT_NAME = "ingest-report.json"
+CONTAINER_CACHE = "containers.sqlite"  # in .ditctl/: what reading each shard learned
 # Below this many files to decode, starting worker processes costs more than it saves.
 POOL_MIN_FILES = 48
 MAX_CHUNK = 16  # small enough that the last chunks do not leave a core idle for long
+# images inside shards are small and read from one open file: larger chunks, fewer tasks
+MAX_MEMBER_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -64,18 +77,25 @@ class BadRow:
     """A row that is not used, and why."""
 
     split: str
-    origin: str        # the CSV file or folder the row comes from
-    source: str        # "line 12" or the image's path relative to the folder
+    origin: str        # the data path the row comes from (file, folder, shard list)
+    source: str        # "line 12", "row 12", "shard-000.tar key 0001", a path in the folder
     listed_path: str   # the image path as the source writes it
-    path: str          # absolute path
+    path: str          # absolute path (of the container, for an image inside one)
     code: str          # missing, corrupt, not_image, empty_file, too_small, empty_caption, ...
     reason: str
+    member: str = ""   # the image's name inside the container
+    seq: int = 0       # the row's position among all rows read (bad rows are listed in order)
 
     @property
     def where(self) -> str:
-        """`train.csv:12` for a CSV row, `photos/` for a folder row."""
+        """`train.csv:12` for a CSV/JSONL line, `captions.parquet row 12` for a Parquet row,
+        `shard-000.tar key 0001` for a WebDataset sample, `photos/` for a folder row."""
         if self.source.startswith("line "):
             return f"{Path(self.origin).name}:{self.source[5:]}"
+        if self.source.startswith("row "):
+            return f"{Path(self.origin).name} {self.source}"
+        if " key " in self.source or " row " in self.source:
+            return self.source  # names the shard / Arrow file and the key already
         return f"{Path(self.origin).name}/"
 
 
@@ -98,9 +118,14 @@ class IngestSummary:
     files_read: int
     files_reused: int
     report_path: Path
+    containers_read: int = 0    # tar shards / Arrow files read
+    containers_reused: int = 0  # unchanged since the last ingest: not read
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> counts, role
     fingerprint: str | None = None
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # a re-ingest that found nothing changed: the counters the last ingest recorded
+    kept_counters: dict[str, Any] | None = None
 
     @property
     def duplicate_images(self) -> int:
@@ -108,13 +133,19 @@ class IngestSummary:
 
     def counters(self) -> dict[str, Any]:
         """The counts as plain JSON (state file, report, --json)."""
+        if self.kept_counters is not None:
+            return {**self.kept_counters, "changed": 0, "added": 0, "removed": 0,
+                    "unchanged": self.changes.unchanged, "files_read": 0, "files_reused": 0,
+                    "containers_read": 0, "containers_reused": 0, "fingerprint": self.fingerprint}
         return {"train_count": self.counts.get("train", 0), "val_count": self.counts.get("val", 0),
                 "bad_count": len(self.bad), "duplicate_groups": len(self.duplicates),
                 "empty_captions_kept": len(self.empty_captions_kept),
                 "buckets": {s: len(p.buckets) for s, p in self.plans.items()},
                 "batches_per_epoch": {s: p.batches_per_epoch for s, p in self.plans.items()},
                 **dataclasses.asdict(self.changes), "files_read": self.files_read,
-                "files_reused": self.files_reused, "fingerprint": self.fingerprint}
+                "files_reused": self.files_reused, "containers_read": self.containers_read,
+                "containers_reused": self.containers_reused, "fingerprint": self.fingerprint,
+                "datasets": self.datasets}
 
 
 class StrictIngestError(DataError):
@@ -140,43 +171,57 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     """
     started = time.perf_counter()
     data = config.data
-    rows = _read_rows(ws, data)
-    origin = {"train": str(ws.resolve(data.train_data_path)),
-              "val": str(ws.resolve(data.val_data_path)) if data.val_data_path else ""}
+    batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
+    multiple = size_multiple(config.model.family)
+    datasets = resolve_datasets(config)
+    kept = _kept_summary(ws, data, datasets, batch_sizes, multiple, strict)
+    if kept is not None:
+        _finish(kept, started)
+        return kept
+    cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
+    try:
+        rows, origin, dataset_of = _read_rows(ws, data, datasets, cache)
+    finally:
+        cache.close()
     previous = read_previous(ws.manifest_db)
     notes = []
     if previous.problem:
         notes.append(f"the previous manifest is {previous.problem}; every image was re-read")
 
-    facts, problems, files_read, files_reused = _examine_files(
-        rows, previous, data.max_image_pixels, workers)
-    good, bad = _classify(rows, facts, problems, data, origin)
-    masks, mask_facts, masks_read = {}, {}, 0
-    if data.use_masks:
-        good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data, origin,
-                                                             workers)
-    batch_sizes = {"train": config.train.train_batch_size, "val": config.train.eval_batch_size}
-    samples, plans = _plan(good, bad, data, batch_sizes, origin,
-                           size_multiple(config.model.family), masks)
-    if data.use_masks:
-        kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
-        notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from alpha "
-                     f"channels; {kinds['none']} image(s) without one train everywhere")
-    position = {(row.split, row.source): i for i, row in enumerate(rows)}
-    bad.sort(key=lambda b: position[(b.split, b.source)])
+    try:
+        facts, problems, files_read, files_reused = _examine_files(
+            rows, previous, data.max_image_pixels, workers)
+        good, bad = _classify(rows, facts, problems, data, origin, dataset_of, datasets)
+        masks, mask_facts, masks_read = {}, {}, 0
+        if data.use_masks:
+            good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data,
+                                                                 workers)
+        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple, datasets, masks)
+        if data.use_masks:
+            kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
+            notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
+                         f"alpha channels; {kinds['none']} image(s) without one train everywhere")
+        bad.sort(key=lambda b: b.seq)  # in source order
+        changes = _changes(previous, samples)
+    finally:
+        previous.close()
 
     summary = IngestSummary(
         counts=dict(Counter(s.split for s in samples)), bad=bad,
         empty_captions_kept=[s for s in samples if not s.caption],
-        duplicates=_duplicates(samples), plans=plans, changes=_changes(previous, samples),
+        duplicates=_duplicates(samples), plans=plans, changes=changes,
         files_read=files_read + masks_read, files_reused=files_reused,
-        report_path=ws.data_dir / REPORT_NAME, notes=notes)
+        report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
+        containers_reused=cache.reused, notes=notes,
+        datasets=_dataset_counts(datasets, samples, Counter(
+            dataset_of[b.seq] for b in bad if b.split == "train")))
 
     refusal: DataError | None = None
     if strict and bad:
         refusal = StrictIngestError(summary)
     elif not summary.counts.get("train"):
-        refusal = DataError(f"no usable training images in {origin['train']} ({len(bad)} bad "
+        where = ", ".join(d.path for d in datasets)
+        refusal = DataError(f"no usable training images in {where} ({len(bad)} bad "
                             f"row(s); details in {summary.report_path})",
                             hint="fix the rows listed above, or point [data] train_data_path "
                                  "at other data")
@@ -185,21 +230,66 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
         _write_report(summary, data, strict)
         raise refusal
 
-    # Keep what validation learned about every decodable file still listed (also those of
+    # Keep what validation learned about every decodable image still listed (also those of
     # rows that were refused as too small or uncaptioned), so the next run skips them too.
-    listed = {r.path for r in rows}
+    del good, problems
+    inputs = ingest_inputs.record(
+        _sources(ws, data, datasets), {r.path for r in rows if r.member},
+        loose_files=any(not r.member and r.problem is None for r in rows)
+        or any(s.mask is not None and s.mask.kind == "file" for s in samples))
     meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
-            "ditctl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "counts": summary.counts}
-    known = [facts[p] for p in sorted(listed) if p in facts]
-    known += [f for p, f in sorted(mask_facts.items()) if p not in facts]
+            "size_multiple": multiple, "ditctl_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
+            "counters": summary.counters(), "inputs": inputs}
+    # facts holds exactly the listed images' (in source order), good or not; then the masks'
+    known = itertools.chain(facts.values(),
+                            (f for p, f in sorted(mask_facts.items()) if p not in facts))
     summary.fingerprint = write_manifest(ws.manifest_db, samples, known, meta)
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
     ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
-                               "train_data_path": origin["train"],
-                               "val_data_path": origin["val"] or None})
+                               "train_data_path": origin[0] if rows else None,
+                               "val_data_path": (str(ws.resolve(data.val_data_path))
+                                                 if data.val_data_path else None)})
+    return summary
+
+
+def _sources(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...]) -> dict[str, Path]:
+    """Every data path read, by a name: each training dataset's, and the validation data's."""
+    found = {f"train:{d.name}": ws.resolve(d.path) for d in datasets}
+    if data.val_data_path:
+        found["val"] = ws.resolve(data.val_data_path)
+    return found
+
+
+def _kept_summary(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
+                  batch_sizes: dict[str, int], multiple: int,
+                  strict: bool) -> IngestSummary | None:
+    """The last ingest's summary when nothing it read has changed (see `ingest_inputs`): the
+    manifest and the report stay as they are. None when ingest must run."""
+    meta = read_meta(ws.manifest_db)
+    report_path = ws.data_dir / REPORT_NAME
+    if (meta is None or not datasets or not report_path.is_file()
+            or meta.get("ditctl_version") != __version__
+            or meta.get("data_config") != json.loads(json.dumps(dataclasses.asdict(data)))
+            or meta.get("batch_sizes") != batch_sizes or meta.get("size_multiple") != multiple
+            or (strict and (meta.get("counters") or {}).get("bad_count", 1))
+            or not ingest_inputs.unchanged(meta.get("inputs"), _sources(ws, data, datasets))):
+        return None
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        bad = [BadRow(**row) for row in report["bad"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    counters = meta["counters"]
+    summary = IngestSummary(
+        counts=meta["counts"], bad=bad, empty_captions_kept=[], duplicates=[], plans={},
+        changes=Changes(unchanged=sum(meta["counts"].values())), files_read=0,
+        files_reused=0, report_path=report_path, fingerprint=meta.get("fingerprint"),
+        notes=[f"nothing changed since the last ingest ({len(meta['inputs']['stats'])} "
+               "source file(s) and shard(s) as they were): the manifest and report were kept"])
+    summary.kept_counters = counters
     return summary
 
 
@@ -207,23 +297,40 @@ def _finish(summary: IngestSummary, started: float) -> None:
     summary.elapsed_s = time.perf_counter() - started
 
 
-def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
-    if not data.train_data_path:
+def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
+               cache: ContainerCache) -> tuple[list[SourceRow], list[str], list[int]]:
+    """Every dataset's rows, then the validation rows; the source (CSV or folder) of each, and
+    its dataset (validation rows: 0, the [data] settings).
+
+    Each dataset reads its own path through `read_source` with its own columns and base folder.
+    """
+    if not datasets:
         raise DataError("no training data: [data] train_data_path is not set",
-                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER")
-    base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
-    rows = []
-    for split, where in (("train", data.train_data_path), ("val", data.val_data_path)):
-        if where:
-            found = read_source(ws.resolve(where), split=split, base_image_dir=base,
-                                image_column=data.image_column, caption_column=data.caption_column,
-                                mask_column=data.mask_column if data.use_masks else None)
-            if not found:
-                raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
-                                hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
-                                     "to the folder")
-            rows += found
-    return rows
+                        hint="set it in project.toml or pass --train-data-path CSV_OR_FOLDER "
+                             "(or add [[data.datasets]] tables)")
+    val_base = ws.resolve(data.base_image_dir) if data.base_image_dir else None
+    sources = [("train", d.index, d.path,
+                ws.resolve(d.base_image_dir) if d.base_image_dir else None,
+                d.image_column, d.caption_column) for d in datasets]
+    if data.val_data_path:
+        sources.append(("val", 0, data.val_data_path, val_base, data.image_column,
+                        data.caption_column))
+    rows: list[SourceRow] = []
+    origin: list[str] = []
+    dataset_of: list[int] = []
+    for split, index, where, base, image_column, caption_column in sources:
+        found = read_source(ws.resolve(where), split=split, base_image_dir=base,
+                            image_column=image_column, caption_column=caption_column,
+                            cache=cache,
+                            mask_column=data.mask_column if data.use_masks else None)
+        if not found:
+            raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
+                            hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
+                                 "to the folder")
+        rows += found
+        origin += [str(ws.resolve(where))] * len(found)
+        dataset_of += [index] * len(found)
+    return rows, origin, dataset_of
 
 
 # --- validating the files ---------------------------------------------------------------------
@@ -231,40 +338,73 @@ def _read_rows(ws: Workspace, data: DataConfig) -> list[SourceRow]:
 def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels: int,
                    workers: int | None,
                    ) -> tuple[dict[str, ImageFacts], dict[str, tuple[str, str]], int, int]:
-    """(facts of good files, (code, message) of bad files, files decoded, files reused).
+    """(facts of good images, (code, message) of bad ones, images decoded, images reused),
+    keyed by `ImageRef.key`.
 
-    A file whose size and mtime match the previous manifest is not read again: its recorded
-    hash and size are reused.
+    An image whose size and mtime match the previous manifest is not read again: its recorded
+    hash and size are reused. For an image inside a container, that is the container's mtime
+    and the member's own offset and size.
     """
     facts: dict[str, ImageFacts] = {}
     problems: dict[str, tuple[str, str]] = {}
-    to_probe = []
+    to_probe: list[ImageRef] = []
     reused = 0
-    for path in dict.fromkeys(r.path for r in rows if r.problem is None):
-        try:
-            stat = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            problems[path] = ("missing", "file not found")
+    stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per file or container
+    seen: set[str] = set()
+    for row in rows:
+        if row.problem is not None:
             continue
-        except OSError as exc:
-            problems[path] = ("unreadable", f"cannot read the file ({exc.strerror or exc})")
+        key = row.key
+        if key in seen:
             continue
-        refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
-        if refused is not None:
-            problems[path] = (refused.code, refused.message)
+        seen.add(key)
+        stat = stats.get(row.path)
+        if stat is None:
+            stat = stats[row.path] = _stat(row.path, max_pixels, bool(row.member))
+        if not isinstance(stat, os.stat_result):  # (code, message)
+            problems[key] = stat
             continue
-        known = previous.files.get(path)
-        if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
-            facts[path] = known
+        known = previous.facts(row.path, row.member)
+        if row.member:
+            if known and known.mtime_ns == stat.st_mtime_ns and known.offset == row.offset \
+                    and known.size_bytes == row.size:
+                facts[key] = known
+                reused += 1
+            else:
+                to_probe.append(row.ref)
+        elif known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
+            facts[key] = known
             reused += 1
         else:
-            to_probe.append(path)
+            to_probe.append(row.ref)
+    del seen, stats
+    # container members in file order: each worker's chunk reads forward through one shard
+    to_probe.sort(key=lambda ref: (ref.path, ref.offset))
     for result in _probe_all(to_probe, max_pixels, workers):
         if result.facts is not None:
-            facts[result.path] = result.facts
+            facts[result.key] = result.facts
         else:
-            problems[result.path] = (result.code, result.message)
+            problems[result.key] = (result.code, result.message)
     return facts, problems, len(to_probe), reused
+
+
+def _stat(path: str, max_pixels: int, container: bool) -> os.stat_result | tuple[str, str]:
+    """The stat of an image file or container, or (code, message) why it cannot be read."""
+    what = "the shard / Arrow file holding the image" if container else "file"
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return ("missing", f"{what} not found")
+    except OSError as exc:
+        return ("unreadable", f"cannot read the {what} ({exc.strerror or exc})")
+    if container:
+        if not stat_module.S_ISREG(stat.st_mode):
+            return ("not_regular_file", f"{what} is not a regular file")
+        return stat
+    refused = images.file_problem(stat, max_pixels)  # a FIFO, /dev/zero, a huge file
+    if refused is not None:
+        return (refused.code, refused.message)
+    return stat
 
 
 def available_cpus() -> int:
@@ -292,70 +432,109 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: list[str], max_pixels: int, workers: int | None,
-               masks: bool = False) -> list[ProbeResult]:
-    """Probe files in parallel (chunks over worker processes), in-process for few files;
-    `masks`: mask files (`images.probe_mask`)."""
+def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int | None,
+               masks: bool = False) -> Iterator[ProbeResult]:
+    """Probe images in parallel (chunks over worker processes), in-process for few images;
+    `masks`: mask files (`images.probe_mask`).
+
+    A generator with a bounded number of chunks in flight: results are handed on as they
+    arrive, so neither the queued work nor the finished results pile up in memory.
+    """
     if not paths:
-        return []
+        return
     workers = workers or available_cpus()
-    results: list[ProbeResult] = []
     with console.progress("Validating masks" if masks else "Validating images", total=len(paths),
                           unit="img") as bar:
         if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in paths:
-                results += images.probe_chunk([path], max_pixels, masks)
+                yield from images.probe_chunk([path], max_pixels, masks)
                 bar.advance()
-            return results
+            return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
-        size = max(1, min(MAX_CHUNK, math.ceil(len(paths) / (workers * 4))))
+        middle = paths[len(paths) // 2]
+        limit = MAX_MEMBER_CHUNK if getattr(middle, "member", "") else MAX_CHUNK
+        size = max(1, min(limit, math.ceil(len(paths) / (workers * 4))))
+        starts = iter(range(0, len(paths), size))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
         # worker_started: the workers die with ingest (a kill must not leave them reading).
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=worker_started)
+
+        def submit(count: int) -> set:
+            return {pool.submit(images.probe_chunk, paths[i:i + size], max_pixels, masks)
+                    for i in itertools.islice(starts, count)}
+
         try:
             with _main_module_hidden():  # the workers start during these submits
-                futures = [pool.submit(images.probe_chunk, paths[i:i + size], max_pixels, masks)
-                           for i in range(0, len(paths), size)]
-            for future in as_completed(futures):
-                chunk = future.result()
-                results += chunk
-                bar.advance(len(chunk))
+                pending = submit(workers * 4)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                pending |= submit(len(done))
+                for future in done:
+                    chunk = future.result()
+                    yield from chunk
+                    bar.advance(len(chunk))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-    return results
 
 
 # --- classifying rows -------------------------------------------------------------------------
 
-def _bad(row: SourceRow, code: str, reason: str, origin: dict[str, str]) -> BadRow:
-    return BadRow(split=row.split, origin=origin[row.split], source=row.source,
-                  listed_path=row.listed_path, path=row.path, code=code, reason=reason)
+class Good(NamedTuple):
+    """A row that passed validation."""
+
+    dataset: int
+    row: SourceRow
+    facts: ImageFacts
+    caption: str  # after the dataset's caption tools
+    origin: str
+    seq: int      # the row's position among all rows read
+
+
+def _dataset_counts(datasets: tuple[Dataset, ...], samples: list[ManifestRow],
+                    bad: Counter) -> dict[str, dict[str, Any]]:
+    """Per dataset: its role, good images, bad rows (`bad`: by dataset index), repeats and
+    weights (ingest's report and summary)."""
+    good = Counter(s.dataset for s in samples if s.split == "train")
+    return {d.name: {"path": d.path, "role": d.role, "images": good.get(d.index, 0),
+                     "bad": bad.get(d.index, 0), "repeats": d.repeats,
+                     "weight": d.weight, "loss_weight": d.loss_weight}
+            for d in datasets}
+
+
+def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: str) -> BadRow:
+    return BadRow(split=row.split, origin=origin, source=row.source,
+                  listed_path=row.listed_path or (
+                      f"{os.path.basename(row.path)}#{row.member}" if row.member else ""),
+                  path=row.path, code=code, reason=reason, member=row.member, seq=seq)
 
 
 def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
-              problems: dict[str, tuple[str, str]], data: DataConfig, origin: dict[str, str],
-              ) -> tuple[list[tuple[SourceRow, ImageFacts]], list[BadRow]]:
+              problems: dict[str, tuple[str, str]], data: DataConfig, origin: list[str],
+              dataset_of: list[int], datasets: tuple[Dataset, ...],
+              ) -> tuple[list[Good], list[BadRow]]:
+    """(good rows, bad rows); a good row's caption is after its dataset's caption tools."""
     good, bad = [], []
-    for row in rows:
-        path = row.path
-        problem = row.problem or problems.get(path)
+    for i, row in enumerate(rows):
+        key = row.key
+        caption = dataset_caption(row.caption, datasets[dataset_of[i]])
+        problem = row.problem or problems.get(key)
         if problem is None:
-            found = facts[path]
+            found = facts[key]
             if found.width * found.height > data.max_image_pixels:
                 # recorded by an earlier ingest, before max_image_pixels was lowered
                 refused = images.pixel_limit_problem(found.width, found.height,
                                                      data.max_image_pixels)
                 problem = (refused.code, refused.message)
-            elif not row.caption and not data.keep_empty_captions:
+            elif not caption and not data.keep_empty_captions:
                 problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
                                             "to train on it as an unconditional sample)")
         if problem is not None:
-            bad.append(_bad(row, *problem, origin))
+            bad.append(_bad(i, row, *problem, origin[i]))
         else:
-            good.append((row, facts[path]))
+            good.append(Good(dataset_of[i], row, facts[key], caption, origin[i], i))
     return good, bad
 
 
@@ -363,19 +542,19 @@ def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
 
 
-def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
-                   previous: PreviousManifest, data: DataConfig, origin: dict[str, str],
-                   workers: int | None,
-                   ) -> tuple[list[tuple[SourceRow, ImageFacts]], dict[tuple[str, str], MaskRef],
+def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManifest,
+                   data: DataConfig, workers: int | None,
+                   ) -> tuple[list[Good], dict[tuple[str, str, str], MaskRef],
                               dict[str, ImageFacts], int]:
     """Each good row's loss mask (see the module doc): (the rows still good, their masks by
-    (split, source), the facts of the mask files for the next ingest, mask files decoded).
-    Rows with a bad mask go to `bad`, naming the mask and why."""
-    chosen = {}  # (split, source) -> mask file path
-    for row, _ in good:
-        path = row.mask_path or sidecar_mask(row.path)
+    (source file, split, row), the facts of the mask files for the next ingest, mask files
+    decoded). Rows with a bad mask go to `bad`, naming the mask and why. An image inside a tar
+    shard or Arrow file has no sidecar mask file; its alpha channel is its mask."""
+    chosen = {}  # (source file, split, row) -> mask file path
+    for g in good:
+        path = g.row.mask_path or (None if g.row.member else sidecar_mask(g.row.path))
         if path is not None:
-            chosen[(row.split, row.source)] = path
+            chosen[(g.origin, g.row.split, g.row.source)] = path
     facts, problems, to_probe = {}, {}, []
     for path in dict.fromkeys(chosen.values()):
         try:
@@ -383,24 +562,25 @@ def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
         except OSError:
             problems[path] = ("missing", "file not found")
             continue
-        known = previous.files.get(path)
+        known = previous.facts(path, "")
         if known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
             facts[path] = known
         else:
             to_probe.append(path)
     for result in _probe_all(to_probe, data.max_image_pixels, workers, masks=True):
         if result.facts is not None:
-            facts[result.path] = result.facts
+            facts[result.key] = result.facts
         else:
-            problems[result.path] = (result.code, result.message)
+            problems[result.key] = (result.code, result.message)
 
     kept, masks = [], {}
-    for row, image in good:
-        key = (row.split, row.source)
+    for g in good:
+        row, image = g.row, g.facts
+        key = (g.origin, row.split, row.source)
         path = chosen.get(key)
         problem = None
         if path is None:
-            if image.format in _ALPHA_FORMATS and _has_alpha(image.path, data.max_image_pixels):
+            if image.format in _ALPHA_FORMATS and _has_alpha(image.ref, data.max_image_pixels):
                 masks[key] = MaskRef("alpha", Path(image.path), image.sha256, image.size_bytes,
                                      image.mtime_ns)
         elif path in problems:
@@ -416,77 +596,96 @@ def _examine_masks(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow],
             masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
                                  found.mtime_ns)
         if problem is not None:
-            bad.append(_bad(row, *problem, origin))
+            bad.append(_bad(g.seq, row, *problem, g.origin))
         else:
-            kept.append((row, image))
+            kept.append(g)
     return kept, masks, facts, len(to_probe)
 
 
-def _has_alpha(path: str, max_pixels: int) -> bool:
+def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
     try:
-        return images.file_has_alpha(path, max_pixels)
+        return images.file_has_alpha(ref, max_pixels)
     except (OSError, images.ImageProblem):  # it decoded moments ago; training re-checks it
         return False
 
 
-def _plan(good: list[tuple[SourceRow, ImageFacts]], bad: list[BadRow], data: DataConfig,
-          batch_sizes: dict[str, int], origin: dict[str, str], multiple: int,
-          masks: dict[tuple[str, str], MaskRef] | None = None,
+def _plan(good: list[Good], bad: list[BadRow],
+          data: DataConfig, batch_sizes: dict[str, int], origin: list[str], multiple: int,
+          datasets: tuple[Dataset, ...],
+          masks: dict[tuple[str, str, str], MaskRef] | None = None,
           ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
-    """Bucket plan per split; images it cannot use (too small) become bad rows."""
-    samples, plans = [], {}
-    for split in ("train", "val"):
-        items = [(row, found) for row, found in good if row.split == split]
+    """Bucket plans; images a plan cannot use (too small) become bad rows.
+
+    Datasets with the same size settings (resolution, buckets, max_upscale) are planned
+    together, so their images share buckets and batches; a dataset with its own settings gets
+    its own plan (named "train: NAME" in the report). Validation rows use [data]'s settings.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for d in datasets:
+        groups.setdefault((d.resolution, d.use_resolution_buckets, d.max_upscale), []).append(
+            d.index)
+    plan_of: list[tuple[str, tuple, list[int]]] = [
+        ("train" if len(groups) == 1 else
+         "train: " + ", ".join(datasets[i].name for i in members), settings, members)
+        for settings, members in groups.items()]
+    if any(g.row.split == "val" for g in good):
+        plan_of.append(("val", (data.resolution, data.use_resolution_buckets, data.max_upscale),
+                        []))
+    targets: dict[int, tuple[tuple[int, int] | None, str]] = {}  # position in `good`
+    plans = {}
+    for name, (resolution, use_buckets, max_upscale), members in plan_of:
+        split = "val" if name == "val" else "train"
+        items = [k for k, g in enumerate(good)
+                 if g.row.split == split and (split == "val" or g.dataset in members)]
         if not items:
             continue
-        plan = plan_buckets([(f.width, f.height) for _, f in items],
-                            resolution=data.resolution, use_buckets=data.use_resolution_buckets,
-                            max_upscale=data.max_upscale, max_native_pixels=data.max_native_pixels,
+        plan = plan_buckets([(good[k].facts.width, good[k].facts.height) for k in items],
+                            resolution=resolution, use_buckets=use_buckets,
+                            max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
                             batch_size=batch_sizes[split], multiple=multiple)
-        plans[split] = plan
-        for index, (row, found) in enumerate(items):
-            target = plan.targets[index]
-            if target is None:
-                bad.append(_bad(row, "too_small", plan.dropped[index], origin))
-                continue
-            samples.append(ManifestRow(
-                split=split, source=row.source, path=Path(found.path), caption=row.caption,
-                sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
-                width=found.width, height=found.height, format=found.format,
-                bucket_w=target[0], bucket_h=target[1],
-                mask=(masks or {}).get((row.split, row.source))))
+        plans[name] = plan
+        for n, k in enumerate(items):
+            targets[k] = (plan.targets[n], plan.dropped.get(n, ""))
+    samples = []
+    paths: dict[str, Path] = {}  # one Path per file or container, not one per member
+    for k, (d, row, found, caption, where, seq) in enumerate(good):
+        target, why = targets[k]
+        if target is None:
+            bad.append(_bad(seq, row, "too_small", why, where))
+            continue
+        path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
+        samples.append(ManifestRow(
+            split=row.split, source=row.source, path=path, caption=caption,
+            sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
+            width=found.width, height=found.height, format=found.format,
+            bucket_w=target[0], bucket_h=target[1], member=found.member, offset=found.offset,
+            mask=(masks or {}).get((where, row.split, row.source)), dataset=d,
+            raw_caption=None if caption == row.caption else row.caption))
+    # the manifest keeps training rows before validation rows, in source order
+    samples.sort(key=lambda s: s.split != "train")
     return samples, plans
 
 
 def _duplicates(samples: list[ManifestRow]) -> list[list[ManifestRow]]:
+    # counted first: a list per distinct image would cost memory for every sample
+    repeated = {sha for sha, n in Counter(s.sha256 for s in samples).items() if n > 1}
     groups: dict[str, list[ManifestRow]] = defaultdict(list)
     for sample in samples:
-        groups[sample.sha256].append(sample)
-    return [group for group in groups.values() if len(group) > 1]
+        if sample.sha256 in repeated:
+            groups[sample.sha256].append(sample)
+    return list(groups.values())
 
 
 def _changes(previous: PreviousManifest, samples: list[ManifestRow]) -> Changes:
-    """Compare samples by (split, file, n-th use of that file): content, caption and bucket."""
-
-    def keyed(rows: list[SampleKey]) -> dict[tuple, tuple]:
-        seen: Counter = Counter()
-        out = {}
-        for split, path, *content in rows:
-            out[(split, path, seen[split, path])] = tuple(content)
-            seen[split, path] += 1
-        return out
-
-    old, new = keyed(previous.samples), keyed([sample_key(s) for s in samples])
-    both = old.keys() & new.keys()
-    changed = sum(old[k] != new[k] for k in both)
-    return Changes(added=len(new.keys() - old.keys()), changed=changed,
-                   removed=len(old.keys() - new.keys()), unchanged=len(both) - changed)
+    """Compare samples by (split, image, n-th use of that image): content, caption, bucket."""
+    added, changed, removed, unchanged = count_changes(previous, samples)
+    return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
 
 
 # --- the report -------------------------------------------------------------------------------
 
 def _sample_ref(row: ManifestRow) -> dict[str, str]:
-    return {"split": row.split, "source": row.source, "path": str(row.path)}
+    return {"split": row.split, "source": row.source, "path": row.image_name}
 
 
 def _write_report(summary: IngestSummary, data: DataConfig, strict: bool) -> None:
@@ -553,6 +752,13 @@ def _plan_table(split: str, plan: BucketPlan) -> Table:
 def print_summary(summary: IngestSummary) -> None:
     """Bad rows, duplicates, the bucket plans and a one-line summary."""
     print_bad_rows(summary)
+    if summary.kept_counters is not None:
+        for note in summary.notes:
+            console.info(f"note: {note}")
+        console.print(f"ingested {summary.counts.get('train', 0)} train + "
+                      f"{summary.counts.get('val', 0)} val images; {len(summary.bad)} bad; "
+                      f"nothing changed ({summary.elapsed_s:.2f} s)")
+        return
     for group in summary.duplicates[:10]:
         console.print("same image: " + ", ".join(escape(f"{s.split} {s.source}") for s in group))
     if len(summary.duplicates) > 10:
@@ -563,6 +769,10 @@ def print_summary(summary: IngestSummary) -> None:
             console.info(f"note ({split}): {note}")
     for note in summary.notes:
         console.info(f"note: {note}")
+    if len(summary.datasets) > 1:
+        for name, counts in summary.datasets.items():
+            console.print(f"dataset {escape(name)} ({counts['role']}): {counts['images']} "
+                          f"image(s), {counts['bad']} bad")
     c = summary.changes
     rate = summary.files_read / summary.elapsed_s if summary.elapsed_s > 0 else 0.0
     console.print(
@@ -571,6 +781,9 @@ def print_summary(summary: IngestSummary) -> None:
         f"{len(summary.bad)} bad, {len(summary.duplicates)} duplicate group(s); "
         f"added {c.added}, changed {c.changed}, removed {c.removed}, unchanged {c.unchanged}; "
         f"decoded {summary.files_read} file(s), reused {summary.files_reused} "
+        + (f"(shards/Arrow files: read {summary.containers_read}, unchanged "
+           f"{summary.containers_reused}) " if summary.containers_read + summary.containers_reused
+           else "") +
         f"({summary.elapsed_s:.1f} s, {rate:.0f} images/s)")
     if summary.bad:
         console.warn(f"{len(summary.bad)} bad row(s) skipped (listed above; "

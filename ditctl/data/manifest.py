@@ -2,9 +2,12 @@
 
 Tables:
   samples  one row per good sample: split, source row, path, caption, content hash, file size
-           and mtime, oriented width/height, format, and its target (bucket) size;
-  files    what validation learned per file (size, mtime, hash, size in pixels), so a re-ingest
-           re-reads only files whose size or mtime changed (images and mask files alike);
+           and mtime, oriented width/height, format, its target (bucket) size, and for an
+           image inside a container (tar shard, Arrow file) its member name and byte offset
+           (`path` is then the container, `mtime_ns` the container's);
+  files    what validation learned per image (size, mtime, hash, size in pixels), so a
+           re-ingest re-reads only images whose size or mtime changed (images and mask files
+           alike);
   masks    the loss mask of a sample ([data] use_masks): a mask file, or the image's own alpha
            channel; samples without a row here train everywhere (manifests written before
            masks existed have no such table and read the same);
@@ -31,9 +34,10 @@ from ..config import Config
 from ..errors import DataError, WorkspaceError
 from ..fsutil import TEMP_PREFIX, fsync_dir
 from ..workspace import Workspace
-from .images import ImageFacts
+from .images import ImageFacts, ImageRef, ref_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3  # 2: the dataset of each sample, its caption as the source wrote it;
+#                     3: member and offset (images inside tar shards / Arrow files)
 SPLITS = ("train", "val")
 
 _SCHEMA = """
@@ -51,7 +55,11 @@ CREATE TABLE samples (
     height INTEGER NOT NULL,
     format TEXT NOT NULL,
     bucket_w INTEGER NOT NULL,
-    bucket_h INTEGER NOT NULL
+    bucket_h INTEGER NOT NULL,
+    member TEXT NOT NULL DEFAULT '',
+    offset INTEGER NOT NULL DEFAULT -1,
+    dataset INTEGER NOT NULL DEFAULT 0,
+    raw_caption TEXT            -- NULL: the same as caption
 );
 CREATE INDEX samples_split ON samples (split, id);
 CREATE TABLE masks (
@@ -63,17 +71,23 @@ CREATE TABLE masks (
     mtime_ns INTEGER NOT NULL
 );
 CREATE TABLE files (
-    path TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    format TEXT NOT NULL
+    format TEXT NOT NULL,
+    member TEXT NOT NULL DEFAULT '',
+    offset INTEGER NOT NULL DEFAULT -1,
+    PRIMARY KEY (path, member)
 );
 """
 _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
-                   "width", "height", "format", "bucket_w", "bucket_h")
+                   "width", "height", "format", "bucket_w", "bucket_h", "member", "offset",
+                   "dataset", "raw_caption")
+_FILE_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
+                 "member", "offset")
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,11 @@ class MaskRef:
         return f"file:{self.sha256}" if self.kind == "file" else "alpha"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManifestRow:
     """One good sample. `width`/`height` are the image's (EXIF-oriented) size; the bucket is
-    the size it trains at."""
+    the size it trains at. An image inside a container file has a `member` name and the
+    `offset` of its bytes in `path` (the container); read it through `ref`."""
 
     split: str
     source: str
@@ -111,17 +126,39 @@ class ManifestRow:
     format: str
     bucket_w: int
     bucket_h: int
+    member: str = ""
+    offset: int = -1
     mask: MaskRef | None = None  # [data] use_masks: the loss mask; None: train everywhere
+    # the run's dataset it belongs to (ditctl.data.datasets), and its caption before the
+    # dataset's caption tools (`caption` is after them; None: the same)
+    dataset: int = 0
+    raw_caption: str | None = None
+
+    @property
+    def source_caption(self) -> str:
+        return self.caption if self.raw_caption is None else self.raw_caption
 
     @property
     def bucket(self) -> tuple[int, int]:
         return self.bucket_w, self.bucket_h
 
+    @property
+    def ref(self) -> ImageRef:
+        """Where the image's bytes are (the one way every stage reads them)."""
+        return ImageRef(str(self.path), self.member, self.offset,
+                        self.size_bytes if self.member else -1)
+
+    @property
+    def image_name(self) -> str:
+        """The image for messages: its path, or `shard.tar#member`."""
+        return self.ref.name
+
     def values(self) -> tuple:
         """The row in the column order of the samples table."""
         return (self.split, self.source, str(self.path), self.caption, self.sha256,
                 self.size_bytes, self.mtime_ns, self.width, self.height, self.format,
-                self.bucket_w, self.bucket_h)
+                self.bucket_w, self.bucket_h, self.member, self.offset, self.dataset,
+                self.raw_caption)
 
 
 def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
@@ -133,6 +170,8 @@ def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
                   row.bucket_w, row.bucket_h]
         if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
             fields.append(row.mask.identity)
+        if row.dataset:  # a one-dataset manifest keeps the fingerprint it always had
+            fields.append(row.dataset)
         digest.update(json.dumps(fields).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
@@ -157,9 +196,10 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
             db.executescript(_SCHEMA)
             with db:  # one transaction
                 _insert_samples(db, rows)
-                db.executemany("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                db.executemany(f"INSERT INTO files ({', '.join(_FILE_COLUMNS)}) VALUES "
+                               f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
-                                 f.format) for f in files))
+                                 f.format, f.member, f.offset) for f in files))
                 all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                ((k, json.dumps(v)) for k, v in all_meta.items()))
@@ -206,6 +246,19 @@ def _open(ws: Workspace) -> Iterator[sqlite3.Connection]:
                         hint="run `ditctl ingest` to rebuild it") from None
 
 
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The meta table of the manifest at `path` (without reading a sample), or None when there
+    is no readable manifest of this schema."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    except (sqlite3.DatabaseError, ValueError):
+        return None
+    return meta if meta.get("schema_version") == SCHEMA_VERSION else None
+
+
 def _meta_value(db: sqlite3.Connection, key: str) -> Any:
     found = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return json.loads(found[0]) if found else None
@@ -223,12 +276,17 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
         found = db.execute(f"SELECT {', '.join(columns)} FROM samples s "
                            + ("LEFT JOIN masks m ON m.sample_id = s.id " if masked else "")
                            + "WHERE s.split = ? ORDER BY s.id", (split,)).fetchall()
-    return [_row(values) for values in found]
+    paths: dict[str, Path] = {}
+    return [_row(values, paths) for values in found]
 
 
-def _row(values: tuple) -> ManifestRow:
+def _row(values: tuple, paths: dict[str, Path] | None = None) -> ManifestRow:
     fields = dict(zip(_SAMPLE_COLUMNS, values))
-    fields["path"] = Path(fields["path"])
+    path = fields["path"]
+    if paths is None:
+        fields["path"] = Path(path)
+    else:  # one Path object per container, not one per member
+        fields["path"] = paths.get(path) or paths.setdefault(path, Path(path))
     mask = values[len(_SAMPLE_COLUMNS):]
     if mask and mask[0] is not None:
         kind, path, sha256, size_bytes, mtime_ns = mask
@@ -258,9 +316,21 @@ def manifest_meta(ws: Workspace) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
 
 
-# [data] keys that only change how training reads the images (crop position, flips), not what
-# ingest writes: changing them never makes the manifest stale.
-NOT_INGEST_KEYS = ("center_crop", "random_flip")
+# [data] keys (and keys of its dataset tables) that only change how training reads the
+# samples (crop position, flips, caption shuffling, how often and how much each one counts),
+# not what ingest writes: changing them never makes the manifest stale.
+NOT_INGEST_KEYS = ("center_crop", "random_flip", "shuffle_tags", "keep_tokens")
+NOT_INGEST_DATASET_KEYS = NOT_INGEST_KEYS + ("repeats", "weight", "role", "loss_weight",
+                                             "caption_dropout")
+
+
+def ingest_settings(data_config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a [data] dict (as the manifest stores it) that change what ingest writes."""
+    out = {k: v for k, v in data_config.items() if k not in NOT_INGEST_KEYS}
+    if "datasets" in out:
+        out["datasets"] = [{k: v for k, v in table.items() if k not in NOT_INGEST_DATASET_KEYS}
+                           for table in out["datasets"] or ()]
+    return out
 
 
 def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
@@ -271,46 +341,91 @@ def stale_manifest_reason(ws: Workspace, config: Config) -> str | None:
     """
     if not ws.manifest_db.is_file():
         return "the data has not been ingested yet"
-    recorded = manifest_meta(ws).get("data_config") or {}
+    try:
+        recorded = ingest_settings(manifest_meta(ws).get("data_config") or {})
+    except DataError as exc:  # another schema version, unreadable: rebuilt the same way
+        return str(exc)
     # Through JSON, as the manifest stored it, so that tuples and lists compare equal.
-    current = json.loads(json.dumps(dataclasses.asdict(config.data)))
+    current = ingest_settings(json.loads(json.dumps(dataclasses.asdict(config.data))))
     changed = [f"{key} = {recorded.get(key)!r} -> {value!r}" for key, value in current.items()
-               if key not in NOT_INGEST_KEYS and recorded.get(key) != value]
+               if recorded.get(key) != value]
     if changed:
         return "the manifest was built with other [data] settings (" + "; ".join(changed) + ")"
     return None
 
 
-# (split, path, sha256, caption, bucket_w, bucket_h): enough to tell what a re-ingest changed
-SampleKey = tuple[str, str, str, str, int, int]
-
-
-def sample_key(row: ManifestRow) -> SampleKey:
-    return (row.split, str(row.path), row.sha256, row.caption, row.bucket_w, row.bucket_h)
-
-
-@dataclass(frozen=True)
 class PreviousManifest:
-    """What the last ingest recorded, for incremental re-ingest (empty when there is none)."""
+    """What the last ingest recorded, for incremental re-ingest (empty when there is none).
 
-    files: dict[str, ImageFacts]
-    samples: list[SampleKey]
-    problem: str | None = None
+    Image facts are looked up one image at a time in the file (primary-key lookups), never
+    loaded whole: a re-ingest's memory does not grow with the previous manifest."""
+
+    def __init__(self, path: Path | None, problem: str | None = None):
+        self.path = path
+        self.problem = problem
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def facts(self, path: str, member: str) -> ImageFacts | None:
+        if self._db is None:
+            return None
+        found = self._db.execute(f"SELECT {', '.join(_FILE_COLUMNS)} FROM files "
+                                 "WHERE path = ? AND member = ?", (path, member)).fetchone()
+        return ImageFacts(*found) if found else None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
 
 def read_previous(path: Path) -> PreviousManifest:
     """The previous manifest at `path`; an unreadable one counts as none (with the reason)."""
     path = Path(path)
     if not path.is_file():
-        return PreviousManifest({}, [])
+        return PreviousManifest(None)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            # earlier schemas' files tables lack member/offset: every image is read again
             if _meta_value(db, "schema_version") != SCHEMA_VERSION:
-                return PreviousManifest({}, [], "written by another ditctl version")
-            files = {values[0]: ImageFacts(*values) for values in db.execute(
-                "SELECT path, size_bytes, mtime_ns, sha256, width, height, format FROM files")}
-            samples = db.execute("SELECT split, path, sha256, caption, bucket_w, bucket_h "
-                                 "FROM samples ORDER BY id").fetchall()
-        return PreviousManifest(files, samples)
+                return PreviousManifest(None, "written by another ditctl version")
+            db.execute("SELECT path FROM files LIMIT 1").fetchall()
+        return PreviousManifest(path)
     except sqlite3.DatabaseError as exc:
-        return PreviousManifest({}, [], f"unreadable ({exc})")
+        return PreviousManifest(None, f"unreadable ({exc})")
+
+
+_CHANGES_SQL = """
+WITH n AS (SELECT split, path, member, sha256, caption, bucket_w, bucket_h,
+                  ROW_NUMBER() OVER (PARTITION BY split, path, member ORDER BY id) AS k
+           FROM new),
+     o AS (SELECT split, path, member, sha256, caption, bucket_w, bucket_h,
+                  ROW_NUMBER() OVER (PARTITION BY split, path, member ORDER BY id) AS k
+           FROM old.samples)
+SELECT COUNT(*), COALESCE(SUM(n.sha256 IS NOT o.sha256 OR n.caption IS NOT o.caption
+                              OR n.bucket_w IS NOT o.bucket_w OR n.bucket_h IS NOT o.bucket_h), 0)
+FROM n JOIN o ON n.split = o.split AND n.path = o.path AND n.member = o.member AND n.k = o.k
+"""
+
+
+def count_changes(previous: PreviousManifest, rows: list[ManifestRow],
+                  ) -> tuple[int, int, int, int]:
+    """(added, changed, removed, unchanged) samples against the previous manifest, matched by
+    (split, image, n-th use of that image) and compared by content, caption and bucket.
+
+    Done by SQLite in a temporary on-disk database, so that comparing a million samples
+    holds no million-entry dictionaries."""
+    if previous.path is None:
+        return len(rows), 0, 0, 0
+    with contextlib.closing(sqlite3.connect("")) as db:  # "": a private temporary file
+        db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
+                   "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, bucket_h INTEGER)")
+        db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
+                       "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       ((r.split, str(r.path), r.member, r.sha256, r.caption, r.bucket_w,
+                         r.bucket_h) for r in rows))
+        db.execute("ATTACH DATABASE ? AS old", (str(previous.path),))
+        both, changed = db.execute(_CHANGES_SQL).fetchone()
+        old_total = db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
+    return len(rows) - both, changed, old_total - both, both - changed

@@ -1,4 +1,14 @@
-"""Reading a data source into rows of (image path, caption): a CSV file or a folder of images.
+"""Reading a data source into rows of (image, caption). `read_source` is the one entry point;
+it dispatches on what the path is:
+
+  folder with state.json + dataset_info.json   a Hugging Face `datasets` folder (table_sources)
+  folder holding .tar files (and no images)    WebDataset shards (webdataset)
+  other folder                                 images, captions from names or sidecar .txt
+  *.jsonl / *.ndjson, *.parquet                records of image path + caption (table_sources)
+  *.tar, a glob or a brace list                WebDataset shards
+  any other file                               CSV
+
+CSV, JSONL and Parquet may name an image inside a tar shard as `shards/000.tar#0001.jpg`.
 
 CSV: the image column holds paths relative to `base_image_dir` (default: the CSV's folder) or
 absolute paths; the caption column holds the caption. The file must be UTF-8 (a BOM is fine);
@@ -28,17 +38,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .images import IMAGE_SUFFIXES
+from .containers import ContainerCache, Entry, MemberResolver, split_member
+from .images import IMAGE_SUFFIXES, ImageRef, ref_key
+from .table_sources import (is_datasets_folder, read_datasets_folder, read_jsonl,
+                            read_parquet)
+from .webdataset import is_shard_spec, read_webdataset
+
+DEFAULT_IMAGE_COLUMN = "image_path"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceRow:
     """One (image, caption) pair as the source lists it.
 
-    `source` names the row in its source: "line 12" of a CSV, or the image's path relative to
-    the folder. `listed_path` is the path as written (for messages); `path` is the absolute,
-    normalised path (a str: ingest handles many thousands of them and only needs strings).
-    `problem` is a (code, message) found while reading the source itself.
+    `source` names the row in its source: "line 12" of a CSV or JSONL file, "row 12" of a
+    Parquet file, the image's path relative to a folder, "shard-000.tar key 0001" of a
+    WebDataset, "data-00000-of-00001.arrow row 5" of a `datasets` folder. `listed_path` is the
+    image as written (for messages); `path` is the absolute, normalised path of the file that
+    holds the image (a str: ingest handles millions of them). For an image inside a container
+    (a tar shard, an Arrow file), `member`, `offset` and `size` say where (see ImageRef).
+    `problem` is a (code, message) found while reading the source itself. Slots: ingest holds
+    one per sample.
     """
 
     split: str
@@ -47,26 +67,124 @@ class SourceRow:
     path: str
     caption: str
     problem: tuple[str, str] | None = None
+    member: str = ""
+    offset: int = -1
+    size: int = -1
     mask_listed: str = ""  # the mask path as the CSV's mask column writes it ("" for none)
     mask_path: str | None = None  # its absolute, normalised path
 
+    @property
+    def ref(self) -> ImageRef:
+        return ImageRef(self.path, self.member, self.offset, self.size)
+
+    @property
+    def key(self) -> str:
+        return ref_key(self.path, self.member)
+
 
 def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
-                image_column: str = "image_path", caption_column: str = "caption",
+                image_column: str = DEFAULT_IMAGE_COLUMN, caption_column: str = "caption",
+                cache: ContainerCache | None = None,
                 mask_column: str | None = None) -> list[SourceRow]:
-    """The rows of a CSV file or image folder (see the module docstring); `mask_column`: the
-    CSV's optional column of mask paths (None: masks are not read)."""
-    data_path = Path(os.path.abspath(data_path))
+    """The rows of a data source (see the module docstring). `cache` remembers what reading
+    each tar shard / Arrow file learned, so an unchanged one is not read again;
+    `mask_column`: a CSV's optional column of mask paths (None: masks are not read)."""
+    cache = cache if cache is not None else ContainerCache(None)
+    spec = os.path.abspath(os.path.expanduser(str(data_path)))
+    data_path = Path(spec)
+    columns = {"image_column": image_column, "caption_column": caption_column}
     if data_path.is_dir():
+        if is_datasets_folder(data_path):
+            return list(_datasets_rows(data_path, split, image_column, caption_column, cache))
+        if holds_shards(data_path):
+            return list(_webdataset_rows(data_path, split, caption_column, cache))
         return read_folder(data_path, split=split)
-    if data_path.is_file():
-        return read_csv(data_path, split=split, base_image_dir=base_image_dir,
-                        image_column=image_column, caption_column=caption_column,
-                        mask_column=mask_column)
+    if data_path.is_file() and not spec.endswith(".tar"):
+        suffix = data_path.suffix.lower()
+        base = os.path.abspath(base_image_dir if base_image_dir is not None else data_path.parent)
+        resolver = MemberResolver(cache)
+        if suffix in (".jsonl", ".ndjson"):
+            records = read_jsonl(data_path, **columns)
+        elif suffix == ".parquet":
+            records = read_parquet(data_path, **columns)
+        else:
+            return read_csv(data_path, split=split, base_image_dir=base_image_dir, **columns,
+                            resolver=resolver, mask_column=mask_column)
+        return [listed_row(split, source, listed, caption, base, resolver, problem)
+                for source, listed, caption, problem in records]
+    if is_shard_spec(spec):
+        return list(_webdataset_rows(spec, split, caption_column, cache))
     key = "train_data_path" if split == "train" else "val_data_path"
     raise DataError(f"{data_path}: no such file or folder ([data] {key})",
-                    hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV file or a "
-                         "folder of images")
+                    hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV, JSONL or "
+                         "Parquet file, a folder of images, tar shards or a datasets folder")
+
+
+def holds_shards(folder: Path) -> bool:
+    """A folder of WebDataset shards: .tar files and no images at its top level."""
+    with os.scandir(folder) as listing:
+        names = [entry.name.lower() for entry in listing if not entry.name.startswith(".")]
+    return any(n.endswith(".tar") for n in names) and not any(
+        n.endswith(IMAGE_SUFFIXES) for n in names)
+
+
+def listed_row(split: str, source: str, listed: object, caption: object, base: str,
+               resolver: MemberResolver, problem: tuple[str, str] | None = None) -> SourceRow:
+    """A row from a listed image path (relative to `base`, absolute, or `shard.tar#member`)
+    and caption, as a CSV, JSONL or Parquet record gives them."""
+    caption = caption.strip() if isinstance(caption, str) else "" if caption is None else None
+    if problem is not None:
+        return SourceRow(split, source, "", base, caption or "", problem)
+    if caption is None:
+        return SourceRow(split, source, str(listed), base, "",
+                         ("bad_caption", "the caption is not text"))
+    listed = listed.strip() if isinstance(listed, str) else listed
+    if not listed:
+        return SourceRow(split, source, "", base, caption, ("no_path", "the image path is empty"))
+    if not isinstance(listed, str):
+        return SourceRow(split, source, str(listed), base, caption,
+                         ("no_path", "the image path is not text"))
+    in_shard = split_member(listed)
+    if in_shard is None:
+        # join() keeps an absolute listed path as it is
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(listed)))
+        return SourceRow(split, source, listed, path, caption)
+    shard = resolver.shard_path(base, in_shard[0])
+    entry = resolver.entry(shard, in_shard[1])
+    if not isinstance(entry, Entry):
+        return SourceRow(split, source, listed, shard, caption, entry, in_shard[1])
+    # listed_path left empty: the shard and member say the same, and a million listed strings
+    # would be kept for nothing (BadRow shows `shard.tar#member` instead)
+    return SourceRow(split, source, "", shard, caption, None, entry.name, entry.offset,
+                     entry.size)
+
+
+def _webdataset_rows(spec: Path | str, split: str, caption_column: str, cache: ContainerCache):
+    for shard, shown, key, image, caption, problem in read_webdataset(
+            spec, caption_column=caption_column, cache=cache):
+        source = f"{shown} key {key}"
+        if image is None:
+            yield SourceRow(split, source, key, shard, caption, problem)
+        else:
+            yield SourceRow(split, source, image.name, shard, caption, problem, image.name,
+                            image.offset, image.size)
+
+
+def _datasets_rows(folder: Path, split: str, image_column: str, caption_column: str,
+                   cache: ContainerCache):
+    for path, name, number, entry in read_datasets_folder(
+            folder, image_column=image_column, caption_column=caption_column,
+            image_column_is_default=image_column == DEFAULT_IMAGE_COLUMN, cache=cache):
+        caption, source = (entry.text or "").strip(), f"{name} row {number}"
+        if entry.offset >= 0:
+            yield SourceRow(split, source, f"{name}#{entry.name}", path, caption, None,
+                            entry.name, entry.offset, entry.size)
+        elif entry.name:  # no bytes, a path: an image file beside the dataset or absolute
+            file = os.path.normpath(os.path.join(folder, entry.name))
+            yield SourceRow(split, source, entry.name, file, caption)
+        else:
+            yield SourceRow(split, source, "", path, caption,
+                            ("no_path", "the image has neither bytes nor a path"))
 
 
 # --- CSV --------------------------------------------------------------------------------------
@@ -87,9 +205,11 @@ def _decode_utf8(path: Path) -> str:
 
 
 def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_column: str,
-             caption_column: str, mask_column: str | None = None) -> list[SourceRow]:
+             caption_column: str, resolver: MemberResolver | None = None,
+             mask_column: str | None = None) -> list[SourceRow]:
     text = _decode_utf8(path)
     base = os.path.abspath(base_image_dir if base_image_dir is not None else path.parent)
+    resolver = resolver if resolver is not None else MemberResolver(ContainerCache(None))
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -112,7 +232,10 @@ def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_colum
             start, line = line, reader.line_num + 1
             if not any(field.strip() for field in record):
                 continue  # blank lines
-            row = _csv_row(record, image_at, caption_at, base, split, start)
+            row = listed_row(split, f"line {start}",
+                             record[image_at] if image_at < len(record) else "",
+                             record[caption_at] if caption_at < len(record) else "",
+                             base, resolver)
             listed = record[mask_at].strip() if mask_at is not None and mask_at < len(record) \
                 else ""
             if listed:
@@ -123,18 +246,6 @@ def read_csv(path: Path, *, split: str, base_image_dir: Path | None, image_colum
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({exc})",
                         hint="fix the quoting on that line") from None
-
-
-def _csv_row(record: list[str], image_at: int, caption_at: int, base: str, split: str,
-             line: int) -> SourceRow:
-    listed = record[image_at].strip() if image_at < len(record) else ""
-    caption = record[caption_at].strip() if caption_at < len(record) else ""
-    source = f"line {line}"
-    if not listed:
-        return SourceRow(split, source, "", base, caption, ("no_path", "the image path is empty"))
-    # join() keeps an absolute listed path as it is
-    path = os.path.normpath(os.path.join(base, os.path.expanduser(listed)))
-    return SourceRow(split, source, listed, path, caption)
 
 
 # --- folder -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import decode_mask, decode_rgb, read_image_file
+from .images import ImageRef, decode_mask, decode_rgb, read_image
 
 Crop = Literal["center"] | tuple[int, int]
 DEFAULT_MAX_PIXELS = 100_000_000  # matches [data] max_image_pixels' default
@@ -51,16 +51,18 @@ def center_crop_offset(width: int, height: int, target_w: int, target_h: int) ->
     return max_left // 2, max_top // 2
 
 
-def load_training_image(path: str | Path, target_w: int, target_h: int, *,
+def load_training_image(image: ImageRef | str | Path, target_w: int, target_h: int, *,
                         crop: Crop = "center", flip: bool = False,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The training tensor of one image: float32 [3, target_h, target_w] in [-1, 1].
 
     `crop` is "center" or explicit (left, top) offsets within `crop_offset_range`;
-    `flip` mirrors the cropped image left/right.
+    `flip` mirrors the cropped image left/right. `image` is an image file or an ImageRef
+    (an image inside a tar shard or Arrow file).
     """
-    image = decode_rgb(read_image_file(path, max_pixels)[0], max_pixels=max_pixels)
-    return transform_image(image, target_w, target_h, crop=crop, flip=flip)
+    ref = image if isinstance(image, ImageRef) else ImageRef(str(image))
+    decoded = decode_rgb(read_image(ref, max_pixels)[0], max_pixels=max_pixels)
+    return transform_image(decoded, target_w, target_h, crop=crop, flip=flip)
 
 
 def transform_image(image: Image.Image, target_w: int, target_h: int, *,
@@ -95,13 +97,16 @@ def fit_image(image: Image.Image, target_w: int, target_h: int, *, crop: Crop = 
     return image
 
 
-def load_training_mask(path: str | Path, target_w: int, target_h: int, *, alpha: bool = False,
+def load_training_mask(path: ImageRef | str | Path, target_w: int, target_h: int, *,
+                       alpha: bool = False,
                        crop: Crop = "center", flip: bool = False,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The loss mask of one image at its training size: float32 [1, target_h, target_w] in
     [0, 1] (1: learn). `path` is a mask file, or with `alpha` the image whose alpha channel
-    is the mask; `crop` and `flip` are the image's (see `load_training_image`)."""
-    mask = decode_mask(read_image_file(path, max_pixels)[0], max_pixels=max_pixels, alpha=alpha)
+    is the mask (an ImageRef for an image inside a container); `crop` and `flip` are the
+    image's (see `load_training_image`)."""
+    ref = path if isinstance(path, ImageRef) else ImageRef(str(path))
+    mask = decode_mask(read_image(ref, max_pixels)[0], max_pixels=max_pixels, alpha=alpha)
     mask = fit_image(mask, target_w, target_h, crop=crop, flip=flip)
     pixels = torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())  # [H, W]
     return pixels.unsqueeze(0).to(torch.float32).div_(255.0)

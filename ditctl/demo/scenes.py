@@ -216,21 +216,21 @@ def write_dataset(folder: Path, scenes: Sequence[Scene], *, csv_name: str = "tra
 
 def write_example_dataset(folder: Path, *, seed: int = 0, n_train: int = 48, n_val: int = 8,
                           n_prior: int = 96) -> dict:
-    """The `ditctl init --example` data: train.csv and val.csv.
+    """The `ditctl init --example` data: train.csv, prior.csv and val.csv.
 
-    Training holds `n_train` scenes of the held-out concept plus `n_prior` scenes of concepts
-    the base model knows (prior preservation, as in DreamBooth): trained on the new concept
-    alone, a LoRA learns "everything is green" and the base model's other colours are lost.
-    Validation holds only new held-out scenes (another seed, `seed + 1`).
+    train.csv holds `n_train` scenes of the held-out concept; prior.csv `n_prior` scenes of
+    concepts the base model knows, trained as a second dataset with role = "regularization"
+    (prior preservation, as in DreamBooth): trained on the new concept alone, a LoRA learns
+    "everything is green" and the base model's other colours are lost. Validation holds only
+    new held-out scenes (another seed, `seed + 1`).
     """
     folder = Path(folder)
-    scenes = held_out_scenes(n_train, seed) + base_training_scenes(n_prior, seed + 2)
-    random.Random(seed).shuffle(scenes)
-    train = write_dataset(folder, scenes, csv_name="train.csv")
+    train = write_dataset(folder, held_out_scenes(n_train, seed), csv_name="train.csv")
+    prior = write_dataset(folder, base_training_scenes(n_prior, seed + 2), csv_name="prior.csv")
     val = write_dataset(folder, held_out_scenes(n_val, seed + 1), csv_name="val.csv")
-    return {"train_csv": train, "val_csv": val, "image_dir": folder / "images",
-            "n_train": n_train, "n_prior": n_prior, "n_val": n_val, "concept": HELD_OUT[1],
-            "train_rows": len(scenes)}  # n_train + n_prior: what train.csv lists
+    return {"train_csv": train, "prior_csv": prior, "val_csv": val,
+            "image_dir": folder / "images", "n_train": n_train, "n_prior": n_prior,
+            "n_val": n_val, "concept": HELD_OUT[1], "train_rows": n_train + n_prior}
 
 
 def example_prompts() -> list[str]:

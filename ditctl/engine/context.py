@@ -16,6 +16,7 @@ import torch
 
 from ..config import Config
 from ..data.batches import Batch, SampleSource, collate, epoch_batches, flip_for
+from ..data.datasets import Dataset, epoch_slots, of_row, training_caption
 from ..data.manifest import ManifestRow
 from ..models.base import ModelFamily
 from .run import Run
@@ -49,6 +50,10 @@ class TrainingData:
     is small), so every image is seen at least once per epoch, nothing is dropped, and every
     step trains on a full batch: accumulation and multi-process training then equal one big
     batch exactly.
+
+    `datasets` (ditctl.data.datasets; empty: one dataset with [data]'s settings) give each
+    row's repeats and sampling weight (the epoch's slots), flips, caption tools, caption
+    dropout and loss weight.
     """
 
     rows: list[ManifestRow]
@@ -56,10 +61,17 @@ class TrainingData:
     seed: int
     step_batch: int
     random_flip: bool
+    datasets: tuple[Dataset, ...] = ()
+
+    def dataset(self, index: int) -> Dataset | None:
+        return of_row(self.datasets, self.rows[index].dataset) if self.datasets else None
 
     @functools.lru_cache(maxsize=4)
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        batches = epoch_batches(self.rows, self.step_batch, self.seed, epoch)
+        slots = epoch_slots([row.dataset for row in self.rows], self.datasets, self.seed,
+                            epoch) if len(self.datasets) > 1 or any(
+            d.repeats > 1 for d in self.datasets) else None
+        batches = epoch_batches(self.rows, self.step_batch, self.seed, epoch, slots)
         rng = random.Random(f"{self.seed}:{epoch}:fill")
         return [batch if len(batch) == self.step_batch else self._fill(batch, rng)
                 for batch in batches]
@@ -77,8 +89,28 @@ class TrainingData:
         return any(row.mask is not None for row in self.rows)
 
     def load(self, indices: list[int], epoch: int) -> Batch:
-        flips = [flip_for(self.seed, epoch, i, self.random_flip) for i in indices]
-        return collate(self.source, self.rows, indices, flips, masks=self.masked)
+        flips = [flip_for(self.seed, epoch, i, self._flips(i)) for i in indices]
+        captions = None
+        if any(d.shuffle_tags for d in self.datasets):
+            captions = [training_caption(self.rows[i].source_caption, self.dataset(i), self.seed,
+                                         epoch, i) for i in indices]
+        return collate(self.source, self.rows, indices, flips, masks=self.masked,
+                       captions=captions)
+
+    def _flips(self, index: int) -> bool:
+        dataset = self.dataset(index)
+        return self.random_flip if dataset is None else dataset.random_flip
+
+    def caption_dropouts(self, indices: list[int], default: float) -> list[float]:
+        """Each sample's caption dropout (its dataset's, else `default`: [train]'s)."""
+        return [default if (d := self.dataset(i)) is None else d.caption_dropout
+                for i in indices]
+
+    def loss_weights(self, indices: list[int]) -> list[float] | None:
+        """Each sample's loss weight (its dataset's), or None when every dataset weighs 1."""
+        if all(d.loss_weight == 1.0 for d in self.datasets):
+            return None
+        return [self.dataset(i).loss_weight for i in indices]
 
     __hash__ = object.__hash__
 

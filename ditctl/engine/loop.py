@@ -116,20 +116,24 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     compiled = compile_blocks(ctx.denoiser) if train.compile else 0
     monitor = Monitor(ctx, start_step=position.step, state=resumed_meta.get("monitor"))
 
-    unconditional = unconditional_input(family, data, train.caption_dropout)
+    unconditional = unconditional_input(
+        family, data, max([train.caption_dropout] + [d.caption_dropout for d in data.datasets]))
     guidance = training_guidance(family, train)  # guidance-distilled denoisers read it
     reps = train.batch_multiplicity
 
     def prepare(job: MicroJob) -> NoisedBatch:
         """2. the micro-batch's rows, each repeated batch_multiplicity times with its own
         randomness, noised (runs in the prefetch thread; see engine/prefetch.py)."""
-        batch = data.load(list(job.rows), job.epoch)
+        rows = list(job.rows)
+        batch = data.load(rows, job.epoch)
         dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
                           batch.dist.std.repeat_interleave(reps, 0))
         mask = batch.mask.repeat_interleave(reps, 0) if batch.mask is not None else None
+        repeated = [i for i in rows for _ in range(reps)]  # each dataset's dropout, loss weight
         return noised_batch(family, dist, batch.cond.repeat_interleave(reps), list(job.seeds),
-                            density, train.caption_dropout, train.resolution_shift,
-                            unconditional, guidance, train.loss_weighting, mask)
+                            density, data.caption_dropouts(repeated, train.caption_dropout),
+                            train.resolution_shift, unconditional, guidance,
+                            train.loss_weighting, mask, data.loss_weights(repeated))
 
     jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
     device = acc.device

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Sequence
 
 import torch
 
@@ -121,7 +122,9 @@ class NoisedBatch:
     t: torch.Tensor  # [B] timesteps in [0, 1]
     cond: Conditioning  # per sample; dropped-out captions replaced by the empty conditioning
     target: torch.Tensor  # [B, C, h, w] what the model should predict
-    weight: torch.Tensor | None = None  # [B] loss weights w(t) ([train] loss_weighting); None: 1
+    # [B] loss weights: w(t) ([train] loss_weighting) times each sample's dataset loss_weight;
+    # None: 1
+    weight: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss mask in [0, 1]; None: everywhere 1
 
     def map(self, fn) -> "NoisedBatch":
@@ -186,16 +189,21 @@ def training_guidance(family: ModelFamily, train: TrainConfig) -> float | None:
 
 
 def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seeds: list[int],
-                 density: TimestepDensity, caption_dropout: float, shift: bool,
+                 density: TimestepDensity, caption_dropout: float | Sequence[float], shift: bool,
                  unconditional: Conditioning | None = None,
                  guidance: float | None = None, weighting: str = "none",
-                 mask: torch.Tensor | None = None) -> NoisedBatch:
+                 mask: torch.Tensor | None = None,
+                 sample_weights: Sequence[float] | None = None) -> NoisedBatch:
     """Noise a batch: sample i uses generator `seeds[i]` (see `sample_seed`); dropped
-    captions become `unconditional` (see `draw_sample`). `guidance`: the scale a
-    guidance-distilled denoiser reads (`training_guidance`), None for others. `shift`: the
-    family's resolution shift ([train] resolution_shift; `density.fixed_shift` wins).
-    `weighting`: [train] loss_weighting (`loss_weights`); `mask`: the samples' loss masks
-    [B, 1, h, w] on the latent grid, carried along for `per_sample_loss`."""
+    captions become `unconditional` (see `draw_sample`). `caption_dropout`: one rate, or one
+    per sample (each dataset its own). `guidance`: the scale a guidance-distilled denoiser
+    reads (`training_guidance`), None for others. `shift`: the family's resolution shift
+    ([train] resolution_shift; `density.fixed_shift` wins). `weighting`: [train]
+    loss_weighting (`loss_weights`); `mask`: the samples' loss masks [B, 1, h, w] on the
+    latent grid, carried along for `per_sample_loss`. `sample_weights`: each sample's
+    dataset loss_weight (None: all 1), multiplied into the weights."""
+    dropouts = ([float(caption_dropout)] * len(seeds)
+                if isinstance(caption_dropout, (int, float)) else list(caption_dropout))
     h, w = dist.mean.shape[-2:]
     alpha = shift_alpha(family, h, w, shift, density.fixed_shift)
     parts = []
@@ -203,14 +211,17 @@ def noised_batch(family: ModelFamily, dist: LatentDist, cond: Conditioning, seed
         one = LatentDist(dist.mean[i:i + 1], dist.std[i:i + 1])
         generator = torch.Generator().manual_seed(seed)
         parts.append(draw_sample(family, one, cond.rows(i), generator, density, alpha,
-                                 caption_dropout, unconditional))
+                                 dropouts[i], unconditional))
     noisy, t, conds, target = zip(*parts)
     cond = Conditioning.cat(conds)
     if guidance is not None:
         cond = with_guidance(cond, guidance)
     t = torch.cat(t)
-    return NoisedBatch(torch.cat(noisy), t, cond, torch.cat(target), loss_weights(t, weighting),
-                       mask)
+    weight = loss_weights(t, weighting)
+    if sample_weights is not None:
+        per_dataset = torch.tensor(list(sample_weights), dtype=torch.float32)
+        weight = per_dataset if weight is None else weight * per_dataset
+    return NoisedBatch(torch.cat(noisy), t, cond, torch.cat(target), weight, mask)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

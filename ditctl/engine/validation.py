@@ -65,7 +65,8 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
     a guidance-distilled denoiser reads `guidance` (`objective.training_guidance`).
     Loss = MSE(prediction, flow_target(x0, noise)) per sample (fp32), averaged per
     quantile; "overall" is the mean over quantiles. Returns {"per_quantile": {q: loss},
-    "overall": loss, "n": samples}.
+    "overall": loss, "n": samples}, and "per_dataset" ({dataset index: overall loss of its
+    images}) when the rows come from several datasets.
     """
     if not rows:
         raise DataError("validation loss needs at least one image", hint="add validation data")
@@ -79,11 +80,13 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
     for i, (x0, _, _) in enumerate(inputs):
         groups.setdefault(tuple(x0.shape), []).append(i)
 
+    order: list[int] = []  # the samples in the order their losses are appended
     with inference_context(denoiser):
         for shape, members in groups.items():
             alpha = shift_alpha(family, shape[-2], shape[-1], resolution_shift, fixed_shift)
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
+                order += chunk
                 x0 = torch.cat([inputs[i][0] for i in chunk])
                 cond = Conditioning.cat([inputs[i][2] for i in chunk])
                 if guidance is not None:
@@ -97,8 +100,14 @@ def validation_loss(family: ModelFamily, denoiser: torch.nn.Module, rows: Sequen
                     target = flow_target(x0, noise).to(device)
                     losses[q].append(per_sample_mse(prediction, target).cpu())
     per_quantile = {q: float(torch.cat(values).mean()) for q, values in losses.items()}
-    return {"per_quantile": per_quantile,
-            "overall": sum(per_quantile.values()) / len(per_quantile), "n": len(rows)}
+    out = {"per_quantile": per_quantile,
+           "overall": sum(per_quantile.values()) / len(per_quantile), "n": len(rows)}
+    datasets = [rows[i].dataset for i in order]
+    if len(set(datasets)) > 1:
+        per_sample = torch.stack([torch.cat(v) for v in losses.values()], dim=1).mean(dim=1)
+        out["per_dataset"] = {d: float(per_sample[[k for k, e in enumerate(datasets) if e == d]]
+                                       .mean()) for d in sorted(set(datasets))}
+    return out
 
 
 def _validation_inputs(family: ModelFamily, source: Any, row: ManifestRow, seed: int, index: int,

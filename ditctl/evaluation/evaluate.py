@@ -20,6 +20,7 @@ from PIL import Image
 from ..config import Config
 from ..console import console
 from ..data.batches import OnTheFlySource
+from ..data.datasets import of_row, per_dataset, resolve_datasets
 from ..engine.attention import attention_context, check_attention_backend
 from ..engine.loading import checkpoint_weights, has_ema, load_denoiser
 from ..engine.objective import training_guidance
@@ -65,6 +66,8 @@ class Evaluated:
         if self.loss is not None:
             out["val_loss"] = self.loss["overall"]
             out["val_loss_by_t"] = {f"{q:g}": v for q, v in self.loss["per_quantile"].items()}
+            if "per_dataset" in self.loss:  # several datasets: each one's loss on its own
+                out["val_loss_by_dataset"] = self.loss["per_dataset"]
         return out
 
 
@@ -132,7 +135,8 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
     text_encoder = None
     if source is None or (prompts and text_source is None):
         text_encoder = family.load_text_encoder(dtype, text_encoder_device(settings, device))
-    inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data),
+    inputs = MaterializedSource(source or OnTheFlySource(family, vae, text_encoder, config.data,
+                                                  per_dataset(config, "center_crop")),
                                 validation.rows)
     embeddings = None
     if prompts and text_source is not None:
@@ -153,6 +157,10 @@ def run_eval(ws: Workspace, config: Config, plan: EvalPlan,
                                          resolution_shift=config.train.resolution_shift,
                                          fixed_shift=config.train.timestep_shift,
                                          guidance=training_guidance(family, config.train))
+            if "per_dataset" in model.loss:
+                names = [d.name for d in resolve_datasets(config)]
+                model.loss["per_dataset"] = {of_row(names, d) if names else str(d): value
+                                             for d, value in model.loss["per_dataset"].items()}
             if embeddings is not None:
                 model.images = generate(family, denoiser, vae, prompts, settings, width=width,
                                         height=height, embeddings=embeddings)

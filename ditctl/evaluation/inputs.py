@@ -1,7 +1,7 @@
 """The validation data of `ditctl eval` and of evaluation during training, and its inputs.
 
 Validation rows are the manifest's val split; without one, the last [eval] holdout_fraction of
-the training rows, which training then leaves out (`split_holdout`). Their latents and the
+each dataset's training rows, which training then leaves out (`split_holdout`). Their latents and the
 prompt embeddings come from the precompute cache when it holds them all, else from the encoders.
 """
 
@@ -30,13 +30,22 @@ class ValidationSet:
 
 def split_holdout(train: Sequence[ManifestRow], fraction: float) -> tuple[list[ManifestRow],
                                                                          list[ManifestRow]]:
-    """(rows to train on, held-out rows): the last round(len * fraction) rows are held out.
+    """(rows to train on, held-out rows): the last round(len * fraction) rows of each dataset
+    are held out (so each dataset is measured, and a small one is not held out whole by a
+    large one's share).
 
     Training must use the first part when the workspace has no validation split, or the
     "held-out" loss is measured on images the model has trained on.
     """
-    count = round(len(train) * fraction)
-    return list(train[:len(train) - count]), list(train[len(train) - count:])
+    by_dataset: dict[int, list[ManifestRow]] = {}
+    for row in train:
+        by_dataset.setdefault(row.dataset, []).append(row)
+    keep, held = [], []
+    for rows in by_dataset.values():
+        count = round(len(rows) * fraction)
+        keep += rows[:len(rows) - count]
+        held += rows[len(rows) - count:]
+    return keep, held
 
 
 def validation_set(ws: Workspace, config: Config) -> ValidationSet:
@@ -53,6 +62,11 @@ def validation_set(ws: Workspace, config: Config) -> ValidationSet:
                         f"{len(train)} training images is none",
                         hint="set [data] val_data_path and run `ditctl ingest`, or raise "
                              "[eval] holdout_fraction")
+    if len({row.dataset for row in train}) > 1:
+        return ValidationSet(held, "holdout",
+                             f"held-out slice of training data (the last {count} of "
+                             f"{len(train)} training images: each dataset's last "
+                             f"{config.eval.holdout_fraction:g})")
     return ValidationSet(held, "holdout",
                          f"held-out slice of training data (last {count} of {len(train)} "
                          "training images)")

@@ -86,6 +86,8 @@ def log_scalars(log_dir: Path, metrics: dict[str, Any], scorers: Sequence[ImageM
             writer.add_scalar("eval/val_loss", model["val_loss"], step)
             for q, value in model["val_loss_by_t"].items():  # tags as training logs them
                 writer.add_scalar(f"eval/val_loss_t{float(q):.2f}", value, step)
+            for name, value in (model.get("val_loss_by_dataset") or {}).items():
+                writer.add_scalar(f"eval/val_loss_{name}", value, step)
             for scorer in scorers:
                 value = scorer.value(metrics[scorer.key], label) if scorer.key in metrics else None
                 if value is not None:

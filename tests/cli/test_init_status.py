@@ -32,15 +32,21 @@ def test_init_example_counts_every_training_row(tmp_path, cli):
 
     result = cli("init", tmp_path / "proj", "--model", "tiny", "--example")
     assert result.exit_code == 0, result.output
-    with open(tmp_path / "proj" / "data" / "example" / "train.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    with open(tmp_path / "proj" / "data" / "example" / "val.csv", newline="") as fh:
-        val_rows = list(csv.DictReader(fh))
-    green = sum(" green " in row["caption"] for row in rows)
-    assert (len(rows), green, len(val_rows)) == (144, 48, 8)
-    assert (f"{len(rows)} training images ({green} green scenes to learn + {len(rows) - green} "
-            "prior-preservation scenes of colours the model knows), "
-            f"{len(val_rows)} validation images") in result.stdout
+    def read(name):
+        with open(tmp_path / "proj" / "data" / "example" / name, newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    rows, prior, val_rows = read("train.csv"), read("prior.csv"), read("val.csv")
+    green = sum(" green " in row["caption"] for row in rows + prior)
+    assert (len(rows), len(prior), green, len(val_rows)) == (48, 96, 48, 8)
+    shown = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "144 training images:" in shown
+    assert "(48 green scenes to learn) +" in shown
+    assert "(96 prior-preservation scenes of colours the model knows, a regularization dataset)"\
+        in shown
+    config = load_config(tmp_path / "proj" / "project.toml")
+    assert [(d.path, d.role) for d in config.data.datasets] == \
+        [("data/example/prior.csv", "regularization")]
 
 
 def test_init_refuses_to_overwrite_unless_forced(tmp_path, cli):

@@ -5,6 +5,7 @@ key and entry, and cached == on the fly."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -195,7 +196,7 @@ def test_a_mask_is_part_of_its_latent_key_and_editing_it_changes_the_key(masked,
     family = load_family(tiny_model_dir)
     spec = KeySpec.for_config(config, family, family.text_tokens())
     rows = {str(r.path): r for r in read_manifest(ws, "train")}
-    plain = {p: spec.latent_key(r.__class__(**{**r.__dict__, "mask": None}), False)
+    plain = {p: spec.latent_key(dataclasses.replace(r, mask=None), False)
              for p, r in rows.items()}
     for path, row in rows.items():
         # rows without a mask keep the key they had before masks existed

@@ -149,18 +149,20 @@ def test_write_example_dataset(tmp_path):
     info = write_example_dataset(tmp_path / "data", seed=3, n_train=20, n_val=5, n_prior=10)
     folder = tmp_path / "data"
     assert info["train_csv"] == folder / "train.csv" and info["val_csv"] == folder / "val.csv"
+    assert info["prior_csv"] == folder / "prior.csv"
     assert (info["n_train"], info["n_prior"], info["n_val"], info["concept"]) == \
         (20, 10, 5, "green")
     assert info["train_rows"] == 30
     seen_sizes, images, train_colours = set(), set(), []
-    for csv_path, count in ((info["train_csv"], 30), (info["val_csv"], 5)):
+    for csv_path, count in ((info["train_csv"], 20), (info["prior_csv"], 10),
+                            (info["val_csv"], 5)):
         header, rows = read_csv(csv_path)
         assert header == ["image_path", "caption"] and len(rows) == count
         for relative, caption in rows:
             colour, shape, _ = parse_caption(caption)
             assert relative.startswith(f"images/{shape}/")
-            if csv_path == info["val_csv"]:
-                assert colour == "green"  # validation: only the new concept
+            if csv_path != info["prior_csv"]:
+                assert colour == "green"  # train and validation: only the new concept
             else:
                 train_colours.append(colour)
             with Image.open(folder / relative) as image:
@@ -168,9 +170,8 @@ def test_write_example_dataset(tmp_path):
             images.add(relative)
     assert len(images) == 35  # train and val never share a file
     assert seen_sizes <= set(ASPECT_SIZES) and len(seen_sizes) >= 2
-    # 20 of the new concept, 10 prior-preservation scenes of known colours, shuffled together
-    assert train_colours.count("green") == 20
-    assert train_colours[:20].count("green") < 20
+    # the prior-preservation dataset: only colours the base model knows
+    assert "green" not in train_colours and len(train_colours) == 10
 
 
 def test_example_prompts_cover_held_out_and_trained_concepts():

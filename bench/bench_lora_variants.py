@@ -68,9 +68,8 @@ def run(quick: bool, variants: tuple[str, ...] | None = None,
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
-    from bench.common import RESULTS_FILE, append_results, machine_stamp, results_block
+    from bench.common import report_standalone
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_lora_variants",
                                      description=__doc__.split("\n")[0])
@@ -98,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = run(args.quick, args.variants, extra)
-    block = results_block("lora_variants", args.quick, machine_stamp(), results,
-                          time.perf_counter() - started)
-    block = block.replace("\n\n", f"\n\n`python -m bench.bench_lora_variants "
-                          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n", 1)
-    print(block, flush=True)
-    if not args.no_record:
-        append_results(RESULTS_FILE, block)
+    report_standalone("lora_variants", "bench_lora_variants", args.quick, results, started, argv,
+                      record=not args.no_record)
     return 0
 
 

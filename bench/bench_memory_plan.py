@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     """Part of the grid, or only the loads, recorded as `python -m bench` records a block."""
     import argparse
 
-    from bench.common import RESULTS_FILE, append_results, machine_stamp, results_block
+    from bench.common import report_standalone
 
     def listed(kind):
         return lambda text: tuple(kind(v) for v in text.split(",") if v)
@@ -354,13 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run(args.quick, depths=args.depths, sizes=args.sizes,
                       precisions=args.precisions, checkpointing=ckpt[args.checkpointing])
         name = "memory_plan"
-    block = results_block(name, args.quick, machine_stamp(), results,
-                          time.perf_counter() - started)
-    block = block.replace("\n\n", f"\n\n`python -m bench.bench_memory_plan "
-                          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n", 1)
-    print(block, flush=True)
-    if not args.no_record:
-        append_results(RESULTS_FILE, block)
+    report_standalone(name, "bench_memory_plan", args.quick, results, started, argv,
+                      record=not args.no_record)
     return 0
 
 

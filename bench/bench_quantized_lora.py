@@ -169,9 +169,8 @@ def run(quick: bool, bases: tuple[str, ...] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
-    from bench.common import RESULTS_FILE, append_results, machine_stamp, results_block
+    from bench.common import report_standalone
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_quantized_lora",
                                      description=__doc__.split("\n")[0])
@@ -200,13 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     results = run(args.quick, args.bases)
-    block = results_block("quantized_lora", args.quick, machine_stamp(), results,
-                          time.perf_counter() - started)
-    block = block.replace("\n\n", f"\n\n`python -m bench.bench_quantized_lora "
-                          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n", 1)
-    print(block, flush=True)
-    if not args.no_record:
-        append_results(RESULTS_FILE, block)
+    report_standalone("quantized_lora", "bench_quantized_lora", args.quick, results, started, argv,
+                      record=not args.no_record)
     return 0
 
 

@@ -608,6 +608,18 @@ def append_results(path: Path, block: str) -> None:
     atomic_write_text(path, existing + "\n" + block)
 
 
+def report_standalone(name: str, module: str, quick: bool, results: dict[str, Any],
+                      started: float, argv: list[str] | None, record: bool) -> None:
+    """A benchmark run as `python -m bench.<module> ARGS`: print its block, headed by that
+    command line, and append it to bench/RESULTS.md unless `record` is False."""
+    block = results_block(name, quick, machine_stamp(), results, time.perf_counter() - started)
+    arguments = " ".join(argv if argv is not None else sys.argv[1:])
+    block = block.replace("\n\n", f"\n\n`python -m bench.{module} {arguments}`\n\n", 1)
+    print(block, flush=True)
+    if record:
+        append_results(RESULTS_FILE, block)
+
+
 def mb(n_bytes: float) -> float:
     return round(n_bytes / 2**20, 1)
 

@@ -72,10 +72,17 @@ class MicroBatchReads(torch.utils.data.Dataset):
             return job.key, None, (type(exc), exc.message, exc.hint)
 
 
+# The training process stops the workers, not the terminal's Ctrl-C (it reaches the whole
+# process group) nor a SIGTERM (the loop checkpoints first): forked with these signals blocked,
+# they ignore them before unblocking, so none lands in between.
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(worker_id: int) -> None:
     worker_started()  # die with the training process, without its workspace lock
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the training process stops us, not the tty
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     torch.set_num_threads(1)  # the workers are the parallelism; no oversubscribed intra-op pool
 
 
@@ -100,7 +107,13 @@ class InputLoader:
     def start(self) -> None:
         """Start the workers (they begin reading ahead); `read` does it if not done yet."""
         if self._items is None:
-            self._items = iter(self._loader)
+            # blocked in this thread while it forks: pending here until unblocked, never
+            # delivered to a worker that has not set its handlers yet
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                self._items = iter(self._loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def read(self, job: MicroJob):
         """`job`'s `BatchInputs`; raises the reading's error (naming the file) as it was."""

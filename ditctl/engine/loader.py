@@ -137,6 +137,8 @@ class InputLoader:
             shutdown()            # too, but not while a traceback still holds the iterator
 
     def __enter__(self) -> "InputLoader":
+        # from the thread that lives as long as the run: a worker's parent-death signal
+        # (procutil.die_with_parent) fires when the thread that forked it ends
         self.start()
         return self
 

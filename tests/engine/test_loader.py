@@ -112,6 +112,15 @@ def test_an_error_in_a_worker_names_the_file_and_stops_the_workers(planned):
     assert _children() == before
 
 
+def test_another_worker_count_needs_no_new_ingest(tmp_path, tiny_model_dir):
+    from ditctl.data.manifest import stale_manifest_reason
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=2, n_val=0)
+    ensure_manifest(ws, ws.config())
+    assert stale_manifest_reason(ws, ws.config({"data.num_workers": 0})) is None
+    assert stale_manifest_reason(ws, ws.config({"data.resolution": 48})) is not None
+
+
 def test_the_loader_refuses_a_job_out_of_the_plans_order(planned):
     data, jobs = planned
     plan = jobs()()

@@ -10,7 +10,10 @@ can ask for:
 
 A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption into its
 `Conditioning`. `CachedSource` reads the precompute cache and never loads an encoder;
-`OnTheFlySource` runs the one transform and the encoders. With fp32 encoders and fp32 storage
+`OnTheFlySource` runs the one transform and the encoders. Each source's model-free half, its
+`SampleReader` (cache reads; or file checks, decoding and the transform), is what training's
+data-loading workers run (`read_inputs`); the encoders finish the batch in the training
+process (`encode_inputs`). `collate` is both in one process. With fp32 encoders and fp32 storage
 both give bit-identical tensors, because precompute encodes every image exactly as
 `OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`). A row's loss mask
 ([data] use_masks) comes with its latents (`masked_latent`): cached in the same entry, or made

@@ -112,6 +112,19 @@ def test_an_error_in_a_worker_names_the_file_and_stops_the_workers(planned):
     assert _children() == before
 
 
+def test_an_image_that_no_longer_decodes_is_a_one_line_error_naming_it(planned):
+    data, jobs = planned
+    first = next(jobs()())
+    row = data.rows[first.rows[0]]
+    path = Path(row.path)
+    path.write_bytes(b"\0" * path.stat().st_size)  # same size and mtime: only decoding fails
+    os.utime(path, ns=(row.mtime_ns, row.mtime_ns))
+    with pytest.raises(DataError, match="readable at ingest") as info:
+        with InputLoader(data, jobs(), last_step=1, num_workers=2) as loader:
+            loader.read(first)
+    assert str(info.value).startswith(row.image_name) and "ditctl ingest" in info.value.hint
+
+
 def test_another_worker_count_needs_no_new_ingest(tmp_path, tiny_model_dir):
     from ditctl.data.manifest import stale_manifest_reason
 

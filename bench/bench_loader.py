@@ -4,10 +4,10 @@
 
 A workspace of 512x512 JPEG images (drawn scenes with photo-like noise, so that decoding costs
 what a photo's does) trained at 256x256 (decode, Lanczos resize, crop) with an F-Lite-layout
-model (MID_FLITE, 23.7 M parameters; SMALL_T5 and SMALL_VAE, encoded on the fly in the
-training process), batch 4, fp32, LoRA off. Each configuration is one `ditctl train` with
-`[data] num_workers` 0 (images read in the training process's prefetch thread) and 2 (worker
-processes):
+model (MID_FLITE, 23.7 M parameters, fully fine-tuned; the speed bench's T5 of its text width
+and SMALL_VAE, encoding on the fly in the training process), batch 4, fp32. Each configuration
+is one `ditctl train` with `[data] num_workers` 0 (images read in the training process's
+prefetch thread) and 2 (worker processes):
 
   on_the_fly   --no-use-precomputed-data: workers decode and transform, the VAE and T5 encode
   cached       from a filled precompute cache: workers read the entries
@@ -34,11 +34,12 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (MID_FLITE, SMALL_T5, SMALL_VAE, TINY_FLITE, TINY_T5, TINY_VAE,
+from bench.bench_speed import ONESHOT_T5
+from bench.common import (MID_FLITE, SMALL_VAE, TINY_FLITE, TINY_T5, TINY_VAE,
                           build_bench_pipeline, make_bench_workspace, offline_environment,
                           quiet_console, read_train_log, reset_accelerate)
 
-FULL = dict(shape=MID_FLITE, t5=SMALL_T5, vae=SMALL_VAE, images=32, image_size=512,
+FULL = dict(shape=MID_FLITE, t5=ONESHOT_T5, vae=SMALL_VAE, images=32, image_size=512,
             resolution=256, batch=4, steps=14, warmup=4)
 QUICK = dict(shape=TINY_FLITE, t5=TINY_T5, vae=TINY_VAE, images=8, image_size=128,
              resolution=64, batch=2, steps=4, warmup=1)

@@ -107,7 +107,7 @@ def timed_run(ws, overrides: dict[str, Any], name: str, warmup: int) -> dict[str
     data = [e["time/data_s"] for e in log]
     return {"steps_timed": len(log), "median_step_s": round(statistics.median(step), 3),
             "median_data_s": round(statistics.median(data), 4),
-            "data_wait_pct": round(100 * sum(data) / sum(step), 2)}
+            "data_wait_pct": round(100 * sum(data) / sum(step), 3)}
 
 
 def run(quick: bool) -> dict[str, Any]:

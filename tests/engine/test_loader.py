@@ -125,6 +125,30 @@ def test_an_image_that_no_longer_decodes_is_a_one_line_error_naming_it(planned):
     assert str(info.value).startswith(row.image_name) and "ditctl ingest" in info.value.hint
 
 
+def test_a_cache_read_error_in_a_worker_is_the_caches_one_line_error(tmp_path, tiny_model_dir):
+    from ditctl.data.batches import CachedSource
+    from ditctl.data.cache import Cache
+    from ditctl.errors import CacheError
+    from ditctl.models.registry import load_family
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir, n_train=4, n_val=0)
+    config = ws.config()
+    rows = ensure_manifest(ws, config)
+    cached = CachedSource(Cache.open(ws, config, load_family(tiny_model_dir)))  # never filled
+    data = TrainingData(rows, cached, seed=3, step_batch=2, random_flip=False)
+    schedule = Schedule(micro_batch=2, accumulation=1, steps_per_epoch=2, total_steps=2)
+    plan = lambda: micro_jobs(data, Position(0, 0, 0), schedule, 0, 1, 1, 3)  # noqa: E731
+    with pytest.raises(CacheError) as in_process:
+        data.read(list(next(plan()).rows), 0)
+    before = _children()
+    with pytest.raises(CacheError) as in_worker:
+        with InputLoader(data, plan, last_step=2, num_workers=2) as loader:
+            loader.read(next(plan()))
+    assert str(in_worker.value) == str(in_process.value)  # the same line, the same file named
+    assert in_worker.value.hint == in_process.value.hint
+    assert _children() == before
+
+
 def test_another_worker_count_needs_no_new_ingest(tmp_path, tiny_model_dir):
     from ditctl.data.manifest import stale_manifest_reason
 

@@ -161,30 +161,45 @@ class ManifestRow:
                 self.raw_caption)
 
 
-def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
-    """Changes when any sample, caption, image content or bucket changes (not with paths, so
+class Fingerprint:
+    """The manifest's fingerprint, fed one row at a time (rows are streamed, never listed):
+    it changes when any sample, caption, image content or bucket changes (not with paths, so
     moving the data folder keeps it)."""
-    digest = hashlib.sha256()
-    for row in rows:
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, row: ManifestRow) -> None:
         fields = [row.split, row.source, row.caption, row.sha256, row.width, row.height,
                   row.bucket_w, row.bucket_h]
         if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
             fields.append(row.mask.identity)
         if row.dataset:  # a one-dataset manifest keeps the fingerprint it always had
             fields.append(row.dataset)
-        digest.update(json.dumps(fields).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+        self._digest.update(json.dumps(fields).encode())
+        self._digest.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
+def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
+    """The fingerprint of `rows` (see Fingerprint)."""
+    fingerprint = Fingerprint()
+    for row in rows:
+        fingerprint.add(row)
+    return fingerprint.hexdigest()
 
 
 # --- writing ----------------------------------------------------------------------------------
 
-def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFacts],
+def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[ImageFacts],
                    meta: dict[str, Any]) -> str:
-    """Replace the manifest at `path` atomically; returns the fingerprint it records."""
+    """Replace the manifest at `path` atomically; returns the fingerprint it records.
+
+    `rows` and `files` may be iterators: each is read once, as it is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = compute_fingerprint(rows)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
     os.close(fd)
     try:
@@ -195,7 +210,7 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
             db.execute("PRAGMA synchronous = OFF")
             db.executescript(_SCHEMA)
             with db:  # one transaction
-                _insert_samples(db, rows)
+                fingerprint = _insert_samples(db, rows)
                 db.executemany(f"INSERT INTO files ({', '.join(_FILE_COLUMNS)}) VALUES "
                                f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
@@ -214,16 +229,30 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
     return fingerprint
 
 
-def _insert_samples(db: sqlite3.Connection, rows: list[ManifestRow]) -> None:
+_INSERT_BATCH = 4096
+
+
+def _insert_samples(db: sqlite3.Connection, rows: Iterable[ManifestRow]) -> str:
+    """Insert the rows (and their masks) in one pass; returns their fingerprint."""
     # explicit ids (source order from 1), so that the masks table can refer to them
     placeholders = ", ".join("?" * (len(_SAMPLE_COLUMNS) + 1))
-    db.executemany(f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
-                   f"VALUES ({placeholders})",
-                   ((i, *row.values()) for i, row in enumerate(rows, start=1)))
-    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)",
-                   ((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
-                     row.mask.size_bytes, row.mask.mtime_ns)
-                    for i, row in enumerate(rows, start=1) if row.mask is not None))
+    insert = (f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
+              f"VALUES ({placeholders})")
+    fingerprint = Fingerprint()
+    samples, masks = [], []
+    for i, row in enumerate(rows, start=1):
+        fingerprint.add(row)
+        samples.append((i, *row.values()))
+        if row.mask is not None:
+            masks.append((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
+                          row.mask.size_bytes, row.mask.mtime_ns))
+        if len(samples) >= _INSERT_BATCH:
+            db.executemany(insert, samples)
+            db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", masks)
+            samples, masks = [], []
+    db.executemany(insert, samples)
+    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", masks)
+    return fingerprint.hexdigest()
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -409,15 +438,16 @@ FROM n JOIN o ON n.split = o.split AND n.path = o.path AND n.member = o.member A
 """
 
 
-def count_changes(previous: PreviousManifest, rows: list[ManifestRow],
+def count_changes(previous: PreviousManifest, rows: Iterable[ManifestRow],
                   ) -> tuple[int, int, int, int]:
     """(added, changed, removed, unchanged) samples against the previous manifest, matched by
     (split, image, n-th use of that image) and compared by content, caption and bucket.
+    `rows` may be an iterator; it is read once (always to its end).
 
     Done by SQLite in a temporary on-disk database, so that comparing a million samples
     holds no million-entry dictionaries."""
     if previous.path is None:
-        return len(rows), 0, 0, 0
+        return sum(1 for _ in rows), 0, 0, 0
     with contextlib.closing(sqlite3.connect("")) as db:  # "": a private temporary file
         db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
                    "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, bucket_h INTEGER)")
@@ -425,7 +455,8 @@ def count_changes(previous: PreviousManifest, rows: list[ManifestRow],
                        "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        ((r.split, str(r.path), r.member, r.sha256, r.caption, r.bucket_w,
                          r.bucket_h) for r in rows))
+        total = db.execute("SELECT COUNT(*) FROM new").fetchone()[0]
         db.execute("ATTACH DATABASE ? AS old", (str(previous.path),))
         both, changed = db.execute(_CHANGES_SQL).fetchone()
         old_total = db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
-    return len(rows) - both, changed, old_total - both, both - changed
+    return total - both, changed, old_total - both, both - changed

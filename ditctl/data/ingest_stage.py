@@ -57,6 +57,9 @@ _ROW_COLUMNS = ("seq", "dataset", "origin", "split", "source", "listed_path", "p
                 "mask_path")
 FACT_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
                 "member", "offset")
+# SQLite's page cache for the staging file, in KiB: what staging may hold in memory at most
+# (the rest lives in the file)
+CACHE_KIB = 32 * 1024
 # executemany batches: large enough to amortise the calls, small enough to stay out of sight
 BATCH = 4096
 
@@ -98,8 +101,12 @@ class Stage:
         self.db = sqlite3.connect("", isolation_level=None)
         self.db.execute("PRAGMA journal_mode = OFF")
         self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute("PRAGMA cache_size = -32768")  # 32 MiB of pages in memory at most
+        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.executescript(_SCHEMA)
+        # One transaction for the whole run, never committed: in autocommit mode every row of
+        # an executemany would be a transaction of its own (measured: ~40x slower). Pages that
+        # do not fit the cache spill to the file all the same.
+        self.db.execute("BEGIN")
         self.origins: list[str] = []  # one per source read
         self.count = 0
 

@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 from rich.markup import escape
 from rich.table import Table
@@ -57,7 +57,7 @@ from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
 from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, MaskRef, PreviousManifest, count_changes, read_meta,
+from .manifest import (ChangeCounter, ManifestRow, MaskRef, PreviousManifest, read_meta,
                        read_previous, write_manifest)
 from .containers import ContainerCache
 from .images import ImageRef
@@ -210,50 +210,65 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
             mask_facts, masks_read = _examine_masks(stage, bad, previous, data, workers)
         plans = _plan(stage, bad, data, batch_sizes, multiple, datasets)
         bad.rows.sort(key=lambda b: b.seq)  # in source order
-        tally = _tally(stage, previous)
+        tally = Tally(stage, previous)
+    finally:
+        previous.close()  # the change count attaches the file itself
+
+    def summarise() -> IngestSummary:
+        """The summary, once `tally` has seen every sample."""
+        changes = tally.finish()
         if data.use_masks:
             kinds = tally.mask_kinds
             notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
                          f"alpha channels; {kinds['none']} image(s) without one train "
                          "everywhere")
-    finally:
-        previous.close()
+        return IngestSummary(
+            counts=dict(tally.counts), bad=bad.rows, empty_captions_kept=tally.empty_captions,
+            duplicates=tally.duplicates, plans=plans, changes=changes,
+            files_read=files_read + masks_read, files_reused=files_reused,
+            report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
+            containers_reused=cache.reused, notes=notes,
+            datasets=_dataset_counts(datasets, tally.datasets, bad.train_datasets))
 
-    summary = IngestSummary(
-        counts=dict(tally.counts), bad=bad.rows, empty_captions_kept=tally.empty_captions,
-        duplicates=tally.duplicates, plans=plans, changes=tally.changes,
-        files_read=files_read + masks_read, files_reused=files_reused,
-        report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
-        containers_reused=cache.reused, notes=notes,
-        datasets=_dataset_counts(datasets, tally.datasets, bad.train_datasets))
-
-    refusal: DataError | None = None
-    if strict and bad.rows:
-        refusal = StrictIngestError(summary)
-    elif not summary.counts.get("train"):
-        where = ", ".join(d.path for d in datasets)
-        refusal = DataError(f"no usable training images in {where} ({len(bad.rows)} bad "
-                            f"row(s); details in {summary.report_path})",
-                            hint="fix the rows listed above, or point [data] train_data_path "
-                                 "at other data")
-    if refusal is not None:
+    if (strict and bad.rows) or not stage.has_split("train"):
+        for _ in tally.feed(stage.samples()):
+            pass
+        summary = summarise()
+        if strict and bad.rows:
+            refusal: DataError = StrictIngestError(summary)
+        else:
+            where = ", ".join(d.path for d in datasets)
+            refusal = DataError(f"no usable training images in {where} ({len(bad.rows)} bad "
+                                f"row(s); details in {summary.report_path})",
+                                hint="fix the rows listed above, or point [data] "
+                                     "train_data_path at other data")
         _finish(summary, started)
         _write_report(summary, data, strict)
         raise refusal
 
-    inputs = ingest_inputs.record(
-        _sources(ws, data, datasets), stage.containers(),
-        loose_files=stage.has_loose_files() or tally.mask_kinds["file"] > 0)
-    meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
-            "size_multiple": multiple, "ditctl_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
-            "counters": summary.counters(), "inputs": inputs}
+    done: list[IngestSummary] = []
+
+    def meta() -> dict[str, Any]:
+        """The manifest's meta table, once its rows are written (and counted on the way)."""
+        summary = summarise()
+        done.append(summary)
+        inputs = ingest_inputs.record(
+            _sources(ws, data, datasets), stage.containers(),
+            loose_files=stage.has_loose_files() or tally.mask_kinds["file"] > 0)
+        return {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
+                "size_multiple": multiple, "ditctl_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
+                "counters": summary.counters(), "inputs": inputs}
+
     # Keep what validation learned about every decodable image still listed (also those of
     # rows that were refused as too small or uncaptioned), so the next run skips them too:
     # the listed images' facts, then the mask files'
     known = itertools.chain(stage.facts(),
                             (f for p, f in sorted(mask_facts.items()) if not stage.has_facts(p)))
-    summary.fingerprint = write_manifest(ws.manifest_db, stage.samples(), known, meta)
+    # one pass over the samples: counted for the summary and written to the manifest
+    fingerprint = write_manifest(ws.manifest_db, tally.feed(stage.samples()), known, meta)
+    summary = done[0]
+    summary.fingerprint = fingerprint
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
@@ -668,41 +683,43 @@ def _plan(stage: Stage, bad: Rejects, data: DataConfig, batch_sizes: dict[str, i
     return plans
 
 
-class Tally(NamedTuple):
-    """What the summary counts over the manifest's rows (one streamed pass)."""
+class Tally:
+    """What the summary counts over the manifest's rows, taken while they stream past
+    (`feed`): samples per split and per training dataset, kept empty captions, duplicate
+    groups, mask kinds, and the changes against the previous manifest (`finish`)."""
 
-    counts: Counter              # good samples per split
-    datasets: Counter            # good training samples per dataset
-    empty_captions: list[ManifestRow]
-    duplicates: list[list[ManifestRow]]
-    changes: Changes
-    mask_kinds: Counter          # "file" / "alpha" / "none"
+    def __init__(self, stage: Stage, previous: PreviousManifest):
+        self.counts: Counter = Counter()
+        self.datasets: Counter = Counter()
+        self.mask_kinds: Counter = Counter()   # "file" / "alpha" / "none"
+        self.empty_captions: list[ManifestRow] = []
+        # counted first: a list per distinct image would cost memory for every sample
+        self._repeated = stage.repeated_hashes()
+        self._groups: dict[str, list[ManifestRow]] = defaultdict(list)
+        self._changes = ChangeCounter(previous)
 
-
-def _tally(stage: Stage, previous: PreviousManifest) -> Tally:
-    counts, per_dataset, mask_kinds = Counter(), Counter(), Counter()
-    empty: list[ManifestRow] = []
-    # counted first: a list per distinct image would cost memory for every sample
-    repeated = stage.repeated_hashes()
-    groups: dict[str, list[ManifestRow]] = defaultdict(list)
-
-    def counted() -> Iterator[ManifestRow]:
-        for sample in stage.samples():
-            counts[sample.split] += 1
+    def feed(self, samples: Iterable[ManifestRow]) -> Iterator[ManifestRow]:
+        for sample in samples:
+            self.counts[sample.split] += 1
             if sample.split == "train":
-                per_dataset[sample.dataset] += 1
+                self.datasets[sample.dataset] += 1
             if not sample.caption:
-                empty.append(sample)
-            if sample.sha256 in repeated:
-                groups[sample.sha256].append(sample)
-            mask_kinds[sample.mask.kind if sample.mask is not None else "none"] += 1
+                self.empty_captions.append(sample)
+            if sample.sha256 in self._repeated:
+                self._groups[sample.sha256].append(sample)
+            self.mask_kinds[sample.mask.kind if sample.mask is not None else "none"] += 1
+            self._changes.add(sample)
             yield sample
 
-    # Compare samples by (split, image, n-th use of that image): content, caption, bucket
-    added, changed, removed, unchanged = count_changes(previous, counted())
-    return Tally(counts, per_dataset, empty, list(groups.values()),
-                 Changes(added=added, changed=changed, removed=removed, unchanged=unchanged),
-                 mask_kinds)
+    @property
+    def duplicates(self) -> list[list[ManifestRow]]:
+        return list(self._groups.values())
+
+    def finish(self) -> Changes:
+        """Compare samples by (split, image, n-th use of that image): content, caption,
+        bucket."""
+        added, changed, removed, unchanged = self._changes.result()
+        return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
 
 
 # --- the report -------------------------------------------------------------------------------

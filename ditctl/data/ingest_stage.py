@@ -212,7 +212,8 @@ class Stage:
         facts = ", ".join(f"f.{c}" for c in FACT_COLUMNS)
         if good_only:
             return self.db.execute(
-                f"SELECT {columns}, {facts}, g.caption FROM good g JOIN rows r USING (seq) "
+                f"SELECT {columns}, {facts}, g.caption FROM good g CROSS JOIN rows r "
+                "ON r.seq = g.seq "
                 "JOIN facts f ON f.path = r.path AND f.member = r.member ORDER BY g.seq")
         return self.db.execute(
             f"SELECT {columns}, {facts}, p.code, p.message FROM rows r "
@@ -253,7 +254,7 @@ class Stage:
 
         def pairs():
             for seq, width, height in self.db.execute(
-                    "SELECT g.seq, f.width, f.height FROM good g JOIN rows r USING (seq) "
+                    "SELECT g.seq, f.width, f.height FROM good g CROSS JOIN rows r ON r.seq = g.seq "
                     "JOIN facts f ON f.path = r.path AND f.member = r.member "
                     f"WHERE {where} ORDER BY g.seq", params):
                 seqs.append(seq)
@@ -278,26 +279,30 @@ class Stage:
 
     def samples(self) -> Iterator[ManifestRow]:
         """The manifest's rows, streamed: training rows before validation rows, each in source
-        order. Consecutive rows of one container share one Path object."""
+        order (two scans in `good` order: no sort). Consecutive rows of one container share
+        one Path object."""
         last_path, path_object = None, None
-        for (split, source, path, caption, sha256, size_bytes, mtime_ns, width, height, fmt,
-             bucket_w, bucket_h, member, offset, dataset, raw, kind, mask_path, mask_sha,
-             mask_size, mask_mtime) in self.db.execute(
-                "SELECT r.split, r.source, r.path, g.caption, f.sha256, f.size_bytes, "
-                "f.mtime_ns, f.width, f.height, f.format, g.bucket_w, g.bucket_h, f.member, "
-                "f.offset, r.dataset, r.caption, m.kind, m.path, m.sha256, m.size_bytes, "
-                "m.mtime_ns FROM good g JOIN rows r USING (seq) "
-                "JOIN facts f ON f.path = r.path AND f.member = r.member "
-                "LEFT JOIN masks m ON m.seq = g.seq ORDER BY r.split != 'train', g.seq"):
-            if path != last_path:
-                last_path, path_object = path, Path(path)
-            yield ManifestRow(
-                split=split, source=source, path=path_object, caption=caption, sha256=sha256,
-                size_bytes=size_bytes, mtime_ns=mtime_ns, width=width, height=height,
-                format=fmt, bucket_w=bucket_w, bucket_h=bucket_h, member=member, offset=offset,
-                mask=(MaskRef(kind, Path(mask_path), mask_sha, mask_size, mask_mtime)
-                      if kind is not None else None),
-                dataset=dataset, raw_caption=None if caption == raw else raw)
+        for split in ("train", "val"):
+            for (source, path, caption, sha256, size_bytes, mtime_ns, width, height, fmt,
+                 bucket_w, bucket_h, member, offset, dataset, raw, kind, mask_path, mask_sha,
+                 mask_size, mask_mtime) in self.db.execute(
+                    "SELECT r.source, r.path, g.caption, f.sha256, f.size_bytes, f.mtime_ns, "
+                    "f.width, f.height, f.format, g.bucket_w, g.bucket_h, f.member, f.offset, "
+                    "r.dataset, r.caption, m.kind, m.path, m.sha256, m.size_bytes, m.mtime_ns "
+                    "FROM good g CROSS JOIN rows r ON r.seq = g.seq "
+                    "JOIN facts f ON f.path = r.path AND f.member = r.member "
+                    "LEFT JOIN masks m ON m.seq = g.seq WHERE r.split = ? ORDER BY g.seq",
+                    (split,)):
+                if path != last_path:
+                    last_path, path_object = path, Path(path)
+                yield ManifestRow(
+                    split=split, source=source, path=path_object, caption=caption,
+                    sha256=sha256, size_bytes=size_bytes, mtime_ns=mtime_ns, width=width,
+                    height=height, format=fmt, bucket_w=bucket_w, bucket_h=bucket_h,
+                    member=member, offset=offset,
+                    mask=(MaskRef(kind, Path(mask_path), mask_sha, mask_size, mask_mtime)
+                          if kind is not None else None),
+                    dataset=dataset, raw_caption=None if caption == raw else raw)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..config import Config
 from ..errors import DataError, WorkspaceError
@@ -194,10 +194,11 @@ def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
 # --- writing ----------------------------------------------------------------------------------
 
 def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[ImageFacts],
-                   meta: dict[str, Any]) -> str:
+                   meta: dict[str, Any] | Callable[[], dict[str, Any]]) -> str:
     """Replace the manifest at `path` atomically; returns the fingerprint it records.
 
-    `rows` and `files` may be iterators: each is read once, as it is written."""
+    `rows` and `files` may be iterators: each is read once, as it is written. `meta` may be a
+    function, called once the rows are written (for counts taken while streaming them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
@@ -215,6 +216,8 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[Imag
                                f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
                                  f.format, f.member, f.offset) for f in files))
+                if callable(meta):
+                    meta = meta()
                 all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                ((k, json.dumps(v)) for k, v in all_meta.items()))
@@ -438,25 +441,59 @@ FROM n JOIN o ON n.split = o.split AND n.path = o.path AND n.member = o.member A
 """
 
 
-def count_changes(previous: PreviousManifest, rows: Iterable[ManifestRow],
-                  ) -> tuple[int, int, int, int]:
+class ChangeCounter:
     """(added, changed, removed, unchanged) samples against the previous manifest, matched by
-    (split, image, n-th use of that image) and compared by content, caption and bucket.
-    `rows` may be an iterator; it is read once (always to its end).
+    (split, image, n-th use of that image) and compared by content, caption and bucket; fed
+    one row at a time (`add`), counted by `result`.
 
     Done by SQLite in a temporary on-disk database, so that comparing a million samples
     holds no million-entry dictionaries."""
-    if previous.path is None:
-        return sum(1 for _ in rows), 0, 0, 0
-    with contextlib.closing(sqlite3.connect("")) as db:  # "": a private temporary file
-        db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
-                   "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, bucket_h INTEGER)")
-        db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
-                       "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       ((r.split, str(r.path), r.member, r.sha256, r.caption, r.bucket_w,
-                         r.bucket_h) for r in rows))
-        total = db.execute("SELECT COUNT(*) FROM new").fetchone()[0]
-        db.execute("ATTACH DATABASE ? AS old", (str(previous.path),))
-        both, changed = db.execute(_CHANGES_SQL).fetchone()
-        old_total = db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
-    return total - both, changed, old_total - both, both - changed
+
+    def __init__(self, previous: PreviousManifest):
+        self.previous = previous
+        self.total = 0
+        self._pending: list[tuple] = []
+        self._db: sqlite3.Connection | None = None
+        if previous.path is not None:
+            self._db = sqlite3.connect("")  # "": a private temporary file
+            self._db.execute("PRAGMA journal_mode = OFF")
+            self._db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
+                             "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, "
+                             "bucket_h INTEGER)")
+            self._db.execute("BEGIN")
+
+    def add(self, r: ManifestRow) -> None:
+        self.total += 1
+        if self._db is not None:
+            self._pending.append((r.split, str(r.path), r.member, r.sha256, r.caption,
+                                  r.bucket_w, r.bucket_h))
+            if len(self._pending) >= _INSERT_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
+                             "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending)
+        self._pending = []
+
+    def result(self) -> tuple[int, int, int, int]:
+        if self._db is None:
+            return self.total, 0, 0, 0
+        try:
+            self._flush()
+            self._db.execute("COMMIT")
+            self._db.execute("ATTACH DATABASE ? AS old", (str(self.previous.path),))
+            both, changed = self._db.execute(_CHANGES_SQL).fetchone()
+            old_total = self._db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
+        finally:
+            self._db.close()
+            self._db = None
+        return self.total - both, changed, old_total - both, both - changed
+
+
+def count_changes(previous: PreviousManifest, rows: Iterable[ManifestRow],
+                  ) -> tuple[int, int, int, int]:
+    """`ChangeCounter` over `rows` (an iterable, read once)."""
+    counter = ChangeCounter(previous)
+    for row in rows:
+        counter.add(row)
+    return counter.result()

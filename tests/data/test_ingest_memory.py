@@ -79,3 +79,62 @@ def test_peak_rss_does_not_grow_with_the_records(tmp_path):
                                                                           small)
     per_record = grown / (large - small)
     assert per_record < MAX_BYTES_PER_RECORD, f"{per_record:.0f} B/record"
+
+
+_KILLED_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from ditctl.config import build_config
+    from ditctl.console import console
+    from ditctl.data import ingest
+    from ditctl.workspace import Workspace
+    console.quiet = True
+    real = ingest._plan
+
+    def plan_then_hang(*args, **kwargs):  # everything is staged: stop here until killed
+        found = real(*args, **kwargs)
+        print("staged", flush=True)
+        time.sleep(60)
+        return found
+
+    ingest._plan = plan_then_hang
+    ws = Workspace(Path(sys.argv[1]))
+    ingest.run_ingest(ws, build_config({"data": {"train_data_path": "shards"}}), workers=1)
+""")
+
+
+def test_a_killed_ingest_leaves_the_manifest_and_a_rerun_continues(tmp_path):
+    """SIGKILL after every record is staged: the previous manifest stays as it was, nothing of
+    the staging file is left behind, and the next ingest runs to the end and reuses what the
+    previous manifest learned about each image."""
+    from ditctl.config import build_config
+    from ditctl.data.ingest import run_ingest
+    from ditctl.data.manifest import manifest_fingerprint, read_manifest
+    from ditctl.workspace import Workspace
+
+    write_shards(tmp_path, 120)
+    ws = Workspace(tmp_path)
+    config = build_config({"data": {"train_data_path": "shards"}})
+    first = run_ingest(ws, config, workers=1)
+    fingerprint, rows = manifest_fingerprint(ws), read_manifest(ws)
+    # one more record in a new shard: the next ingest must write a new manifest
+    more = tmp_path / "more"
+    write_shards(more, 1)
+    (more / "shards" / "part-0000.tar").rename(tmp_path / "shards" / "part-0001.tar")
+    before = sorted(p.name for p in ws.state_dir.iterdir())
+
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tmp_path)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "staged", child.stderr.read()[-2000:]
+    finally:
+        child.kill()
+        child.wait()
+    assert (manifest_fingerprint(ws), read_manifest(ws)) == (fingerprint, rows)
+    assert sorted(p.name for p in ws.state_dir.iterdir()) == before  # no leftovers
+
+    again = run_ingest(ws, config, workers=1)
+    assert again.counts == {"train": 121} and first.counts == {"train": 120}
+    assert (again.files_read, again.files_reused) == (1, 120)
+    assert (again.changes.added, again.changes.unchanged) == (1, 120)
+

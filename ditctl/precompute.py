@@ -36,7 +36,7 @@ from rich.markup import escape
 
 from .config import Config
 from .console import console
-from .data.batches import crop_for, load_row_pixels, row_latent_mask
+from .data.batches import crop_for, load_row_pixels, row_latent_mask, unreadable_image
 from .data.datasets import of_row, per_dataset
 from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan, IndexEntry,
                          KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
@@ -302,8 +302,8 @@ class _ImageJobs(torch.utils.data.Dataset):
         except DataError as exc:
             return i, None, None, (exc.message, exc.hint)
         except (ImageProblem, OSError) as exc:
-            return i, None, None, (f"{row.image_name}: {exc} (it was readable at ingest)",
-                                   "run `ditctl ingest` to update the manifest")
+            problem = unreadable_image(row.image_name, exc)
+            return i, None, None, (problem.message, problem.hint)
 
 
 def _stack_batch(items: list

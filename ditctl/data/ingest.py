@@ -40,7 +40,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 from rich.markup import escape
 from rich.table import Table
@@ -57,11 +57,12 @@ from . import images, ingest_inputs
 from .buckets import BucketPlan, plan_buckets
 from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ManifestRow, MaskRef, PreviousManifest, count_changes, read_meta,
+from .manifest import (ChangeCounter, ManifestRow, MaskRef, PreviousManifest, read_meta,
                        read_previous, write_manifest)
 from .containers import ContainerCache
 from .images import ImageRef
-from .sources import SourceRow, read_source, sidecar_mask
+from .ingest_stage import BATCH, Stage, batched, staged
+from .sources import SourceRow, iter_source, sidecar_mask
 
 REPORT_NAME = "ingest-report.json"
 CONTAINER_CACHE = "containers.sqlite"  # in .ditctl/: what reading each shard learned
@@ -178,9 +179,20 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     if kept is not None:
         _finish(kept, started)
         return kept
+    with staged() as stage:
+        summary = _ingest_staged(ws, config, stage, datasets, batch_sizes, multiple, strict,
+                                 workers, started)
+    return summary
+
+
+def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[Dataset, ...],
+                   batch_sizes: dict[str, int], multiple: int, strict: bool,
+                   workers: int | None, started: float) -> IngestSummary:
+    """`run_ingest` past the no-change check: every per-record step goes through `stage`."""
+    data = config.data
     cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
     try:
-        rows, origin, dataset_of = _read_rows(ws, data, datasets, cache)
+        _read_rows(ws, data, datasets, cache, stage)
     finally:
         cache.close()
     previous = read_previous(ws.manifest_db)
@@ -188,68 +200,80 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     if previous.problem:
         notes.append(f"the previous manifest is {previous.problem}; every image was re-read")
 
+    bad = Rejects(stage.origins)
     try:
-        facts, problems, files_read, files_reused = _examine_files(
-            rows, previous, data.max_image_pixels, workers)
-        good, bad = _classify(rows, facts, problems, data, origin, dataset_of, datasets)
-        masks, mask_facts, masks_read = {}, {}, 0
+        files_read, files_reused = _examine_files(stage, previous, data.max_image_pixels,
+                                                  workers)
+        _classify(stage, data, datasets, bad)
+        mask_facts, masks_read = {}, 0
         if data.use_masks:
-            good, masks, mask_facts, masks_read = _examine_masks(good, bad, previous, data,
-                                                                 workers)
-        samples, plans = _plan(good, bad, data, batch_sizes, origin, multiple, datasets, masks)
-        if data.use_masks:
-            kinds = Counter(s.mask.kind if s.mask is not None else "none" for s in samples)
-            notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
-                         f"alpha channels; {kinds['none']} image(s) without one train everywhere")
-        bad.sort(key=lambda b: b.seq)  # in source order
-        changes = _changes(previous, samples)
+            mask_facts, masks_read = _examine_masks(stage, bad, previous, data, workers)
+        plans = _plan(stage, bad, data, batch_sizes, multiple, datasets)
+        bad.rows.sort(key=lambda b: b.seq)  # in source order
+        tally = Tally(stage, previous)
     finally:
-        previous.close()
+        previous.close()  # the change count attaches the file itself
 
-    summary = IngestSummary(
-        counts=dict(Counter(s.split for s in samples)), bad=bad,
-        empty_captions_kept=[s for s in samples if not s.caption],
-        duplicates=_duplicates(samples), plans=plans, changes=changes,
-        files_read=files_read + masks_read, files_reused=files_reused,
-        report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
-        containers_reused=cache.reused, notes=notes,
-        datasets=_dataset_counts(datasets, samples, Counter(
-            dataset_of[b.seq] for b in bad if b.split == "train")))
+    def summarise() -> IngestSummary:
+        """The summary, once `tally` has seen every sample."""
+        changes = tally.finish()
+        if data.use_masks:
+            kinds = tally.mask_kinds
+            notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
+                         f"alpha channels; {kinds['none']} image(s) without one train "
+                         "everywhere")
+        return IngestSummary(
+            counts=dict(tally.counts), bad=bad.rows, empty_captions_kept=tally.empty_captions,
+            duplicates=tally.duplicates, plans=plans, changes=changes,
+            files_read=files_read + masks_read, files_reused=files_reused,
+            report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
+            containers_reused=cache.reused, notes=notes,
+            datasets=_dataset_counts(datasets, tally.datasets, bad.train_datasets))
 
-    refusal: DataError | None = None
-    if strict and bad:
-        refusal = StrictIngestError(summary)
-    elif not summary.counts.get("train"):
-        where = ", ".join(d.path for d in datasets)
-        refusal = DataError(f"no usable training images in {where} ({len(bad)} bad "
-                            f"row(s); details in {summary.report_path})",
-                            hint="fix the rows listed above, or point [data] train_data_path "
-                                 "at other data")
-    if refusal is not None:
+    if (strict and bad.rows) or not stage.has_split("train"):
+        for _ in tally.feed(stage.samples()):
+            pass
+        summary = summarise()
+        if strict and bad.rows:
+            refusal: DataError = StrictIngestError(summary)
+        else:
+            where = ", ".join(d.path for d in datasets)
+            refusal = DataError(f"no usable training images in {where} ({len(bad.rows)} bad "
+                                f"row(s); details in {summary.report_path})",
+                                hint="fix the rows listed above, or point [data] "
+                                     "train_data_path at other data")
         _finish(summary, started)
         _write_report(summary, data, strict)
         raise refusal
 
+    done: list[IngestSummary] = []
+
+    def meta() -> dict[str, Any]:
+        """The manifest's meta table, once its rows are written (and counted on the way)."""
+        summary = summarise()
+        done.append(summary)
+        inputs = ingest_inputs.record(
+            _sources(ws, data, datasets), stage.containers(),
+            loose_files=stage.has_loose_files() or tally.mask_kinds["file"] > 0)
+        return {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
+                "size_multiple": multiple, "ditctl_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
+                "counters": summary.counters(), "inputs": inputs}
+
     # Keep what validation learned about every decodable image still listed (also those of
-    # rows that were refused as too small or uncaptioned), so the next run skips them too.
-    del good, problems
-    inputs = ingest_inputs.record(
-        _sources(ws, data, datasets), {r.path for r in rows if r.member},
-        loose_files=any(not r.member and r.problem is None for r in rows)
-        or any(s.mask is not None and s.mask.kind == "file" for s in samples))
-    meta = {"data_config": dataclasses.asdict(data), "batch_sizes": batch_sizes,
-            "size_multiple": multiple, "ditctl_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
-            "counters": summary.counters(), "inputs": inputs}
-    # facts holds exactly the listed images' (in source order), good or not; then the masks'
-    known = itertools.chain(facts.values(),
-                            (f for p, f in sorted(mask_facts.items()) if p not in facts))
-    summary.fingerprint = write_manifest(ws.manifest_db, samples, known, meta)
+    # rows that were refused as too small or uncaptioned), so the next run skips them too:
+    # the listed images' facts, then the mask files'
+    known = itertools.chain(stage.facts(),
+                            (f for p, f in sorted(mask_facts.items()) if not stage.has_facts(p)))
+    # one pass over the samples: counted for the summary and written to the manifest
+    fingerprint = write_manifest(ws.manifest_db, tally.feed(stage.samples()), known, meta)
+    summary = done[0]
+    summary.fingerprint = fingerprint
     _finish(summary, started)
     _write_report(summary, data, strict)
     # the data actually ingested (a --train-data-path flag may differ from project.toml)
     ws.update_state("ingest", {**summary.counters(), "report": str(summary.report_path),
-                               "train_data_path": origin[0] if rows else None,
+                               "train_data_path": stage.first_origin(),
                                "val_data_path": (str(ws.resolve(data.val_data_path))
                                                  if data.val_data_path else None)})
     return summary
@@ -298,11 +322,12 @@ def _finish(summary: IngestSummary, started: float) -> None:
 
 
 def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
-               cache: ContainerCache) -> tuple[list[SourceRow], list[str], list[int]]:
-    """Every dataset's rows, then the validation rows; the source (CSV or folder) of each, and
-    its dataset (validation rows: 0, the [data] settings).
+               cache: ContainerCache, stage: Stage) -> None:
+    """Stage every dataset's rows, then the validation rows, with the source (CSV or folder)
+    of each and its dataset (validation rows: 0, the [data] settings).
 
-    Each dataset reads its own path through `read_source` with its own columns and base folder.
+    Each dataset reads its own path through `iter_source` with its own columns and base folder;
+    rows go to the staging database as they are read.
     """
     if not datasets:
         raise DataError("no training data: [data] train_data_path is not set",
@@ -315,77 +340,73 @@ def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
     if data.val_data_path:
         sources.append(("val", 0, data.val_data_path, val_base, data.image_column,
                         data.caption_column))
-    rows: list[SourceRow] = []
-    origin: list[str] = []
-    dataset_of: list[int] = []
     for split, index, where, base, image_column, caption_column in sources:
-        found = read_source(ws.resolve(where), split=split, base_image_dir=base,
+        found = iter_source(ws.resolve(where), split=split, base_image_dir=base,
                             image_column=image_column, caption_column=caption_column,
                             cache=cache,
                             mask_column=data.mask_column if data.use_masks else None)
-        if not found:
+        if not stage.add_rows(found, index, str(ws.resolve(where))):
             raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
                             hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
                                  "to the folder")
-        rows += found
-        origin += [str(ws.resolve(where))] * len(found)
-        dataset_of += [index] * len(found)
-    return rows, origin, dataset_of
 
 
 # --- validating the files ---------------------------------------------------------------------
 
-def _examine_files(rows: list[SourceRow], previous: PreviousManifest, max_pixels: int,
-                   workers: int | None,
-                   ) -> tuple[dict[str, ImageFacts], dict[str, tuple[str, str]], int, int]:
-    """(facts of good images, (code, message) of bad ones, images decoded, images reused),
-    keyed by `ImageRef.key`.
+def _examine_files(stage: Stage, previous: PreviousManifest, max_pixels: int,
+                   workers: int | None) -> tuple[int, int]:
+    """Stage the facts of every listed image (or why it cannot be used); returns (images
+    decoded, images reused).
 
     An image whose size and mtime match the previous manifest is not read again: its recorded
     hash and size are reused. For an image inside a container, that is the container's mtime
     and the member's own offset and size.
     """
-    facts: dict[str, ImageFacts] = {}
-    problems: dict[str, tuple[str, str]] = {}
-    to_probe: list[ImageRef] = []
     reused = 0
-    stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per file or container
-    seen: set[str] = set()
-    for row in rows:
-        if row.problem is not None:
-            continue
-        key = row.key
-        if key in seen:
-            continue
-        seen.add(key)
-        stat = stats.get(row.path)
+    stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per container
+    known_facts: list[ImageFacts] = []
+    problems: list[tuple[str, str, str, str]] = []
+    probes: list[tuple[str, str, int, int]] = []
+    for path, member, offset, size in stage.distinct_images():
+        stat = stats.get(path) if member else None
         if stat is None:
-            stat = stats[row.path] = _stat(row.path, max_pixels, bool(row.member))
+            stat = _stat(path, max_pixels, bool(member))
+            if member:
+                stats[path] = stat
         if not isinstance(stat, os.stat_result):  # (code, message)
-            problems[key] = stat
-            continue
-        known = previous.facts(row.path, row.member)
-        if row.member:
-            if known and known.mtime_ns == stat.st_mtime_ns and known.offset == row.offset \
-                    and known.size_bytes == row.size:
-                facts[key] = known
+            problems.append((path, member, *stat))
+        else:
+            known = previous.facts(path, member)
+            if known and known.mtime_ns == stat.st_mtime_ns and (
+                    known.offset == offset and known.size_bytes == size if member
+                    else known.size_bytes == stat.st_size):
+                known_facts.append(known)
                 reused += 1
             else:
-                to_probe.append(row.ref)
-        elif known and known.size_bytes == stat.st_size and known.mtime_ns == stat.st_mtime_ns:
-            facts[key] = known
-            reused += 1
-        else:
-            to_probe.append(row.ref)
-    del seen, stats
-    # container members in file order: each worker's chunk reads forward through one shard
-    to_probe.sort(key=lambda ref: (ref.path, ref.offset))
-    for result in _probe_all(to_probe, max_pixels, workers):
-        if result.facts is not None:
-            facts[result.key] = result.facts
-        else:
-            problems[result.key] = (result.code, result.message)
-    return facts, problems, len(to_probe), reused
+                probes.append((path, member, offset, size))
+        if len(known_facts) + len(problems) + len(probes) >= BATCH:
+            stage.add_facts(known_facts)
+            stage.add_problems(problems)
+            stage.add_probes(probes)
+            known_facts, problems, probes = [], [], []
+    stage.add_facts(known_facts)
+    stage.add_problems(problems)
+    stage.add_probes(probes)
+    del stats, known_facts, problems, probes
+    total, members = stage.probe_count()
+    refs = (ImageRef(*values) for values in stage.probes())
+    for chunk in batched(_probe_all(refs, max_pixels, workers, total=total,
+                                    members=members > total // 2)):
+        stage.add_facts(r.facts for r in chunk if r.facts is not None)
+        stage.add_problems((*_split_key(r.key), r.code, r.message)
+                           for r in chunk if r.facts is None)
+    return total, reused
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(path, member) of an `ImageRef.key` (`images.ref_key`)."""
+    path, _, member = key.partition("\0")
+    return path, member
 
 
 def _stat(path: str, max_pixels: int, container: bool) -> os.stat_result | tuple[str, str]:
@@ -432,37 +453,43 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int | None,
-               masks: bool = False) -> Iterator[ProbeResult]:
+def _probe_all(paths: Iterable[ImageRef] | Iterable[str], max_pixels: int,
+               workers: int | None, masks: bool = False, *, total: int | None = None,
+               members: bool = False) -> Iterator[ProbeResult]:
     """Probe images in parallel (chunks over worker processes), in-process for few images;
-    `masks`: mask files (`images.probe_mask`).
+    `masks`: mask files (`images.probe_mask`). `paths` may be an iterator (then `total` says
+    how many); `members`: mostly images inside containers (larger chunks).
 
-    A generator with a bounded number of chunks in flight: results are handed on as they
-    arrive, so neither the queued work nor the finished results pile up in memory.
+    A generator with a bounded number of chunks in flight: the images are taken from `paths`
+    as chunks are handed out and results are handed on as they arrive, so neither the queued
+    work nor the finished results pile up in memory.
     """
-    if not paths:
+    if total is None:
+        paths = list(paths)
+        total = len(paths)
+    if not total:
         return
     workers = workers or available_cpus()
-    with console.progress("Validating masks" if masks else "Validating images", total=len(paths),
+    source = iter(paths)
+    with console.progress("Validating masks" if masks else "Validating images", total=total,
                           unit="img") as bar:
-        if workers <= 1 or len(paths) < POOL_MIN_FILES:
-            for path in paths:
+        if workers <= 1 or total < POOL_MIN_FILES:
+            for path in source:
                 yield from images.probe_chunk([path], max_pixels, masks)
                 bar.advance()
             return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
-        middle = paths[len(paths) // 2]
-        limit = MAX_MEMBER_CHUNK if getattr(middle, "member", "") else MAX_CHUNK
-        size = max(1, min(limit, math.ceil(len(paths) / (workers * 4))))
-        starts = iter(range(0, len(paths), size))
+        limit = MAX_MEMBER_CHUNK if members else MAX_CHUNK
+        size = max(1, min(limit, math.ceil(total / (workers * 4))))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
         # worker_started: the workers die with ingest (a kill must not leave them reading).
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=worker_started)
 
         def submit(count: int) -> set:
-            return {pool.submit(images.probe_chunk, paths[i:i + size], max_pixels, masks)
-                    for i in itertools.islice(starts, count)}
+            chunks = (list(itertools.islice(source, size)) for _ in range(count))
+            return {pool.submit(images.probe_chunk, chunk, max_pixels, masks)
+                    for chunk in itertools.takewhile(bool, chunks)}
 
         try:
             with _main_module_hidden():  # the workers start during these submits
@@ -482,79 +509,85 @@ def _probe_all(paths: list[ImageRef] | list[str], max_pixels: int, workers: int 
 
 # --- classifying rows -------------------------------------------------------------------------
 
-class Good(NamedTuple):
-    """A row that passed validation."""
+class Rejects:
+    """The bad rows found so far, and how many of them each training dataset has."""
 
-    dataset: int
-    row: SourceRow
-    facts: ImageFacts
-    caption: str  # after the dataset's caption tools
-    origin: str
-    seq: int      # the row's position among all rows read
+    def __init__(self, origins: list[str]):
+        self.origins = origins
+        self.rows: list[BadRow] = []
+        self.train_datasets: Counter = Counter()
+
+    def add(self, seq: int, dataset: int, origin: int, row: SourceRow, code: str,
+            reason: str) -> None:
+        self.rows.append(BadRow(
+            split=row.split, origin=self.origins[origin], source=row.source,
+            listed_path=row.listed_path or (
+                f"{os.path.basename(row.path)}#{row.member}" if row.member else ""),
+            path=row.path, code=code, reason=reason, member=row.member, seq=seq))
+        if row.split == "train":
+            self.train_datasets[dataset] += 1
 
 
-def _dataset_counts(datasets: tuple[Dataset, ...], samples: list[ManifestRow],
+_FACTS = slice(15, 24)  # the image's facts in a `Stage.rows_with_facts` tuple
+
+
+def _dataset_counts(datasets: tuple[Dataset, ...], good: Counter,
                     bad: Counter) -> dict[str, dict[str, Any]]:
-    """Per dataset: its role, good images, bad rows (`bad`: by dataset index), repeats and
+    """Per dataset: its role, good images and bad rows (by dataset index), repeats and
     weights (ingest's report and summary)."""
-    good = Counter(s.dataset for s in samples if s.split == "train")
     return {d.name: {"path": d.path, "role": d.role, "images": good.get(d.index, 0),
                      "bad": bad.get(d.index, 0), "repeats": d.repeats,
                      "weight": d.weight, "loss_weight": d.loss_weight}
             for d in datasets}
 
 
-def _bad(seq: int, row: SourceRow, code: str, reason: str, origin: str) -> BadRow:
-    return BadRow(split=row.split, origin=origin, source=row.source,
-                  listed_path=row.listed_path or (
-                      f"{os.path.basename(row.path)}#{row.member}" if row.member else ""),
-                  path=row.path, code=code, reason=reason, member=row.member, seq=seq)
+def _classify(stage: Stage, data: DataConfig, datasets: tuple[Dataset, ...],
+              bad: Rejects) -> None:
+    """Stage the good rows (with their caption after the dataset's caption tools); the
+    others go to `bad`."""
+    def good():
+        for values in stage.rows_with_facts():
+            seq, dataset, origin = values[:3]
+            row = Stage.source_row(values[3:15])
+            width, height = values[19], values[20]
+            caption = dataset_caption(row.caption, datasets[dataset])
+            problem = row.problem or (values[24:26] if values[24] is not None else None)
+            if problem is None:
+                if width is None:  # cannot happen: every listed image has facts or a problem
+                    raise AssertionError(f"no facts for {row.ref.name}")
+                if width * height > data.max_image_pixels:
+                    # recorded by an earlier ingest, before max_image_pixels was lowered
+                    refused = images.pixel_limit_problem(width, height, data.max_image_pixels)
+                    problem = (refused.code, refused.message)
+                elif not caption and not data.keep_empty_captions:
+                    problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
+                                                "to train on it as an unconditional sample)")
+            if problem is not None:
+                bad.add(seq, dataset, origin, row, *problem)
+            else:
+                yield seq, caption
 
-
-def _classify(rows: list[SourceRow], facts: dict[str, ImageFacts],
-              problems: dict[str, tuple[str, str]], data: DataConfig, origin: list[str],
-              dataset_of: list[int], datasets: tuple[Dataset, ...],
-              ) -> tuple[list[Good], list[BadRow]]:
-    """(good rows, bad rows); a good row's caption is after its dataset's caption tools."""
-    good, bad = [], []
-    for i, row in enumerate(rows):
-        key = row.key
-        caption = dataset_caption(row.caption, datasets[dataset_of[i]])
-        problem = row.problem or problems.get(key)
-        if problem is None:
-            found = facts[key]
-            if found.width * found.height > data.max_image_pixels:
-                # recorded by an earlier ingest, before max_image_pixels was lowered
-                refused = images.pixel_limit_problem(found.width, found.height,
-                                                     data.max_image_pixels)
-                problem = (refused.code, refused.message)
-            elif not caption and not data.keep_empty_captions:
-                problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
-                                            "to train on it as an unconditional sample)")
-        if problem is not None:
-            bad.append(_bad(i, row, *problem, origin[i]))
-        else:
-            good.append(Good(dataset_of[i], row, facts[key], caption, origin[i], i))
-    return good, bad
+    for chunk in batched(good()):
+        stage.add_good(chunk)
 
 
 # formats that can carry an alpha channel (a JPEG never does: its header is not read)
 _ALPHA_FORMATS = ("PNG", "WEBP", "TIFF", "GIF", "BMP")
 
 
-def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManifest,
+def _examine_masks(stage: Stage, bad: Rejects, previous: PreviousManifest,
                    data: DataConfig, workers: int | None,
-                   ) -> tuple[list[Good], dict[tuple[str, str, str], MaskRef],
-                              dict[str, ImageFacts], int]:
-    """Each good row's loss mask (see the module doc): (the rows still good, their masks by
-    (source file, split, row), the facts of the mask files for the next ingest, mask files
-    decoded). Rows with a bad mask go to `bad`, naming the mask and why. An image inside a tar
-    shard or Arrow file has no sidecar mask file; its alpha channel is its mask."""
-    chosen = {}  # (source file, split, row) -> mask file path
-    for g in good:
-        path = g.row.mask_path or (None if g.row.member else sidecar_mask(g.row.path))
+                   ) -> tuple[dict[str, ImageFacts], int]:
+    """Stage each good row's loss mask (see the module doc); returns (the facts of the mask
+    files for the next ingest, mask files decoded). Rows with a bad mask go to `bad`, naming
+    the mask and why, and leave the good rows. An image inside a tar shard or Arrow file has
+    no sidecar mask file; its alpha channel is its mask."""
+    chosen: dict[int, str] = {}  # good row -> its mask file path
+    for values in stage.rows_with_facts(good_only=True):
+        row = Stage.source_row(values[3:15])
+        path = row.mask_path or (None if row.member else sidecar_mask(row.path))
         if path is not None:
-            chosen[(g.origin, g.row.split, g.row.source)] = path
+            chosen[values[0]] = path
     facts, problems, to_probe = {}, {}, []
     for path in dict.fromkeys(chosen.values()):
         try:
@@ -573,16 +606,16 @@ def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManife
         else:
             problems[result.key] = (result.code, result.message)
 
-    kept, masks = [], {}
-    for g in good:
-        row, image = g.row, g.facts
-        key = (g.origin, row.split, row.source)
-        path = chosen.get(key)
+    masks, dropped = [], []
+    for values in stage.rows_with_facts(good_only=True):
+        seq, dataset, origin = values[:3]
+        row, image = Stage.source_row(values[3:15]), ImageFacts(*values[_FACTS])
+        path = chosen.get(seq)
         problem = None
         if path is None:
             if image.format in _ALPHA_FORMATS and _has_alpha(image.ref, data.max_image_pixels):
-                masks[key] = MaskRef("alpha", Path(image.path), image.sha256, image.size_bytes,
-                                     image.mtime_ns)
+                masks.append((seq, MaskRef("alpha", Path(image.path), image.sha256,
+                                           image.size_bytes, image.mtime_ns)))
         elif path in problems:
             code, reason = problems[path]
             problem = (f"bad_mask_{code}", f"mask {row.mask_listed or os.path.basename(path)}: "
@@ -593,13 +626,14 @@ def _examine_masks(good: list[Good], bad: list[BadRow], previous: PreviousManife
                                         f"{image.width}x{image.height} (they must match)")
         else:
             found = facts[path]
-            masks[key] = MaskRef("file", Path(path), found.sha256, found.size_bytes,
-                                 found.mtime_ns)
+            masks.append((seq, MaskRef("file", Path(path), found.sha256, found.size_bytes,
+                                       found.mtime_ns)))
         if problem is not None:
-            bad.append(_bad(g.seq, row, *problem, g.origin))
-        else:
-            kept.append(g)
-    return kept, masks, facts, len(to_probe)
+            bad.add(seq, dataset, origin, row, *problem)
+            dropped.append(seq)
+    stage.add_masks(masks)
+    stage.drop_good(dropped)
+    return facts, len(to_probe)
 
 
 def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
@@ -609,12 +643,10 @@ def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
         return False
 
 
-def _plan(good: list[Good], bad: list[BadRow],
-          data: DataConfig, batch_sizes: dict[str, int], origin: list[str], multiple: int,
-          datasets: tuple[Dataset, ...],
-          masks: dict[tuple[str, str, str], MaskRef] | None = None,
-          ) -> tuple[list[ManifestRow], dict[str, BucketPlan]]:
-    """Bucket plans; images a plan cannot use (too small) become bad rows.
+def _plan(stage: Stage, bad: Rejects, data: DataConfig, batch_sizes: dict[str, int],
+          multiple: int, datasets: tuple[Dataset, ...]) -> dict[str, BucketPlan]:
+    """Bucket plans, their targets staged; images a plan cannot use (too small) become bad
+    rows. Each plan reads only its images' sizes, as compact arrays.
 
     Datasets with the same size settings (resolution, buckets, max_upscale) are planned
     together, so their images share buckets and batches; a dataset with its own settings gets
@@ -624,62 +656,70 @@ def _plan(good: list[Good], bad: list[BadRow],
     for d in datasets:
         groups.setdefault((d.resolution, d.use_resolution_buckets, d.max_upscale), []).append(
             d.index)
-    plan_of: list[tuple[str, tuple, list[int]]] = [
+    plan_of: list[tuple[str, tuple, list[int] | None]] = [
         ("train" if len(groups) == 1 else
          "train: " + ", ".join(datasets[i].name for i in members), settings, members)
         for settings, members in groups.items()]
-    if any(g.row.split == "val" for g in good):
+    if stage.has_split("val"):
         plan_of.append(("val", (data.resolution, data.use_resolution_buckets, data.max_upscale),
-                        []))
-    targets: dict[int, tuple[tuple[int, int] | None, str]] = {}  # position in `good`
+                        None))
     plans = {}
+    dropped: dict[int, str] = {}  # row -> why its plan cannot use it
     for name, (resolution, use_buckets, max_upscale), members in plan_of:
         split = "val" if name == "val" else "train"
-        items = [k for k, g in enumerate(good)
-                 if g.row.split == split and (split == "val" or g.dataset in members)]
-        if not items:
+        seqs, sizes = stage.plan_items(split, members)
+        if not seqs:
             continue
-        plan = plan_buckets([(good[k].facts.width, good[k].facts.height) for k in items],
-                            resolution=resolution, use_buckets=use_buckets,
+        plan = plan_buckets(sizes, resolution=resolution, use_buckets=use_buckets,
                             max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
                             batch_size=batch_sizes[split], multiple=multiple)
         plans[name] = plan
-        for n, k in enumerate(items):
-            targets[k] = (plan.targets[n], plan.dropped.get(n, ""))
-    samples = []
-    paths: dict[str, Path] = {}  # one Path per file or container, not one per member
-    for k, (d, row, found, caption, where, seq) in enumerate(good):
-        target, why = targets[k]
-        if target is None:
-            bad.append(_bad(seq, row, "too_small", why, where))
-            continue
-        path = paths.get(found.path) or paths.setdefault(found.path, Path(found.path))
-        samples.append(ManifestRow(
-            split=row.split, source=row.source, path=path, caption=caption,
-            sha256=found.sha256, size_bytes=found.size_bytes, mtime_ns=found.mtime_ns,
-            width=found.width, height=found.height, format=found.format,
-            bucket_w=target[0], bucket_h=target[1], member=found.member, offset=found.offset,
-            mask=(masks or {}).get((where, row.split, row.source)), dataset=d,
-            raw_caption=None if caption == row.caption else row.caption))
-    # the manifest keeps training rows before validation rows, in source order
-    samples.sort(key=lambda s: s.split != "train")
-    return samples, plans
+        stage.set_buckets(seqs, plan.targets)
+        dropped.update((seqs[n], why) for n, why in plan.dropped.items())
+        del seqs, sizes
+    for seq, dataset, origin, *values in stage.rows_by_seq(sorted(dropped)):
+        bad.add(seq, dataset, origin, Stage.source_row(values), "too_small", dropped[seq])
+    stage.drop_good(dropped)
+    return plans
 
 
-def _duplicates(samples: list[ManifestRow]) -> list[list[ManifestRow]]:
-    # counted first: a list per distinct image would cost memory for every sample
-    repeated = {sha for sha, n in Counter(s.sha256 for s in samples).items() if n > 1}
-    groups: dict[str, list[ManifestRow]] = defaultdict(list)
-    for sample in samples:
-        if sample.sha256 in repeated:
-            groups[sample.sha256].append(sample)
-    return list(groups.values())
+class Tally:
+    """What the summary counts over the manifest's rows, taken while they stream past
+    (`feed`): samples per split and per training dataset, kept empty captions, duplicate
+    groups, mask kinds, and the changes against the previous manifest (`finish`)."""
 
+    def __init__(self, stage: Stage, previous: PreviousManifest):
+        self.counts: Counter = Counter()
+        self.datasets: Counter = Counter()
+        self.mask_kinds: Counter = Counter()   # "file" / "alpha" / "none"
+        self.empty_captions: list[ManifestRow] = []
+        # counted first: a list per distinct image would cost memory for every sample
+        self._repeated = stage.repeated_hashes()
+        self._groups: dict[str, list[ManifestRow]] = defaultdict(list)
+        self._changes = ChangeCounter(previous)
 
-def _changes(previous: PreviousManifest, samples: list[ManifestRow]) -> Changes:
-    """Compare samples by (split, image, n-th use of that image): content, caption, bucket."""
-    added, changed, removed, unchanged = count_changes(previous, samples)
-    return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
+    def feed(self, samples: Iterable[ManifestRow]) -> Iterator[ManifestRow]:
+        for sample in samples:
+            self.counts[sample.split] += 1
+            if sample.split == "train":
+                self.datasets[sample.dataset] += 1
+            if not sample.caption:
+                self.empty_captions.append(sample)
+            if sample.sha256 in self._repeated:
+                self._groups[sample.sha256].append(sample)
+            self.mask_kinds[sample.mask.kind if sample.mask is not None else "none"] += 1
+            self._changes.add(sample)
+            yield sample
+
+    @property
+    def duplicates(self) -> list[list[ManifestRow]]:
+        return list(self._groups.values())
+
+    def finish(self) -> Changes:
+        """Compare samples by (split, image, n-th use of that image): content, caption,
+        bucket."""
+        added, changed, removed, unchanged = self._changes.result()
+        return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
 
 
 # --- the report -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..config import Config
 from ..errors import DataError, WorkspaceError
@@ -161,30 +161,46 @@ class ManifestRow:
                 self.raw_caption)
 
 
-def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
-    """Changes when any sample, caption, image content or bucket changes (not with paths, so
+class Fingerprint:
+    """The manifest's fingerprint, fed one row at a time (rows are streamed, never listed):
+    it changes when any sample, caption, image content or bucket changes (not with paths, so
     moving the data folder keeps it)."""
-    digest = hashlib.sha256()
-    for row in rows:
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+
+    def add(self, row: ManifestRow) -> None:
         fields = [row.split, row.source, row.caption, row.sha256, row.width, row.height,
                   row.bucket_w, row.bucket_h]
         if row.mask is not None:  # only then: fingerprints of mask-less manifests stay as they were
             fields.append(row.mask.identity)
         if row.dataset:  # a one-dataset manifest keeps the fingerprint it always had
             fields.append(row.dataset)
-        digest.update(json.dumps(fields).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+        self._digest.update(json.dumps(fields).encode())
+        self._digest.update(b"\n")
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
+def compute_fingerprint(rows: Iterable[ManifestRow]) -> str:
+    """The fingerprint of `rows` (see Fingerprint)."""
+    fingerprint = Fingerprint()
+    for row in rows:
+        fingerprint.add(row)
+    return fingerprint.hexdigest()
 
 
 # --- writing ----------------------------------------------------------------------------------
 
-def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFacts],
-                   meta: dict[str, Any]) -> str:
-    """Replace the manifest at `path` atomically; returns the fingerprint it records."""
+def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[ImageFacts],
+                   meta: dict[str, Any] | Callable[[], dict[str, Any]]) -> str:
+    """Replace the manifest at `path` atomically; returns the fingerprint it records.
+
+    `rows` and `files` may be iterators: each is read once, as it is written. `meta` may be a
+    function, called once the rows are written (for counts taken while streaming them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fingerprint = compute_fingerprint(rows)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
     os.close(fd)
     try:
@@ -195,11 +211,13 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
             db.execute("PRAGMA synchronous = OFF")
             db.executescript(_SCHEMA)
             with db:  # one transaction
-                _insert_samples(db, rows)
+                fingerprint = _insert_samples(db, rows)
                 db.executemany(f"INSERT INTO files ({', '.join(_FILE_COLUMNS)}) VALUES "
                                f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
                                  f.format, f.member, f.offset) for f in files))
+                if callable(meta):
+                    meta = meta()
                 all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                ((k, json.dumps(v)) for k, v in all_meta.items()))
@@ -214,16 +232,30 @@ def write_manifest(path: Path, rows: list[ManifestRow], files: Iterable[ImageFac
     return fingerprint
 
 
-def _insert_samples(db: sqlite3.Connection, rows: list[ManifestRow]) -> None:
+_INSERT_BATCH = 4096
+
+
+def _insert_samples(db: sqlite3.Connection, rows: Iterable[ManifestRow]) -> str:
+    """Insert the rows (and their masks) in one pass; returns their fingerprint."""
     # explicit ids (source order from 1), so that the masks table can refer to them
     placeholders = ", ".join("?" * (len(_SAMPLE_COLUMNS) + 1))
-    db.executemany(f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
-                   f"VALUES ({placeholders})",
-                   ((i, *row.values()) for i, row in enumerate(rows, start=1)))
-    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)",
-                   ((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
-                     row.mask.size_bytes, row.mask.mtime_ns)
-                    for i, row in enumerate(rows, start=1) if row.mask is not None))
+    insert = (f"INSERT INTO samples (id, {', '.join(_SAMPLE_COLUMNS)}) "
+              f"VALUES ({placeholders})")
+    fingerprint = Fingerprint()
+    samples, masks = [], []
+    for i, row in enumerate(rows, start=1):
+        fingerprint.add(row)
+        samples.append((i, *row.values()))
+        if row.mask is not None:
+            masks.append((i, row.mask.kind, str(row.mask.path), row.mask.sha256,
+                          row.mask.size_bytes, row.mask.mtime_ns))
+        if len(samples) >= _INSERT_BATCH:
+            db.executemany(insert, samples)
+            db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", masks)
+            samples, masks = [], []
+    db.executemany(insert, samples)
+    db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)", masks)
+    return fingerprint.hexdigest()
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -265,7 +297,11 @@ def _meta_value(db: sqlite3.Connection, key: str) -> Any:
 
 
 def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
-    """The good samples of one split, in source order."""
+    """The good samples of one split, in source order.
+
+    Rows are built as the cursor yields them (never a list of raw tuples beside the rows), and
+    values many rows repeat (split, format, sizes, buckets, dataset, a container's path and
+    mtime) are one object each: ~0.3 KB less per row (measured in docs/performance.md)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     with _open(ws) as db:
@@ -275,18 +311,40 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
         columns = [f"s.{c}" for c in _SAMPLE_COLUMNS] + (list(mask_columns) if masked else [])
         found = db.execute(f"SELECT {', '.join(columns)} FROM samples s "
                            + ("LEFT JOIN masks m ON m.sample_id = s.id " if masked else "")
-                           + "WHERE s.split = ? ORDER BY s.id", (split,)).fetchall()
-    paths: dict[str, Path] = {}
-    return [_row(values, paths) for values in found]
+                           + "WHERE s.split = ? ORDER BY s.id", (split,))
+        shared = _Shared()
+        return [_row(values, shared) for values in found]
 
 
-def _row(values: tuple, paths: dict[str, Path] | None = None) -> ManifestRow:
+class _Shared:
+    """One object per distinct value of the columns many rows repeat."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+        self.values: dict[Any, Any] = {}
+
+    def path(self, path: str) -> Path:
+        return self.paths.get(path) or self.paths.setdefault(path, Path(path))
+
+    def value(self, value: Any) -> Any:
+        return self.values.setdefault(value, value)
+
+
+# columns with few distinct values in any dataset (never a hash, caption or file name)
+_SHARED_COLUMNS = frozenset(("split", "format", "width", "height", "bucket_w", "bucket_h",
+                             "dataset"))
+
+
+def _row(values: tuple, shared: _Shared | None = None) -> ManifestRow:
     fields = dict(zip(_SAMPLE_COLUMNS, values))
-    path = fields["path"]
-    if paths is None:
-        fields["path"] = Path(path)
+    if shared is None:
+        fields["path"] = Path(fields["path"])
     else:  # one Path object per container, not one per member
-        fields["path"] = paths.get(path) or paths.setdefault(path, Path(path))
+        fields["path"] = shared.path(fields["path"])
+        for name in _SHARED_COLUMNS:
+            fields[name] = shared.value(fields[name])
+        if fields["member"]:  # every member of a container has the container's mtime
+            fields["mtime_ns"] = shared.value(fields["mtime_ns"])
     mask = values[len(_SAMPLE_COLUMNS):]
     if mask and mask[0] is not None:
         kind, path, sha256, size_bytes, mtime_ns = mask
@@ -410,23 +468,59 @@ FROM n JOIN o ON n.split = o.split AND n.path = o.path AND n.member = o.member A
 """
 
 
-def count_changes(previous: PreviousManifest, rows: list[ManifestRow],
-                  ) -> tuple[int, int, int, int]:
+class ChangeCounter:
     """(added, changed, removed, unchanged) samples against the previous manifest, matched by
-    (split, image, n-th use of that image) and compared by content, caption and bucket.
+    (split, image, n-th use of that image) and compared by content, caption and bucket; fed
+    one row at a time (`add`), counted by `result`.
 
     Done by SQLite in a temporary on-disk database, so that comparing a million samples
     holds no million-entry dictionaries."""
-    if previous.path is None:
-        return len(rows), 0, 0, 0
-    with contextlib.closing(sqlite3.connect("")) as db:  # "": a private temporary file
-        db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
-                   "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, bucket_h INTEGER)")
-        db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
-                       "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       ((r.split, str(r.path), r.member, r.sha256, r.caption, r.bucket_w,
-                         r.bucket_h) for r in rows))
-        db.execute("ATTACH DATABASE ? AS old", (str(previous.path),))
-        both, changed = db.execute(_CHANGES_SQL).fetchone()
-        old_total = db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
-    return len(rows) - both, changed, old_total - both, both - changed
+
+    def __init__(self, previous: PreviousManifest):
+        self.previous = previous
+        self.total = 0
+        self._pending: list[tuple] = []
+        self._db: sqlite3.Connection | None = None
+        if previous.path is not None:
+            self._db = sqlite3.connect("")  # "": a private temporary file
+            self._db.execute("PRAGMA journal_mode = OFF")
+            self._db.execute("CREATE TABLE new (id INTEGER PRIMARY KEY, split TEXT, path TEXT, "
+                             "member TEXT, sha256 TEXT, caption TEXT, bucket_w INTEGER, "
+                             "bucket_h INTEGER)")
+            self._db.execute("BEGIN")
+
+    def add(self, r: ManifestRow) -> None:
+        self.total += 1
+        if self._db is not None:
+            self._pending.append((r.split, str(r.path), r.member, r.sha256, r.caption,
+                                  r.bucket_w, r.bucket_h))
+            if len(self._pending) >= _INSERT_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._db.executemany("INSERT INTO new (split, path, member, sha256, caption, bucket_w, "
+                             "bucket_h) VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending)
+        self._pending = []
+
+    def result(self) -> tuple[int, int, int, int]:
+        if self._db is None:
+            return self.total, 0, 0, 0
+        try:
+            self._flush()
+            self._db.execute("COMMIT")
+            self._db.execute("ATTACH DATABASE ? AS old", (str(self.previous.path),))
+            both, changed = self._db.execute(_CHANGES_SQL).fetchone()
+            old_total = self._db.execute("SELECT COUNT(*) FROM old.samples").fetchone()[0]
+        finally:
+            self._db.close()
+            self._db = None
+        return self.total - both, changed, old_total - both, both - changed
+
+
+def count_changes(previous: PreviousManifest, rows: Iterable[ManifestRow],
+                  ) -> tuple[int, int, int, int]:
+    """`ChangeCounter` over `rows` (an iterable, read once)."""
+    counter = ChangeCounter(previous)
+    for row in rows:
+        counter.add(row)
+    return counter.result()

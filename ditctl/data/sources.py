@@ -36,6 +36,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import DataError
 from .containers import ContainerCache, Entry, MemberResolver, split_member
@@ -89,16 +90,31 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
     """The rows of a data source (see the module docstring). `cache` remembers what reading
     each tar shard / Arrow file learned, so an unchanged one is not read again;
     `mask_column`: a CSV's optional column of mask paths (None: masks are not read)."""
+    return list(iter_source(data_path, split=split, base_image_dir=base_image_dir,
+                            image_column=image_column, caption_column=caption_column,
+                            cache=cache, mask_column=mask_column))
+
+
+def iter_source(data_path: Path, *, split: str, base_image_dir: Path | None = None,
+                image_column: str = DEFAULT_IMAGE_COLUMN, caption_column: str = "caption",
+                cache: ContainerCache | None = None,
+                mask_column: str | None = None) -> Iterator[SourceRow]:
+    """`read_source` one row at a time: WebDataset shards, Arrow files, JSONL and Parquet
+    records are read as the rows are consumed, so ingest never holds a source's rows in a list
+    (CSV files and folders are read whole first). Problems with the whole source raise when
+    the iteration starts or reaches them."""
     cache = cache if cache is not None else ContainerCache(None)
     spec = os.path.abspath(os.path.expanduser(str(data_path)))
     data_path = Path(spec)
     columns = {"image_column": image_column, "caption_column": caption_column}
     if data_path.is_dir():
         if is_datasets_folder(data_path):
-            return list(_datasets_rows(data_path, split, image_column, caption_column, cache))
-        if holds_shards(data_path):
-            return list(_webdataset_rows(data_path, split, caption_column, cache))
-        return read_folder(data_path, split=split)
+            yield from _datasets_rows(data_path, split, image_column, caption_column, cache)
+        elif holds_shards(data_path):
+            yield from _webdataset_rows(data_path, split, caption_column, cache)
+        else:
+            yield from read_folder(data_path, split=split)
+        return
     if data_path.is_file() and not spec.endswith(".tar"):
         suffix = data_path.suffix.lower()
         base = os.path.abspath(base_image_dir if base_image_dir is not None else data_path.parent)
@@ -108,12 +124,15 @@ def read_source(data_path: Path, *, split: str, base_image_dir: Path | None = No
         elif suffix == ".parquet":
             records = read_parquet(data_path, **columns)
         else:
-            return read_csv(data_path, split=split, base_image_dir=base_image_dir, **columns,
-                            resolver=resolver, mask_column=mask_column)
-        return [listed_row(split, source, listed, caption, base, resolver, problem)
-                for source, listed, caption, problem in records]
+            yield from read_csv(data_path, split=split, base_image_dir=base_image_dir,
+                                **columns, resolver=resolver, mask_column=mask_column)
+            return
+        for source, listed, caption, problem in records:
+            yield listed_row(split, source, listed, caption, base, resolver, problem)
+        return
     if is_shard_spec(spec):
-        return list(_webdataset_rows(spec, split, caption_column, cache))
+        yield from _webdataset_rows(spec, split, caption_column, cache)
+        return
     key = "train_data_path" if split == "train" else "val_data_path"
     raise DataError(f"{data_path}: no such file or folder ([data] {key})",
                     hint=f"point [data] {key} (--{key.replace('_', '-')}) at a CSV, JSONL or "

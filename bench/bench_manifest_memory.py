@@ -1,0 +1,76 @@
+"""RSS of what `precompute` and `train` build at start-up from an N-row manifest (issue #20).
+
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER make        # a synthetic manifest
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER train       # + epoch plan
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER precompute  # + cache plan
+
+The manifest is WebDataset-like (container path, member, 64-hex hash, short caption). Prints
+MB of RSS above a process that imported everything; run each measurement in its own process
+(numbers: RESULTS.md, block *startup memory*).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ditctl.data import batches  # noqa: E402
+from ditctl.data.cache import KeySpec, plan_entries  # noqa: E402
+from ditctl.data.manifest import ManifestRow, read_manifest, write_manifest  # noqa: E402
+from ditctl.workspace import Workspace  # noqa: E402
+
+PER_SHARD = 10_000
+
+
+def rss_mb() -> float:
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
+def make(ws: Workspace, rows: int) -> None:
+    ws.root.mkdir(parents=True, exist_ok=True)
+    (ws.root / "project.toml").write_text('[data]\ntrain_data_path = "captions.parquet"\n')
+    samples = (ManifestRow(split="train", source=f"row {i}",
+                           path=ws.root / "shards" / f"shard-{i // PER_SHARD:05d}.tar",
+                           caption=f"random pixels number {i}", sha256=f"{i:064x}",
+                           size_bytes=2000, mtime_ns=1, width=48, height=40, format="JPEG",
+                           bucket_w=48, bucket_h=32, member=f"{i:09d}.jpg", offset=512 * i)
+               for i in range(rows))
+    write_manifest(ws.manifest_db, samples, [], {"counts": {"train": rows}})
+
+
+def measure(ws: Workspace, what: str) -> dict:
+    gc.collect()
+    base = rss_mb()
+    started = time.perf_counter()
+    rows = read_manifest(ws, "train")
+    after_rows = rss_mb()
+    out = {"rows": len(rows), "read_manifest_mb": round(after_rows - base, 1),
+           "read_s": round(time.perf_counter() - started, 2)}
+    started = time.perf_counter()
+    if what == "train":
+        plan = batches.epoch_batches(rows, 8, 0, 0)
+    else:
+        spec = KeySpec(vae_identity="v" * 16, text_identity="t" * 16, text_max_length=77,
+                       dtype="bf16", center_crop=False)
+        plan = plan_entries(spec, rows, random_flip=True)
+    out[f"{what}_plan_mb"] = round(rss_mb() - after_rows, 1)
+    out["plan_s"] = round(time.perf_counter() - started, 2)
+    out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+    del plan
+    return out
+
+
+if __name__ == "__main__":
+    count, folder, what = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+    workspace = Workspace(folder)
+    if what == "make":
+        make(workspace, count)
+    else:
+        print(json.dumps(measure(workspace, what)))

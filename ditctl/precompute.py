@@ -471,7 +471,21 @@ def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
             packed += 1
         for writer in writers.values():
             retire(writer.flush())
+    _remove_empty_folders(cache)
     return packed
+
+
+def _remove_empty_folders(cache: Cache) -> None:
+    """Drop the one-file layout's folders once they hold nothing."""
+    for folder in FOLDERS.values():
+        top = cache.root / folder
+        if not top.is_dir():
+            continue
+        for sub in top.iterdir():
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(top.iterdir()):
+            top.rmdir()
 
 
 def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[int, int]:
@@ -489,11 +503,7 @@ def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[i
             if path.stem not in one_file:
                 path.unlink(missing_ok=True)
                 strays += 1
-        for shard in (cache.root / folder).glob("*"):
-            if shard.is_dir() and not any(shard.iterdir()):
-                shard.rmdir()
-        if (cache.root / folder).is_dir() and not any((cache.root / folder).iterdir()):
-            (cache.root / folder).rmdir()
+    _remove_empty_folders(cache)
     return len(unused), strays
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
-from safetensors.torch import save_file
 
 from ditctl.config import build_config
 from ditctl.data import cache as cache_mod
@@ -312,6 +311,43 @@ def test_cached_batches_equal_on_the_fly_batches(tmp_path, tiny_model_dir, monke
     assert not torch.allclose(cached.latent_dist(row, True).mean, mirrored, atol=1e-3)
     for row in read_manifest(ws, "val"):
         assert torch.equal(cached.latent_dist(row, False).mean, live.latent_dist(row, False).mean)
+
+
+def test_a_cache_of_the_one_file_layout_reads_the_same_and_precompute_packs_it(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Caches written before shards (one file per entry, an index without shards) are read
+    as they are, batch for batch the same, and the next precompute moves every entry into
+    shards without encoding anything."""
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=5, data={"random_flip": True},
+                        prompts="a blue star\n")
+    config = ws.config()
+    run_precompute(ws, config)
+    family = load_family(tiny_model_dir)
+    rows = read_manifest(ws, "train")
+
+    def batches():
+        source = CachedSource(Cache.open(ws, config, family))
+        return [collate(source, rows, indices, [flip_for(0, 0, i, True) for i in indices])
+                for epoch in range(2) for indices in epoch_batches(rows, 2, 0, epoch)]
+
+    sharded = batches()
+    cache = Cache.open(ws, config, family)
+    entries = to_one_file_layout(cache)
+    assert not shards.stored_shards(cache.root)
+    assert len(list(cache.root.glob("*/*/*.safetensors"))) == entries
+    old = batches()  # read before any ditctl upgraded the index
+    check_cache_complete(ws, config, family, rows)  # upgrades it; still complete
+    counter = Counter(monkeypatch, tiny_model_dir)
+    result = run_precompute(ws, config, verify=True)
+    assert result.packed == entries and result.bad == [] and result.verified == entries
+    assert counter.images == counter.prompts == 0
+    assert sorted(p.name for p in cache.root.iterdir()) == ["index.sqlite", "shards"]
+    packed = batches()
+    for a, b, c in zip(sharded, old, packed, strict=True):
+        for x, y in ((a, b), (a, c)):
+            assert torch.equal(x.dist.mean, y.dist.mean) and torch.equal(x.dist.std, y.dist.std)
+            assert torch.equal(x.cond.sequence, y.cond.sequence)
+    assert run_precompute(ws, config).packed == 0
 
 
 def test_training_from_the_cache_loads_no_encoder(tmp_path, tiny_model_dir, monkeypatch):

@@ -45,13 +45,13 @@ Reading needs the models' identities (fingerprints of their files) but never the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import sqlite3
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -452,6 +452,8 @@ class Cache:
         self._shards = ShardReader(self.root)
         self._db: sqlite3.Connection | None = None
         self._db_pid = 0
+        # the prefetch thread and the main thread (sample prompts) may read at once
+        self._lock = threading.RLock()
 
     def __getstate__(self) -> dict:  # DataLoader workers: connections do not cross processes
         return {"root": self.root, "spec": self.spec}
@@ -484,18 +486,19 @@ class Cache:
     # where entries are
     def lookup(self, key: str) -> IndexEntry | None:
         """The index row of `key`, or None (not cached, or an index without shards)."""
-        if self._db is None or self._db_pid != os.getpid():
-            if not self.index_path.is_file():
+        with self._lock:
+            if self._db is None or self._db_pid != os.getpid():
+                if not self.index_path.is_file():
+                    return None
+                # mode=rw: never creates the file; this connection only reads
+                self._db = sqlite3.connect(f"file:{self.index_path}?mode=rw", uri=True,
+                                           check_same_thread=False)
+                self._db_pid = os.getpid()
+            try:
+                row = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?",
+                                       (key,)).fetchone()
+            except sqlite3.OperationalError:  # an index not yet upgraded: one-file entries
                 return None
-            # mode=rw: never creates the file; this connection only reads
-            self._db = sqlite3.connect(f"file:{self.index_path}?mode=rw", uri=True,
-                                       check_same_thread=False)
-            self._db_pid = os.getpid()
-        try:
-            row = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?",
-                                   (key,)).fetchone()
-        except sqlite3.OperationalError:  # an index not yet upgraded: one-file entries only
-            return None
         return _entry(row) if row else None
 
     def has(self, kind: str, key: str) -> bool:
@@ -516,12 +519,9 @@ class Cache:
         Raises FileNotFoundError, or SafetensorError/OSError/ValueError/KeyError (unreadable)."""
         if entry.shard is None:
             return read_entry(self.path(entry.kind, entry.key))
-        tensors = self._shards.read(entry.shard, entry.key)
+        with self._lock:
+            tensors = self._shards.read(entry.shard, entry.key)
         return tensors, ({"sha256": entry.sha256} if entry.sha256 else {})
-
-    def forget_shard(self, name: str) -> None:
-        """Drop a shard's memory map (it is about to be deleted or replaced)."""
-        self._shards.forget(name)
 
     # reading (training)
     def read_latents(self, row: ManifestRow, flip: bool) -> LatentDist:

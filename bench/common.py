@@ -482,9 +482,10 @@ def component_parameters(model_dir: Path) -> dict[str, int]:
 
 
 def make_bench_workspace(root: Path, model_dir: Path, *, images: int, size: int, seed: int = 0,
-                         train: dict | None = None, lora: dict | None = None):
+                         train: dict | None = None, lora: dict | None = None,
+                         data: dict | None = None):
     """A workspace on `model_dir` with `images` generated scenes of size x size (no validation
-    split, no samples or evaluation during training, no trackers)."""
+    split, no samples or evaluation during training, no trackers); `data`: more [data] keys."""
     import tomli_w
 
     from ditctl.demo.scenes import random_scenes, write_dataset
@@ -496,7 +497,8 @@ def make_bench_workspace(root: Path, model_dir: Path, *, images: int, size: int,
                   csv_name="train.csv")
     settings = {
         "model": {"pretrained_model_path": str(model_dir)},
-        "data": {"train_data_path": "data/train.csv", "resolution": size, "center_crop": True},
+        "data": {"train_data_path": "data/train.csv", "resolution": size, "center_crop": True,
+                 **(data or {})},
         "precompute": {"num_workers": 0},
         "train": {"sample_every": 0, "eval_every": 0, "report_to": "none", "seed": 0,
                   "lr_scheduler": "constant", **(train or {})},

@@ -44,9 +44,9 @@ from .console import console
 from .data.batches import crop_for, load_row_pixels, row_latent_mask
 from .data.datasets import of_row, per_dataset
 from .data.cache import (FOLDERS, INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan,
-                         IndexEntry, KeySpec, LatentJob, content_problem, latent_tensors,
-                         present_keys, prompts_to_cache, read_entry, tensor_bytes,
-                         tensors_sha256)
+                         IndexEntry, KeySpec, LatentJob, content_problem, entry_to_store,
+                         latent_tensors, present_keys, prompts_to_cache, read_entry,
+                         tensor_bytes)
 from .data.cache_shards import ShardWriter, compact, remove_unindexed
 from .data.images import ImageProblem
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
@@ -272,13 +272,6 @@ class _EntryWriter:
             self.shards.flush()
 
 
-def _stored_entry(kind: str, key: str, tensors: dict[str, torch.Tensor], shape: tuple, dtype: str,
-                  flip: bool, source: str) -> tuple[IndexEntry, dict[str, torch.Tensor]]:
-    """An entry for the writer: its row (with its content hash) and its tensors."""
-    return IndexEntry(key, kind, tuple(shape), dtype, tensor_bytes(tensors), flip, source,
-                      sha256=tensors_sha256(tensors)), tensors
-
-
 # --- captions ---------------------------------------------------------------------------------
 
 def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: CacheIndex,
@@ -292,9 +285,9 @@ def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: C
             items = []
             for i, (key, caption) in enumerate(part):
                 one = conds.rows(i)
-                items.append(_stored_entry("text", key, one.record(cache.spec.torch_dtype),
-                                           one.sequence.shape[1:], cache.spec.dtype, False,
-                                           caption))
+                items.append(entry_to_store("text", key, one.record(cache.spec.torch_dtype),
+                                            one.sequence.shape[1:], cache.spec.dtype, False,
+                                            caption))
             writer.submit(items)
             bar.advance(len(part))
     return len(missing)
@@ -405,9 +398,9 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
         means.append(dist.mean.cpu())  # [b, C, h, w]
         stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
-    items = [_stored_entry("latent", job.key,
-                           latent_tensors(job_mean, job_std, cache.spec.torch_dtype, mask),
-                           job_mean.shape, cache.spec.dtype, job.flip, job.row.image_name)
+    items = [entry_to_store("latent", job.key,
+                            latent_tensors(job_mean, job_std, cache.spec.torch_dtype, mask),
+                            job_mean.shape, cache.spec.dtype, job.flip, job.row.image_name)
              for job, job_mean, job_std, mask in zip(jobs, mean, std, masks)]
     writer.submit(items)
     return sum(entry.bytes for entry, _ in items)

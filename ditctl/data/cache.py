@@ -650,6 +650,14 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def entry_to_store(kind: str, key: str, tensors: dict[str, torch.Tensor], shape: Sequence[int],
+                   dtype: str, flip: bool, source: str
+                   ) -> tuple[IndexEntry, dict[str, torch.Tensor]]:
+    """An entry for `ShardWriter.add`: its index row (with its content hash) and tensors."""
+    return IndexEntry(key, kind, tuple(shape), dtype, tensor_bytes(tensors), flip, source,
+                      sha256=tensors_sha256(tensors)), tensors
+
+
 def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """Why an entry's values cannot be what the encoders wrote, or None: a content hash that
     does not match, non-finite values, or latents outside a VAE posterior's range. (Entries

@@ -415,8 +415,7 @@ def _verify(cache: Cache, index: CacheIndex) -> tuple[int, list[tuple[str, str]]
     entries = list(index.entries(by_location=True))
     bad: list[tuple[IndexEntry, str]] = []
     with console.progress("verifying cache", total=len(entries), unit="entries") as bar:
-        for entry in entries:
-            problem = cache.check(entry)
+        for entry, problem in cache.check_all(entries):
             if problem:
                 bad.append((entry, problem))
             bar.advance()

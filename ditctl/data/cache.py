@@ -46,6 +46,7 @@ Reading needs the models' identities (fingerprints of their files) but never the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -577,6 +578,30 @@ class Cache:
                              hint="run `ditctl precompute --verify` (it re-encodes bad entries)")
         return tensors, where
 
+    def check_all(self, entries: Iterable[IndexEntry]
+                  ) -> Iterator[tuple[IndexEntry, str | None]]:
+        """(entry, why it is bad or None) of each entry; consecutive entries of one shard are
+        checked from one sequential read of it (`IndexEntry.entries(by_location=True)`)."""
+        for shard, group in itertools.groupby(entries, key=lambda e: e.shard):
+            if shard is None:
+                yield from ((entry, self.check(entry)) for entry in group)
+                continue
+            try:
+                stored = self._shards.read_all(shard)
+            except FileNotFoundError:
+                yield from ((entry, "shard missing") for entry in group)
+                continue
+            except (SafetensorError, OSError, ValueError) as exc:
+                yield from ((entry, f"unreadable ({exc})") for entry in group)
+                continue
+            for entry in group:
+                tensors = stored.pop(entry.key, None)
+                if tensors is None:
+                    yield entry, "not in its shard"
+                else:
+                    yield entry, check_tensors(
+                        tensors, {"sha256": entry.sha256} if entry.sha256 else {}, entry)
+
     def check(self, entry: IndexEntry) -> str | None:
         """Why a stored entry is bad, or None (`check_tensors`)."""
         try:
@@ -665,25 +690,30 @@ def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
     stored = metadata.get("sha256")
     if stored is not None and stored != tensors_sha256(tensors):
         return "its tensors do not match the content hash stored with them"
+    # one reduction per tensor (verify runs this for every entry): NaN and inf propagate
+    # into the extremes, which also give the ranges checked below
+    extremes: dict[str, tuple[float, float]] = {}
     for name, tensor in sorted(tensors.items()):
-        if not torch.isfinite(tensor).all():
+        if not tensor.numel():
+            continue
+        low, high = (v.item() for v in torch.aminmax(tensor))
+        if not (math.isfinite(low) and math.isfinite(high)):
             return f"{name} holds non-finite values"
-    if "mean" in tensors:
-        peak = tensors["mean"].float().abs().max().item() if tensors["mean"].numel() else 0.0
+        extremes[name] = (low, high)
+    if "mean" in extremes:
+        peak = max(abs(v) for v in extremes["mean"])
         if peak > LATENT_MEAN_LIMIT:
             return (f"mean reaches {peak:.3g}, beyond any VAE posterior "
                     f"(|mean| <= {LATENT_MEAN_LIMIT:g})")
-    if "mask" in tensors and tensors["mask"].numel():
-        mask = tensors["mask"].float()
-        if mask.min().item() < 0 or mask.max().item() > 1:
-            return (f"mask spans [{mask.min().item():.3g}, {mask.max().item():.3g}], outside "
-                    "a loss mask's [0, 1]")
-    if "std" in tensors and tensors["std"].numel():
-        low, high = LATENT_STD_RANGE
-        std = tensors["std"].float()
-        if std.min().item() < low or std.max().item() > high:
-            return (f"std spans [{std.min().item():.3g}, {std.max().item():.3g}], outside a VAE "
-                    f"posterior's [{low:.3g}, {high:.3g}]")
+    if "mask" in extremes:
+        low, high = extremes["mask"]
+        if low < 0 or high > 1:
+            return f"mask spans [{low:.3g}, {high:.3g}], outside a loss mask's [0, 1]"
+    if "std" in extremes:
+        (low, high), (least, most) = LATENT_STD_RANGE, extremes["std"]
+        if least < low or most > high:
+            return (f"std spans [{least:.3g}, {most:.3g}], outside a VAE posterior's "
+                    f"[{low:.3g}, {high:.3g}]")
     return None
 
 

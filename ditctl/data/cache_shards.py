@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 
 from ..fsutil import TEMP_PREFIX, clean_temp, fsync_dir, no_room_error
 
@@ -162,6 +162,16 @@ class ShardReader:
             raise KeyError(f"{shard} holds no tensors of this entry")
         cut = len(key) + len(SEPARATOR)
         return {name[cut:]: handle.get_tensor(name).clone() for name in names[key]}
+
+    def read_all(self, shard: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Every entry of a shard ({key: {name: tensor}}) from one sequential read of the file
+        (verify: far fewer calls than entry by entry). Raises FileNotFoundError,
+        SafetensorError."""
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in load(shard_path(self.root, shard).read_bytes()).items():
+            key, _, own = name.partition(SEPARATOR)
+            entries.setdefault(key, {})[own] = tensor
+        return entries
 
     def forget(self, shard: str) -> None:
         """Close a shard's map (before it is deleted or replaced)."""

@@ -436,7 +436,7 @@ def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
     hash to check, stays a one-file entry for --verify to judge. Each shard's rows are
     committed before the files they replace are deleted: a kill leaves at worst files no row
     points to, which --gc removes. Returns the entries packed."""
-    legacy = [entry for entry in index.entries(by_location=True) if entry.shard is None]
+    legacy = list(index.entries(one_file=True))
     if not legacy:
         return 0
     packed = 0
@@ -501,7 +501,7 @@ def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[i
 
 def _measure_disk(summary: PrecomputeSummary, index: CacheIndex, plan: CachePlan,
                   rows: Sequence[ManifestRow]) -> None:
-    sizes = {entry.key: entry.bytes for entry in index.entries()}
+    sizes = index.sizes()
     summary.latent_bytes = sum(sizes.get(k, 0) for k in plan.latents)
     summary.flip_bytes = sum(sizes.get(k, 0) for k in plan.flipped)
     summary.text_bytes = sum(sizes.get(k, 0) for k in plan.texts)

@@ -373,12 +373,20 @@ class CacheIndex:
             return {k for (k,) in self.db.execute("SELECT key FROM entries")}
         return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE kind = ?", (kind,))}
 
-    def entries(self, *, by_location: bool = False) -> Iterator[IndexEntry]:
+    def entries(self, *, by_location: bool = False, one_file: bool = False
+                ) -> Iterator[IndexEntry]:
         """Every entry, by key (`by_location`: shard by shard, one-file entries last, so that
-        reading them all reads each shard once, front to back)."""
+        reading them all reads each shard once, front to back; `one_file`: only entries that
+        are files of their own)."""
         order = "shard IS NULL, shard, rowid" if by_location else "key"
-        for row in self.db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY {order}"):
+        where = "WHERE shard IS NULL" if one_file else ""
+        for row in self.db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries {where} ORDER BY {order}"):
             yield _entry(row)
+
+    def sizes(self) -> dict[str, int]:
+        """key -> bytes of every entry."""
+        return dict(self.db.execute("SELECT key, bytes FROM entries"))
 
     def locations(self) -> Iterator[tuple[str, str, str | None]]:
         """(key, kind, shard or None) of every entry."""

@@ -398,9 +398,9 @@ class CacheIndex:
         return _entry(row) if row else None
 
     def add(self, entries: Sequence[IndexEntry], *, shard: tuple[str, str, int] | None = None,
-            retire: str | None = None) -> None:
+            retire: Sequence[str] = ()) -> None:
         """Record complete entries (their shard or files are already in place), with the
-        shard that holds them (name, kind, bytes) and without the shard `retire` (compacted
+        shard that holds them (name, kind, bytes) and without the shards `retire` (compacted
         into this one), in one transaction."""
         now = time.time()
         try:
@@ -408,8 +408,8 @@ class CacheIndex:
                 if shard is not None:
                     self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)",
                                     (*shard, now))
-                if retire is not None:
-                    self.db.execute("DELETE FROM shards WHERE name = ?", (retire,))
+                self.db.executemany("DELETE FROM shards WHERE name = ?",
+                                    ((name,) for name in retire))
                 self.db.executemany(
                     f"INSERT OR REPLACE INTO entries ({_ENTRY_COLUMNS}, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

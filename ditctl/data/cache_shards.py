@@ -16,10 +16,11 @@ invisible and removed by the next `ditctl precompute` (`remove_unindexed`); a ki
 most the one shard being filled.
 
 Reclaiming space: an entry removed from the index leaves dead bytes in its shard. `compact`
-deletes a shard none of whose entries are live, and rewrites one whose live bytes fell below
-COMPACT_BELOW of its size: the live entries are copied into a new shard (renamed into place),
-their rows repointed and the old shard's row dropped in one transaction, then the old file is
-deleted (a kill before that leaves an unindexed file, removed as above).
+deletes a shard none of whose entries are live, and rewrites those whose live bytes fell below
+COMPACT_BELOW of what was written into them: their live entries are copied into new shards
+(renamed into place), their rows repointed and the old shards' rows dropped in one
+transaction, then the old files are deleted (a kill before that leaves unindexed files,
+removed as above).
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ class ShardWriter:
         self._tensors: dict[str, torch.Tensor] = {}
         self._entries: list["IndexEntry"] = []
         self._bytes = 0
+        # shards whose live entries are all queued here (compaction): their rows are dropped
+        # in the transaction that commits the next shard
+        self.retiring: list[str] = []
 
     def add(self, entry: "IndexEntry", tensors: dict[str, torch.Tensor]) -> list["IndexEntry"]:
         """Queue one entry (`entry.sha256` set); returns the entries committed by a flush this
@@ -105,9 +109,9 @@ class ShardWriter:
             return self.flush()
         return []
 
-    def flush(self, *, retire: str | None = None) -> list["IndexEntry"]:
-        """Write the open shard and commit its rows (and drop shard `retire`'s row, whose live
-        entries these are) in one transaction; returns the committed entries."""
+    def flush(self) -> list["IndexEntry"]:
+        """Write the open shard and commit its rows (and drop the rows of the `retiring`
+        shards) in one transaction; returns the committed entries."""
         if not self._entries:
             return []
         name = new_shard_name(self.kind)
@@ -116,8 +120,8 @@ class ShardWriter:
         # the shard's row counts its entries' tensor bytes (not the file's, whose header
         # would make a shard of tiny entries look mostly dead)
         self.index.add(entries, shard=(name, self.kind, sum(e.bytes for e in entries)),
-                       retire=retire)
-        self._tensors, self._entries, self._bytes = {}, [], 0
+                       retire=self.retiring)
+        self._tensors, self._entries, self._bytes, self.retiring = {}, [], 0, []
         return entries
 
 
@@ -204,23 +208,30 @@ def remove_unindexed(root: Path, index: "CacheIndex") -> int:
 
 def compact(root: Path, index: "CacheIndex", *, below: float = COMPACT_BELOW
             ) -> tuple[int, int]:
-    """Delete shards with no live entry, rewrite those whose live bytes fell below `below` of
-    their size. Returns (shards deleted, shards rewritten)."""
+    """Delete shards with no live entry; rewrite those whose live bytes fell below `below` of
+    the bytes written into them, their live entries merged into new shards of the usual size.
+    Returns (shards deleted, shards rewritten)."""
     deleted = rewritten = 0
     reader = ShardReader(root)
-    for name, kind, size, live_entries, live_bytes in index.shard_usage():  # size: bytes
-        if live_entries and live_bytes >= below * size:
+    writers: dict[str, ShardWriter] = {}
+    retired: list[str] = []
+    for name, kind, written, live_entries, live_bytes in index.shard_usage():
+        if live_entries and live_bytes >= below * written:
             continue
-        if live_entries:
-            # one new shard holds all live entries (they were one shard's worth before)
-            writer = ShardWriter(root, index, kind, max_bytes=1 << 62, max_entries=1 << 62)
-            for entry in index.entries_in_shard(name):
-                writer.add(entry, reader.read(name, entry.key))
-            writer.flush(retire=name)
-            reader.forget(name)
-            rewritten += 1
-        else:
+        if not live_entries:
             index.remove_shard(name)  # row first: a kill leaves an unindexed file
+            shard_path(root, name).unlink(missing_ok=True)
             deleted += 1
+            continue
+        writer = writers.setdefault(kind, ShardWriter(root, index, kind))
+        for entry in index.entries_in_shard(name):
+            writer.add(entry, reader.read(name, entry.key))  # a flush repoints their rows
+        writer.retiring.append(name)  # every live entry queued: its row goes with the next
+        retired.append(name)          # commit (a kill before leaves it indexed and intact)
+        rewritten += 1
+    for writer in writers.values():
+        writer.flush()
+    reader.close()
+    for name in retired:  # committed: unindexed now (a kill here: removed by the next run)
         shard_path(root, name).unlink(missing_ok=True)
     return deleted, rewritten

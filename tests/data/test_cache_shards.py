@@ -86,20 +86,18 @@ def test_a_kill_between_rename_and_commit_leaves_an_invisible_shard(tmp_path, mo
 
 def test_compaction_reclaims_dead_shards_and_mostly_dead_ones(tmp_path):
     with CacheIndex(tmp_path / "index.sqlite") as index:
-        written = _write(tmp_path, index, range(12), max_entries=4)  # shards of 0-3, 4-7, 8-11
-        dead, mostly_dead, mostly_live = sorted(index.shard_names(), key=lambda name: min(
-            e.key for e in index.entries_in_shard(name)))
-        index.remove([f"{i:064x}" for i in (0, 1, 2, 3, 4, 5, 6, 8)])
+        written = _write(tmp_path, index, range(16), max_entries=4)  # 0-3, 4-7, 8-11, 12-15
+        dead, mostly_dead, mostly_live, also_mostly_dead = sorted(
+            index.shard_names(), key=lambda name: min(e.key for e in index.entries_in_shard(name)))
+        index.remove([f"{i:064x}" for i in (0, 1, 2, 3, 4, 5, 6, 8, 12, 13, 14)])
         live = {k: v for k, v in written.items() if k in index.keys()}
-        assert compact(tmp_path, index) == (1, 1)
+        assert compact(tmp_path, index) == (1, 2)
         names = index.shard_names()
-        assert dead not in names and mostly_dead not in names and mostly_live in names
+        assert mostly_live in names and not {dead, mostly_dead, also_mostly_dead} & names
         assert len(names) == 2 and stored_shards(tmp_path) == sorted(names)
-        usage = {name: (entries, live_bytes) for name, _, _, entries, live_bytes
-                 in index.shard_usage()}
-        assert usage[mostly_live][0] == 3
-        rewritten = (names - {mostly_live}).pop()
-        assert usage[rewritten][0] == 1
+        usage = {name: entries for name, _, _, entries, _ in index.shard_usage()}
+        assert usage[mostly_live] == 3
+        assert usage[(names - {mostly_live}).pop()] == 2  # the two survivors, merged
         assert compact(tmp_path, index) == (0, 0)  # nothing left to reclaim
     _reads_back(tmp_path, live)
 

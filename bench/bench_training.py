@@ -56,9 +56,6 @@ class PlainLoop:
     hyper-parameters; one call of `step` is one optimiser step."""
 
     def __init__(self, ws, config, batch: int):
-        from ditctl.data.batches import CachedSource
-        from ditctl.data.cache import Cache
-        from ditctl.data.manifest import read_manifest
         from ditctl.models.registry import load_family
 
         train = config.train
@@ -70,6 +67,15 @@ class PlainLoop:
                                            eps=train.adam_epsilon, weight_decay=train.weight_decay)
         self.max_grad_norm = train.max_grad_norm
         self.bf16 = train.mixed_precision == "bf16"
+        self.generator = torch.Generator().manual_seed(0)
+        self.times: list[float] = []
+        self.load_batches(ws, config, batch)
+
+    def load_batches(self, ws, config, batch: int) -> None:
+        from ditctl.data.batches import CachedSource
+        from ditctl.data.cache import Cache
+        from ditctl.data.manifest import read_manifest
+
         source = CachedSource(Cache.open(ws, config, self.family))
         rows = read_manifest(ws, "train")
         self.batches = []
@@ -79,14 +85,18 @@ class PlainLoop:
                               for row in rows[start:start + batch]])
             self.batches.append((torch.cat([d.mean for d in dists]),
                                  torch.cat([d.std for d in dists]), text))
-        self.generator = torch.Generator().manual_seed(0)
-        self.times: list[float] = []
 
     def step(self) -> float:
+        started = time.perf_counter()
+        self.train_step(*self.batches[len(self.times) % len(self.batches)])
+        elapsed = time.perf_counter() - started
+        self.times.append(elapsed)
+        return elapsed
+
+    def train_step(self, mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor) -> None:
+        """Noise, forward, MSE, backward, clip, AdamW on one batch of latents and text states."""
         from ditctl.models.base import LatentDist, flow_noisy, flow_target
 
-        started = time.perf_counter()
-        mean, std, text = self.batches[len(self.times) % len(self.batches)]
         x0 = self.family.sample_latents(LatentDist(mean, std), self.generator)
         noise = torch.randn(x0.shape, generator=self.generator)
         t = torch.sigmoid(torch.randn(x0.shape[0], generator=self.generator))
@@ -99,9 +109,6 @@ class PlainLoop:
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        self.times.append(elapsed)
-        return elapsed
 
 
 class EngineProbe:

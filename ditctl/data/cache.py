@@ -499,8 +499,7 @@ class Cache:
             if self._db is None or self._db_pid != os.getpid():
                 if not self.index_path.is_file():
                     return None
-                # mode=rw: never creates the file; this connection only reads
-                self._db = sqlite3.connect(f"file:{self.index_path}?mode=rw", uri=True,
+                self._db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True,
                                            check_same_thread=False)
                 self._db_pid = os.getpid()
             try:

@@ -11,7 +11,8 @@ not the cache. The captions are encoded by `run_precompute` itself, which then f
 cache complete. Measured, each command in a fresh process as a user runs it:
 
   files           every file under the cache folder (shards, index and its WAL) vs. entries
-  verify          `ditctl precompute --verify`: re-reads and re-hashes every entry
+  verify          `ditctl precompute --verify`: re-reads and re-hashes every entry (in the
+                  default 2 worker processes)
   first step      `ditctl train --use-precomputed-data --max-steps 1`: from the process start
                   to its first line in train_log.jsonl (manifest, plan, cache check, model
                   load, the first batch read from the shards, one step); the whole process too
@@ -143,6 +144,7 @@ def run(quick: bool) -> dict:
         model = build_bench_pipeline(Path(tmp) / "model", TINY_FLITE, TINY_T5, TINY_VAE)
         ws = make_bench_workspace(Path(tmp) / "ws", model, images=0, size=SIZE,
                                   data={"random_flip": True, "center_crop": True},
+                                  precompute={"num_workers": 2},  # the default
                                   train={"train_batch_size": 4})
         write_noise_dataset(ws.root / "data", images, CAPTIONS)
         config = ws.config()

@@ -3,7 +3,8 @@
     manifest (train + val); re-ingested first when missing or built from other [data] settings
     plan: a key per image variant (both flips of train images with random_flip), per unique
           caption, per sample prompt and the negative prompt (see ditctl.data.cache)
-    --verify  re-read every entry; delete bad ones (the steps below re-encode them)
+    --verify  re-read every entry (shard by shard, in [precompute] num_workers processes);
+              delete bad ones (the steps below re-encode them)
     captions  the missing ones only, unique, through the text encoder
     images    the missing ones only, one bucket per batch: DataLoader workers decode (the one
               transform) while the VAE loads and encodes; a writer thread packs the entries
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc as garbage
+import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,7 +161,8 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
 
         summary.packed = _pack_one_file_entries(cache, index)
         if verify:
-            summary.verified, summary.bad = _verify(cache, index)
+            summary.verified, summary.bad = _verify(cache, index,
+                                                    config.precompute.num_workers)
         present = present_keys(cache, index, plan)
         missing_texts = [(k, c) for k, c in plan.texts.items() if k not in present]
         missing_latents = [job for k, job in plan.latents.items() if k not in present]
@@ -408,17 +411,44 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
 
 # --- verify, gc, disk -------------------------------------------------------------------------
 
-def _verify(cache: Cache, index: CacheIndex) -> tuple[int, list[tuple[str, str]]]:
-    """Re-check every entry, shard by shard; delete bad ones (the row; a one-file entry's file
-    too; the dead bytes in a shard go with the next --gc). Returns (checked, bad): each bad
-    one as (its image or caption, why and where)."""
+class _EntryChecks(torch.utils.data.Dataset):
+    """Groups of entries (a shard's, or a slice of the one-file ones) checked in DataLoader
+    workers: [(key, why it is bad or None)] per group."""
+
+    def __init__(self, cache: Cache, groups: list[list[IndexEntry]]):
+        self.cache, self.groups = cache, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[tuple[str, str | None]]:
+        return [(entry.key, problem) for entry, problem in self.cache.check_all(self.groups[i])]
+
+
+def _as_is(item):
+    return item
+
+
+def _verify(cache: Cache, index: CacheIndex, workers: int) -> tuple[int, list[tuple[str, str]]]:
+    """Re-check every entry, shard by shard, in `workers` processes ([precompute]
+    num_workers); delete bad ones (the row; a one-file entry's file too; the dead bytes in a
+    shard go with the next --gc). Returns (checked, bad): each bad one as (its image or
+    caption, why and where)."""
     entries = list(index.entries(by_location=True))
+    groups: list[list[IndexEntry]] = []
+    for shard, group in itertools.groupby(entries, key=lambda e: e.shard):
+        members = list(group)
+        step = len(members) if shard is not None else 1024  # one-file entries: in slices
+        groups += [members[k:k + step] for k in range(0, len(members), step)]
+    by_key = {entry.key: entry for entry in entries}
+    loader = torch.utils.data.DataLoader(
+        _EntryChecks(cache, groups), batch_size=None, num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=worker_started)  # workers die with us and never keep the lock
     bad: list[tuple[IndexEntry, str]] = []
     with console.progress("verifying cache", total=len(entries), unit="entries") as bar:
-        for entry, problem in cache.check_all(entries):
-            if problem:
-                bad.append((entry, problem))
-            bar.advance()
+        for results in loader:
+            bad += [(by_key[key], problem) for key, problem in results if problem]
+            bar.advance(len(results))
     for entry, problem in bad:
         console.warn(f"bad cache entry for {entry.source} ({cache.location(entry)}): "
                      f"{problem}; re-encoding it")

@@ -646,9 +646,14 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of the tensors' bytes, in name order: the content hash an entry carries."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name]
+        if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().cpu().contiguous()
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
         digest.update(name.encode() + b"\0")
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        # the raw bytes, in memory order (a byte view keeps the shape; the buffer is the same)
+        digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

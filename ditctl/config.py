@@ -224,6 +224,10 @@ class DataConfig:
         "captions); the first keep_tokens tags and the trigger word stay in front. Shuffled "
         "captions are encoded during training (the text encoder stays loaded).")
     keep_tokens: int = opt(0, "With shuffle_tags: how many leading tags stay in place.", min=0)
+    num_workers: int = opt(
+        2, "Training data-loading worker processes: they read cache entries, or decode and "
+        "transform images on the fly, ahead of the step (0: read in the training process; the "
+        "result is the same bits either way).", min=0)
     datasets: tuple["DatasetConfig", ...] = opt(
         (), "More datasets in one run: [[data.datasets]] tables (see the example below).",
         flag=False)

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 
 from .config import Config
 from .console import console
-from .data.batches import crop_for, load_row_pixels, row_latent_mask
+from .data.batches import crop_for, load_row_pixels, row_latent_mask, unreadable_image
 from .data.datasets import of_row, per_dataset
 from .data.cache import (FOLDERS, INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan,
                          IndexEntry, KeySpec, LatentJob, content_problem, entry_to_store,
@@ -325,8 +325,8 @@ class _ImageJobs(torch.utils.data.Dataset):
         except DataError as exc:
             return i, None, None, (exc.message, exc.hint)
         except (ImageProblem, OSError) as exc:
-            return i, None, None, (f"{row.image_name}: {exc} (it was readable at ingest)",
-                                   "run `ditctl ingest` to update the manifest")
+            problem = unreadable_image(row.image_name, exc)
+            return i, None, None, (problem.message, problem.hint)
 
 
 def _stack_batch(items: list

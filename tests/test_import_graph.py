@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ditctl"
 
 # The engine trains and loads models; the commands are built on it, never the reverse.
 ENGINE_MAY_IMPORT = {"ditctl", "ditctl.config", "ditctl.console", "ditctl.errors",
-                     "ditctl.fsutil", "ditctl.runs", "ditctl.tensorfile"}
+                     "ditctl.fsutil", "ditctl.procutil", "ditctl.runs", "ditctl.tensorfile"}
 ENGINE_MAY_IMPORT_PACKAGES = ("ditctl.engine", "ditctl.models", "ditctl.data")
 COMMAND_LEVEL = ("ditctl.cli", "ditctl.train", "ditctl.train_hooks", "ditctl.sampling",
                  "ditctl.evaluation", "ditctl.export", "ditctl.status", "ditctl.precompute",

@@ -10,7 +10,7 @@ from ..workspace import Workspace
 from ._options import WorkspaceOption, config_flags
 
 
-@config_flags("data")
+@config_flags("data", skip=("num_workers",))  # the training loader's, not ingest's
 def ingest(
     workspace: WorkspaceOption = None,
     strict: Annotated[bool, typer.Option(

@@ -12,7 +12,9 @@ from ..oneshot import command_workspace
 from ._options import JsonOption, WorkspaceOption, config_flags
 
 
-@config_flags("model", "data", "precompute")
+# precompute first: its num_workers (decoding for the VAE) owns --num-workers here, not
+# [data] num_workers (the training loader's)
+@config_flags("model", "precompute", "data")
 def precompute(
     workspace: WorkspaceOption = None,
     verify: Annotated[bool, typer.Option(

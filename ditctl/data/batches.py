@@ -10,7 +10,10 @@ can ask for:
 
 A `SampleSource` turns (manifest row, flip) into a VAE posterior and a caption into its
 `Conditioning`. `CachedSource` reads the precompute cache and never loads an encoder;
-`OnTheFlySource` runs the one transform and the encoders. With fp32 encoders and fp32 storage
+`OnTheFlySource` runs the one transform and the encoders. Each source's model-free half, its
+`SampleReader` (cache reads; or file checks, decoding and the transform), is what training's
+data-loading workers run (`read_inputs`); the encoders finish the batch in the training
+process (`encode_inputs`). `collate` is both in one process. With fp32 encoders and fp32 storage
 both give bit-identical tensors, because precompute encodes every image exactly as
 `OnTheFlySource` does: one image per forward pass (see `ditctl.precompute`). A row's loss mask
 ([data] use_masks) comes with its latents (`masked_latent`): cached in the same entry, or made
@@ -30,6 +33,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..models.base import Conditioning, LatentDist, ModelFamily
 from .datasets import of_row
+from .images import ImageProblem
 from .manifest import ManifestRow
 from .transforms import (Crop, crop_offset_range, latent_mask, load_training_image,
                          load_training_mask)
@@ -145,8 +149,30 @@ def row_latent_mask(row: ManifestRow, crop: Crop, flip: bool, max_pixels: int,
 
 # --- sources ----------------------------------------------------------------------------------
 
+class SampleReader(Protocol):
+    """The model-free half of a source: file reads, image decoding and the transform, which a
+    DataLoader worker process can run (it never loads or calls an encoder). What it cannot
+    finish (pixels, a caption to encode) its source's `encode_image` / `encode_caption` does,
+    in the process that holds the encoders."""
+
+    def read_image(self, row: ManifestRow, flip: bool, masked: bool
+                   ) -> tuple[LatentDist | torch.Tensor, torch.Tensor | None]:
+        """The row's posterior (cached) or its pixels [3, H, W] still to encode; with `masked`,
+        its loss mask on the latent grid [1, 1, h, w] (ones when it has none), else None."""
+        ...
+
+    def read_caption(self, caption: str) -> Conditioning | str:
+        """The caption's conditioning (cached), or the caption itself, still to encode."""
+        ...
+
+
 class SampleSource(Protocol):
     """Per-sample training inputs, however they are obtained."""
+
+    @property
+    def reader(self) -> SampleReader:
+        """The part that runs without the encoders (in data-loading workers)."""
+        ...
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         """The VAE posterior of the row's image: mean and std [1, C, h, w], fp32."""
@@ -163,10 +189,15 @@ class SampleSource(Protocol):
 
 
 class CachedSource:
-    """Reads the precompute cache. Loads no encoder: keys need only the models' identities."""
+    """Reads the precompute cache. Loads no encoder: keys need only the models' identities.
+    Everything it does is reading, so it is its own reader (workers read cache entries)."""
 
     def __init__(self, cache: "Cache"):
         self.cache = cache
+
+    @property
+    def reader(self) -> "CachedSource":
+        return self
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         return self.cache.read_latents(row, flip)
@@ -179,6 +210,47 @@ class CachedSource:
 
     def conditioning(self, caption: str) -> Conditioning:
         return self.cache.read_text(caption)
+
+    def read_image(self, row: ManifestRow, flip: bool, masked: bool
+                   ) -> tuple[LatentDist, torch.Tensor | None]:
+        return self.masked_latent(row, flip) if masked else (self.latent_dist(row, flip), None)
+
+    def read_caption(self, caption: str) -> Conditioning:
+        return self.conditioning(caption)
+
+
+def unreadable_image(name: str, exc: Exception) -> DataError:
+    """The one-line error for an image (or mask) that ingest could read and now cannot."""
+    return DataError(f"{name}: {exc} (it was readable at ingest)",
+                     hint="run `ditctl ingest` to update the manifest")
+
+
+@dataclass(frozen=True)
+class PixelReader:
+    """OnTheFlySource's model-free half: the one transform (pixels, loss masks)."""
+
+    center_crop: tuple[bool, ...]  # per dataset (datasets.per_dataset)
+    max_pixels: int
+    spatial_factor: int
+
+    def read_image(self, row: ManifestRow, flip: bool, masked: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        crop = crop_for(row, of_row(self.center_crop, row.dataset))
+        try:
+            pixels = load_row_pixels(row, crop, flip, self.max_pixels)
+        except (ImageProblem, OSError) as exc:
+            raise unreadable_image(row.image_name, exc) from None
+        if not masked:
+            return pixels, None
+        try:
+            mask = row_latent_mask(row, crop, flip, self.max_pixels, self.spatial_factor)
+        except (ImageProblem, OSError) as exc:
+            raise unreadable_image(str(row.mask.path) if row.mask else row.image_name,
+                                   exc) from None
+        return pixels, mask.unsqueeze(0)
+
+    def read_caption(self, caption: str) -> str:
+        return caption
 
 
 class OnTheFlySource:
@@ -196,21 +268,45 @@ class OnTheFlySource:
         self.text_encoder = text_encoder
         self.data = data_config
         # per dataset (datasets.per_dataset); default: [data]'s
-        self.center_crop = tuple(center_crop or (data_config.center_crop,))
+        self.reader = PixelReader(tuple(center_crop or (data_config.center_crop,)),
+                                  data_config.max_image_pixels, family.latent.spatial_factor)
 
-    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
-        pixels = load_row_pixels(row, crop_for(row, of_row(self.center_crop, row.dataset)), flip,
-                                 self.data.max_image_pixels)
-        return self.family.encode_images(self.vae, pixels.unsqueeze(0))  # [1, C, h, w]
+    def encode_image(self, pixels: torch.Tensor) -> LatentDist:
+        """The posterior of one image's pixels [3, H, W]: [1, C, h, w]."""
+        return self.family.encode_images(self.vae, pixels.unsqueeze(0))
 
-    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
-        mask = row_latent_mask(row, crop_for(row, of_row(self.center_crop, row.dataset)), flip,
-                               self.data.max_image_pixels, self.family.latent.spatial_factor)
-        return self.latent_dist(row, flip), mask.unsqueeze(0)
-
-    def conditioning(self, caption: str) -> Conditioning:
+    def encode_caption(self, caption: str) -> Conditioning:
         # on the CPU like cached entries, whichever device encoded it
         return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
+
+    def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
+        return self.encode_image(self.reader.read_image(row, flip, False)[0])
+
+    def masked_latent(self, row: ManifestRow, flip: bool) -> tuple[LatentDist, torch.Tensor]:
+        pixels, mask = self.reader.read_image(row, flip, True)
+        return self.encode_image(pixels), mask
+
+    def conditioning(self, caption: str) -> Conditioning:
+        return self.encode_caption(caption)
+
+
+@dataclass(frozen=True)
+class CachedImagesReader:
+    """CachedLatentsLiveText's model-free half: every latent, and the captions the cache holds."""
+
+    cached: CachedSource
+
+    def read_image(self, row: ManifestRow, flip: bool, masked: bool
+                   ) -> tuple[LatentDist, torch.Tensor | None]:
+        return self.cached.read_image(row, flip, masked)
+
+    def read_caption(self, caption: str) -> Conditioning | str:
+        cache = self.cached.cache
+        # entries are renamed into place complete: one that exists can be read (and is
+        # checked against its hash as it is)
+        if cache.has("text", cache.spec.text_key(caption)):
+            return cache.read_text(caption)
+        return caption
 
 
 class CachedLatentsLiveText:
@@ -222,6 +318,10 @@ class CachedLatentsLiveText:
         self.cached = cached
         self.family = family
         self.text_encoder = text_encoder
+        self.reader = CachedImagesReader(cached)
+
+    def encode_caption(self, caption: str) -> Conditioning:
+        return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
 
     def latent_dist(self, row: ManifestRow, flip: bool) -> LatentDist:
         return self.cached.latent_dist(row, flip)
@@ -230,12 +330,8 @@ class CachedLatentsLiveText:
         return self.cached.masked_latent(row, flip)
 
     def conditioning(self, caption: str) -> Conditioning:
-        cache = self.cached.cache
-        # entries are renamed into place complete: one that exists can be read (and is
-        # checked against its hash as it is)
-        if cache.has("text", cache.spec.text_key(caption)):
-            return cache.read_text(caption)
-        return self.family.encode_prompts(self.text_encoder, [caption]).cpu()
+        found = self.reader.read_caption(caption)
+        return found if isinstance(found, Conditioning) else self.encode_caption(found)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -250,13 +346,22 @@ class Batch:
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss masks on the latent grid, or None
 
 
-def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence[int],
-            flips: Sequence[bool], masks: bool = False,
-            captions: Sequence[str] | None = None) -> Batch:
-    """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index);
-    with `masks`, their loss masks too (every row gets one, ones where it has none, so a
-    batch's loss does not depend on which rows it holds); with `captions` (one per index;
-    default: the rows' captions)."""
+@dataclass(frozen=True)
+class BatchInputs:
+    """A (micro-)batch as a `SampleReader` leaves it: per row its posterior or its pixels still
+    to encode, its loss mask (with masks), and per sample its conditioning or its caption
+    still to encode. `encode_inputs` turns it into the `Batch`."""
+
+    indices: tuple[int, ...]
+    images: tuple[LatentDist | torch.Tensor, ...]
+    masks: tuple[torch.Tensor, ...] | None
+    texts: tuple[Conditioning | str, ...]
+
+
+def read_inputs(reader: SampleReader, rows: Sequence[ManifestRow], indices: Sequence[int],
+                flips: Sequence[bool], masks: bool = False,
+                captions: Sequence[str] | None = None) -> BatchInputs:
+    """The model-free half of `collate` (runs in data-loading workers)."""
     if len(indices) != len(flips):
         raise ValueError(f"{len(indices)} indices but {len(flips)} flips")
     if not indices:
@@ -264,16 +369,34 @@ def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence
     buckets = {rows[i].bucket for i in indices}
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one image size, got {sorted(buckets)}")
-    mask = None
-    if masks:
-        pairs = [source.masked_latent(rows[i], bool(f)) for i, f in zip(indices, flips)]
-        dists = [dist for dist, _ in pairs]
-        mask = torch.cat([m for _, m in pairs])  # [B, 1, h, w]
-    else:
-        dists = [source.latent_dist(rows[i], bool(f)) for i, f in zip(indices, flips)]
-    mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
-    std = torch.cat([d.std for d in dists])
+    pairs = [reader.read_image(rows[i], bool(f), masks) for i, f in zip(indices, flips)]
     if captions is None:
         captions = [rows[i].caption for i in indices]
-    cond = Conditioning.cat([source.conditioning(caption) for caption in captions])
-    return Batch(LatentDist(mean, std), cond, tuple(int(i) for i in indices), mask)
+    return BatchInputs(tuple(int(i) for i in indices), tuple(image for image, _ in pairs),
+                       tuple(mask for _, mask in pairs) if masks else None,
+                       tuple(reader.read_caption(caption) for caption in captions))
+
+
+def encode_inputs(source: SampleSource, inputs: BatchInputs) -> Batch:
+    """The other half of `collate`: encode what the reader left to encode (in the process that
+    holds the encoders) and stack the batch."""
+    dists = [item if isinstance(item, LatentDist) else source.encode_image(item)  # type: ignore
+             for item in inputs.images]
+    mean = torch.cat([d.mean for d in dists])  # [B, C, h, w]
+    std = torch.cat([d.std for d in dists])
+    cond = Conditioning.cat([item if isinstance(item, Conditioning)
+                             else source.encode_caption(item)  # type: ignore[attr-defined]
+                             for item in inputs.texts])
+    mask = torch.cat(inputs.masks) if inputs.masks is not None else None  # [B, 1, h, w]
+    return Batch(LatentDist(mean, std), cond, inputs.indices, mask)
+
+
+def collate(source: SampleSource, rows: Sequence[ManifestRow], indices: Sequence[int],
+            flips: Sequence[bool], masks: bool = False,
+            captions: Sequence[str] | None = None) -> Batch:
+    """Gather the inputs of rows[i] for i in `indices`, flipped as `flips` (one per index);
+    with `masks`, their loss masks too (every row gets one, ones where it has none, so a
+    batch's loss does not depend on which rows it holds); with `captions` (one per index;
+    default: the rows' captions). `read_inputs` then `encode_inputs`, in this process."""
+    return encode_inputs(source, read_inputs(source.reader, rows, indices, flips, masks,
+                                             captions))

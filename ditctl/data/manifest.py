@@ -317,9 +317,10 @@ def manifest_meta(ws: Workspace) -> dict[str, Any]:
 
 
 # [data] keys (and keys of its dataset tables) that only change how training reads the
-# samples (crop position, flips, caption shuffling, how often and how much each one counts),
-# not what ingest writes: changing them never makes the manifest stale.
-NOT_INGEST_KEYS = ("center_crop", "random_flip", "shuffle_tags", "keep_tokens")
+# samples (crop position, flips, caption shuffling, how often and how much each one counts,
+# how many processes read them), not what ingest writes: changing them never makes the
+# manifest stale.
+NOT_INGEST_KEYS = ("center_crop", "random_flip", "shuffle_tags", "keep_tokens", "num_workers")
 NOT_INGEST_DATASET_KEYS = NOT_INGEST_KEYS + ("repeats", "weight", "role", "loss_weight",
                                              "caption_dropout")
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..config import Config
-from ..data.batches import Batch, SampleSource, collate, epoch_batches, flip_for
+from ..data.batches import (Batch, BatchInputs, SampleSource, encode_inputs, epoch_batches,
+                             flip_for, read_inputs)
 from ..data.datasets import Dataset, epoch_slots, of_row, training_caption
 from ..data.manifest import ManifestRow
 from ..models.base import ModelFamily
@@ -88,14 +89,23 @@ class TrainingData:
         """Whether any row has a loss mask ([data] use_masks): then every batch carries masks."""
         return any(row.mask is not None for row in self.rows)
 
-    def load(self, indices: list[int], epoch: int) -> Batch:
+    def read(self, indices: list[int], epoch: int) -> BatchInputs:
+        """The rows' inputs as the source's model-free reader gives them (decoded pixels or
+        cached entries): what a data-loading worker computes (engine/loader.py)."""
         flips = [flip_for(self.seed, epoch, i, self._flips(i)) for i in indices]
         captions = None
         if any(d.shuffle_tags for d in self.datasets):
             captions = [training_caption(self.rows[i].source_caption, self.dataset(i), self.seed,
                                          epoch, i) for i in indices]
-        return collate(self.source, self.rows, indices, flips, masks=self.masked,
-                       captions=captions)
+        return read_inputs(self.source.reader, self.rows, indices, flips, masks=self.masked,
+                           captions=captions)
+
+    def encode(self, inputs: BatchInputs) -> Batch:
+        """The batch of `read`'s inputs (encoded on the fly where they are not cached)."""
+        return encode_inputs(self.source, inputs)
+
+    def load(self, indices: list[int], epoch: int) -> Batch:
+        return self.encode(self.read(indices, epoch))
 
     def _flips(self, index: int) -> bool:
         dataset = self.dataset(index)

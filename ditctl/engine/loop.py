@@ -28,6 +28,7 @@ from .ema import EmaWeights, ema_settings
 from .monitor import Monitor
 from .objective import (NoisedBatch, TimestepDensity, noised_batch, per_sample_loss, sample_seed,
                         training_guidance)
+from .loader import InputLoader
 from .prefetch import MicroJob, Peekable, Prefetcher, to_device
 from .optim import build_optimizer, build_scheduler
 from .sharding import clip_sharded_grad_norm, is_fsdp, set_gradient_sync, shard_denoiser
@@ -121,11 +122,18 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
     guidance = training_guidance(family, train)  # guidance-distilled denoisers read it
     reps = train.batch_multiplicity
 
+    def jobs_from_position() -> Iterator[MicroJob]:
+        return micro_jobs(data, position, schedule, rank, world, reps, ctx.seed)
+
+    loader = InputLoader(data, jobs_from_position, schedule.total_steps,
+                         config.data.num_workers)
+
     def prepare(job: MicroJob) -> NoisedBatch:
-        """2. the micro-batch's rows, each repeated batch_multiplicity times with its own
-        randomness, noised (runs in the prefetch thread; see engine/prefetch.py)."""
+        """2. the micro-batch's rows (read by the loader's workers, encoded here where they are
+        not cached), each repeated batch_multiplicity times with its own randomness, noised
+        (runs in the prefetch thread; see engine/prefetch.py and engine/loader.py)."""
         rows = list(job.rows)
-        batch = data.load(rows, job.epoch)
+        batch = data.encode(loader.read(job))
         dist = LatentDist(batch.dist.mean.repeat_interleave(reps, 0),
                           batch.dist.std.repeat_interleave(reps, 0))
         mask = batch.mask.repeat_interleave(reps, 0) if batch.mask is not None else None
@@ -135,10 +143,12 @@ def train_loop(ctx: TrainingContext, resume_from: Path | None = None) -> TrainRe
                             train.resolution_shift, unconditional, guidance,
                             train.loss_weighting, mask, data.loss_weights(repeated))
 
-    jobs = Peekable(micro_jobs(data, position, schedule, rank, world, reps, ctx.seed))
+    jobs = Peekable(jobs_from_position())
     device = acc.device
     consecutive_bad, skipped, last_loss, checkpoint, stopping = 0, 0, None, None, False
-    with stop_requests() as stop, monitor.progress(schedule.total_steps, position.step) as bar, \
+    # the loader forks its workers first (before the progress bar's thread) and stops them last
+    with loader, stop_requests() as stop, \
+            monitor.progress(schedule.total_steps, position.step) as bar, \
             Prefetcher(prepare, pin_memory=device.type == "cuda") as prefetcher:
         for step in range(position.step + 1, schedule.total_steps + 1):
             t0 = time.perf_counter()

@@ -8,9 +8,11 @@ batch n+1 while the accelerator computes micro-batch n, and the result is the sa
 loop would have built itself: exact resume and cached = on-the-fly hold unchanged. On CUDA the
 prepared tensors are pinned, so their copies to the GPU are asynchronous.
 
-A thread, not worker processes: the work is torch ops and file reads (which release the GIL)
-on tensors the loop then uses without a copy, and it shares the loaded encoders for on-the-fly
-data instead of loading them again per worker.
+The reading itself (cache entries, or decoding and transforming images) runs further ahead in
+data-loading worker processes (engine/loader.py); this thread does the rest, which needs the
+training process: encoding on the fly with the loaded encoders (never loaded again per
+worker), repeating and noising — torch ops that release the GIL, on tensors the loop then uses
+without a copy.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ RESUME_SAFE = {
     # change of strategy (another checkpoint format) is a change of the run
     "distributed": {"cpu_offload", "nnodes", "node_rank", "master_addr", "master_port"},
     "model": {"pretrained_model_path"},  # the model identity is checked separately
-    "data": {"train_data_path", "val_data_path", "base_image_dir"},  # the data fingerprint is
+    # the data fingerprint is checked separately; num_workers: how many processes read the
+    # data, not what they read (the same bits with any count)
+    "data": {"train_data_path", "val_data_path", "base_image_dir", "num_workers"},
 }
 
 

@@ -95,6 +95,27 @@ def test_lora_shorthand_sets_both(tmp_path, tiny_model_dir, cli, captured, monke
     assert captured["config"].lora.use_lora and captured["config"].lora.train_only_lora
 
 
+def test_num_workers_is_the_loaders_on_train_and_precomputes_on_precompute(
+        tmp_path, tiny_model_dir, cli, captured, monkeypatch):
+    import ditctl.precompute
+
+    ws = make_workspace(tmp_path / "w", tiny_model_dir)
+    monkeypatch.chdir(ws.root)
+    assert cli("train", "--num-workers", "0").exit_code == 0
+    assert captured["config"].data.num_workers == 0
+    assert captured["config"].precompute.num_workers == 2
+
+    def fake_precompute(ws, config, **kwargs):
+        captured["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ditctl.precompute, "run_precompute", fake_precompute)
+    assert cli("precompute", "--num-workers", "5").exit_code == 0
+    assert captured["config"].precompute.num_workers == 5
+    assert captured["config"].data.num_workers == 2
+    assert "--num-workers" not in cli("ingest", "--help").output
+
+
 def test_flag_errors_are_reported_together(tmp_path, tiny_model_dir, cli, monkeypatch):
     ws = make_workspace(tmp_path / "w", tiny_model_dir)
     monkeypatch.chdir(ws.root)

@@ -206,6 +206,16 @@ class FakeSource:
     def __init__(self):
         self.calls = []
 
+    @property
+    def reader(self):  # everything it gives is final: it is its own model-free reader
+        return self
+
+    def read_image(self, row, flip, masked):
+        return self.latent_dist(row, flip), None
+
+    def read_caption(self, caption):
+        return self.conditioning(caption)
+
     def latent_dist(self, row, flip):
         self.calls.append((row.source, flip))
         value = float(row.source.split()[1]) + (0.5 if flip else 0.0)

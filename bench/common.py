@@ -482,9 +482,11 @@ def component_parameters(model_dir: Path) -> dict[str, int]:
 
 
 def make_bench_workspace(root: Path, model_dir: Path, *, images: int, size: int, seed: int = 0,
-                         train: dict | None = None, lora: dict | None = None):
+                         train: dict | None = None, lora: dict | None = None,
+                         data: dict | None = None, precompute: dict | None = None):
     """A workspace on `model_dir` with `images` generated scenes of size x size (no validation
-    split, no samples or evaluation during training, no trackers)."""
+    split, no samples or evaluation during training, no trackers); `data`, `precompute`: more
+    keys of those tables."""
     import tomli_w
 
     from ditctl.demo.scenes import random_scenes, write_dataset
@@ -496,8 +498,9 @@ def make_bench_workspace(root: Path, model_dir: Path, *, images: int, size: int,
                   csv_name="train.csv")
     settings = {
         "model": {"pretrained_model_path": str(model_dir)},
-        "data": {"train_data_path": "data/train.csv", "resolution": size, "center_crop": True},
-        "precompute": {"num_workers": 0},
+        "data": {"train_data_path": "data/train.csv", "resolution": size, "center_crop": True,
+                 **(data or {})},
+        "precompute": {"num_workers": 0, **(precompute or {})},
         "train": {"sample_every": 0, "eval_every": 0, "report_to": "none", "seed": 0,
                   "lr_scheduler": "constant", **(train or {})},
         "eval": {"holdout_fraction": 0.0},

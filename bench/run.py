@@ -46,6 +46,8 @@ ON_REQUEST = {
                        "fp8, nf4, fp32 and bf16 bases"),
     "lora_variants": ("bench.bench_lora_variants", "the --example LoRA's concept score trained "
                       "as DoRA, LoKr and LoHa"),
+    "cache_scale": ("bench.bench_cache_scale", "a 200,000-entry precompute cache: files on "
+                    "disk, `precompute --verify`, training start-up to the first step"),
     "loader": ("bench.bench_loader", "data-wait share of the training step with 0 vs 2 "
                "data-loading workers, on the fly (512 px JPEGs) and cached"),
     "cpu_precision": ("bench.bench_cpu_precision", "fp32 vs bf16 autocast on a CPU, step time "

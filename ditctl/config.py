@@ -241,7 +241,7 @@ class PrecomputeConfig:
     mixed_precision: str = opt(
         "no", "Precision of the encoders and of the stored tensors.", choices=PRECISIONS)
     batch_size: int = opt(8, "Images per VAE batch (one bucket at a time).", min=1)
-    num_workers: int = opt(2, "Image-decoding worker processes (0: decode in the main process).",
+    num_workers: int = opt(2, "Worker processes decoding images and checking --verify (0: none).",
                            min=0)
 
 

@@ -3,12 +3,16 @@
     manifest (train + val); re-ingested first when missing or built from other [data] settings
     plan: a key per image variant (both flips of train images with random_flip), per unique
           caption, per sample prompt and the negative prompt (see ditctl.data.cache)
-    --verify  re-read every entry; delete bad ones (the steps below re-encode them)
+    --verify  re-read every entry (shard by shard, in [precompute] num_workers processes);
+              delete bad ones (the steps below re-encode them)
     captions  the missing ones only, unique, through the text encoder
     images    the missing ones only, one bucket per batch: DataLoader workers decode (the one
-              transform) while the VAE loads and encodes; a writer thread writes the files
-              and commits their index rows batch by batch
-    --gc      delete entries and stray files the plan no longer references
+              transform) while the VAE loads and encodes; a writer thread packs the entries
+              into shards and commits their index rows shard by shard
+    --gc      delete entries and stray files the plan no longer references, and compact
+              shards (data/cache_shards.py): delete dead ones, rewrite mostly-dead ones
+    packing   entries of the one-file layout (caches written before shards) are moved into
+              shards, whatever the config, so that an old cache converts on its first run
     state     [precompute] entries, bytes, cache_plan_fingerprint
 
 Exactness vs. batching: the same image encoded alone and inside a batch does not always give
@@ -23,8 +27,10 @@ The caller holds the workspace lock (`ditctl precompute` does).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc as garbage
+import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,18 +39,21 @@ from typing import Any, Sequence
 
 import torch
 from rich.markup import escape
+from safetensors import SafetensorError
 
 from .config import Config
 from .console import console
 from .data.batches import crop_for, load_row_pixels, row_latent_mask, unreadable_image
 from .data.datasets import of_row, per_dataset
-from .data.cache import (INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan, IndexEntry,
-                         KeySpec, LatentJob, check_entry, latent_file_bytes, present_keys,
-                         prompts_to_cache, text_file_bytes)
+from .data.cache import (FOLDERS, INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan,
+                         IndexEntry, KeySpec, LatentJob, content_problem, entry_to_store,
+                         latent_tensors, present_keys, prompts_to_cache, read_entry,
+                         tensor_bytes)
+from .data.cache_shards import ShardWriter, compact, remove_unindexed
 from .data.images import ImageProblem
 from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
 from .errors import DataError
-from .fsutil import atomic_write_bytes, check_free_space, clean_temp, folder_size
+from .fsutil import check_free_space, clean_temp, folder_size
 from .models.base import ModelFamily
 from .procutil import worker_started
 from .models.registry import load_family
@@ -74,6 +83,9 @@ class PrecomputeSummary:
     prompts: int                 # of the texts: sample prompts and the negative prompt
     removed: int = 0             # entries deleted by --gc
     stray_files: int = 0         # files without an index row deleted by --gc
+    packed: int = 0              # one-file entries moved into shards
+    shards_deleted: int = 0      # shards --gc deleted (no live entry left)
+    shards_rewritten: int = 0    # shards --gc rewrote (mostly dead)
     verified: int = 0            # entries re-checked by --verify
     bad: list[tuple[str, str]] = field(default_factory=list)  # (what, why), deleted + re-encoded
     latent_bytes: int = 0        # the entries this config uses
@@ -108,6 +120,8 @@ class PrecomputeSummary:
                 "added": self.latents.added + self.texts.added,
                 "reused": self.latents.reused + self.texts.reused,
                 "removed": self.removed, "stray_files": self.stray_files,
+                "packed": self.packed, "shards_deleted": self.shards_deleted,
+                "shards_rewritten": self.shards_rewritten,
                 "verified": self.verified, "bad": [list(b) for b in self.bad],
                 "bytes": self.latent_bytes + self.text_bytes, "latent_bytes": self.latent_bytes,
                 "flip_bytes": self.flip_bytes, "text_bytes": self.text_bytes,
@@ -134,6 +148,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
     _clean_leftovers(cache_root)
 
     with CacheIndex(cache_root / INDEX_NAME) as index:
+        remove_unindexed(cache_root, index)
         text_encoder = None
         max_length = family.text_tokens()  # a family fact: the keys need no encoder
         cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
@@ -144,8 +159,10 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
             prompts=len(set(prompts) - {row.caption for row in rows}),
             fingerprint=plan.fingerprint, notes=notes)
 
+        summary.packed = _pack_one_file_entries(cache, index)
         if verify:
-            summary.verified, summary.bad = _verify(cache, index)
+            summary.verified, summary.bad = _verify(cache, index,
+                                                    config.precompute.num_workers)
         present = present_keys(cache, index, plan)
         missing_texts = [(k, c) for k, c in plan.texts.items() if k not in present]
         missing_latents = [job for k, job in plan.latents.items() if k not in present]
@@ -165,6 +182,7 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
                 family, cache, index, missing_latents, config, device)
         if gc:
             summary.removed, summary.stray_files = _collect_garbage(cache, index, plan.keys())
+            summary.shards_deleted, summary.shards_rewritten = compact(cache_root, index)
 
         _measure_disk(summary, index, plan, rows)
     summary.elapsed_s = time.perf_counter() - started
@@ -216,24 +234,24 @@ def _encode_chunk(spec: KeySpec, batch_size: int) -> int:
 # --- writing entries --------------------------------------------------------------------------
 
 class _EntryWriter:
-    """Writes entry files, then commits their index rows, batch by batch, on one background
-    thread, so that fsync latency overlaps with encoding. Files first, rows second: a kill in
-    between leaves only files the index does not know (invisible, replaced on the next run)."""
+    """Packs complete entries into shards (`ShardWriter`) on one background thread, so that
+    serialising and fsyncing overlap with encoding. A shard's file is in place before its
+    rows are committed: a kill in between leaves only a file the index does not know
+    (removed by the next run, its entries re-encoded)."""
 
-    def __init__(self, index: CacheIndex):
-        self.index = index
+    def __init__(self, cache: Cache, index: CacheIndex, kind: str):
+        self.shards = ShardWriter(cache.root, index, kind)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self.pending: list[Future] = []
 
-    def submit(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
+    def submit(self, items: list[tuple[IndexEntry, dict[str, torch.Tensor]]]) -> None:
         while len(self.pending) >= MAX_PENDING_WRITES:
             self.pending.pop(0).result()
-        self.pending.append(self.pool.submit(self._write, files, entries))
+        self.pending.append(self.pool.submit(self._write, items))
 
-    def _write(self, files: list[tuple[Path, bytes]], entries: list[IndexEntry]) -> None:
-        for path, data in files:
-            atomic_write_bytes(path, data)
-        self.index.add(entries)
+    def _write(self, items: list[tuple[IndexEntry, dict[str, torch.Tensor]]]) -> None:
+        for entry, tensors in items:
+            self.shards.add(entry, tensors)
 
     def drain(self) -> None:
         while self.pending:
@@ -247,8 +265,14 @@ class _EntryWriter:
             if exc_type is None:
                 self.drain()
         finally:
-            # On an error the batches already queued still finish: each is complete on its own.
             self.pool.shutdown(wait=True)
+        if exc_type is None:
+            self.shards.flush()
+            return
+        # On an error the entries already queued are complete on their own: keep them, unless
+        # writing them fails too (the error unwinding is the one to report).
+        with contextlib.suppress(Exception):
+            self.shards.flush()
 
 
 # --- captions ---------------------------------------------------------------------------------
@@ -256,19 +280,18 @@ class _EntryWriter:
 def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: CacheIndex,
                   missing: list[tuple[str, str]], batch_size: int) -> int:
     chunk = _encode_chunk(cache.spec, batch_size)
-    with _EntryWriter(index) as writer, \
+    with _EntryWriter(cache, index, "text") as writer, \
             console.progress("encoding captions", total=len(missing), unit="captions") as bar:
         for start in range(0, len(missing), chunk):
             part = missing[start:start + chunk]
             conds = family.encode_prompts(text_encoder, [c for _, c in part]).cpu()
-            files, entries = [], []
+            items = []
             for i, (key, caption) in enumerate(part):
                 one = conds.rows(i)
-                data = text_file_bytes(one, cache.spec.torch_dtype)
-                files.append((cache.path("text", key), data))
-                entries.append(IndexEntry(key, "text", tuple(one.sequence.shape[1:]),
-                                          cache.spec.dtype, len(data), False, caption))
-            writer.submit(files, entries)
+                items.append(entry_to_store("text", key, one.record(cache.spec.torch_dtype),
+                                            one.sequence.shape[1:], cache.spec.dtype, False,
+                                            caption))
+            writer.submit(items)
             bar.advance(len(part))
     return len(missing)
 
@@ -349,7 +372,7 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
         chunk = _encode_chunk(cache.spec, settings.batch_size)
         done = 0
         started = time.perf_counter()
-        with _EntryWriter(index) as writer, \
+        with _EntryWriter(cache, index, "latent") as writer, \
                 console.progress("encoding images", total=len(jobs), unit="images") as bar:
             for indices, pixels, masks, problem in batches:
                 if problem is not None:
@@ -370,7 +393,7 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
 def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[LatentJob],
                   pixels: torch.Tensor, masks: list, chunk: int, device: torch.device,
                   writer: _EntryWriter) -> int:
-    """Encode one bucket batch (pixels [B, 3, H, W]) and hand its files, with each image's
+    """Encode one bucket batch (pixels [B, 3, H, W]) and hand its entries, with each image's
     loss mask (or None), to the writer; returns the bytes queued."""
     means, stds = [], []
     for start in range(0, len(jobs), chunk):
@@ -378,57 +401,137 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
         means.append(dist.mean.cpu())  # [b, C, h, w]
         stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
-    files, entries = [], []
-    for job, job_mean, job_std, mask in zip(jobs, mean, std, masks):
-        data = latent_file_bytes(job_mean, job_std, cache.spec.torch_dtype, mask)
-        files.append((cache.path("latent", job.key), data))
-        entries.append(IndexEntry(job.key, "latent", tuple(job_mean.shape), cache.spec.dtype,
-                                  len(data), job.flip, job.row.image_name))
-    writer.submit(files, entries)
-    return sum(len(data) for _, data in files)
+    items = [entry_to_store("latent", job.key,
+                            latent_tensors(job_mean, job_std, cache.spec.torch_dtype, mask),
+                            job_mean.shape, cache.spec.dtype, job.flip, job.row.image_name)
+             for job, job_mean, job_std, mask in zip(jobs, mean, std, masks)]
+    writer.submit(items)
+    return sum(entry.bytes for entry, _ in items)
 
 
 # --- verify, gc, disk -------------------------------------------------------------------------
 
-def _verify(cache: Cache, index: CacheIndex) -> tuple[int, list[tuple[str, str]]]:
-    """Re-check every entry; delete bad ones (file and row). Returns (checked, bad)."""
-    entries = list(index.entries())
+class _EntryChecks(torch.utils.data.Dataset):
+    """Groups of entries (a shard's, or a slice of the one-file ones) checked in DataLoader
+    workers: [(key, why it is bad or None)] per group."""
+
+    def __init__(self, cache: Cache, groups: list[list[IndexEntry]]):
+        self.cache, self.groups = cache, groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> list[tuple[str, str | None]]:
+        return [(entry.key, problem) for entry, problem in self.cache.check_all(self.groups[i])]
+
+
+def _as_is(item):
+    return item
+
+
+def _verify(cache: Cache, index: CacheIndex, workers: int) -> tuple[int, list[tuple[str, str]]]:
+    """Re-check every entry, shard by shard, in `workers` processes ([precompute]
+    num_workers); delete bad ones (the row; a one-file entry's file too; the dead bytes in a
+    shard go with the next --gc). Returns (checked, bad): each bad one as (its image or
+    caption, why and where)."""
+    entries = list(index.entries(by_location=True))
+    groups: list[list[IndexEntry]] = []
+    for shard, group in itertools.groupby(entries, key=lambda e: e.shard):
+        members = list(group)
+        step = len(members) if shard is not None else 1024  # one-file entries: in slices
+        groups += [members[k:k + step] for k in range(0, len(members), step)]
+    by_key = {entry.key: entry for entry in entries}
+    loader = torch.utils.data.DataLoader(
+        _EntryChecks(cache, groups), batch_size=None, num_workers=workers, collate_fn=_as_is,
+        worker_init_fn=worker_started)  # workers die with us and never keep the lock
     bad: list[tuple[IndexEntry, str]] = []
     with console.progress("verifying cache", total=len(entries), unit="entries") as bar:
-        for entry in entries:
-            problem = check_entry(cache.path(entry.kind, entry.key), entry)
-            if problem:
-                bad.append((entry, problem))
-            bar.advance()
+        for results in loader:
+            bad += [(by_key[key], problem) for key, problem in results if problem]
+            bar.advance(len(results))
     for entry, problem in bad:
-        console.warn(f"bad cache entry for {entry.source}: {problem}; re-encoding it")
-        cache.path(entry.kind, entry.key).unlink(missing_ok=True)
-    index.remove(entry.key for entry, _ in bad)
-    return len(entries), [(entry.source, problem) for entry, problem in bad]
+        console.warn(f"bad cache entry for {entry.source} ({cache.location(entry)}): "
+                     f"{problem}; re-encoding it")
+    index.remove(entry.key for entry, _ in bad)  # rows first: a kill leaves only dead bytes
+    for entry, _ in bad:
+        if entry.shard is None:
+            cache.path(entry.kind, entry.key).unlink(missing_ok=True)
+    return len(entries), [(entry.source, f"{problem} ({cache.location(entry)})")
+                          for entry, problem in bad]
+
+
+def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
+    """Move entries of the one-file layout into shards (any config's: the whole cache
+    converts on the first run). An entry whose file fails its content checks, or carries no
+    hash to check, stays a one-file entry for --verify to judge. Each shard's rows are
+    committed before the files they replace are deleted: a kill leaves at worst files no row
+    points to, which --gc removes. Returns the entries packed."""
+    legacy = list(index.entries(one_file=True))
+    if not legacy:
+        return 0
+    packed = 0
+    writers: dict[str, ShardWriter] = {}
+
+    def retire(entries: list[IndexEntry]) -> None:
+        for entry in entries:
+            cache.path(entry.kind, entry.key).unlink(missing_ok=True)
+
+    with console.progress("packing cache entries into shards", total=len(legacy),
+                          unit="entries") as bar:
+        for entry in legacy:
+            bar.advance()
+            try:
+                tensors, metadata = read_entry(cache.path(entry.kind, entry.key))
+            except (FileNotFoundError, SafetensorError, OSError, ValueError):
+                continue  # missing or unreadable: --verify or the plan deals with it
+            if "sha256" not in metadata or content_problem(tensors, metadata):
+                continue
+            writer = writers.setdefault(entry.kind, ShardWriter(cache.root, index, entry.kind))
+            moved = dataclasses.replace(entry, bytes=tensor_bytes(tensors),
+                                        sha256=metadata["sha256"])
+            retire(writer.add(moved, tensors))
+            packed += 1
+        for writer in writers.values():
+            retire(writer.flush())
+    _remove_empty_folders(cache)
+    return packed
+
+
+def _remove_empty_folders(cache: Cache) -> None:
+    """Drop the one-file layout's folders once they hold nothing."""
+    for folder in FOLDERS.values():
+        top = cache.root / folder
+        if not top.is_dir():
+            continue
+        for sub in top.iterdir():
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if not any(top.iterdir()):
+            top.rmdir()
 
 
 def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[int, int]:
-    """Delete entries outside `keep`, and files the index does not know. Returns the counts."""
+    """Delete entries outside `keep`, and one-file entries no row points to (their shards
+    are compacted by `compact`). Returns the counts."""
     unused = [entry for entry in index.entries() if entry.key not in keep]
     index.remove(entry.key for entry in unused)  # rows first: a kill leaves only stray files
     for entry in unused:
-        cache.path(entry.kind, entry.key).unlink(missing_ok=True)
-    known = index.keys()
+        if entry.shard is None:
+            cache.path(entry.kind, entry.key).unlink(missing_ok=True)
+    one_file = {key for key, _, shard in index.locations() if shard is None}
     strays = 0
-    for folder in ("latents", "text"):
+    for folder in FOLDERS.values():
         for path in sorted((cache.root / folder).glob("*/*.safetensors")):
-            if path.stem not in known:
+            if path.stem not in one_file:
                 path.unlink(missing_ok=True)
                 strays += 1
-        for shard in (cache.root / folder).glob("*"):
-            if shard.is_dir() and not any(shard.iterdir()):
-                shard.rmdir()
+    _remove_empty_folders(cache)
     return len(unused), strays
 
 
 def _measure_disk(summary: PrecomputeSummary, index: CacheIndex, plan: CachePlan,
                   rows: Sequence[ManifestRow]) -> None:
-    sizes = {entry.key: entry.bytes for entry in index.entries()}
+    sizes = index.sizes()
     summary.latent_bytes = sum(sizes.get(k, 0) for k in plan.latents)
     summary.flip_bytes = sum(sizes.get(k, 0) for k in plan.flipped)
     summary.text_bytes = sum(sizes.get(k, 0) for k in plan.texts)
@@ -466,9 +569,13 @@ def print_summary(summary: PrecomputeSummary) -> None:
         f"{lat.reused} reused")
     console.print(f"captions  {txt.total} (of which {summary.prompts} sample/negative prompts): "
                   f"{txt.added} added, {txt.reused} reused")
-    if summary.removed or summary.stray_files:
+    if summary.packed:
+        console.print(f"packed    {summary.packed} entries of the one-file layout into shards")
+    if summary.removed or summary.stray_files or summary.shards_deleted \
+            or summary.shards_rewritten:
         console.print(f"removed   {summary.removed} unused entries, {summary.stray_files} "
-                      "stray files")
+                      f"stray files; shards: {summary.shards_deleted} deleted, "
+                      f"{summary.shards_rewritten} compacted")
     ratio = summary.latent_bytes / summary.source_bytes if summary.source_bytes else 0.0
     console.print(
         f"disk      {_size(summary.latent_bytes + summary.text_bytes)} for this config "

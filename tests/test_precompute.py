@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
-from safetensors.torch import save_file
 
 from ditctl.config import build_config
 from ditctl.data import cache as cache_mod
+from ditctl.data import cache_shards as shards
 from ditctl.data.batches import (CachedSource, OnTheFlySource, collate, crop_for, epoch_batches,
                                  flip_for)
 from ditctl.data.cache import (Cache, CacheIndex, KeySpec, check_cache_complete, latent_key,
-                               prompts_to_cache, read_entry_file, text_key)
+                               prompts_to_cache, text_key)
+from ditctl.data.cache_shards import shard_path
 from ditctl.data.ingest import run_ingest
 from ditctl.data.manifest import ManifestRow, read_manifest
 from ditctl.demo.scenes import Scene, random_scenes, render, write_dataset
@@ -33,6 +34,8 @@ from ditctl.errors import CacheError, DataError
 from ditctl.models.registry import load_family
 from ditctl.precompute import bucket_batches, run_precompute
 from ditctl.workspace import Workspace
+from tests.cache_entries import (drop_entry, garble_in_shard, overwrite_in_shard, read_stored,
+                                 stored, to_one_file_layout)
 from tests.conftest import family_class, family_method_path
 
 SIZES = ((64, 64), (80, 48), (48, 80))
@@ -204,11 +207,12 @@ def test_precompute_then_nothing_to_do(tmp_path, tiny_model_dir, monkeypatch):
     assert first.texts.total == first.texts.added == len(captions) == counter.prompts
     assert first.bad == [] and first.removed == 0
     files = sorted(p.relative_to(first.cache_dir) for p in first.cache_dir.rglob("*.safetensors"))
-    assert len(files) == first.latents.total + first.texts.total
-    assert all(p.parts[0] in ("latents", "text") and p.parts[1] == p.stem[:2] for p in files)
+    # one shard per kind, not one file per entry
+    assert [(p.parent.name, p.name.split("-")[0]) for p in files] == [("shards", "latent"),
+                                                                       ("shards", "text")]
     assert first.flip_bytes * 2 < first.latent_bytes  # the flipped half of the train images
     state = ws.read_state()["precompute"]
-    assert state["entries"] == len(files)
+    assert state["entries"] == first.latents.total + first.texts.total
     assert state["cache_plan_fingerprint"] == first.fingerprint
     assert state["bytes"] == first.latent_bytes + first.text_bytes
 
@@ -309,6 +313,43 @@ def test_cached_batches_equal_on_the_fly_batches(tmp_path, tiny_model_dir, monke
         assert torch.equal(cached.latent_dist(row, False).mean, live.latent_dist(row, False).mean)
 
 
+def test_a_cache_of_the_one_file_layout_reads_the_same_and_precompute_packs_it(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """Caches written before shards (one file per entry, an index without shards) are read
+    as they are, batch for batch the same, and the next precompute moves every entry into
+    shards without encoding anything."""
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=5, data={"random_flip": True},
+                        prompts="a blue star\n")
+    config = ws.config()
+    run_precompute(ws, config)
+    family = load_family(tiny_model_dir)
+    rows = read_manifest(ws, "train")
+
+    def batches():
+        source = CachedSource(Cache.open(ws, config, family))
+        return [collate(source, rows, indices, [flip_for(0, 0, i, True) for i in indices])
+                for epoch in range(2) for indices in epoch_batches(rows, 2, 0, epoch)]
+
+    sharded = batches()
+    cache = Cache.open(ws, config, family)
+    entries = to_one_file_layout(cache)
+    assert not shards.stored_shards(cache.root)
+    assert len(list(cache.root.glob("*/*/*.safetensors"))) == entries
+    old = batches()  # read before any ditctl upgraded the index
+    check_cache_complete(ws, config, family, rows)  # upgrades it; still complete
+    counter = Counter(monkeypatch, tiny_model_dir)
+    result = run_precompute(ws, config, verify=True)
+    assert result.packed == entries and result.bad == [] and result.verified == entries
+    assert counter.images == counter.prompts == 0
+    assert sorted(p.name for p in cache.root.iterdir()) == ["index.sqlite", "shards"]
+    packed = batches()
+    for a, b, c in zip(sharded, old, packed, strict=True):
+        for x, y in ((a, b), (a, c)):
+            assert torch.equal(x.dist.mean, y.dist.mean) and torch.equal(x.dist.std, y.dist.std)
+            assert torch.equal(x.cond.sequence, y.cond.sequence)
+    assert run_precompute(ws, config).packed == 0
+
+
 def test_training_from_the_cache_loads_no_encoder(tmp_path, tiny_model_dir, monkeypatch):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=5, data={"random_flip": True},
                         prompts="a green star on a black background\n")
@@ -347,6 +388,7 @@ def test_caches_written_before_the_conditioning_type_read_or_report_stale(tmp_pa
     family = load_family(tiny_model_dir)
     rows = read_manifest(ws, "train")
     cache = Cache.open(ws, config, family)
+    to_one_file_layout(cache)  # as those versions stored entries
     caption = rows[0].caption
     path = cache.path("text", cache.spec.text_key(caption))
     current = cache.read_text(caption)
@@ -415,6 +457,8 @@ SLOW_PRECOMPUTE = textwrap.dedent("""
         time.sleep(0.1)
         return encode(self, vae, images)
     family.encode_images = slow
+    import ditctl.data.cache_shards
+    ditctl.data.cache_shards.SHARD_ENTRIES = 3  # many shards: the kill lands between two
     from ditctl.precompute import run_precompute
     from ditctl.workspace import Workspace
     ws = Workspace(sys.argv[1])
@@ -461,7 +505,8 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
     with CacheIndex(index_path) as index:
         cache = Cache(index_path.parent, KeySpec("", "", None, "fp32", False))
         for entry in index.entries():
-            assert cache_mod.check_entry(cache.path(entry.kind, entry.key), entry) is None
+            assert entry.shard is not None and cache.check(entry) is None
+        assert index.shard_names() == set(shards.stored_shards(index_path.parent))
 
     counter = Counter(monkeypatch, tiny_model_dir)
     rerun = run_precompute(ws, ws.config(), verify=True)
@@ -469,6 +514,8 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
     assert rerun.latents.reused == done and rerun.latents.added == 20 - done
     assert counter.images == 20 - done
     assert not list(index_path.parent.rglob(".tmp-*"))
+    with CacheIndex(index_path) as index:  # the unindexed shard of the killed run is gone
+        assert index.shard_names() == set(shards.stored_shards(index_path.parent))
     family = load_family(tiny_model_dir)
     check_cache_complete(ws, ws.config(), family, read_manifest(ws, "train"))
     final = run_precompute(ws, ws.config(), verify=True)
@@ -478,42 +525,68 @@ def test_sigkill_then_rerun_completes_a_valid_cache(tmp_path, tiny_model_dir, mo
 # --- verify and gc ----------------------------------------------------------------------------
 
 def test_verify_repairs_bad_entries_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    """Bad entries inside shards are found one by one, named (image or caption, shard and
+    key), dropped and re-encoded bit for bit; the rest of their shard is untouched."""
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=5)
     config = ws.config()
     run_precompute(ws, config)
     family = load_family(tiny_model_dir)
     cache = Cache.open(ws, config, family)
     rows = read_manifest(ws, "train")
-    garbled = cache.path("latent", cache.spec.latent_key(rows[0], False))
-    poisoned = cache.path("latent", cache.spec.latent_key(rows[1], False))
-    missing = cache.path("text", cache.spec.text_key(rows[2].caption))
-    originals = {p: read_entry_file(p) for p in (garbled, poisoned, missing)}
-    garbled.write_bytes(b"\x00" * 40)
+    garbled = cache.spec.latent_key(rows[0], False)
+    poisoned = cache.spec.latent_key(rows[1], False)
+    text = cache.spec.text_key(rows[2].caption)
+    originals = {k: read_stored(cache, k) for k in (garbled, poisoned, text)}
+    shard = garble_in_shard(cache, garbled)
     nan = dict(originals[poisoned])
     nan["mean"] = nan["mean"].clone()
     nan["mean"][0, 0, 0] = float("nan")
-    save_file(nan, poisoned)
-    missing.unlink()
+    overwrite_in_shard(cache, poisoned, nan, rehash=True)  # as if the VAE had produced it
+    overwrite_in_shard(cache, text, {"sequence": torch.zeros_like(originals[text]["sequence"])})
 
     counter = Counter(monkeypatch, tiny_model_dir)
     result = run_precompute(ws, config, verify=True)
     reasons = dict(result.bad)
     assert len(result.bad) == 3
-    assert "unreadable" in reasons[str(rows[0].path)]
+    assert "do not match the content hash" in reasons[str(rows[0].path)]
+    assert f"{shard} [entry {garbled}]" in reasons[str(rows[0].path)]
     assert "non-finite" in reasons[str(rows[1].path)]
-    assert reasons[rows[2].caption] == "file missing"
+    assert "do not match the content hash" in reasons[rows[2].caption]
     assert counter.images == 2 and counter.prompts == 1
-    for path, tensors in originals.items():  # re-encoded bit for bit
-        again = read_entry_file(path)
+    for key, tensors in originals.items():  # re-encoded bit for bit
+        again = read_stored(Cache.open(ws, config, family), key)
         assert all(torch.equal(again[name], tensors[name]) for name in tensors)
     assert run_precompute(ws, config, verify=True).bad == []
 
 
-def test_missing_file_is_re_encoded_without_verify(tmp_path, tiny_model_dir, monkeypatch):
+def test_verify_names_an_entry_whose_shard_is_missing(tmp_path, tiny_model_dir, monkeypatch):
     ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=3)
     run_precompute(ws, ws.config())
     cache = Cache.open(ws, ws.config(), load_family(tiny_model_dir))
-    cache.path("latent", cache.spec.latent_key(read_manifest(ws, "train")[0], False)).unlink()
+    key = cache.spec.latent_key(read_manifest(ws, "train")[0], False)
+    shard = shard_path(cache.root, stored(cache, key).shard)
+    shard.unlink()
+    result = run_precompute(ws, ws.config(), verify=True)
+    assert result.latents.added == result.latents.total  # all were in that one shard
+    assert all(why.startswith("shard missing") and shard.name in why for _, why in result.bad)
+
+
+def test_missing_shard_is_re_encoded_without_verify(tmp_path, tiny_model_dir, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=3)
+    run_precompute(ws, ws.config())
+    cache = Cache.open(ws, ws.config(), load_family(tiny_model_dir))
+    key = cache.spec.latent_key(read_manifest(ws, "train")[0], False)
+    shard_path(cache.root, stored(cache, key).shard).unlink()
+    counter = Counter(monkeypatch, tiny_model_dir)
+    again = run_precompute(ws, ws.config())
+    assert again.latents.added == again.latents.total == counter.images
+
+
+def test_dropped_entry_is_re_encoded_without_verify(tmp_path, tiny_model_dir, monkeypatch):
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n=3)
+    run_precompute(ws, ws.config())
+    cache = Cache.open(ws, ws.config(), load_family(tiny_model_dir))
+    drop_entry(cache, cache.spec.latent_key(read_manifest(ws, "train")[0], False))
     counter = Counter(monkeypatch, tiny_model_dir)
     assert run_precompute(ws, ws.config()).latents.added == 1 and counter.images == 1
 
@@ -545,9 +618,11 @@ def test_gc_removes_exactly_the_unreferenced_entries(tmp_path, tiny_model_dir):
     result = run_precompute(ws, centred, gc=True)
     assert (result.removed, result.stray_files) == (len(stale), 1)
     assert set(index_rows(ws)) == keep
-    on_disk = {p.stem for p in cache_dir.rglob("*.safetensors")}
-    assert on_disk == keep
     assert not stray.exists() and not leftover.exists()
+    with CacheIndex(cache_dir / "index.sqlite") as index:  # every shard on disk is indexed
+        assert index.shard_names() == set(shards.stored_shards(cache_dir))
+        for _, _, size, live, live_bytes in index.shard_usage():  # and mostly live
+            assert live and live_bytes >= shards.COMPACT_BELOW * size
     check_cache_complete(ws, centred, family, rows)
 
 
@@ -580,8 +655,7 @@ def test_bf16_storage_halves_the_latents(tmp_path, tiny_model_dir):
     cache = Cache.open(ws, ws.config({"precompute.mixed_precision": "bf16"}),
                        load_family(tiny_model_dir))
     row = read_manifest(ws, "train")[0]
-    stored = read_entry_file(cache.path("latent", cache.spec.latent_key(row, False)))
-    assert stored["mean"].dtype == torch.bfloat16
+    assert read_stored(cache, cache.spec.latent_key(row, False))["mean"].dtype == torch.bfloat16
     exact = Cache.open(ws, ws.config(), load_family(tiny_model_dir)).read_latents(row, False)
     close = cache.read_latents(row, False)
     assert close.mean.dtype == torch.float32

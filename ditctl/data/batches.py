@@ -302,9 +302,9 @@ class CachedImagesReader:
 
     def read_caption(self, caption: str) -> Conditioning | str:
         cache = self.cached.cache
-        # entry files are renamed into place complete: one that exists can be read (and is
+        # entries are renamed into place complete: one that exists can be read (and is
         # checked against its hash as it is)
-        if cache.path("text", cache.spec.text_key(caption)).is_file():
+        if cache.has("text", cache.spec.text_key(caption)):
             return cache.read_text(caption)
         return caption
 

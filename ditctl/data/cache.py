@@ -2,15 +2,20 @@
 
 ```
 cache_dir/
-  index.sqlite                          which entries are complete (WAL, one commit per batch)
-  latents/<k[:2]>/<k>.safetensors       "mean", "std" [C, h, w] of one image variant, and "mask"
-                                        [1, h, w] (its loss mask on the latent grid) when the
-                                        image has one ([data] use_masks)
-  text/<k[:2]>/<k>.safetensors          one caption's Conditioning record: "sequence" [L, D], and
-                                        "mask", "pooled", "extra.*" when the family has them
-                                        (caches written before the Conditioning type call the
-                                        sequence "embedding"; they are read the same way)
+  index.sqlite                          which entries are complete, where each one is stored and
+                                        its content sha256 (WAL, one commit per shard)
+  shards/<kind>-<id>.safetensors        many entries each (data/cache_shards.py): tensors named
+                                        "<key>/<name>"
+  latents/<k[:2]>/<k>.safetensors       one entry per file: caches written before shards
+  text/<k[:2]>/<k>.safetensors          existed (read as they are; `ditctl precompute` packs
+                                        them into shards)
 ```
+An entry's tensors: a latent entry holds "mean", "std" [C, h, w] of one image variant, and
+"mask" [1, h, w] (its loss mask on the latent grid) when the image has one ([data] use_masks);
+a text entry holds one caption's Conditioning record: "sequence" [L, D], and "mask",
+"pooled", "extra.*" when the family has them (entries written before the Conditioning type
+call the sequence "embedding"; they are read the same way).
+
 A key is the SHA-256 of everything the stored tensor depends on, and nothing else:
 
 - latent: the image's content hash, its bucket size, the crop offsets, the flip, the VAE's
@@ -24,15 +29,16 @@ A key is the SHA-256 of everything the stored tensor depends on, and nothing els
 So changing an image, a caption, the resolution, the crop or a model changes exactly the keys of
 the affected entries; moving the data folder or changing training settings changes none.
 
-Crash safety: an entry's file is written atomically (temporary file, fsync, rename) *before*
-its index row is committed, and readers trust only the index. A kill at any moment leaves at
-worst a file without a row (invisible, re-encoded and replaced on the next run) or a `.tmp-*`
-leftover (removed by the next run).
+Crash safety: a shard is written atomically (temporary file, fsync, rename) *before* its
+entries' index rows are committed, and readers trust only the index. A kill at any moment
+leaves at worst a shard without rows (invisible, removed by the next run, its entries
+re-encoded) or a `.tmp-*` leftover (removed by the next run).
 
-Content checks: every entry file carries the sha256 of its tensor bytes in its safetensors
-metadata (`sha256`), so garbage written over the tensors with the header intact is caught by
-`precompute --verify` and when training reads the entry; training also refuses latents outside
-the range a VAE posterior can take (`LATENT_MEAN_LIMIT`, `LATENT_STD_RANGE`), naming the entry.
+Content checks: the index holds the sha256 of every entry's tensor bytes (entry files of the
+one-file layout carry it in their safetensors metadata), so garbage written over the tensors
+with the header intact is caught by `precompute --verify` and when training reads the entry;
+training also refuses latents outside the range a VAE posterior can take (`LATENT_MEAN_LIMIT`,
+`LATENT_STD_RANGE`), naming the entry.
 
 Reading needs the models' identities (fingerprints of their files) but never their weights.
 """
@@ -40,10 +46,13 @@ Reading needs the models' identities (fingerprints of their files) but never the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import os
 import sqlite3
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +67,7 @@ from ..errors import CacheError, DataError
 from ..models.base import Conditioning, LatentDist, ModelFamily, unconditional_text
 from ..workspace import Workspace
 from .batches import crop_for, sample_variants
+from .cache_shards import ShardReader, shard_path, stored_shards
 from .datasets import of_row, per_dataset
 from .manifest import ManifestRow
 from .transforms import center_crop_offset
@@ -67,6 +77,9 @@ SCHEMA_VERSION = 1
 # normalisation, ...): every latent key changes with it.
 TRANSFORM_VERSION = 1
 INDEX_NAME = "index.sqlite"
+# The index's layout, apart from the keys (SCHEMA_VERSION, part of every key): 2 added where
+# an entry is stored (its shard) and its content hash. Indexes of layout 1 are upgraded in place.
+INDEX_LAYOUT = 2
 FOLDERS = {"latent": "latents", "text": "text"}
 
 # [precompute] mixed_precision -> the dtype the encoders run in and the tensors are stored in.
@@ -92,12 +105,25 @@ CREATE TABLE IF NOT EXISTS entries (
     kind TEXT NOT NULL CHECK (kind IN ('latent', 'text')),
     shape TEXT NOT NULL,      -- JSON [C, h, w], or [L, D] of a text entry's sequence
     dtype TEXT NOT NULL,      -- fp32 | bf16 | fp16
-    bytes INTEGER NOT NULL,   -- size of the file
+    bytes INTEGER NOT NULL,   -- its tensor bytes in a shard; a one-file entry's file size
     flip INTEGER NOT NULL,    -- 1 for the mirrored variant of an image
     source TEXT NOT NULL,     -- image path or caption, for people (not part of the key)
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY,    -- file name under shards/
+    kind TEXT NOT NULL,
+    bytes INTEGER NOT NULL,   -- tensor bytes of the entries written into it (live or not)
+    created REAL NOT NULL
+);
 """
+# Columns added by layout 2 (ALTER TABLE: indexes of layout 1 keep their rows, which have no
+# shard: they name one-file entries).
+_LAYOUT_2_COLUMNS = {
+    "shard": "TEXT",    # NULL: the entry is its own file (latents/ or text/)
+    "sha256": "TEXT",   # tensors_sha256 of the entry (NULL for one-file entries: in the file)
+}
+_ENTRY_COLUMNS = "key, kind, shape, dtype, bytes, flip, source, shard, sha256"
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -269,6 +295,21 @@ class IndexEntry:
     bytes: int
     flip: bool
     source: str
+    shard: str | None = None      # the shard holding it; None: its own file (older caches)
+    sha256: str | None = None     # tensors_sha256 of its tensors (shard entries)
+
+    @property
+    def what(self) -> str:
+        """The entry for people: its image (and flip) or caption."""
+        if self.kind == "latent":
+            return f"the latents of {self.source}" + (" (flipped)" if self.flip else "")
+        return f"the text embedding of {self.source!r}"
+
+
+def _entry(row) -> IndexEntry:
+    key, kind, shape, dtype, size, flip, source, shard, sha = row
+    return IndexEntry(key, kind, tuple(json.loads(shape)), dtype, size, bool(flip), source,
+                      shard, sha)
 
 
 class CacheIndex:
@@ -289,6 +330,12 @@ class CacheIndex:
             self.db.execute("PRAGMA synchronous=NORMAL")
             with self.db:
                 self.db.executescript(_SCHEMA)
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
+                for name, sql_type in _LAYOUT_2_COLUMNS.items():
+                    if name not in columns:
+                        self.db.execute(f"ALTER TABLE entries ADD COLUMN {name} {sql_type}")
+                self.db.execute("CREATE INDEX IF NOT EXISTS entries_by_shard ON entries (shard)")
+                self.set_meta("index_layout", INDEX_LAYOUT, commit=False)
                 version = self.get_meta("schema_version")
                 if version is None:
                     self.set_meta("schema_version", SCHEMA_VERSION, commit=False)
@@ -326,20 +373,48 @@ class CacheIndex:
             return {k for (k,) in self.db.execute("SELECT key FROM entries")}
         return {k for (k,) in self.db.execute("SELECT key FROM entries WHERE kind = ?", (kind,))}
 
-    def entries(self) -> Iterator[IndexEntry]:
-        for key, kind, shape, dtype, size, flip, source in self.db.execute(
-                "SELECT key, kind, shape, dtype, bytes, flip, source FROM entries ORDER BY key"):
-            yield IndexEntry(key, kind, tuple(json.loads(shape)), dtype, size, bool(flip), source)
+    def entries(self, *, by_location: bool = False, one_file: bool = False
+                ) -> Iterator[IndexEntry]:
+        """Every entry, by key (`by_location`: shard by shard, one-file entries last, so that
+        reading them all reads each shard once, front to back; `one_file`: only entries that
+        are files of their own)."""
+        order = "shard IS NULL, shard, rowid" if by_location else "key"
+        where = "WHERE shard IS NULL" if one_file else ""
+        for row in self.db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries {where} ORDER BY {order}"):
+            yield _entry(row)
 
-    def add(self, entries: Sequence[IndexEntry]) -> None:
-        """Record complete entries (their files are already in place), in one transaction."""
+    def sizes(self) -> dict[str, int]:
+        """key -> bytes of every entry."""
+        return dict(self.db.execute("SELECT key, bytes FROM entries"))
+
+    def locations(self) -> Iterator[tuple[str, str, str | None]]:
+        """(key, kind, shard or None) of every entry."""
+        yield from self.db.execute("SELECT key, kind, shard FROM entries")
+
+    def entry(self, key: str) -> IndexEntry | None:
+        row = self.db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?",
+                              (key,)).fetchone()
+        return _entry(row) if row else None
+
+    def add(self, entries: Sequence[IndexEntry], *, shard: tuple[str, str, int] | None = None,
+            retire: Sequence[str] = ()) -> None:
+        """Record complete entries (their shard or files are already in place), with the
+        shard that holds them (name, kind, bytes) and without the shards `retire` (compacted
+        into this one), in one transaction."""
         now = time.time()
         try:
             with self.db:
+                if shard is not None:
+                    self.db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?)",
+                                    (*shard, now))
+                self.db.executemany("DELETE FROM shards WHERE name = ?",
+                                    ((name,) for name in retire))
                 self.db.executemany(
-                    "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO entries ({_ENTRY_COLUMNS}, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     ((e.key, e.kind, json.dumps(list(e.shape)), e.dtype, e.bytes, int(e.flip),
-                      e.source, now) for e in entries))
+                      e.source, e.shard, e.sha256, now) for e in entries))
         except sqlite3.OperationalError as exc:  # SQLITE_FULL, or an I/O error writing the WAL
             raise CacheError(f"cannot write the cache index {self.path} ({exc}); the entries "
                              "written so far are intact",
@@ -350,15 +425,50 @@ class CacheIndex:
         with self.db:
             self.db.executemany("DELETE FROM entries WHERE key = ?", ((k,) for k in keys))
 
+    # shards
+    def shard_names(self) -> set[str]:
+        return {name for (name,) in self.db.execute("SELECT name FROM shards")}
+
+    def shard_usage(self) -> list[tuple[str, str, int, int, int]]:
+        """(name, kind, bytes written, live entries, live bytes) of every shard."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT s.name, s.kind, s.bytes, COUNT(e.key), COALESCE(SUM(e.bytes), 0) "
+            "FROM shards s LEFT JOIN entries e ON e.shard = s.name "
+            "GROUP BY s.name ORDER BY s.name")]
+
+    def entries_in_shard(self, name: str) -> list[IndexEntry]:
+        return [_entry(row) for row in self.db.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE shard = ? ORDER BY rowid", (name,))]
+
+    def remove_shard(self, name: str) -> None:
+        """Forget a shard and any entries still pointing into it."""
+        with self.db:
+            self.db.execute("DELETE FROM entries WHERE shard = ?", (name,))
+            self.db.execute("DELETE FROM shards WHERE name = ?", (name,))
+
 
 # --- the cache folder -------------------------------------------------------------------------
 
 class Cache:
-    """One cache folder read through the keys of one model and data config."""
+    """One cache folder read through the keys of one model and data config.
+
+    Reading looks each key up in the index (a read-only connection per process, opened on
+    first use) and reads the entry out of its shard, or out of its own file (older caches)."""
 
     def __init__(self, root: Path, spec: KeySpec):
         self.root = Path(root)
         self.spec = spec
+        self._shards = ShardReader(self.root)
+        self._db: sqlite3.Connection | None = None
+        self._db_pid = 0
+        # the prefetch thread and the main thread (sample prompts) may read at once
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict:  # DataLoader workers: connections do not cross processes
+        return {"root": self.root, "spec": self.spec}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["spec"])
 
     @classmethod
     def open(cls, ws: Workspace, config: Config, family: ModelFamily) -> "Cache":
@@ -375,11 +485,51 @@ class Cache:
         return self.root / INDEX_NAME
 
     def path(self, kind: str, key: str) -> Path:
+        """Where a one-file entry (the layout before shards) lives."""
         return self.root / FOLDERS[kind] / key[:2] / f"{key}.safetensors"
 
     def plan(self, rows: Sequence[ManifestRow], *, random_flip: bool | tuple[bool, ...],
              captions: Sequence[str] = ()) -> CachePlan:
         return plan_entries(self.spec, rows, random_flip=random_flip, captions=captions)
+
+    # where entries are
+    def lookup(self, key: str) -> IndexEntry | None:
+        """The index row of `key`, or None (not cached, or an index without shards)."""
+        with self._lock:
+            if self._db is None or self._db_pid != os.getpid():
+                if not self.index_path.is_file():
+                    return None
+                self._db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True,
+                                           check_same_thread=False)
+                self._db_pid = os.getpid()
+            try:
+                row = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?",
+                                       (key,)).fetchone()
+            except sqlite3.OperationalError:  # an index not yet upgraded: one-file entries
+                return None
+        return _entry(row) if row else None
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether the entry can be read: indexed in a shard that exists, or its own file."""
+        entry = self.lookup(key)
+        if entry is not None and entry.shard is not None:
+            return shard_path(self.root, entry.shard).is_file()
+        return self.path(kind, key).is_file()
+
+    def location(self, entry: IndexEntry) -> str:
+        """Where an entry is stored, for messages: its file, or its shard and key."""
+        if entry.shard is None:
+            return str(self.path(entry.kind, entry.key))
+        return f"{shard_path(self.root, entry.shard)} [entry {entry.key}]"
+
+    def read_stored(self, entry: IndexEntry) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """An entry's tensors and the metadata its content is checked against (`sha256`).
+        Raises FileNotFoundError, or SafetensorError/OSError/ValueError/KeyError (unreadable)."""
+        if entry.shard is None:
+            return read_entry(self.path(entry.kind, entry.key))
+        with self._lock:
+            tensors = self._shards.read(entry.shard, entry.key)
+        return tensors, ({"sha256": entry.sha256} if entry.sha256 else {})
 
     # reading (training)
     def read_latents(self, row: ManifestRow, flip: bool) -> LatentDist:
@@ -391,11 +541,10 @@ class Cache:
         """The cached posterior and, when the row has a loss mask, the mask [1, 1, h, w] fp32."""
         key = self.spec.latent_key(row, flip)
         what = f"the latents of {row.path}" + (" (flipped)" if flip else "")
-        path = self.path("latent", key)
-        tensors = self._load(path, what, ("mean", "std"))
+        tensors, where = self._load("latent", key, what, ("mean", "std"))
         mask = tensors.get("mask")
         if row.mask is not None and mask is None:
-            raise CacheError(f"{path}: cache entry for {what} lacks its loss mask",
+            raise CacheError(f"{where}: cache entry for {what} lacks its loss mask",
                              hint="run `ditctl precompute --verify`")
         dist = LatentDist(mean=tensors["mean"].float().unsqueeze(0),
                           std=tensors["std"].float().unsqueeze(0))
@@ -404,33 +553,71 @@ class Cache:
     def read_text(self, caption: str) -> Conditioning:
         """The cached conditioning of a caption or prompt: a batch of one, floats fp32."""
         key = self.spec.text_key(caption)
-        path = self.path("text", key)
-        tensors = self._load(path, f"the text embedding of {caption!r}", ())
+        tensors, where = self._load("text", key, f"the text embedding of {caption!r}", ())
         if not Conditioning.record_names(list(tensors)):
-            raise CacheError(f"{path}: cache entry for the text embedding of {caption!r} holds "
-                             f"{sorted(tensors)}, not a conditioning record",
+            raise CacheError(f"{where}: cache entry for the text embedding of {caption!r} "
+                             f"holds {sorted(tensors)}, not a conditioning record",
                              hint="run `ditctl precompute --verify`")
         return Conditioning.from_record(tensors)
 
-    def _load(self, path: Path, what: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The entry's tensors, checked against its stored content hash and the range its
-        kind can take: a corrupt entry stops training here, named, instead of training on it."""
+    def _load(self, kind: str, key: str, what: str, names: tuple[str, ...]
+              ) -> tuple[dict[str, torch.Tensor], str]:
+        """The entry's tensors and where they are, checked against its stored content hash
+        and the range its kind can take: a corrupt entry stops training here, named, instead
+        of training on it."""
+        entry = self.lookup(key) or IndexEntry(key, kind, (), "", 0, False, "")
+        where = self.location(entry)
         try:
-            tensors, metadata = read_entry(path)
+            tensors, metadata = self.read_stored(entry)
         except FileNotFoundError:
-            raise CacheError(f"{what} is not in the cache {self.root} (no {path.name})",
+            missing = shard_path(self.root, entry.shard) if entry.shard else self.path(kind, key)
+            raise CacheError(f"{what} is not in the cache {self.root} (no {missing.name})",
                              hint="run `ditctl precompute`") from None
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CacheError(f"{path}: unreadable cache entry for {what} ({exc})",
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            raise CacheError(f"{where}: unreadable cache entry for {what} ({exc})",
                              hint="run `ditctl precompute --verify`") from None
         if set(names) - set(tensors):
-            raise CacheError(f"{path}: cache entry for {what} lacks {', '.join(names)}",
+            raise CacheError(f"{where}: cache entry for {what} lacks {', '.join(names)}",
                              hint="run `ditctl precompute --verify`")
         problem = content_problem(tensors, metadata)
         if problem:
-            raise CacheError(f"{path}: corrupt cache entry for {what}: {problem}",
+            raise CacheError(f"{where}: corrupt cache entry for {what}: {problem}",
                              hint="run `ditctl precompute --verify` (it re-encodes bad entries)")
-        return tensors
+        return tensors, where
+
+    def check_all(self, entries: Iterable[IndexEntry]
+                  ) -> Iterator[tuple[IndexEntry, str | None]]:
+        """(entry, why it is bad or None) of each entry; consecutive entries of one shard are
+        checked from one sequential read of it (`IndexEntry.entries(by_location=True)`)."""
+        for shard, group in itertools.groupby(entries, key=lambda e: e.shard):
+            if shard is None:
+                yield from ((entry, self.check(entry)) for entry in group)
+                continue
+            try:
+                stored = self._shards.read_all(shard)
+            except FileNotFoundError:
+                yield from ((entry, "shard missing") for entry in group)
+                continue
+            except (SafetensorError, OSError, ValueError) as exc:
+                yield from ((entry, f"unreadable ({exc})") for entry in group)
+                continue
+            for entry in group:
+                tensors = stored.pop(entry.key, None)
+                if tensors is None:
+                    yield entry, "not in its shard"
+                else:
+                    yield entry, check_tensors(
+                        tensors, {"sha256": entry.sha256} if entry.sha256 else {}, entry)
+
+    def check(self, entry: IndexEntry) -> str | None:
+        """Why a stored entry is bad, or None (`check_tensors`)."""
+        try:
+            tensors, metadata = self.read_stored(entry)
+        except FileNotFoundError:
+            return "shard missing" if entry.shard else "file missing"
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            return f"unreadable ({exc})"
+        return check_tensors(tensors, metadata, entry)
 
 
 # --- entry files ------------------------------------------------------------------------------
@@ -459,9 +646,14 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of the tensors' bytes, in name order: the content hash an entry carries."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name]
+        if tensor.requires_grad or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            tensor = tensor.detach().cpu().contiguous()
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
         digest.update(name.encode() + b"\0")
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        # the raw bytes, in memory order (a byte view keeps the shape; the buffer is the same)
+        digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -470,19 +662,37 @@ def _entry_bytes(tensors: dict[str, torch.Tensor], kind: str) -> bytes:
                                    "sha256": tensors_sha256(tensors)})
 
 
-def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
-                      mask: torch.Tensor | None = None) -> bytes:
-    """The safetensors bytes of one posterior ([C, h, w] each) and its loss mask ([1, h, w] on
+def latent_tensors(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
+                   mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one posterior entry ([C, h, w] each) and its loss mask ([1, h, w] on
     the latent grid, if any), stored in `dtype`."""
     tensors = {"mean": mean.to(dtype).contiguous(), "std": std.to(dtype).contiguous()}
     if mask is not None:
         tensors["mask"] = mask.to(dtype).contiguous()
-    return _entry_bytes(tensors, "latent")
+    return tensors
+
+
+def latent_file_bytes(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype,
+                      mask: torch.Tensor | None = None) -> bytes:
+    """`latent_tensors` as the bytes of a one-file entry."""
+    return _entry_bytes(latent_tensors(mean, std, dtype, mask), "latent")
 
 
 def text_file_bytes(cond: Conditioning, dtype: torch.dtype) -> bytes:
     """The safetensors bytes of one caption's conditioning (a batch of one), floats in `dtype`."""
     return _entry_bytes(cond.record(dtype), "text")
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def entry_to_store(kind: str, key: str, tensors: dict[str, torch.Tensor], shape: Sequence[int],
+                   dtype: str, flip: bool, source: str
+                   ) -> tuple[IndexEntry, dict[str, torch.Tensor]]:
+    """An entry for `ShardWriter.add`: its index row (with its content hash) and tensors."""
+    return IndexEntry(key, kind, tuple(shape), dtype, tensor_bytes(tensors), flip, source,
+                      sha256=tensors_sha256(tensors)), tensors
 
 
 def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
@@ -492,37 +702,48 @@ def content_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
     stored = metadata.get("sha256")
     if stored is not None and stored != tensors_sha256(tensors):
         return "its tensors do not match the content hash stored with them"
+    # one reduction per tensor (verify runs this for every entry): NaN and inf propagate
+    # into the extremes, which also give the ranges checked below
+    extremes: dict[str, tuple[float, float]] = {}
     for name, tensor in sorted(tensors.items()):
-        if not torch.isfinite(tensor).all():
+        if not tensor.numel():
+            continue
+        low, high = (v.item() for v in torch.aminmax(tensor))
+        if not (math.isfinite(low) and math.isfinite(high)):
             return f"{name} holds non-finite values"
-    if "mean" in tensors:
-        peak = tensors["mean"].float().abs().max().item() if tensors["mean"].numel() else 0.0
+        extremes[name] = (low, high)
+    if "mean" in extremes:
+        peak = max(abs(v) for v in extremes["mean"])
         if peak > LATENT_MEAN_LIMIT:
             return (f"mean reaches {peak:.3g}, beyond any VAE posterior "
                     f"(|mean| <= {LATENT_MEAN_LIMIT:g})")
-    if "mask" in tensors and tensors["mask"].numel():
-        mask = tensors["mask"].float()
-        if mask.min().item() < 0 or mask.max().item() > 1:
-            return (f"mask spans [{mask.min().item():.3g}, {mask.max().item():.3g}], outside "
-                    "a loss mask's [0, 1]")
-    if "std" in tensors and tensors["std"].numel():
-        low, high = LATENT_STD_RANGE
-        std = tensors["std"].float()
-        if std.min().item() < low or std.max().item() > high:
-            return (f"std spans [{std.min().item():.3g}, {std.max().item():.3g}], outside a VAE "
-                    f"posterior's [{low:.3g}, {high:.3g}]")
+    if "mask" in extremes:
+        low, high = extremes["mask"]
+        if low < 0 or high > 1:
+            return f"mask spans [{low:.3g}, {high:.3g}], outside a loss mask's [0, 1]"
+    if "std" in extremes:
+        (low, high), (least, most) = LATENT_STD_RANGE, extremes["std"]
+        if least < low or most > high:
+            return (f"std spans [{least:.3g}, {most:.3g}], outside a VAE posterior's "
+                    f"[{low:.3g}, {high:.3g}]")
     return None
 
 
 def check_entry(path: Path, entry: IndexEntry) -> str | None:
-    """Why an entry's file is bad (unreadable, wrong tensors/shape/dtype, content not matching
-    its hash, non-finite or out-of-range values, no hash to check), or None."""
+    """Why a one-file entry is bad (`check_tensors`), or None."""
     try:
         tensors, metadata = read_entry(path)
     except FileNotFoundError:
         return "file missing"
     except (SafetensorError, OSError, ValueError) as exc:
         return f"unreadable ({exc})"
+    return check_tensors(tensors, metadata, entry)
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                  entry: IndexEntry) -> str | None:
+    """Why an entry's tensors are bad (wrong tensors/shape/dtype, content not matching its
+    hash, non-finite or out-of-range values, no hash to check), or None."""
     if entry.kind == "latent":
         if set(tensors) - {"mask"} != {"mean", "std"}:
             return f"holds {sorted(tensors)}, expected ['mean', 'std'] (and 'mask')"
@@ -553,10 +774,11 @@ def check_entry(path: Path, entry: IndexEntry) -> str | None:
 # --- what training checks before it starts ---------------------------------------------------
 
 def present_keys(cache: Cache, index: CacheIndex, plan: CachePlan) -> set[str]:
-    """Keys of the plan that the index records and whose files exist."""
-    recorded = index.keys() & plan.keys()
-    kinds = {**{k: "latent" for k in plan.latents}, **{k: "text" for k in plan.texts}}
-    return {k for k in recorded if cache.path(kinds[k], k).is_file()}
+    """Keys of the plan that the index records and whose shard (or own file) exists."""
+    wanted = plan.keys()
+    shards = set(stored_shards(cache.root))
+    return {key for key, kind, shard in index.locations() if key in wanted and (
+        shard in shards if shard is not None else cache.path(kind, key).is_file())}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cache_entries import drop_entry  # noqa: E402
 from conftest import family_class, make_workspace  # noqa: E402
 from ditctl.data.cache import check_cache_complete, prompts_to_cache  # noqa: E402
 from ditctl.errors import CacheError  # noqa: E402
@@ -53,7 +54,7 @@ def test_precompute_caches_it_and_a_dropping_run_needs_it(prompt_family, tmp_pat
     run_precompute(ws, config)
     check_cache_complete(ws, config, family, rows)
     cache = Cache.open(ws, config, family)
-    cache.path("text", cache.spec.text_key(EMPTY)).unlink()
+    drop_entry(cache, cache.spec.text_key(EMPTY))
     with pytest.raises(CacheError, match="1 of 3 captions"):
         check_cache_complete(ws, config, family, rows)
     # without caption dropout training does not need it

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -124,6 +125,9 @@ class IngestSummary:
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> counts, role
     fingerprint: str | None = None
     elapsed_s: float = 0.0
+    # seconds per phase (listing, validating, planning, writing the manifest): where a slow
+    # ingest spends its time, in the report
+    phases_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # a re-ingest that found nothing changed: the counters the last ingest recorded
     kept_counters: dict[str, Any] | None = None
@@ -190,9 +194,12 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
                    workers: int | None, started: float) -> IngestSummary:
     """`run_ingest` past the no-change check: every per-record step goes through `stage`."""
     data = config.data
+    phases: dict[str, float] = {}
+    timed = functools.partial(_timed, phases)
     cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
     try:
-        _read_rows(ws, data, datasets, cache, stage)
+        with timed("list"):
+            _read_rows(ws, data, datasets, cache, stage)
     finally:
         cache.close()
     previous = read_previous(ws.manifest_db)
@@ -202,13 +209,15 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
 
     bad = Rejects(stage.origins)
     try:
-        files_read, files_reused = _examine_files(stage, previous, data.max_image_pixels,
-                                                  workers)
-        _classify(stage, data, datasets, bad)
-        mask_facts, masks_read = {}, 0
-        if data.use_masks:
-            mask_facts, masks_read = _examine_masks(stage, bad, previous, data, workers)
-        plans = _plan(stage, bad, data, batch_sizes, multiple, datasets)
+        with timed("validate"):
+            files_read, files_reused = _examine_files(stage, previous, data.max_image_pixels,
+                                                      workers)
+            _classify(stage, data, datasets, bad)
+            mask_facts, masks_read = {}, 0
+            if data.use_masks:
+                mask_facts, masks_read = _examine_masks(stage, bad, previous, data, workers)
+        with timed("plan"):
+            plans = _plan(stage, bad, data, batch_sizes, multiple, datasets)
         bad.rows.sort(key=lambda b: b.seq)  # in source order
         tally = Tally(stage, previous)
     finally:
@@ -227,7 +236,7 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
             duplicates=tally.duplicates, plans=plans, changes=changes,
             files_read=files_read + masks_read, files_reused=files_reused,
             report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
-            containers_reused=cache.reused, notes=notes,
+            containers_reused=cache.reused, notes=notes, phases_s=phases,
             datasets=_dataset_counts(datasets, tally.datasets, bad.train_datasets))
 
     if (strict and bad.rows) or not stage.has_split("train"):
@@ -266,7 +275,8 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
     known = itertools.chain(stage.facts(),
                             (f for p, f in sorted(mask_facts.items()) if not stage.has_facts(p)))
     # one pass over the samples: counted for the summary and written to the manifest
-    fingerprint = write_manifest(ws.manifest_db, tally.feed(stage.samples()), known, meta)
+    with timed("manifest"):
+        fingerprint = write_manifest(ws.manifest_db, tally.feed(stage.samples()), known, meta)
     summary = done[0]
     summary.fingerprint = fingerprint
     _finish(summary, started)
@@ -315,6 +325,16 @@ def _kept_summary(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...]
                "source file(s) and shard(s) as they were): the manifest and report were kept"])
     summary.kept_counters = counters
     return summary
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the block takes to `phases[name]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - start, 3)
 
 
 def _finish(summary: IngestSummary, started: float) -> None:
@@ -736,6 +756,7 @@ def _write_report(summary: IngestSummary, data: DataConfig, strict: bool) -> Non
         "data_config": dataclasses.asdict(data),
         "counts": summary.counters(),
         "elapsed_s": round(summary.elapsed_s, 3),
+        "phases_s": summary.phases_s,
         "bad": [dataclasses.asdict(b) for b in summary.bad],
         "empty_captions_kept": [_sample_ref(s) for s in summary.empty_captions_kept],
         "duplicates": [[_sample_ref(s) for s in group] for group in summary.duplicates],

@@ -180,6 +180,11 @@ def test_state_and_report(corpus):
     assert report["manifest_written"] is True
     assert sorted(b["code"] for b in report["bad"]) == sorted(c for c, _ in BAD.values())
     assert report["buckets"]["train"]["buckets"][0]["count"] == 9
+    # where the time went, phase by phase, within the whole run's time
+    phases = report["phases_s"]
+    assert set(phases) == {"list", "validate", "plan", "manifest"}
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) <= report["elapsed_s"] + 0.01
 
 
 def test_empty_captions_can_be_kept(corpus):

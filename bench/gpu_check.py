@@ -265,7 +265,8 @@ def run_plan_points(s: dict, budget_s: float, begun: float) -> tuple[list[dict],
         try:
             row = {**plan_point(point, s), "status": "ok"}
         except ConfigError as exc:  # e.g. an attention backend whose package is missing
-            row = {"config": config[0], "status": f"unavailable: {exc}"[:160]}
+            row = {"depth": point[0], "base": point[1], "px": point[2],
+                   "checkpointing": point[3], "status": f"unavailable: {exc}"[:160]}
         except torch.OutOfMemoryError as exc:
             row = {"depth": point[0], "base": point[1], "px": point[2],
                    "checkpointing": point[3], "status": "OOM: " + str(exc).splitlines()[0][:100]}

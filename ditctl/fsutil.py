@@ -16,9 +16,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 TEMP_PREFIX = ".tmp-"
+T = TypeVar("T")
 
 # A write that fails for lack of room, whatever the file: the user frees space or raises a limit.
 _NO_ROOM = {errno.ENOSPC: "no space left on the device",
@@ -64,18 +65,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_with(path: Path, write: Callable[[str], T]) -> T:
+    """Create `path` all at once: `write(tmp)` fills a temporary file beside it, which is
+    fsynced and renamed over `path` (then the folder is fsynced); returns what `write` returns.
+    A failure or a kill leaves `path` as it was (and at most a temporary file that `clean_temp`
+    removes); a full disk is a one-line `no_room_error`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from other users
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        os.close(fd)
+        fd = -1
+        result = write(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         no_room = no_room_error(path, exc)
@@ -83,6 +91,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise no_room from None
         raise
     fsync_dir(path.parent)
+    return result
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,11 +25,9 @@ removed as above).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import secrets
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load, save_file
 
-from ..fsutil import TEMP_PREFIX, clean_temp, fsync_dir, no_room_error
+from ..fsutil import TEMP_PREFIX, atomic_write_with, clean_temp
 
 if TYPE_CHECKING:  # cache.py imports this module
     from .cache import CacheIndex, IndexEntry
@@ -64,22 +62,8 @@ def new_shard_name(kind: str) -> str:
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], kind: str) -> None:
     """Write a shard atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "ditctl-cache-shard", "kind": kind})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        no_room = no_room_error(path, exc)
-        if no_room is not None:
-            raise no_room from None
-        raise
-    fsync_dir(path.parent)
+    atomic_write_with(path, lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "ditctl-cache-shard", "kind": kind}))
 
 
 class ShardWriter:

@@ -23,18 +23,16 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..config import Config
 from ..errors import DataError, WorkspaceError
-from ..fsutil import TEMP_PREFIX, fsync_dir
+from ..fsutil import atomic_write_with
 from ..workspace import Workspace
-from .images import ImageFacts, ImageRef, ref_key
+from .images import ImageFacts, ImageRef
 
 SCHEMA_VERSION = 3  # 2: the dataset of each sample, its caption as the source wrote it;
 #                     3: member and offset (images inside tar shards / Arrow files)
@@ -199,11 +197,7 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[Imag
 
     `rows` and `files` may be iterators: each is read once, as it is written. `meta` may be a
     function, called once the rows are written (for counts taken while streaming them)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
+    def build(tmp: str) -> str:
         with contextlib.closing(sqlite3.connect(tmp)) as db:
             # No journal and no syncs while building: a crash leaves only this temporary file,
             # which is never used; the whole file is fsynced once before the rename.
@@ -216,20 +210,13 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], files: Iterable[Imag
                                f"({', '.join('?' * len(_FILE_COLUMNS))})",
                                ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
                                  f.format, f.member, f.offset) for f in files))
-                if callable(meta):
-                    meta = meta()
-                all_meta = {**meta, "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
+                all_meta = {**(meta() if callable(meta) else meta),
+                            "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint}
                 db.executemany("INSERT INTO meta VALUES (?, ?)",
                                ((k, json.dumps(v)) for k, v in all_meta.items()))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return fingerprint
+        return fingerprint
+
+    return atomic_write_with(Path(path), build)
 
 
 _INSERT_BATCH = 4096

@@ -15,7 +15,6 @@ same parameter names and math. Nothing is downloaded; only local folders are rea
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

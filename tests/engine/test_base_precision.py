@@ -19,14 +19,6 @@ LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha":
 TRAIN = {"mixed_precision": "bf16", "learning_rate": 5e-3, "lr_scheduler": "constant"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _train(ws, resume=None, **overrides):
     return run_training(ws, ws.config(overrides), resume=resume)
 

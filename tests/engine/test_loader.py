@@ -30,14 +30,6 @@ from ditctl.train import ensure_manifest, run_training  # noqa: E402
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 class PixelsOnly:
     """A source whose model-free half is on-the-fly training's (no encoder is needed to read)."""
 

@@ -5,7 +5,6 @@ tests/models/test_family_conformance.py.)"""
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,14 +15,6 @@ from ditctl.config import build_config  # noqa: E402
 from ditctl.train import run_training  # noqa: E402
 
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_training_with_streamed_blocks_equals_training_without(tmp_path, tiny_model_dir):

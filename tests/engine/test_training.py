@@ -16,14 +16,6 @@ from ditctl.runs import list_checkpoints  # noqa: E402
 from ditctl.train import run_training  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _train(ws, **overrides):
     resume = overrides.pop("resume", None)
     force = overrides.pop("force", False)

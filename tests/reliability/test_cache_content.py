@@ -18,14 +18,6 @@ from tests.cache_entries import (garble_in_shard, overwrite_in_shard, read_store
 from tests.conftest import make_workspace
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture()
 def cached(cli, tmp_path, tiny_model_dir) -> tuple[Workspace, Cache, str]:
     """A precomputed workspace, its cache and the key of its first training row's latents."""

@@ -18,14 +18,6 @@ from tests.conftest import make_workspace
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _trained(root: Path, model_dir: Path, lora: dict | None) -> Path:
     """A workspace whose run r has complete checkpoints at steps 1 and 2."""
     ws = make_workspace(root, model_dir, n_train=4, lora=lora)

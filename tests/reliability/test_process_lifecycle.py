@@ -44,14 +44,6 @@ STALL = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _env(tmp_path: Path, stall: str | None = None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if stall:

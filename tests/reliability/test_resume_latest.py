@@ -19,14 +19,6 @@ from tests.conftest import make_workspace
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir) -> Path:
     """A workspace whose run A finished at step 2."""

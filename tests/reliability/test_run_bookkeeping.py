@@ -9,21 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 
 from ditctl.config import build_config
 from tests.conftest import make_workspace
 
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _logged_steps(run: Path) -> list[int]:

@@ -14,14 +14,6 @@ from tests.conftest import make_workspace, write_test_checkpoint
 LORA = {"use_lora": True, "train_only_lora": True, "lora_rank": 4, "lora_alpha": 4}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _torn(folder: Path, name: str, size: int) -> Path:
     """A temporary folder as a killed atomic_dir leaves it, with `size` bytes inside."""
     torn = folder / name

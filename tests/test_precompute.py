@@ -120,6 +120,18 @@ BASE_LATENT = dict(image_sha256="a" * 64, bucket=(64, 64), crop=(3, 0), flip=Fal
 BASE_TEXT = dict(caption="a red circle", text_identity="t5:1:2:L-8", max_length=32, dtype="fp32")
 
 
+def test_keys_are_stable_across_versions():
+    """Cache keys written by earlier versions must still be found: a change to how keys are
+    computed (even a faster one) has to give these exact digests."""
+    assert latent_key(**BASE_LATENT) == \
+        "a8c3f133ce1385047f6c886bc3fe8e6698b643f596bc8582f98887c8529ed13c"
+    assert latent_key(**{**BASE_LATENT, "flip": True}, mask="m:1") == \
+        "7ebf9b90043b96e3cbb998487c4bb3f8af4b165005a103527d3fe96b63279ef3"
+    assert text_key(caption='ein "rotes" Kreis \u2014 \u00fc\n\t\u65e5\u672c',
+                    text_identity="t5:1:2:L-8", max_length=None, dtype="bf16") == \
+        "17f28a1ea19b6b3b71076c73fd62a076fa96f0e383fccf854796f6a94b538510"
+
+
 @pytest.mark.parametrize("change", [
     {"image_sha256": "b" * 64}, {"bucket": (80, 48)}, {"bucket": (48, 64)}, {"crop": (4, 0)},
     {"crop": (3, 1)}, {"flip": True}, {"vae_identity": "vae:2"}, {"dtype": "bf16"},

@@ -128,9 +128,13 @@ _ENTRY_COLUMNS = "key, kind, shape, dtype, bytes, flip, source, shard, sha256"
 
 # --- keys -------------------------------------------------------------------------------------
 
+# json.dumps(parts, sort_keys=True, ensure_ascii=False), without building an encoder per call
+# (json.dumps does that for any non-default option; planning hashes millions of keys)
+_KEY_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
 def _digest(parts: dict) -> str:
-    text = json.dumps(parts, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_KEY_ENCODER.encode(parts).encode()).hexdigest()
 
 
 def latent_key(*, image_sha256: str, bucket: tuple[int, int], crop: tuple[int, int], flip: bool,
@@ -187,10 +191,12 @@ class KeySpec:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPE_BY_NAME[self.dtype]
 
-    def latent_key(self, row: ManifestRow, flip: bool) -> str:
+    def latent_key(self, row: ManifestRow, flip: bool,
+                   crop: tuple[int, int] | None = None) -> str:
+        """`crop`: the row's `crop_offsets`, when the caller already has them."""
         return latent_key(image_sha256=row.sha256, bucket=row.bucket,
-                          crop=crop_offsets(row, self.center_crop), flip=flip,
-                          vae_identity=self.vae_identity, dtype=self.dtype,
+                          crop=crop_offsets(row, self.center_crop) if crop is None else crop,
+                          flip=flip, vae_identity=self.vae_identity, dtype=self.dtype,
                           mask=row.mask.identity if row.mask is not None else None)
 
     def text_key(self, caption: str) -> str:
@@ -200,7 +206,7 @@ class KeySpec:
 
 # --- the plan: which entries a manifest + config needs ---------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per image variant, a million at scale
 class LatentJob:
     """One image variant to cache (the first row with this key stands for all duplicates)."""
 
@@ -241,8 +247,9 @@ def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *,
     flipped: set[str] = set()
     variants = 0
     for row in rows:
+        crop = crop_offsets(row, spec.center_crop)  # one seeded draw per row, both flips
         for flip in sample_variants(row, random_flip):
-            key = spec.latent_key(row, flip)
+            key = spec.latent_key(row, flip, crop)
             latents.setdefault(key, LatentJob(key, row, flip))
             variants += 1
             if flip:

@@ -105,6 +105,12 @@ class ProgressTask:
     def set_postfix(self, text: str) -> None:
         self.postfix = text
 
+    def set_total(self, total: int) -> None:
+        """The total, once it is known (work that starts before it is counted)."""
+        self.total = total
+        if self._progress is not None:
+            self._progress.update(self._task, total=total)
+
     def _plain_line(self) -> None:
         self._printed = self.done
         rate = self.rate()

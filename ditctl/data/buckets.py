@@ -30,8 +30,9 @@ than a batch, so every step trains on a full batch.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -134,33 +135,50 @@ def _target(width: int, height: int, resolution: int | None, candidates: list[Si
     return target, ""
 
 
-def plan_buckets(sizes: Sequence[Size], *, resolution: int | None, use_buckets: bool,
-                 max_upscale: float, max_native_pixels: int, batch_size: int,
-                 multiple: int) -> BucketPlan:
-    """Assign every image (by its oriented width, height) a target size whose sides are
-    multiples of `multiple`; see module docstring."""
-    targets: list[Size | None] = []
-    dropped: dict[int, str] = {}
+@dataclass(frozen=True)
+class SizePlan:
+    """A bucket plan by image size: what a plan decides is the same for every image of one
+    size, so it is made once per distinct size (a million images have a few thousand).
+    `targets` maps each kept size to its target, `dropped` each dropped size to why."""
+
+    mode: str
+    batch_size: int
+    targets: dict[Size, Size]
+    dropped: dict[Size, str]
+    dropped_images: int
+    buckets: tuple[Bucket, ...]
+    merges: int
+    notes: tuple[str, ...]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(b.batches(self.batch_size) for b in self.buckets)
+
+
+def plan_sizes(counts: Mapping[Size, int], *, resolution: int | None, use_buckets: bool,
+               max_upscale: float, max_native_pixels: int, batch_size: int,
+               multiple: int) -> SizePlan:
+    """Assign every image size (oriented width, height -> how many images have it) a target
+    size whose sides are multiples of `multiple`; see module docstring."""
     candidates = candidate_buckets(resolution, multiple=multiple) \
         if resolution and use_buckets else []
-    known: dict[Size, tuple[Size | None, str]] = {}  # datasets repeat a few sizes many times
-    for index, (width, height) in enumerate(sizes):
-        size = (int(width), int(height))
-        if size not in known:
-            known[size] = _target(*size, resolution, candidates, max_upscale, max_native_pixels,
-                                  multiple)
-        target, why = known[size]
+    targets: dict[Size, Size] = {}
+    dropped: dict[Size, str] = {}
+    for size in counts:
+        target, why = _target(*size, resolution, candidates, max_upscale, max_native_pixels,
+                              multiple)
         if target is None:
-            dropped[index] = why
-        targets.append(target)
+            dropped[size] = why
+        else:
+            targets[size] = target
 
     merges = 0
     if use_buckets and batch_size > 1:
-        merges = _merge_small_buckets(targets, sizes, batch_size, max_upscale)
+        merges = _merge_small_buckets(targets, counts, batch_size, max_upscale)
 
     mode = ("buckets" if use_buckets and resolution else "native buckets" if use_buckets
             else "square" if resolution else "native")
-    buckets = _summarise(targets, sizes)
+    buckets = _summarise(targets, counts)
     notes = []
     if mode == "native" and len(buckets) > 1 and batch_size > 1:
         notes.append(f"{len(buckets)} different image sizes: batches are formed per size, and "
@@ -172,31 +190,49 @@ def plan_buckets(sizes: Sequence[Size], *, resolution: int | None, use_buckets: 
         notes.append(f"{len(underfull)} bucket(s) hold fewer images than the batch size "
                      f"({batch_size}); the trainer fills their batches by repeating the "
                      "bucket's images, so these images are seen more often per epoch")
-    return BucketPlan(mode=mode, batch_size=batch_size, targets=tuple(targets), dropped=dropped,
-                      buckets=tuple(buckets), merges=merges, notes=tuple(notes))
+    return SizePlan(mode=mode, batch_size=batch_size, targets=targets, dropped=dropped,
+                    dropped_images=sum(counts[size] for size in dropped),
+                    buckets=tuple(buckets), merges=merges, notes=tuple(notes))
 
 
-def _merge_small_buckets(targets: list[Size | None], sizes: Sequence[Size], batch_size: int,
-                         max_upscale: float) -> int:
+def plan_buckets(sizes: Sequence[Size], *, resolution: int | None, use_buckets: bool,
+                 max_upscale: float, max_native_pixels: int, batch_size: int,
+                 multiple: int) -> BucketPlan:
+    """`plan_sizes` for a list of images (by their oriented width, height): each image's
+    target, or why it was dropped."""
+    normalised = [(int(width), int(height)) for width, height in sizes]
+    plan = plan_sizes(Counter(normalised), resolution=resolution, use_buckets=use_buckets,
+                      max_upscale=max_upscale, max_native_pixels=max_native_pixels,
+                      batch_size=batch_size, multiple=multiple)
+    return BucketPlan(mode=plan.mode, batch_size=batch_size,
+                      targets=tuple(plan.targets.get(size) for size in normalised),
+                      dropped={index: plan.dropped[size] for index, size in enumerate(normalised)
+                               if size in plan.dropped},
+                      buckets=plan.buckets, merges=plan.merges, notes=plan.notes)
+
+
+def _merge_small_buckets(targets: dict[Size, Size], counts: Mapping[Size, int],
+                         batch_size: int, max_upscale: float) -> int:
     """Merge buckets smaller than the batch size into their nearest bucket, in place."""
-    members: dict[Size, list[int]] = {}
-    for index, target in enumerate(targets):
-        if target is not None:
-            members.setdefault(target, []).append(index)
+    members: dict[Size, list[Size]] = {}  # bucket -> the image sizes it holds
+    for size, target in targets.items():
+        members.setdefault(target, []).append(size)
+    images = {bucket: sum(counts[size] for size in sizes) for bucket, sizes in members.items()}
     stuck: set[Size] = set()
     merges = 0
     while len(members) > 1:
-        small = [b for b, items in members.items() if len(items) < batch_size and b not in stuck]
+        small = [b for b in members if images[b] < batch_size and b not in stuck]
         if not small:
             break
-        source = min(small, key=lambda b: (len(members[b]), b))
-        for target in _nearest_first(source, [b for b in members if b != source], members):
-            if all(cover_scale(*sizes[i], *target) <= max_upscale + _EPS
-                   and kept_fraction(*sizes[i], *target) >= MERGE_MIN_KEPT
-                   for i in members[source]):
-                for i in members[source]:
-                    targets[i] = target
+        source = min(small, key=lambda b: (images[b], b))
+        for target in _nearest_first(source, [b for b in members if b != source], images):
+            if all(cover_scale(*size, *target) <= max_upscale + _EPS
+                   and kept_fraction(*size, *target) >= MERGE_MIN_KEPT
+                   for size in members[source]):
+                for size in members[source]:
+                    targets[size] = target
                 members[target].extend(members.pop(source))
+                images[target] += images.pop(source)
                 merges += 1
                 break
         else:
@@ -204,7 +240,7 @@ def _merge_small_buckets(targets: list[Size | None], sizes: Sequence[Size], batc
     return merges
 
 
-def _nearest_first(source: Size, others: list[Size], members: dict[Size, list[int]]) -> list[Size]:
+def _nearest_first(source: Size, others: list[Size], images: dict[Size, int]) -> list[Size]:
     """`others` by distance in log width / log height; ties: larger bucket, then smaller size.
 
     Vectorised because native sizes can make thousands of buckets.
@@ -212,21 +248,20 @@ def _nearest_first(source: Size, others: list[Size], members: dict[Size, list[in
     grid = np.array(others, dtype=np.float64)
     offsets = np.log(grid) - np.log(np.array(source, dtype=np.float64))
     distance = np.round(np.hypot(offsets[:, 0], offsets[:, 1]), 9)
-    counts = np.array([len(members[b]) for b in others])
+    counts = np.array([images[b] for b in others])
     order = np.lexsort((grid[:, 1], grid[:, 0], -counts, distance))
     return [others[k] for k in order]
 
 
-def _summarise(targets: Sequence[Size | None], sizes: Sequence[Size]) -> list[Bucket]:
+def _summarise(targets: dict[Size, Size], counts: Mapping[Size, int]) -> list[Bucket]:
     stats: dict[Size, list[int]] = {}
-    for (width, height), target in zip(sizes, targets):
-        if target is None:
-            continue
+    for (width, height), target in targets.items():
+        count = counts[(width, height)]
         entry = stats.setdefault(target, [0, 0, 0, 0])
         scale = cover_scale(width, height, *target)
-        entry[0] += 1
-        entry[1] += (width, height) != target
-        entry[2] += kept_fraction(width, height, *target) < 1 - 1e-6
-        entry[3] += scale > 1 + _EPS
+        entry[0] += count
+        entry[1] += count * ((width, height) != target)
+        entry[2] += count * (kept_fraction(width, height, *target) < 1 - 1e-6)
+        entry[3] += count * (scale > 1 + _EPS)
     return [Bucket(w, h, *entry) for (w, h), entry in
             sorted(stats.items(), key=lambda item: (item[0][0] / item[0][1], item[0]))]

@@ -424,6 +424,24 @@ def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int, masks: bool = F
     return results
 
 
+def probe_rows(refs: Sequence[tuple[str, str, int, int]], max_pixels: int,
+               ) -> tuple[list[tuple], list[tuple[str, str, str, str]]]:
+    """`probe_chunk` in the shape of ingest's staging tables, as plain tuples (cheap to pass
+    between processes, inserted as they come): (path, member, offset, size) per image in;
+    out the facts of the good ones (in `ImageFacts` field order) and (path, member, code,
+    message) per bad one."""
+    facts, problems = [], []
+    for result in probe_chunk([ImageRef(*ref) for ref in refs], max_pixels):
+        found = result.facts
+        if found is not None:
+            facts.append((found.path, found.size_bytes, found.mtime_ns, found.sha256,
+                          found.width, found.height, found.format, found.member, found.offset))
+        else:
+            path, _, member = result.key.partition("\0")
+            problems.append((path, member, result.code, result.message))
+    return facts, problems
+
+
 def _open_shared(path: str, stack: contextlib.ExitStack) -> int | None:
     """An open descriptor of a container, closed with `stack`; None when it cannot be opened
     (each member then reports why, through probe_file)."""

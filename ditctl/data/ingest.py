@@ -3,17 +3,18 @@
     sources (CSV, JSONL, Parquet, image folder, WebDataset shards, datasets folder) -> rows
         (a tar shard or Arrow file is read only when its size or mtime changed since the last
         ingest: `containers.ContainerCache`)
-    stat every file (or container); reuse what the previous manifest learned where size and
-        mtime match
-    probe the rest (read once, sha256, full decode) in worker processes, images inside a
-        container by one positioned read each, in container order
-    classify rows: good / bad (missing, corrupt, not an image, empty, too many pixels,
-                   too small, empty caption, ...); duplicates (same hash) are reported
+    while the sources are read: stat every image named for the first time (or its container);
+        reuse what the previous manifest learned where size and mtime match; probe the rest
+        (read once, sha256, full decode) in worker processes, images inside a container by
+        one positioned read each, in container order (`ImageValidator`)
+    classify rows (by SQL): good / bad (missing, corrupt, not an image, empty, too many
+                   pixels, too small, empty caption, ...); duplicates (same hash) are reported
     masks ([data] use_masks): each good row's mask file (the CSV's mask column, else
           NAME.mask.png beside the image) is probed like an image (read, hashed, decoded, the
           same size as its image, not black everywhere), else the image's alpha channel;
           a bad mask makes its row bad
     plan buckets per split; write data/ingest-report.json; replace the manifest atomically
+        (filled by SQL from the staging tables, see `ingest_stage`)
 
 Bad rows never stop the scan: all of them are collected and reported together. By default
 they are skipped; with `strict=True` any bad row raises `StrictIngestError` and the manifest
@@ -33,6 +34,7 @@ import json
 import math
 import multiprocessing
 import os
+import sqlite3
 import stat as stat_module
 import sys
 import time
@@ -41,7 +43,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from rich.markup import escape
 from rich.table import Table
@@ -55,14 +57,15 @@ from ..models.registry import size_multiple
 from ..procutil import worker_started
 from ..workspace import Workspace
 from . import images, ingest_inputs
-from .buckets import BucketPlan, plan_buckets
+from .buckets import SizePlan, plan_sizes
 from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
-from .manifest import (ChangeCounter, ManifestRow, MaskRef, PreviousManifest, read_meta,
-                       read_previous, write_manifest)
+from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleScan, attached_manifest,
+                       count_changes_by_sql, read_meta, read_previous, scan_samples,
+                       select_rows, write_manifest_by_sql)
 from .containers import ContainerCache
 from .images import ImageRef
-from .ingest_stage import BATCH, Stage, batched, staged
+from .ingest_stage import Stage, staged
 from .sources import SourceRow, iter_source, sidecar_mask
 
 REPORT_NAME = "ingest-report.json"
@@ -115,7 +118,7 @@ class IngestSummary:
     bad: list[BadRow]
     empty_captions_kept: list[ManifestRow]  # kept as unconditional samples
     duplicates: list[list[ManifestRow]]     # groups of samples with the same content hash
-    plans: dict[str, BucketPlan]
+    plans: dict[str, SizePlan]
     changes: Changes
     files_read: int
     files_reused: int
@@ -196,22 +199,24 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
     data = config.data
     phases: dict[str, float] = {}
     timed = functools.partial(_timed, phases)
-    cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
-    try:
-        with timed("list"):
-            _read_rows(ws, data, datasets, cache, stage)
-    finally:
-        cache.close()
     previous = read_previous(ws.manifest_db)
     notes = []
     if previous.problem:
         notes.append(f"the previous manifest is {previous.problem}; every image was re-read")
-
     bad = Rejects(stage.origins)
+    cache = ContainerCache(ws.state_dir / CONTAINER_CACHE)
     try:
+        # "list": reading the sources, while the images they name decode in worker processes;
+        # "validate": the decoding left when the sources are read, classifying, masks
+        with ImageValidator(stage, previous, data.max_image_pixels, workers) as validator:
+            with timed("list"):
+                try:
+                    _read_rows(ws, data, datasets, cache, stage, validator.rows_added)
+                finally:
+                    cache.close()
+            with timed("validate"):
+                files_read, files_reused = validator.finish()
         with timed("validate"):
-            files_read, files_reused = _examine_files(stage, previous, data.max_image_pixels,
-                                                      workers)
             _classify(stage, data, datasets, bad)
             mask_facts, masks_read = {}, 0
             if data.use_masks:
@@ -219,13 +224,10 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
         with timed("plan"):
             plans = _plan(stage, bad, data, batch_sizes, multiple, datasets)
         bad.rows.sort(key=lambda b: b.seq)  # in source order
-        tally = Tally(stage, previous)
     finally:
         previous.close()  # the change count attaches the file itself
 
-    def summarise() -> IngestSummary:
-        """The summary, once `tally` has seen every sample."""
-        changes = tally.finish()
+    def summarise(tally: Tally) -> IngestSummary:
         if data.use_masks:
             kinds = tally.mask_kinds
             notes.append(f"loss masks: {kinds['file']} from mask files, {kinds['alpha']} from "
@@ -233,16 +235,22 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
                          "everywhere")
         return IngestSummary(
             counts=dict(tally.counts), bad=bad.rows, empty_captions_kept=tally.empty_captions,
-            duplicates=tally.duplicates, plans=plans, changes=changes,
+            duplicates=tally.duplicates, plans=plans, changes=tally.changes,
             files_read=files_read + masks_read, files_reused=files_reused,
             report_path=ws.data_dir / REPORT_NAME, containers_read=cache.read,
             containers_reused=cache.reused, notes=notes, phases_s=phases,
             datasets=_dataset_counts(datasets, tally.datasets, bad.train_datasets))
 
+    # Keep what validation learned about every decodable image still listed (also those of
+    # rows that were refused as too small or uncaptioned), so the next run skips them too:
+    # the listed images' facts, then the mask files'
+    mask_files = [facts for _, facts in sorted(mask_facts.items())]
+    stage.end_transaction()  # the manifest tables are attached to the staging database
     if (strict and bad.rows) or not stage.has_split("train"):
-        for _ in tally.feed(stage.samples()):
-            pass
-        summary = summarise()
+        with attached_manifest(stage.db) as name:  # a temporary file: counted, never kept
+            stage.fill_manifest(name, mask_files)
+            summary = summarise(Tally.count(stage.db, name, scan_samples(stage.db, name),
+                                            previous))
         if strict and bad.rows:
             refusal: DataError = StrictIngestError(summary)
         else:
@@ -257,9 +265,10 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
 
     done: list[IngestSummary] = []
 
-    def meta() -> dict[str, Any]:
-        """The manifest's meta table, once its rows are written (and counted on the way)."""
-        summary = summarise()
+    def meta(name: str, scan: SampleScan) -> dict[str, Any]:
+        """The manifest's meta table, once its rows are written (and counted in it)."""
+        tally = Tally.count(stage.db, name, scan, previous)
+        summary = summarise(tally)
         done.append(summary)
         inputs = ingest_inputs.record(
             _sources(ws, data, datasets), stage.containers(),
@@ -269,14 +278,9 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "counts": summary.counts,
                 "counters": summary.counters(), "inputs": inputs}
 
-    # Keep what validation learned about every decodable image still listed (also those of
-    # rows that were refused as too small or uncaptioned), so the next run skips them too:
-    # the listed images' facts, then the mask files'
-    known = itertools.chain(stage.facts(),
-                            (f for p, f in sorted(mask_facts.items()) if not stage.has_facts(p)))
-    # one pass over the samples: counted for the summary and written to the manifest
     with timed("manifest"):
-        fingerprint = write_manifest(ws.manifest_db, tally.feed(stage.samples()), known, meta)
+        fingerprint = write_manifest_by_sql(
+            ws.manifest_db, stage.db, lambda name: stage.fill_manifest(name, mask_files), meta)
     summary = done[0]
     summary.fingerprint = fingerprint
     _finish(summary, started)
@@ -342,7 +346,7 @@ def _finish(summary: IngestSummary, started: float) -> None:
 
 
 def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
-               cache: ContainerCache, stage: Stage) -> None:
+               cache: ContainerCache, stage: Stage, on_batch: Callable[[], None]) -> None:
     """Stage every dataset's rows, then the validation rows, with the source (CSV or folder)
     of each and its dataset (validation rows: 0, the [data] settings).
 
@@ -365,7 +369,7 @@ def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
                             image_column=image_column, caption_column=caption_column,
                             cache=cache,
                             mask_column=data.mask_column if data.use_masks else None)
-        if not stage.add_rows(found, index, str(ws.resolve(where))):
+        if not stage.add_rows(found, index, str(ws.resolve(where)), on_batch):
             raise DataError(f"{ws.resolve(where)}: no images listed ({split} data)",
                             hint="add rows to the CSV, or images (.jpg, .png, .webp, ...) "
                                  "to the folder")
@@ -373,60 +377,142 @@ def _read_rows(ws: Workspace, data: DataConfig, datasets: tuple[Dataset, ...],
 
 # --- validating the files ---------------------------------------------------------------------
 
-def _examine_files(stage: Stage, previous: PreviousManifest, max_pixels: int,
-                   workers: int | None) -> tuple[int, int]:
-    """Stage the facts of every listed image (or why it cannot be used); returns (images
-    decoded, images reused).
+class ImageValidator:
+    """Validates the listed images while the sources are still being read: `rows_added` (after
+    each batch of staged rows) hands the images named for the first time to worker processes,
+    `finish` waits for the rest. Each image's facts (or why it cannot be used) are staged.
 
     An image whose size and mtime match the previous manifest is not read again: its recorded
     hash and size are reused. For an image inside a container, that is the container's mtime
     and the member's own offset and size.
+
+    Reading the sources and decoding overlap (on a first ingest the sources are read on one
+    core while the images they named so far decode on the others); the number of chunks in
+    flight is bounded, so when decoding falls behind, reading waits and nothing piles up.
+    Fewer than POOL_MIN_FILES images, or `workers=1`, are decoded in this process.
     """
-    reused = 0
-    stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per container
-    known_facts: list[ImageFacts] = []
-    problems: list[tuple[str, str, str, str]] = []
-    probes: list[tuple[str, str, int, int]] = []
-    for path, member, offset, size in stage.distinct_images():
-        stat = stats.get(path) if member else None
-        if stat is None:
-            stat = _stat(path, max_pixels, bool(member))
-            if member:
-                stats[path] = stat
-        if not isinstance(stat, os.stat_result):  # (code, message)
-            problems.append((path, member, *stat))
-        else:
-            known = previous.facts(path, member)
-            if known and known.mtime_ns == stat.st_mtime_ns and (
-                    known.offset == offset and known.size_bytes == size if member
-                    else known.size_bytes == stat.st_size):
-                known_facts.append(known)
-                reused += 1
+
+    def __init__(self, stage: Stage, previous: PreviousManifest, max_pixels: int,
+                 workers: int | None):
+        self.stage, self.previous, self.max_pixels = stage, previous, max_pixels
+        self.workers = workers or available_cpus()
+        self.read = self.reused = self.named = 0
+        self._stats: dict[str, os.stat_result | tuple[str, str]] = {}  # per container
+        self._waiting: list[tuple[str, str, int, int]] = []  # to decode, not yet handed out
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: set = set()
+        self._bar: Any = None
+
+    def __enter__(self) -> "ImageValidator":
+        self._bar = console.progress("Validating images", total=None, unit="img").__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            if exc[0] is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             else:
-                probes.append((path, member, offset, size))
-        if len(known_facts) + len(problems) + len(probes) >= BATCH:
-            stage.add_facts(known_facts)
-            stage.add_problems(problems)
-            stage.add_probes(probes)
-            known_facts, problems, probes = [], [], []
-    stage.add_facts(known_facts)
-    stage.add_problems(problems)
-    stage.add_probes(probes)
-    del stats, known_facts, problems, probes
-    total, members = stage.probe_count()
-    refs = (ImageRef(*values) for values in stage.probes())
-    for chunk in batched(_probe_all(refs, max_pixels, workers, total=total,
-                                    members=members > total // 2)):
-        stage.add_facts(r.facts for r in chunk if r.facts is not None)
-        stage.add_problems((*_split_key(r.key), r.code, r.message)
-                           for r in chunk if r.facts is None)
-    return total, reused
+                self._pool.shutdown()
+        self._bar.__exit__(*exc)
+
+    def rows_added(self) -> None:
+        """Sort the images the newly staged rows name: reused, bad, or to decode."""
+        known, problems = [], []
+        named = self.stage.new_images()
+        self.named += len(named)
+        for path, member, offset, size in named:
+            stat = self._stats.get(path) if member else None
+            if stat is None:
+                stat = _stat(path, self.max_pixels, bool(member))
+                if member:
+                    self._stats[path] = stat
+            if not isinstance(stat, os.stat_result):  # (code, message)
+                problems.append((path, member, *stat))
+                continue
+            facts = self.previous.facts(path, member)
+            if facts and facts.mtime_ns == stat.st_mtime_ns and (
+                    facts.offset == offset and facts.size_bytes == size if member
+                    else facts.size_bytes == stat.st_size):
+                known.append(facts)
+            else:
+                self._waiting.append((path, member, offset, size))
+        self.reused += len(known)
+        self.stage.add_facts(known)
+        self.stage.add_problems(problems)
+        self._bar.advance(len(known) + len(problems))
+        self._hand_out(final=False)
+
+    def finish(self) -> tuple[int, int]:
+        """Decode what is left; returns (images decoded, images reused)."""
+        self._bar.set_total(self.named)
+        self._hand_out(final=True)
+        while self._pending:
+            self._collect(block=True)
+        return self.read, self.reused
+
+    def _hand_out(self, final: bool) -> None:
+        if self._pool is None:
+            if self.workers <= 1 or (final and self.read + len(self._waiting) < POOL_MIN_FILES):
+                if final or self.workers <= 1:  # few images, or no pool: decode them here
+                    self._record(images.probe_rows(self._waiting, self.max_pixels))
+                    self.read += len(self._waiting)
+                    self._waiting = []
+                return
+            if len(self._waiting) < POOL_MIN_FILES and not final:
+                return  # not yet worth starting processes
+            # spawn, not fork: ingest may run inside `train`, where torch threads make fork
+            # unsafe. worker_started: the workers die with ingest (a kill must not leave them
+            # reading).
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=worker_started)
+        # container members in file order (each chunk reads forward through one shard)
+        self._waiting.sort(key=lambda ref: (ref[0], ref[2]))
+        chunks = _chunks(self._waiting)
+        if not final and chunks and len(chunks[-1]) < MAX_MEMBER_CHUNK:
+            self._waiting = chunks.pop()  # a short last chunk waits for more of its shard
+        else:
+            self._waiting = []
+        for chunk in chunks:
+            while len(self._pending) >= self.workers * 4:  # decoding is behind: wait for it
+                self._collect(block=True)
+            with _main_module_hidden():  # the workers start during the first submits
+                self._pending.add(self._pool.submit(images.probe_rows, chunk, self.max_pixels))
+            self.read += len(chunk)
+        self._collect(block=False)
+
+    def _collect(self, block: bool) -> None:
+        if not self._pending:
+            return
+        done, self._pending = wait(self._pending, timeout=None if block else 0,
+                                   return_when=FIRST_COMPLETED)
+        for future in done:
+            self._record(future.result())
+
+    def _record(self, result: tuple[list[tuple], list[tuple]]) -> None:
+        facts, problems = result
+        self.stage.add_fact_rows(facts)
+        self.stage.add_problems(problems)
+        self._bar.advance(len(facts) + len(problems))
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    """(path, member) of an `ImageRef.key` (`images.ref_key`)."""
-    path, _, member = key.partition("\0")
-    return path, member
+def _chunks(refs: list[tuple[str, str, int, int]]) -> list[list[tuple[str, str, int, int]]]:
+    """Sorted (path, member, offset, size) refs cut into pool tasks: up to MAX_MEMBER_CHUNK
+    members of one container (small images read from one open file), or MAX_CHUNK image files
+    (small enough that the last chunks do not leave a core idle for long). The refs of one
+    chunk share one path object, so it crosses to the worker and back once."""
+    chunks: list[list[tuple[str, str, int, int]]] = []
+    for (path, member), group in itertools.groupby(refs, key=lambda r: (r[0], bool(r[1]))):
+        limit = MAX_MEMBER_CHUNK if member else MAX_CHUNK
+        chunk: list[tuple[str, str, int, int]] = []
+        for ref in group:
+            if len(chunk) >= limit:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append((path if member else ref[0], ref[1], ref[2], ref[3]))
+        if chunk:
+            chunks.append(chunk)
+    return chunks
 
 
 def _stat(path: str, max_pixels: int, container: bool) -> os.stat_result | tuple[str, str]:
@@ -473,34 +559,22 @@ def _main_module_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _probe_all(paths: Iterable[ImageRef] | Iterable[str], max_pixels: int,
-               workers: int | None, masks: bool = False, *, total: int | None = None,
-               members: bool = False) -> Iterator[ProbeResult]:
-    """Probe images in parallel (chunks over worker processes), in-process for few images;
-    `masks`: mask files (`images.probe_mask`). `paths` may be an iterator (then `total` says
-    how many); `members`: mostly images inside containers (larger chunks).
-
-    A generator with a bounded number of chunks in flight: the images are taken from `paths`
-    as chunks are handed out and results are handed on as they arrive, so neither the queued
-    work nor the finished results pile up in memory.
-    """
-    if total is None:
-        paths = list(paths)
-        total = len(paths)
-    if not total:
+def _probe_masks(paths: list[str], max_pixels: int,
+                 workers: int | None) -> Iterator[ProbeResult]:
+    """Probe mask files (`images.probe_mask`) in parallel (chunks over worker processes),
+    in-process for few files. A generator with a bounded number of chunks in flight."""
+    if not paths:
         return
     workers = workers or available_cpus()
     source = iter(paths)
-    with console.progress("Validating masks" if masks else "Validating images", total=total,
-                          unit="img") as bar:
-        if workers <= 1 or total < POOL_MIN_FILES:
+    with console.progress("Validating masks", total=len(paths), unit="img") as bar:
+        if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in source:
-                yield from images.probe_chunk([path], max_pixels, masks)
+                yield from images.probe_chunk([path], max_pixels, True)
                 bar.advance()
             return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
-        limit = MAX_MEMBER_CHUNK if members else MAX_CHUNK
-        size = max(1, min(limit, math.ceil(total / (workers * 4))))
+        size = max(1, min(MAX_CHUNK, math.ceil(len(paths) / (workers * 4))))
         # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
         # worker_started: the workers die with ingest (a kill must not leave them reading).
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -508,7 +582,7 @@ def _probe_all(paths: Iterable[ImageRef] | Iterable[str], max_pixels: int,
 
         def submit(count: int) -> set:
             chunks = (list(itertools.islice(source, size)) for _ in range(count))
-            return {pool.submit(images.probe_chunk, chunk, max_pixels, masks)
+            return {pool.submit(images.probe_chunk, chunk, max_pixels, True)
                     for chunk in itertools.takewhile(bool, chunks)}
 
         try:
@@ -563,32 +637,44 @@ def _dataset_counts(datasets: tuple[Dataset, ...], good: Counter,
 
 def _classify(stage: Stage, data: DataConfig, datasets: tuple[Dataset, ...],
               bad: Rejects) -> None:
-    """Stage the good rows (with their caption after the dataset's caption tools); the
-    others go to `bad`."""
-    def good():
-        for values in stage.rows_with_facts():
-            seq, dataset, origin = values[:3]
-            row = Stage.source_row(values[3:15])
-            width, height = values[19], values[20]
-            caption = dataset_caption(row.caption, datasets[dataset])
-            problem = row.problem or (values[24:26] if values[24] is not None else None)
-            if problem is None:
-                if width is None:  # cannot happen: every listed image has facts or a problem
-                    raise AssertionError(f"no facts for {row.ref.name}")
-                if width * height > data.max_image_pixels:
-                    # recorded by an earlier ingest, before max_image_pixels was lowered
-                    refused = images.pixel_limit_problem(width, height, data.max_image_pixels)
-                    problem = (refused.code, refused.message)
-                elif not caption and not data.keep_empty_captions:
-                    problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
-                                                "to train on it as an unconditional sample)")
-            if problem is not None:
-                bad.add(seq, dataset, origin, row, *problem)
-            else:
-                yield seq, caption
+    """Stage the good rows (with their caption after the dataset's caption tools) by SQL;
+    the others go to `bad`, each with why."""
+    stage.add_good_rows(_caption_sql(datasets), data.max_image_pixels, data.keep_empty_captions)
+    for values in stage.rows_with_facts(not_good=True):
+        seq, dataset, origin = values[:3]
+        row = Stage.source_row(values[3:15])
+        width, height = values[19], values[20]
+        problem = row.problem or (values[24:26] if values[24] is not None else None)
+        if problem is None:
+            if width is None:  # cannot happen: every listed image has facts or a problem
+                raise AssertionError(f"no facts for {row.ref.name}")
+            if width * height > data.max_image_pixels:
+                # recorded by an earlier ingest, before max_image_pixels was lowered
+                refused = images.pixel_limit_problem(width, height, data.max_image_pixels)
+                problem = (refused.code, refused.message)
+            elif not dataset_caption(row.caption, datasets[dataset]):
+                problem = ("empty_caption", "the caption is empty (set keep_empty_captions "
+                                            "to train on it as an unconditional sample)")
+            else:  # cannot happen: the SQL above keeps exactly the rows that get here
+                raise AssertionError(f"row {seq} is neither good nor bad")
+        bad.add(seq, dataset, origin, row, *problem)
 
-    for chunk in batched(good()):
-        stage.add_good(chunk)
+
+def _caption_sql(datasets: tuple[Dataset, ...]) -> tuple[str, list[str]]:
+    """`dataset_caption` of a staged row `r` as an SQL expression and its parameters: the
+    trigger word in front, then the template (validation rows have dataset 0)."""
+    cases, params = [], []
+    for d in datasets:
+        expression, bound = "r.caption", []
+        if d.trigger_word:
+            expression = "CASE WHEN r.caption != '' THEN ? || ', ' || r.caption ELSE ? END"
+            bound = [d.trigger_word, d.trigger_word]
+        if d.caption_template:
+            expression, bound = f"replace(?, '{{caption}}', {expression})", [d.caption_template,
+                                                                            *bound]
+        cases.append(f"WHEN {d.index} THEN {expression}")
+        params += bound
+    return f"CASE r.dataset {' '.join(cases)} END", params
 
 
 # formats that can carry an alpha channel (a JPEG never does: its header is not read)
@@ -620,7 +706,7 @@ def _examine_masks(stage: Stage, bad: Rejects, previous: PreviousManifest,
             facts[path] = known
         else:
             to_probe.append(path)
-    for result in _probe_all(to_probe, data.max_image_pixels, workers, masks=True):
+    for result in _probe_masks(to_probe, data.max_image_pixels, workers):
         if result.facts is not None:
             facts[result.key] = result.facts
         else:
@@ -664,9 +750,10 @@ def _has_alpha(ref: ImageRef, max_pixels: int) -> bool:
 
 
 def _plan(stage: Stage, bad: Rejects, data: DataConfig, batch_sizes: dict[str, int],
-          multiple: int, datasets: tuple[Dataset, ...]) -> dict[str, BucketPlan]:
+          multiple: int, datasets: tuple[Dataset, ...]) -> dict[str, SizePlan]:
     """Bucket plans, their targets staged; images a plan cannot use (too small) become bad
-    rows. Each plan reads only its images' sizes, as compact arrays.
+    rows. A plan is made from its images' distinct sizes and how many images have each
+    (counted by SQL); the targets go back to the rows by SQL.
 
     Datasets with the same size settings (resolution, buckets, max_upscale) are planned
     together, so their images share buckets and batches; a dataset with its own settings gets
@@ -687,59 +774,56 @@ def _plan(stage: Stage, bad: Rejects, data: DataConfig, batch_sizes: dict[str, i
     dropped: dict[int, str] = {}  # row -> why its plan cannot use it
     for name, (resolution, use_buckets, max_upscale), members in plan_of:
         split = "val" if name == "val" else "train"
-        seqs, sizes = stage.plan_items(split, members)
-        if not seqs:
+        counts = stage.size_counts(split, members)
+        if not counts:
             continue
-        plan = plan_buckets(sizes, resolution=resolution, use_buckets=use_buckets,
-                            max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
-                            batch_size=batch_sizes[split], multiple=multiple)
+        plan = plan_sizes(counts, resolution=resolution, use_buckets=use_buckets,
+                          max_upscale=max_upscale, max_native_pixels=data.max_native_pixels,
+                          batch_size=batch_sizes[split], multiple=multiple)
         plans[name] = plan
-        stage.set_buckets(seqs, plan.targets)
-        dropped.update((seqs[n], why) for n, why in plan.dropped.items())
-        del seqs, sizes
+        for seq, size in stage.set_targets(split, members, plan.targets, plan.dropped):
+            dropped[seq] = plan.dropped[size]
     for seq, dataset, origin, *values in stage.rows_by_seq(sorted(dropped)):
         bad.add(seq, dataset, origin, Stage.source_row(values), "too_small", dropped[seq])
     stage.drop_good(dropped)
     return plans
 
 
+@dataclass
 class Tally:
-    """What the summary counts over the manifest's rows, taken while they stream past
-    (`feed`): samples per split and per training dataset, kept empty captions, duplicate
-    groups, mask kinds, and the changes against the previous manifest (`finish`)."""
+    """What the summary counts over the samples of a manifest (`count`: by SQL, in the
+    manifest attached to the staging database): samples per split and per training dataset,
+    kept empty captions, duplicate groups, mask kinds, and the changes against the previous
+    manifest, matched by (split, image, n-th use of that image) and compared by content,
+    caption and bucket."""
 
-    def __init__(self, stage: Stage, previous: PreviousManifest):
-        self.counts: Counter = Counter()
-        self.datasets: Counter = Counter()
-        self.mask_kinds: Counter = Counter()   # "file" / "alpha" / "none"
-        self.empty_captions: list[ManifestRow] = []
-        # counted first: a list per distinct image would cost memory for every sample
-        self._repeated = stage.repeated_hashes()
-        self._groups: dict[str, list[ManifestRow]] = defaultdict(list)
-        self._changes = ChangeCounter(previous)
+    counts: Counter
+    datasets: Counter
+    mask_kinds: Counter    # "file" / "alpha" / "none"
+    empty_captions: list[ManifestRow]
+    duplicates: list[list[ManifestRow]]
+    changes: Changes
 
-    def feed(self, samples: Iterable[ManifestRow]) -> Iterator[ManifestRow]:
-        for sample in samples:
-            self.counts[sample.split] += 1
-            if sample.split == "train":
-                self.datasets[sample.dataset] += 1
-            if not sample.caption:
-                self.empty_captions.append(sample)
-            if sample.sha256 in self._repeated:
-                self._groups[sample.sha256].append(sample)
-            self.mask_kinds[sample.mask.kind if sample.mask is not None else "none"] += 1
-            self._changes.add(sample)
-            yield sample
-
-    @property
-    def duplicates(self) -> list[list[ManifestRow]]:
-        return list(self._groups.values())
-
-    def finish(self) -> Changes:
-        """Compare samples by (split, image, n-th use of that image): content, caption,
-        bucket."""
-        added, changed, removed, unchanged = self._changes.result()
-        return Changes(added=added, changed=changed, removed=removed, unchanged=unchanged)
+    @classmethod
+    def count(cls, db: sqlite3.Connection, name: str, scan: SampleScan,
+              previous: PreviousManifest) -> "Tally":
+        counts, datasets, mask_kinds = Counter(), Counter(), Counter()
+        empty = 0
+        for (split, dataset, mask_kind, no_caption), n in scan.kinds.items():
+            counts[split] += n
+            if split == "train":
+                datasets[dataset] += n
+            mask_kinds[mask_kind or "none"] += n
+            empty += n if no_caption else 0
+        groups: dict[str, list[ManifestRow]] = defaultdict(list)
+        for row in select_rows(db, f"s.sha256 IN (SELECT sha256 FROM {name}.samples "
+                                   "GROUP BY sha256 HAVING COUNT(*) > 1)", name=name):
+            groups[row.sha256].append(row)
+        return cls(counts=counts, datasets=datasets, mask_kinds=mask_kinds,
+                   empty_captions=list(select_rows(db, "s.caption = ''", name=name))
+                   if empty else [],
+                   duplicates=list(groups.values()),
+                   changes=Changes(*count_changes_by_sql(db, name, previous)))
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -789,12 +873,12 @@ def print_bad_rows(summary: IngestSummary) -> None:
     console.print(f"full report: {escape(str(summary.report_path))}")
 
 
-def _plan_table(split: str, plan: BucketPlan) -> Table:
+def _plan_table(split: str, plan: SizePlan) -> Table:
     table = Table(title=f"{split}: {plan.mode} targets, batch size {plan.batch_size}",
                   title_justify="left",
                   caption=f"{plan.batches_per_epoch} batches per epoch (the trainer fills a "
                           "bucket's last batch up with other images of the bucket); "
-                          f"{plan.merges} small bucket(s) merged; {len(plan.dropped)} image(s) "
+                          f"{plan.merges} small bucket(s) merged; {plan.dropped_images} image(s) "
                           "dropped" + (" (too small, listed above)" if plan.dropped else ""),
                   caption_justify="left")
     for name in ("Size", "Aspect", "Images", "Batches", "Resized", "Cropped", "Upscaled"):

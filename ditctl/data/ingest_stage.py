@@ -3,8 +3,9 @@
 Ingest holds nothing per record in Python: each source row is written here as it is read,
 then each image's facts (or problem) as validation learns them, then which rows are good (with
 their caption after the dataset's caption tools, their bucket and their mask). The manifest is
-written by streaming the good rows back out (`manifest.write_manifest`). Memory stays flat as
-the dataset grows: SQLite keeps a bounded page cache and spills the rest to the file.
+written from here by SQL (`fill_manifest`, into manifest tables attached to this database), so
+no sample becomes a Python object on the way. Memory stays flat as the dataset grows: SQLite
+keeps a bounded page cache and spills the rest to the file.
 
 The file is SQLite's private temporary database (`sqlite3.connect("")`): on Unix it is deleted
 as soon as it is opened, so a killed ingest leaves nothing behind, and the next run starts over
@@ -13,15 +14,13 @@ as soon as it is opened, so a killed ingest leaves nothing behind, and the next 
 
 from __future__ import annotations
 
-import array
 import contextlib
 import itertools
 import sqlite3
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .images import ImageFacts
-from .manifest import ManifestRow, MaskRef
+from .manifest import MaskRef
 from .sources import SourceRow
 
 _SCHEMA = """
@@ -42,13 +41,15 @@ CREATE TABLE facts (               -- what validation learned per image (rowid: 
 );
 CREATE TABLE problems (path TEXT NOT NULL, member TEXT NOT NULL, code TEXT NOT NULL,
                        message TEXT NOT NULL, PRIMARY KEY (path, member));
-CREATE TABLE probe (path TEXT NOT NULL, member TEXT NOT NULL, offset INTEGER NOT NULL,
-                    size INTEGER NOT NULL);
+CREATE TABLE images (               -- every image some row names, once (rowid: first named)
+    path TEXT NOT NULL, member TEXT NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL,
+    UNIQUE (path, member)
+);
 CREATE TABLE good (                -- rows that passed validation
     seq INTEGER PRIMARY KEY,
-    caption TEXT NOT NULL,         -- after the dataset's caption tools
-    bucket_w INTEGER NOT NULL DEFAULT 0, bucket_h INTEGER NOT NULL DEFAULT 0
+    caption TEXT NOT NULL          -- after the dataset's caption tools
 );
+CREATE TABLE buckets (seq INTEGER PRIMARY KEY, w INTEGER NOT NULL, h INTEGER NOT NULL);
 CREATE TABLE masks (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
                     sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 """
@@ -70,28 +71,6 @@ def batched(items: Iterable, size: int = BATCH) -> Iterator[list]:
         yield chunk
 
 
-class SizeColumns(Sequence):
-    """Image sizes as two compact integer arrays (8 bytes per image, not a tuple each):
-    what `buckets.plan_buckets` reads, item by item, as (width, height)."""
-
-    def __init__(self, pairs: Iterable[tuple[int, int]]):
-        self.widths, self.heights = array.array("l"), array.array("l")
-        for width, height in pairs:
-            self.widths.append(width)
-            self.heights.append(height)
-
-    def __len__(self) -> int:
-        return len(self.widths)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return list(zip(self.widths[index], self.heights[index]))
-        return self.widths[index], self.heights[index]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.widths, self.heights)
-
-
 class Stage:
     """The staging database of one ingest run (see the module doc)."""
 
@@ -109,14 +88,17 @@ class Stage:
         self.db.execute("BEGIN")
         self.origins: list[str] = []  # one per source read
         self.count = 0
+        self._rows_seen = 0  # rows `new_images` has looked at
 
     def close(self) -> None:
         self.db.close()
 
     # --- rows --------------------------------------------------------------------------------
 
-    def add_rows(self, rows: Iterable[SourceRow], dataset: int, origin: str) -> int:
-        """Stage one source's rows as they are read; returns how many."""
+    def add_rows(self, rows: Iterable[SourceRow], dataset: int, origin: str,
+                 on_batch: Callable[[], None] | None = None) -> int:
+        """Stage one source's rows as they are read; returns how many. `on_batch` is called
+        after each batch is staged (ingest validates the images named so far meanwhile)."""
         self.origins.append(origin)
         index, first = len(self.origins) - 1, self.count
         values = ((first + n, dataset, index, r.split, r.source, r.listed_path, r.path,
@@ -126,6 +108,8 @@ class Stage:
         for chunk in batched(values):
             self.db.executemany(insert, chunk)
             self.count += len(chunk)
+            if on_batch is not None:
+                on_batch()
         return self.count - first
 
     def containers(self) -> set[str]:
@@ -140,13 +124,16 @@ class Stage:
     def first_origin(self) -> str | None:
         return self.origins[0] if self.origins else None
 
-    def distinct_images(self) -> Iterator[tuple[str, str, int, int]]:
-        """(path, member, offset, size) of every image some row without a problem names, once
-        each, in the order rows first name them."""
-        return self.db.execute(
-            "SELECT path, member, offset, size FROM (SELECT path, member, offset, size, "
-            "MIN(seq) AS first FROM rows WHERE problem_code IS NULL GROUP BY path, member) "
-            "ORDER BY first")
+    def new_images(self) -> list[tuple[str, str, int, int]]:
+        """(path, member, offset, size) of each image that rows staged since the last call
+        name for the first time (rows without a problem), in the order rows name them."""
+        first_row = self._rows_seen
+        first_image = self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM images").fetchone()[0]
+        self.db.execute("INSERT OR IGNORE INTO images SELECT path, member, offset, size FROM rows "
+                        "WHERE seq >= ? AND problem_code IS NULL ORDER BY seq", (first_row,))
+        self._rows_seen = self.count
+        return self.db.execute("SELECT path, member, offset, size FROM images WHERE rowid > ? "
+                               "ORDER BY rowid", (first_image,)).fetchall()
 
     @staticmethod
     def source_row(values: Sequence) -> SourceRow:
@@ -166,48 +153,25 @@ class Stage:
     # --- facts -------------------------------------------------------------------------------
 
     def add_facts(self, facts: Iterable[ImageFacts]) -> None:
+        self.add_fact_rows((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
+                            f.format, f.member, f.offset) for f in facts)
+
+    def add_fact_rows(self, rows: Iterable[tuple]) -> None:
+        """Facts as tuples in FACT_COLUMNS order (`images.probe_rows`)."""
         self.db.executemany(f"INSERT OR REPLACE INTO facts ({', '.join(FACT_COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(FACT_COLUMNS))})",
-                            ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
-                              f.format, f.member, f.offset) for f in facts))
+                            f"VALUES ({', '.join('?' * len(FACT_COLUMNS))})", rows)
 
     def add_problems(self, problems: Iterable[tuple[str, str, str, str]]) -> None:
         """(path, member, code, message) per image that cannot be used."""
         self.db.executemany("INSERT OR REPLACE INTO problems VALUES (?, ?, ?, ?)", problems)
 
-    def facts(self) -> Iterator[ImageFacts]:
-        """Every image's facts, in the order they were learned."""
-        for values in self.db.execute(f"SELECT {', '.join(FACT_COLUMNS)} FROM facts "
-                                      "ORDER BY rowid"):
-            yield ImageFacts(*values)
-
-    def has_facts(self, path: str) -> bool:
-        return self.db.execute("SELECT 1 FROM facts WHERE path = ? AND member = ''",
-                               (path,)).fetchone() is not None
-
-    # --- images to decode --------------------------------------------------------------------
-
-    def add_probes(self, refs: Iterable[tuple[str, str, int, int]]) -> None:
-        self.db.executemany("INSERT INTO probe VALUES (?, ?, ?, ?)", refs)
-
-    def probe_count(self) -> tuple[int, int]:
-        """(images to decode, how many of them are inside containers)."""
-        total, members = self.db.execute("SELECT COUNT(*), COALESCE(SUM(member != ''), 0) "
-                                         "FROM probe").fetchone()
-        return total, members
-
-    def probes(self) -> Iterator[tuple[str, str, int, int]]:
-        """The images to decode, container members in file order (each worker's chunk reads
-        forward through one shard)."""
-        return self.db.execute("SELECT path, member, offset, size FROM probe "
-                               "ORDER BY path, offset")
-
     # --- classifying -------------------------------------------------------------------------
 
-    def rows_with_facts(self, good_only: bool = False) -> Iterator[tuple]:
+    def rows_with_facts(self, good_only: bool = False, not_good: bool = False,
+                        ) -> Iterator[tuple]:
         """(seq, dataset, origin, SourceRow columns..., the image's facts columns or NULLs,
         its problem code and message or NULLs), in source order; `good_only`: good rows only,
-        with the good caption appended."""
+        with the good caption appended (in place of the problem); `not_good`: the others."""
         columns = ", ".join(f"r.{c}" for c in _ROW_COLUMNS)
         facts = ", ".join(f"f.{c}" for c in FACT_COLUMNS)
         if good_only:
@@ -218,11 +182,24 @@ class Stage:
         return self.db.execute(
             f"SELECT {columns}, {facts}, p.code, p.message FROM rows r "
             "LEFT JOIN facts f ON f.path = r.path AND f.member = r.member "
-            "LEFT JOIN problems p ON p.path = r.path AND p.member = r.member ORDER BY r.seq")
+            "LEFT JOIN problems p ON p.path = r.path AND p.member = r.member "
+            + ("WHERE NOT EXISTS (SELECT 1 FROM good g WHERE g.seq = r.seq) " if not_good
+               else "") + "ORDER BY r.seq")
 
-    def add_good(self, good: Iterable[tuple[int, str]]) -> None:
-        """(seq, caption after the caption tools) per good row."""
-        self.db.executemany("INSERT INTO good (seq, caption) VALUES (?, ?)", good)
+    def add_good_rows(self, caption: tuple[str, list[str]], max_pixels: int,
+                      keep_empty_captions: bool) -> None:
+        """Stage as good every row without a problem whose image decoded, has at most
+        `max_pixels` and (unless `keep_empty_captions`) a caption: `caption` is the SQL
+        expression of its caption after the caption tools (and its parameters)."""
+        expression, params = caption
+        self.db.execute(
+            "INSERT INTO good (seq, caption) SELECT seq, caption FROM ("
+            f"SELECT r.seq AS seq, {expression} AS caption FROM rows r "
+            "JOIN facts f ON f.path = r.path AND f.member = r.member "
+            "WHERE r.problem_code IS NULL AND f.width * f.height <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM problems p WHERE p.path = r.path AND p.member = r.member) "
+            "ORDER BY r.seq) WHERE caption != '' OR ?", [*params, max_pixels,
+                                                        keep_empty_captions])
 
     def drop_good(self, seqs: Iterable[int]) -> None:
         """Rows found bad after all (a bad mask, too small for their bucket plan)."""
@@ -241,68 +218,89 @@ class Stage:
 
     # --- bucket planning ---------------------------------------------------------------------
 
-    def plan_items(self, split: str, datasets: Sequence[int] | None,
-                   ) -> tuple[array.array, SizeColumns]:
-        """(seq of each good row of `split` (and of `datasets`, for training), their sizes),
-        in source order: the compact input of one bucket plan."""
-        where = "r.split = ?"
-        params: list = [split]
+    def _plan_rows(self, split: str, datasets: Sequence[int] | None,
+                   join: str = "") -> tuple[str, list]:
+        """The FROM and WHERE clauses (and parameters) of one plan's good rows: `g` joined
+        with their row `r`, image facts `f` (and `join`)."""
+        where, params = "r.split = ?", [split]
         if datasets is not None:
             where += f" AND r.dataset IN ({', '.join('?' * len(datasets))})"
             params += list(datasets)
-        seqs = array.array("q")
+        return ("FROM good g CROSS JOIN rows r ON r.seq = g.seq JOIN facts f "
+                f"ON f.path = r.path AND f.member = r.member {join} WHERE {where}", params)
 
-        def pairs():
-            for seq, width, height in self.db.execute(
-                    "SELECT g.seq, f.width, f.height FROM good g CROSS JOIN rows r ON r.seq = g.seq "
-                    "JOIN facts f ON f.path = r.path AND f.member = r.member "
-                    f"WHERE {where} ORDER BY g.seq", params):
-                seqs.append(seq)
-                yield width, height
+    def size_counts(self, split: str, datasets: Sequence[int] | None,
+                    ) -> dict[tuple[int, int], int]:
+        """(width, height) -> how many good rows of `split` (and of `datasets`, for
+        training) have an image of that size: the input of one bucket plan."""
+        rows, params = self._plan_rows(split, datasets)
+        return {(w, h): n for w, h, n in self.db.execute(
+            f"SELECT f.width, f.height, COUNT(*) {rows} GROUP BY f.width, f.height", params)}
 
-        sizes = SizeColumns(pairs())
-        return seqs, sizes
-
-    def set_buckets(self, seqs: array.array, targets: Sequence[tuple[int, int] | None]) -> None:
-        values = ((t[0], t[1], s) for s, t in zip(seqs, targets) if t is not None)
-        for chunk in batched(values):
-            self.db.executemany("UPDATE good SET bucket_w = ?, bucket_h = ? WHERE seq = ?",
-                                chunk)
+    def set_targets(self, split: str, datasets: Sequence[int] | None,
+                    targets: dict[tuple[int, int], tuple[int, int]],
+                    dropped: Iterable[tuple[int, int]]) -> list[tuple[int, tuple[int, int]]]:
+        """Stage the bucket of each of the plan's rows from its image size (`targets`);
+        returns (seq, size) of the rows whose size the plan `dropped`, in source order."""
+        rows, params = self._plan_rows(
+            split, datasets, "JOIN size_targets t ON t.width = f.width AND t.height = f.height")
+        self.db.execute("CREATE TEMP TABLE size_targets (width INTEGER, height INTEGER, "
+                        "w INTEGER, h INTEGER, PRIMARY KEY (width, height))")
+        try:
+            self.db.executemany("INSERT INTO size_targets VALUES (?, ?, ?, ?)",
+                                [(*size, *target) for size, target in targets.items()]
+                                + [(*size, None, None) for size in dropped])
+            # in seq order: appending to `buckets` is cheaper than updating `good` per row
+            self.db.execute(f"INSERT INTO buckets SELECT g.seq, t.w, t.h {rows} "
+                            "AND t.w IS NOT NULL ORDER BY g.seq", params)
+            return [(seq, (w, h)) for seq, w, h in self.db.execute(
+                f"SELECT g.seq, f.width, f.height {rows} AND t.w IS NULL ORDER BY g.seq",
+                params)]
+        finally:
+            self.db.execute("DROP TABLE size_targets")
 
     # --- the samples -------------------------------------------------------------------------
 
-    def repeated_hashes(self) -> set[str]:
-        """Content hashes more than one good row shares (duplicates)."""
-        return {sha for (sha,) in self.db.execute(
-            "SELECT f.sha256 FROM good g JOIN rows r USING (seq) JOIN facts f "
-            "ON f.path = r.path AND f.member = r.member GROUP BY f.sha256 HAVING COUNT(*) > 1")}
-
-    def samples(self) -> Iterator[ManifestRow]:
-        """The manifest's rows, streamed: training rows before validation rows, each in source
-        order (two scans in `good` order: no sort). Consecutive rows of one container share
-        one Path object."""
-        last_path, path_object = None, None
+    def fill_manifest(self, name: str, extra_files: Iterable[ImageFacts] = ()) -> None:
+        """Insert the manifest's rows into the manifest tables attached as `name`, by SQL
+        (no Python object per row): the samples (training rows
+        before validation rows, each in source order, ids from 1), their masks, and the
+        facts of every image validated, then `extra_files` (mask files) not among them.
+        Call `end_transaction` before attaching."""
+        columns = ("r.split, r.source, r.path, g.caption, f.sha256, f.size_bytes, f.mtime_ns, "
+                   "f.width, f.height, f.format, COALESCE(b.w, 0), COALESCE(b.h, 0), f.member, "
+                   "f.offset, r.dataset, "
+                   "CASE WHEN g.caption = r.caption THEN NULL ELSE r.caption END")
+        joins = ("FROM good g CROSS JOIN rows r ON r.seq = g.seq "
+                 "JOIN facts f ON f.path = r.path AND f.member = r.member")
+        has_masks = self.db.execute("SELECT 1 FROM masks LIMIT 1").fetchone() is not None
         for split in ("train", "val"):
-            for (source, path, caption, sha256, size_bytes, mtime_ns, width, height, fmt,
-                 bucket_w, bucket_h, member, offset, dataset, raw, kind, mask_path, mask_sha,
-                 mask_size, mask_mtime) in self.db.execute(
-                    "SELECT r.source, r.path, g.caption, f.sha256, f.size_bytes, f.mtime_ns, "
-                    "f.width, f.height, f.format, g.bucket_w, g.bucket_h, f.member, f.offset, "
-                    "r.dataset, r.caption, m.kind, m.path, m.sha256, m.size_bytes, m.mtime_ns "
-                    "FROM good g CROSS JOIN rows r ON r.seq = g.seq "
-                    "JOIN facts f ON f.path = r.path AND f.member = r.member "
-                    "LEFT JOIN masks m ON m.seq = g.seq WHERE r.split = ? ORDER BY g.seq",
-                    (split,)):
-                if path != last_path:
-                    last_path, path_object = path, Path(path)
-                yield ManifestRow(
-                    split=split, source=source, path=path_object, caption=caption,
-                    sha256=sha256, size_bytes=size_bytes, mtime_ns=mtime_ns, width=width,
-                    height=height, format=fmt, bucket_w=bucket_w, bucket_h=bucket_h,
-                    member=member, offset=offset,
-                    mask=(MaskRef(kind, Path(mask_path), mask_sha, mask_size, mask_mtime)
-                          if kind is not None else None),
-                    dataset=dataset, raw_caption=None if caption == raw else raw)
+            first = self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {name}.samples"
+                                    ).fetchone()[0]
+            # ids are given in scan order (good's seq order): no sort
+            self.db.execute(f"INSERT INTO {name}.samples (split, source, path, caption, sha256, "
+                            "size_bytes, mtime_ns, width, height, format, bucket_w, bucket_h, "
+                            f"member, offset, dataset, raw_caption) SELECT {columns} {joins} "
+                            "LEFT JOIN buckets b ON b.seq = g.seq "
+                            "WHERE r.split = ? ORDER BY g.seq", (split,))
+            if has_masks:
+                self.db.execute(
+                    f"INSERT INTO {name}.masks SELECT x.id, m.kind, m.path, m.sha256, "
+                    "m.size_bytes, m.mtime_ns FROM (SELECT g.seq, ? + ROW_NUMBER() OVER "
+                    f"(ORDER BY g.seq) AS id {joins} WHERE r.split = ?) x "
+                    "JOIN masks m ON m.seq = x.seq", (first, split))
+        self.db.execute(f"INSERT INTO {name}.files ({', '.join(FACT_COLUMNS)}) SELECT "
+                        f"{', '.join(FACT_COLUMNS)} FROM facts ORDER BY rowid")
+        self.db.executemany(f"INSERT OR IGNORE INTO {name}.files ({', '.join(FACT_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(FACT_COLUMNS))})",
+                            ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,
+                              f.format, f.member, f.offset) for f in extra_files))
+
+    def end_transaction(self) -> None:
+        """Commit the run's one transaction (ATTACH cannot happen inside one); statements
+        after it are transactions of their own."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
 
 
 @contextlib.contextmanager

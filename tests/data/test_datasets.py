@@ -231,6 +231,9 @@ def test_ingest_records_each_dataset(tmp_path, tiny_model_dir):
     assert all(r.caption == f"a photo: {r.source_caption}" for r in rows[:4])
     # the two datasets have different resolutions (inherited 32 vs 48x32 images): one plan
     assert {r.bucket for r in rows} == {(32, 32)}
+    # the fingerprint written by SQL covers datasets and source captions as rows read back
+    from ditctl.data.manifest import compute_fingerprint, manifest_fingerprint
+    assert manifest_fingerprint(ws) == compute_fingerprint(rows)
 
 
 def test_per_dataset_sizes_and_crops_change_the_cache_keys(tmp_path, tiny_model_dir):

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from ditctl.cli.app import app
 from ditctl.config import build_config
-from ditctl.data import images, ingest, manifest
+from ditctl.data import images, ingest, ingest_stage, manifest
 from ditctl.data.ingest import StrictIngestError, run_ingest
-from ditctl.data.manifest import manifest_fingerprint, manifest_meta, read_manifest
+from ditctl.data.manifest import (compute_fingerprint, manifest_fingerprint, manifest_meta,
+                                  read_manifest)
 from ditctl.errors import DataError, WorkspaceError
 from ditctl.workspace import Workspace
 
@@ -205,6 +206,9 @@ def test_validation_split_from_a_folder(corpus, tmp_path):
     assert [(r.source, r.caption) for r in rows] == [("blue-sky.png", "sidecar caption"),
                                                     ("sub/red_barn.png", "red barn")]
     assert len(read_manifest(corpus, "train")) == 9
+    # the fingerprint ingest writes by SQL is the one of the rows as read back
+    assert manifest_fingerprint(corpus) == compute_fingerprint(
+        read_manifest(corpus, "train") + rows)
 
 
 def test_pool_and_in_process_validation_agree(corpus, monkeypatch):
@@ -273,13 +277,16 @@ def test_a_crash_mid_write_keeps_the_old_manifest(corpus, monkeypatch):
     old_rows = read_manifest(corpus)
     old_bytes = corpus.manifest_db.read_bytes()
 
-    def crash(db, rows):
-        db.execute("INSERT INTO samples (split, source, path, caption, sha256, size_bytes, "
-                   "mtime_ns, width, height, format, bucket_w, bucket_h) "
-                   "VALUES ('train', 'x', 'x', 'x', 'x', 0, 0, 1, 1, 'x', 16, 16)")
+    fill = ingest_stage.Stage.fill_manifest
+
+    def crash(stage, name, extra_files=()):
+        fill(stage, name, extra_files)
+        stage.db.execute(f"INSERT INTO {name}.samples (split, source, path, caption, sha256, "
+                         "size_bytes, mtime_ns, width, height, format, bucket_w, bucket_h) "
+                         "VALUES ('train', 'x', 'x', 'x', 'x', 0, 0, 1, 1, 'x', 16, 16)")
         raise KeyboardInterrupt  # killed in the middle of writing
 
-    monkeypatch.setattr(manifest, "_insert_samples", crash)
+    monkeypatch.setattr(ingest_stage.Stage, "fill_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         run_ingest(corpus, ingest_config(corpus, resolution=48))
     assert corpus.manifest_db.read_bytes() == old_bytes
@@ -363,3 +370,36 @@ def test_cli_bad_csv_is_one_clear_error(corpus):
     assert result.exit_code == 1
     assert "no column 'image_path', 'caption'" in result.output
     assert "'file', 'text'" in result.output
+
+
+@pytest.mark.parametrize("caption", ["", "plain", 'quotes " and \\ backslash', "tab\tnew\nline",
+                                     "ünïcödé 猫 🐈", "\x00\x1f control", "lone \udc80 surrogate"])
+def test_fingerprint_lines_are_json_dumps(caption):
+    """The fingerprint is hashed from json.dumps of each sample's fields; the fast line
+    writer must give the same text, or every manifest's fingerprint would change."""
+    for mask, dataset in ((None, 0), ("file:" + "ab" * 32, 0), ("alpha", 3)):
+        fields = ["train", f"row {caption}", caption, "cd" * 32, 640, 480, 512, 384]
+        fields += [mask] if mask is not None else []
+        fields += [dataset] if dataset else []
+        expected = json.dumps(fields) + "\n"
+        assert manifest.Fingerprint.line("train", f"row {caption}", caption, "cd" * 32, 640,
+                                         480, 512, 384, mask, dataset) == expected
+
+
+def test_fingerprint_of_captions_that_need_escaping(tmp_path):
+    """Captions JSON must escape (non-ASCII, quotes, backslashes, control characters, NUL)
+    give the fingerprint of the rows as read back."""
+    captions = ["plain caption", "ünïcödé 猫 🐈", 'a "quoted" word', "back\\slash",
+                "tab\there", "nul \u0000 inside", "del \x7f char", "a / slash <tag>"]
+    (tmp_path / "img").mkdir()
+    lines = []
+    for n, caption in enumerate(captions):
+        noise(48, 48, 40 + n).save(tmp_path / "img" / f"{n}.png")
+        lines.append(json.dumps({"file_name": f"img/{n}.png", "text": caption}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    ws = make_workspace(tmp_path, train_data_path="data.jsonl", image_column="file_name",
+                        caption_column="text")
+    run_ingest(ws, ws.config(), workers=1)
+    rows = read_manifest(ws)
+    assert sorted(r.caption for r in rows) == sorted(c.strip() for c in captions)
+    assert manifest_fingerprint(ws) == compute_fingerprint(rows)

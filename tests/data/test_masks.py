@@ -22,7 +22,8 @@ from ditctl.data.batches import (CachedSource, OnTheFlySource, collate, crop_for
                                  epoch_batches, flip_for)
 from ditctl.data.cache import Cache, KeySpec  # noqa: E402
 from ditctl.data.ingest import StrictIngestError, run_ingest  # noqa: E402
-from ditctl.data.manifest import MaskRef, read_manifest  # noqa: E402
+from ditctl.data.manifest import (MaskRef, compute_fingerprint, manifest_fingerprint,  # noqa: E402
+                                  read_manifest)
 from ditctl.data.sources import is_mask_name, read_folder  # noqa: E402
 from ditctl.data.transforms import (latent_mask, load_training_image,  # noqa: E402
                                     load_training_mask)
@@ -101,6 +102,8 @@ def test_ingest_finds_each_kind_of_mask(masked):
         else:
             assert row.mask.kind == "file" and row.mask.path.is_file()
             assert row.mask.path.name.endswith(".mask.png") == (kind == "sidecar")
+    # the fingerprint ingest writes by SQL covers the masks as the rows read back hold them
+    assert manifest_fingerprint(ws) == compute_fingerprint(rows)
     # without use_masks nothing is read: the rows carry no masks
     run_ingest(ws, ws.config({"data.use_masks": False}), workers=1)
     assert all(row.mask is None for row in read_manifest(ws, "train"))

@@ -212,7 +212,7 @@ def test_killed_ingest_leaves_no_worker_processes(tmp_path, tiny_model_dir):
                         n_val=0)
     # every worker stalls inside its first chunk
     pid, children = _kill_while_stalled(
-        tmp_path, ws.root, ["ingest"], "ditctl.data.images:probe_chunk", 2)
+        tmp_path, ws.root, ["ingest"], "ditctl.data.images:probe_rows", 2)
     assert len(children) >= 2
     assert _gone(children, timeout=5) == []
 

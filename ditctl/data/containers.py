@@ -165,11 +165,12 @@ def _connect(path: Path) -> sqlite3.Connection | None:
 
 def read_tar(path: str) -> Contents:
     """A tar shard's regular members (caption members with their text)."""
-    index = index_tar(path, TEXT_SUFFIXES)
-    entries = [Entry(m.name, m.offset, m.size,
-                     None if m.text is None else m.text.decode("utf-8", "replace"))
-               for m in index.members]
-    return Contents(entries, index.problem)
+    index = index_tar(path, TEXT_SUFFIXES, _tar_entry)
+    return Contents(index.members, index.problem)
+
+
+def _tar_entry(name: str, offset: int, size: int, text: bytes | None) -> Entry:
+    return Entry(name, offset, size, None if text is None else text.decode("utf-8", "replace"))
 
 
 class MemberResolver:

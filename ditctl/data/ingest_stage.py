@@ -47,7 +47,8 @@ CREATE TABLE images (               -- every image some row names, once (rowid: 
 );
 CREATE TABLE good (                -- rows that passed validation
     seq INTEGER PRIMARY KEY,
-    caption TEXT NOT NULL          -- after the dataset's caption tools
+    caption TEXT NOT NULL,         -- after the dataset's caption tools
+    fact INTEGER NOT NULL          -- the rowid of its image's facts (joined by integer)
 );
 CREATE TABLE buckets (seq INTEGER PRIMARY KEY, w INTEGER NOT NULL, h INTEGER NOT NULL);
 CREATE TABLE masks (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
@@ -177,8 +178,7 @@ class Stage:
         if good_only:
             return self.db.execute(
                 f"SELECT {columns}, {facts}, g.caption FROM good g CROSS JOIN rows r "
-                "ON r.seq = g.seq "
-                "JOIN facts f ON f.path = r.path AND f.member = r.member ORDER BY g.seq")
+                "ON r.seq = g.seq JOIN facts f ON f.rowid = g.fact ORDER BY g.seq")
         return self.db.execute(
             f"SELECT {columns}, {facts}, p.code, p.message FROM rows r "
             "LEFT JOIN facts f ON f.path = r.path AND f.member = r.member "
@@ -193,8 +193,8 @@ class Stage:
         expression of its caption after the caption tools (and its parameters)."""
         expression, params = caption
         self.db.execute(
-            "INSERT INTO good (seq, caption) SELECT seq, caption FROM ("
-            f"SELECT r.seq AS seq, {expression} AS caption FROM rows r "
+            "INSERT INTO good (seq, caption, fact) SELECT seq, caption, fact FROM ("
+            f"SELECT r.seq AS seq, {expression} AS caption, f.rowid AS fact FROM rows r "
             "JOIN facts f ON f.path = r.path AND f.member = r.member "
             "WHERE r.problem_code IS NULL AND f.width * f.height <= ? AND NOT EXISTS "
             "(SELECT 1 FROM problems p WHERE p.path = r.path AND p.member = r.member) "
@@ -227,7 +227,7 @@ class Stage:
             where += f" AND r.dataset IN ({', '.join('?' * len(datasets))})"
             params += list(datasets)
         return ("FROM good g CROSS JOIN rows r ON r.seq = g.seq JOIN facts f "
-                f"ON f.path = r.path AND f.member = r.member {join} WHERE {where}", params)
+                f"ON f.rowid = g.fact {join} WHERE {where}", params)
 
     def size_counts(self, split: str, datasets: Sequence[int] | None,
                     ) -> dict[tuple[int, int], int]:
@@ -271,8 +271,7 @@ class Stage:
                    "f.width, f.height, f.format, COALESCE(b.w, 0), COALESCE(b.h, 0), f.member, "
                    "f.offset, r.dataset, "
                    "CASE WHEN g.caption = r.caption THEN NULL ELSE r.caption END")
-        joins = ("FROM good g CROSS JOIN rows r ON r.seq = g.seq "
-                 "JOIN facts f ON f.path = r.path AND f.member = r.member")
+        joins = "FROM good g CROSS JOIN rows r ON r.seq = g.seq JOIN facts f ON f.rowid = g.fact"
         has_masks = self.db.execute("SELECT 1 FROM masks LIMIT 1").fetchone() is not None
         for split in ("train", "val"):
             first = self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {name}.samples"

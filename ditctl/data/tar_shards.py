@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 BLOCK = 512
 _REGULAR = (b"0", b"\x00", b"7")  # regular file, old-style regular file, contiguous file
@@ -37,7 +38,7 @@ class TarIndex:
     """The regular members of a shard, in shard order; `problem` is (code, member, message)
     when the scan stopped early."""
 
-    members: list[TarMember] = field(default_factory=list)
+    members: list[Any] = field(default_factory=list)  # TarMember, or what `make` builds
     problem: tuple[str, str, str] | None = None
 
 
@@ -88,10 +89,12 @@ def _name(header: bytes) -> str:
 MAX_TEXT_BYTES = 1 << 20  # a caption file larger than this is not a caption
 
 
-def index_tar(path: str | os.PathLike, text_suffixes: tuple[str, ...] = ()) -> TarIndex:
+def index_tar(path: str | os.PathLike, text_suffixes: tuple[str, ...] = (),
+              make: Callable[[str, int, int, bytes | None], Any] = TarMember) -> TarIndex:
     """Scan a shard's headers (see module docstring); the data of members whose name ends
     with one of `text_suffixes` (up to MAX_TEXT_BYTES) is read too, in the same pass.
-    Raises OSError if the shard cannot be opened."""
+    `make(name, offset, size, text)` builds each member (a caller's own type: no second
+    object per member). Raises OSError if the shard cannot be opened."""
     index = TarIndex()
     with open(path, "rb") as fh:
         total = os.fstat(fh.fileno()).st_size
@@ -100,13 +103,14 @@ def index_tar(path: str | os.PathLike, text_suffixes: tuple[str, ...] = ()) -> T
             return index
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
             try:
-                _scan(view, total, index, text_suffixes)
+                _scan(view, total, index, text_suffixes, make)
             except (ValueError, OverflowError) as exc:  # a damaged pax record or size field
                 index.problem = ("corrupt", "", f"unreadable tar header ({exc})")
     return index
 
 
-def _scan(view: mmap.mmap, total: int, index: TarIndex, text_suffixes: tuple[str, ...]) -> None:
+def _scan(view: mmap.mmap, total: int, index: TarIndex, text_suffixes: tuple[str, ...],
+          make: Callable[[str, int, int, bytes | None], Any]) -> None:
     at = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -118,9 +122,9 @@ def _scan(view: mmap.mmap, total: int, index: TarIndex, text_suffixes: tuple[str
                                                   "header (the copy is incomplete)")
             return  # a shard without the two zero blocks at the end is read as complete
         header = view[at:at + BLOCK]
-        if header.count(0) == BLOCK:
-            return  # end-of-archive marker
         if not _checksum_ok(header):
+            if header.count(0) == BLOCK:
+                return  # end-of-archive marker
             index.problem = ("corrupt", "", f"byte {at:,} is not a tar header (bad checksum)")
             return
         kind = header[156:157]
@@ -144,6 +148,6 @@ def _scan(view: mmap.mmap, total: int, index: TarIndex, text_suffixes: tuple[str
             if kind in _REGULAR:
                 text = (view[data_at:data_at + size] if text_suffixes and size <= MAX_TEXT_BYTES
                         and name.endswith(text_suffixes) else None)
-                members.append(TarMember(name, data_at, size, text))
+                members.append(make(name, data_at, size, text))
             long_name, pax = None, {}
         at = data_at + (size + BLOCK - 1) // BLOCK * BLOCK

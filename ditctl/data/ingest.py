@@ -39,7 +39,7 @@ import stat as stat_module
 import sys
 import time
 import types
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +61,8 @@ from .buckets import SizePlan, plan_sizes
 from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
 from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleScan, attached_manifest,
-                       count_changes_by_sql, read_meta, read_previous, scan_samples,
-                       select_rows, write_manifest_by_sql)
+                       count_changes_by_sql, duplicate_groups, read_meta, read_previous,
+                       scan_samples, select_rows, write_manifest_by_sql)
 from .containers import ContainerCache
 from .images import ImageRef
 from .ingest_stage import Stage, staged
@@ -815,14 +815,10 @@ class Tally:
                 datasets[dataset] += n
             mask_kinds[mask_kind or "none"] += n
             empty += n if no_caption else 0
-        groups: dict[str, list[ManifestRow]] = defaultdict(list)
-        for row in select_rows(db, f"s.sha256 IN (SELECT sha256 FROM {name}.samples "
-                                   "GROUP BY sha256 HAVING COUNT(*) > 1)", name=name):
-            groups[row.sha256].append(row)
         return cls(counts=counts, datasets=datasets, mask_kinds=mask_kinds,
                    empty_captions=list(select_rows(db, "s.caption = ''", name=name))
                    if empty else [],
-                   duplicates=list(groups.values()),
+                   duplicates=duplicate_groups(db, name, scan),
                    changes=Changes(*count_changes_by_sql(db, name, previous)))
 
 

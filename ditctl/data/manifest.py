@@ -19,6 +19,7 @@ file and renames it over the old one, so a killed ingest leaves the previous man
 
 from __future__ import annotations
 
+import array
 import contextlib
 import dataclasses
 import hashlib
@@ -301,16 +302,23 @@ def attached_manifest(db: sqlite3.Connection, path: str = "",
 
 @dataclass(frozen=True)
 class SampleScan:
-    """One pass over the samples of an attached manifest: their fingerprint, and how many
-    there are of each (split, dataset, mask kind or None, caption empty?)."""
+    """One pass over the samples of an attached manifest: their fingerprint, how many there
+    are of each (split, dataset, mask kind or None, caption empty?), and the content hashes
+    (their first 15 hex digits) that more than one sample has: candidates for duplicates."""
 
     fingerprint: str
     kinds: Counter
+    repeated_prefixes: list[str]
+
+
+_PREFIX = 15  # hex digits of a content hash kept per sample while scanning: 60 bits, an int64
 
 
 def scan_samples(db: sqlite3.Connection, name: str) -> SampleScan:
     """Fingerprint (see Fingerprint) and count the samples of the attached manifest `name`."""
-    fingerprint, kinds = Fingerprint(), Counter()
+    import numpy as np  # here: reading a manifest (every command's start-up) needs no numpy
+
+    fingerprint, kinds, prefixes = Fingerprint(), Counter(), array.array("q")
     line = Fingerprint.line
     found = db.execute(
         "SELECT s.split, s.source, s.caption, s.sha256, s.width, s.height, s.bucket_w, "
@@ -320,7 +328,30 @@ def scan_samples(db: sqlite3.Connection, name: str) -> SampleScan:
     while rows := found.fetchmany(_INSERT_BATCH):
         fingerprint.add_lines([line(*row[:10]) for row in rows])
         kinds.update((row[0], row[9], row[10], not row[2]) for row in rows)
-    return SampleScan(fingerprint.hexdigest(), kinds)
+        # 8 bytes per sample, sorted once at the end: no set of a million hashes, no SQL sort
+        prefixes.extend(int(row[3][:_PREFIX], 16) for row in rows)
+    values, counts = np.unique(np.frombuffer(prefixes, dtype=np.int64), return_counts=True)
+    repeated = [f"{int(value):0{_PREFIX}x}" for value in values[counts > 1]]
+    return SampleScan(fingerprint.hexdigest(), kinds, repeated)
+
+
+def duplicate_groups(db: sqlite3.Connection, name: str,
+                     scan: SampleScan) -> list[list[ManifestRow]]:
+    """The groups of samples of the attached manifest `name` that share a content hash, each
+    in source order, ordered by their first sample."""
+    if not scan.repeated_prefixes:
+        return []
+    db.execute("CREATE TEMP TABLE repeated_prefixes (prefix TEXT PRIMARY KEY)")
+    try:
+        db.executemany("INSERT INTO temp.repeated_prefixes VALUES (?)",
+                       ((p,) for p in scan.repeated_prefixes))
+        groups: dict[str, list[ManifestRow]] = {}
+        for row in select_rows(db, f"substr(s.sha256, 1, {_PREFIX}) IN "
+                                   "(SELECT prefix FROM temp.repeated_prefixes)", name=name):
+            groups.setdefault(row.sha256, []).append(row)
+    finally:
+        db.execute("DROP TABLE temp.repeated_prefixes")
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def write_manifest_by_sql(path: Path, db: sqlite3.Connection,

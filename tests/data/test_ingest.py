@@ -403,3 +403,23 @@ def test_fingerprint_of_captions_that_need_escaping(tmp_path):
     rows = read_manifest(ws)
     assert sorted(r.caption for r in rows) == sorted(c.strip() for c in captions)
     assert manifest_fingerprint(ws) == compute_fingerprint(rows)
+
+
+def test_duplicates_are_whole_hashes_not_prefixes(tmp_path):
+    """Duplicate candidates are found by the first 15 hex digits of each hash; samples whose
+    hashes only share those digits are not duplicates."""
+    shared = "f" * 15
+    hashes = [shared + "0" * 49, shared + "1" * 49, "a" * 64, shared + "0" * 49, "b" * 64]
+    rows = [manifest.ManifestRow(split="train", source=f"row {n}", path=tmp_path / f"{n}.png",
+                                 caption="c", sha256=sha, size_bytes=1, mtime_ns=1, width=32,
+                                 height=32, format="PNG", bucket_w=32, bucket_h=32)
+            for n, sha in enumerate(hashes)]
+    path = tmp_path / "manifest.sqlite"
+    manifest.write_manifest(path, rows, [], {})
+    db = sqlite3.connect("", isolation_level=None)
+    db.execute("ATTACH DATABASE ? AS m", (str(path),))
+    scan = manifest.scan_samples(db, "m")
+    assert scan.repeated_prefixes == [shared]
+    assert scan.fingerprint == manifest.compute_fingerprint(rows)
+    groups = manifest.duplicate_groups(db, "m", scan)
+    assert [[r.source for r in group] for group in groups] == [["row 0", "row 3"]]

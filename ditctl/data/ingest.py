@@ -502,14 +502,15 @@ def _chunks(refs: list[tuple[str, str, int, int]]) -> list[list[tuple[str, str, 
     (small enough that the last chunks do not leave a core idle for long). The refs of one
     chunk share one path object, so it crosses to the worker and back once."""
     chunks: list[list[tuple[str, str, int, int]]] = []
-    for (path, member), group in itertools.groupby(refs, key=lambda r: (r[0], bool(r[1]))):
-        limit = MAX_MEMBER_CHUNK if member else MAX_CHUNK
+    # consecutive members of one container form a group, and so do consecutive image files
+    for container, group in itertools.groupby(refs, key=lambda r: r[0] if r[1] else None):
+        limit = MAX_MEMBER_CHUNK if container is not None else MAX_CHUNK
         chunk: list[tuple[str, str, int, int]] = []
-        for ref in group:
+        for path, member, offset, size in group:
             if len(chunk) >= limit:
                 chunks.append(chunk)
                 chunk = []
-            chunk.append((path if member else ref[0], ref[1], ref[2], ref[3]))
+            chunk.append((container if container is not None else path, member, offset, size))
         if chunk:
             chunks.append(chunk)
     return chunks

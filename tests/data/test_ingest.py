@@ -423,3 +423,15 @@ def test_duplicates_are_whole_hashes_not_prefixes(tmp_path):
     assert scan.fingerprint == manifest.compute_fingerprint(rows)
     groups = manifest.duplicate_groups(db, "m", scan)
     assert [[r.source for r in group] for group in groups] == [["row 0", "row 3"]]
+
+
+def test_pool_tasks_group_files_and_shard_members():
+    """Image files go to the workers sixteen at a time; a shard's members up to 256 at a time,
+    never mixed with another shard's."""
+    files = [(f"/data/{n:03d}.png", "", -1, -1) for n in range(40)]
+    members = [("/data/a.tar", f"{n:04d}.jpg", 512 * n, 100) for n in range(300)]
+    members += [("/data/b.tar", f"{n:04d}.jpg", 512 * n, 100) for n in range(10)]
+    chunks = ingest._chunks(sorted(files + members, key=lambda r: (r[0], r[2])))
+    assert sorted(len(c) for c in chunks) == sorted([16, 16, 8, 256, 44, 10])
+    assert all(len({ref[0] for ref in c}) == 1 for c in chunks if c[0][1])
+    assert sum(len(c) for c in chunks) == 350

@@ -109,6 +109,26 @@ def test_ingest_finds_each_kind_of_mask(masked):
     assert all(row.mask is None for row in read_manifest(ws, "train"))
 
 
+def test_masks_of_both_splits_belong_to_their_samples(tmp_path, tiny_model_dir):
+    """The manifest's masks point at the samples they belong to in the validation split too
+    (whose ids follow the training split's)."""
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n_train=6, n_val=5,
+                        sizes=((64, 64), (96, 64), (64, 96)),
+                        data={"use_masks": True, "use_resolution_buckets": True})
+    kinds = {**add_masks(ws.root), **add_masks(ws.root, "val.csv")}
+    run_ingest(ws, ws.config(), workers=1)
+    for split, count in (("train", 6), ("val", 5)):
+        rows = read_manifest(ws, split)
+        assert len(rows) == count
+        for row in rows:
+            kind = kinds[str(row.path)]
+            assert (row.mask is None) == (kind == "none"), (split, row.source)
+            if kind == "alpha":
+                assert row.mask.kind == "alpha" and row.mask.path == row.path
+            elif kind != "none":
+                assert row.mask.kind == "file" and row.mask.path != row.path
+
+
 def test_a_folder_source_skips_mask_files(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "cat.png")
     Image.new("L", (32, 32), 255).save(tmp_path / "cat.mask.png")

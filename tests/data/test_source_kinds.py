@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -293,6 +294,31 @@ def test_container_cache_survives_a_damaged_file(tmp_path):
     cache = ContainerCache(tmp_path / "cache.sqlite")
     rows = read_source(tmp_path / "shards", split="train", cache=cache)
     assert len(rows) == 2 and cache.read == 1
+
+
+def test_container_cache_round_trips_and_replaces_an_old_layout(tmp_path):
+    """Entries come back as they were stored (names, offsets, sizes, caption texts); a cache
+    in the earlier one-row-per-entry layout is emptied and every shard read again;
+    a packed row that does not decode is a miss, not an error."""
+    write_shards(tmp_path / "shards", 4, 2, caption="txt")
+    path = tmp_path / "cache.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE containers (id INTEGER PRIMARY KEY, path TEXT);"
+                      "CREATE TABLE entries (container INTEGER, seq INTEGER, name TEXT);")
+    old.close()
+    first = ContainerCache(path)
+    rows = read_source(tmp_path / "shards", split="train", cache=first)
+    assert (first.read, first.reused) == (2, 0)
+    first.close()
+    again = ContainerCache(path)
+    assert read_source(tmp_path / "shards", split="train", cache=again) == rows
+    assert (again.read, again.reused) == (0, 2)
+    again.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE containers SET offsets = x'00'")
+    damaged = ContainerCache(path)
+    assert read_source(tmp_path / "shards", split="train", cache=damaged) == rows
+    assert damaged.read >= 1
 
 
 # --- the whole chain from a WebDataset ----------------------------------------------------------

@@ -33,7 +33,7 @@ CREATE TABLE rows (
     member TEXT NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL,
     mask_listed TEXT NOT NULL, mask_path TEXT
 );
-CREATE TABLE facts (               -- what validation learned per image (rowid: learned order)
+CREATE TABLE facts (               -- what validation learned per image
     path TEXT NOT NULL, size_bytes INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     sha256 TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL,
     format TEXT NOT NULL, member TEXT NOT NULL, offset INTEGER NOT NULL,
@@ -288,8 +288,9 @@ class Stage:
                     "m.size_bytes, m.mtime_ns FROM (SELECT g.seq, ? + ROW_NUMBER() OVER "
                     f"(ORDER BY g.seq) AS id {joins} WHERE r.split = ?) x "
                     "JOIN masks m ON m.seq = x.seq", (first, split))
+        # in key order (facts' own index): the files table's key grows as rows are appended
         self.db.execute(f"INSERT INTO {name}.files ({', '.join(FACT_COLUMNS)}) SELECT "
-                        f"{', '.join(FACT_COLUMNS)} FROM facts ORDER BY rowid")
+                        f"{', '.join(FACT_COLUMNS)} FROM facts ORDER BY path, member")
         self.db.executemany(f"INSERT OR IGNORE INTO {name}.files ({', '.join(FACT_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(FACT_COLUMNS))})",
                             ((f.path, f.size_bytes, f.mtime_ns, f.sha256, f.width, f.height,

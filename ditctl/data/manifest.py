@@ -173,15 +173,10 @@ class Fingerprint:
         self._digest = hashlib.sha256()
 
     def add(self, row: ManifestRow) -> None:
-        self.add_fields(row.split, row.source, row.caption, row.sha256, row.width, row.height,
-                        row.bucket_w, row.bucket_h,
-                        row.mask.identity if row.mask is not None else None, row.dataset)
-
-    def add_fields(self, split: str, source: str, caption: str, sha256: str, width: int,
-                   height: int, bucket_w: int, bucket_h: int, mask_identity: str | None,
-                   dataset: int) -> None:
-        self._digest.update(self.line(split, source, caption, sha256, width, height, bucket_w,
-                                      bucket_h, mask_identity, dataset).encode())
+        self._digest.update(self.line(
+            row.split, row.source, row.caption, row.sha256, row.width, row.height, row.bucket_w,
+            row.bucket_h, row.mask.identity if row.mask is not None else None,
+            row.dataset).encode())
 
     @staticmethod
     def line(split: str, source: str, caption: str, sha256: str, width: int, height: int,

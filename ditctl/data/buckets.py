@@ -65,13 +65,11 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class BucketPlan:
-    """Targets for a list of image sizes. `targets[i]` is None when image i was dropped."""
+class PlanSummary:
+    """What a bucket plan amounts to: its mode, buckets, merges and notes."""
 
     mode: str
     batch_size: int
-    targets: tuple[Size | None, ...]
-    dropped: dict[int, str]
     buckets: tuple[Bucket, ...]
     merges: int
     notes: tuple[str, ...]
@@ -79,6 +77,14 @@ class BucketPlan:
     @property
     def batches_per_epoch(self) -> int:
         return sum(b.batches(self.batch_size) for b in self.buckets)
+
+
+@dataclass(frozen=True)
+class BucketPlan(PlanSummary):
+    """Targets for a list of image sizes. `targets[i]` is None when image i was dropped."""
+
+    targets: tuple[Size | None, ...]
+    dropped: dict[int, str]
 
 
 def cover_scale(width: int, height: int, target_w: int, target_h: int) -> float:
@@ -136,23 +142,14 @@ def _target(width: int, height: int, resolution: int | None, candidates: list[Si
 
 
 @dataclass(frozen=True)
-class SizePlan:
+class SizePlan(PlanSummary):
     """A bucket plan by image size: what a plan decides is the same for every image of one
     size, so it is made once per distinct size (a million images have a few thousand).
     `targets` maps each kept size to its target, `dropped` each dropped size to why."""
 
-    mode: str
-    batch_size: int
     targets: dict[Size, Size]
     dropped: dict[Size, str]
     dropped_images: int
-    buckets: tuple[Bucket, ...]
-    merges: int
-    notes: tuple[str, ...]
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return sum(b.batches(self.batch_size) for b in self.buckets)
 
 
 def plan_sizes(counts: Mapping[Size, int], *, resolution: int | None, use_buckets: bool,

@@ -452,25 +452,20 @@ class ImageValidator:
 
     def _hand_out(self, final: bool) -> None:
         if self._pool is None:
-            if self.workers <= 1 or (final and self.read + len(self._waiting) < POOL_MIN_FILES):
-                if final or self.workers <= 1:  # few images, or no pool: decode them here
-                    self._record(images.probe_rows(self._waiting, self.max_pixels))
-                    self.read += len(self._waiting)
-                    self._waiting = []
+            if self.workers <= 1 or (final and len(self._waiting) < POOL_MIN_FILES):
+                # no pool, or few images in all: decode them here
+                self._record(images.probe_rows(self._waiting, self.max_pixels))
+                self.read += len(self._waiting)
+                self._waiting = []
                 return
-            if len(self._waiting) < POOL_MIN_FILES and not final:
+            if len(self._waiting) < POOL_MIN_FILES:
                 return  # not yet worth starting processes
-            # spawn, not fork: ingest may run inside `train`, where torch threads make fork
-            # unsafe. worker_started: the workers die with ingest (a kill must not leave them
-            # reading).
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=worker_started)
+            self._pool = _decode_pool(self.workers)
         # container members in file order (each chunk reads forward through one shard)
         self._waiting.sort(key=lambda ref: (ref[0], ref[2]))
         chunks = _chunks(self._waiting)
-        if not final and chunks and len(chunks[-1]) < MAX_MEMBER_CHUNK:
-            self._waiting = chunks.pop()  # a short last chunk waits for more of its shard
+        if not final and chunks and len(chunks[-1]) < _chunk_limit(chunks[-1][0]):
+            self._waiting = chunks.pop()  # a short last chunk waits for more of its kind
         else:
             self._waiting = []
         for chunk in chunks:
@@ -504,16 +499,29 @@ def _chunks(refs: list[tuple[str, str, int, int]]) -> list[list[tuple[str, str, 
     chunks: list[list[tuple[str, str, int, int]]] = []
     # consecutive members of one container form a group, and so do consecutive image files
     for container, group in itertools.groupby(refs, key=lambda r: r[0] if r[1] else None):
-        limit = MAX_MEMBER_CHUNK if container is not None else MAX_CHUNK
         chunk: list[tuple[str, str, int, int]] = []
-        for path, member, offset, size in group:
-            if len(chunk) >= limit:
+        for ref in group:
+            path, member, offset, size = ref
+            if len(chunk) >= _chunk_limit(ref):
                 chunks.append(chunk)
                 chunk = []
             chunk.append((container if container is not None else path, member, offset, size))
         if chunk:
             chunks.append(chunk)
     return chunks
+
+
+def _chunk_limit(ref: tuple[str, str, int, int]) -> int:
+    """How many images of `ref`'s kind (a container member, an image file) make a task."""
+    return MAX_MEMBER_CHUNK if ref[1] else MAX_CHUNK
+
+
+def _decode_pool(workers: int) -> ProcessPoolExecutor:
+    """The worker processes that decode images. Spawned, not forked: ingest may run inside
+    `train`, where torch threads make fork unsafe; `worker_started`: they die with ingest (a
+    kill must not leave them reading). Submit the first tasks under `_main_module_hidden`."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=worker_started)
 
 
 def _stat(path: str, max_pixels: int, container: bool) -> os.stat_result | tuple[str, str]:
@@ -576,10 +584,7 @@ def _probe_masks(paths: list[str], max_pixels: int,
             return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
         size = max(1, min(MAX_CHUNK, math.ceil(len(paths) / (workers * 4))))
-        # spawn, not fork: ingest may run inside `train`, where torch threads make fork unsafe.
-        # worker_started: the workers die with ingest (a kill must not leave them reading).
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=worker_started)
+        pool = _decode_pool(workers)
 
         def submit(count: int) -> set:
             chunks = (list(itertools.islice(source, size)) for _ in range(count))

@@ -1,8 +1,11 @@
 """Safe image decoding: one way to turn a file's bytes into an upright RGB image.
 
-Validation (`probe_file`, run by `ingest` for every image) and training
-(`transforms.load_training_image`) both go through `decode_rgb`, so an image that passed
-ingest decodes the same way at train time.
+Training (`transforms.load_training_image`) goes through `decode_rgb`; validation
+(`probe_file`, run by `ingest` for every image) through `check_decodes`, which runs the same
+steps and the same decoder, except that a JPEG's pixels are produced at 1/8 scale: the decoder
+still reads and entropy-decodes the whole stream (where every truncation and corruption is
+found), it only skips most of the inverse DCT. An image that passed ingest decodes at train
+time.
 
 An image is named by an `ImageRef`: a file on disk, or a member of a container file (a
 WebDataset tar shard, an Arrow file of a Hugging Face `datasets` folder) at a byte offset and
@@ -14,7 +17,8 @@ import this module and nothing heavier.
 What "safe" means here:
 - only raster formats PIL decodes itself are tried (never EPS/PDF, which call Ghostscript);
 - the pixel count is checked from the header before any pixel is decoded (decompression bombs);
-- the whole image is decoded (truncated files fail here, not in the middle of training);
+- the whole image is decoded (truncated files fail here, not in the middle of training; a
+  JPEG at reduced scale when only validated, see above);
 - EXIF orientation is applied; colour modes are converted without silent damage: transparency
   is composited on white, 16-bit samples are scaled to 8 bits (PIL's own conversion clips
   them), CMYK and palette images are converted.
@@ -180,6 +184,32 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
         raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
 
 
+def check_decodes(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the upright RGB image `decode_rgb` makes of `data` (the size it
+    would return), or ImageProblem when it cannot: what ingest checks for every image.
+
+    The same steps as `decode_rgb`, except that a JPEG is decoded at 1/8 scale (`draft`): the
+    decoder reads and entropy-decodes the whole stream all the same, so every truncation and
+    corrupt segment fails exactly as in a full decode (pinned by a test over truncations and
+    damaged bytes), but it skips most of the inverse DCT and never holds the full-size
+    pixels. Measured: 3.3x faster on a 2048x1536 photo, ~1.3x on a 48 px thumbnail.
+    """
+    image = _checked_header(data, max_pixels)
+    width, height = image.size
+    try:
+        if image.format == "JPEG":
+            image.draft(None, (1, 1))  # the smallest scale the decoder offers (1/8)
+        image.load()
+        orientation = exif_orientation(image)
+        if orientation != 1:
+            ImageOps.exif_transpose(image)
+        to_rgb(image)
+    except Exception as exc:  # truncated or corrupt pixel data
+        raise ImageProblem("corrupt", f"corrupt or truncated image ({exc})") from None
+    # orientations 5-8 turn the image a quarter: exif_transpose swaps its sides
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def decode_mask(data: bytes, *, max_pixels: int, alpha: bool = False) -> Image.Image:
     """Fully decode a loss mask into an upright 8-bit grey ("L") image; raises ImageProblem.
 
@@ -228,13 +258,19 @@ def probe_mask(path: str, *, max_pixels: int) -> ImageFacts:
                       height=mask.height, format=_format_name(data))
 
 
-def apply_exif_orientation(image: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF Orientation tag says (cameras store pixels sideways)."""
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF (or XMP) Orientation of an opened image: 1 (upright) to 8; 1 when unreadable
+    (an unreadable EXIF block does not make the pixels unusable)."""
     try:
         orientation = image.getexif().get(_ORIENTATION_TAG, 1)
-    except Exception:  # an unreadable EXIF block does not make the pixels unusable
-        return image
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+    except Exception:
+        return 1
+    return orientation if orientation in (2, 3, 4, 5, 6, 7, 8) else 1
+
+
+def apply_exif_orientation(image: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says (cameras store pixels sideways)."""
+    if exif_orientation(image) != 1:
         return ImageOps.exif_transpose(image)
     return image
 
@@ -368,15 +404,16 @@ def _read_for_probe(ref: ImageRef | str, max_pixels: int,
 
 def probe_file(ref: ImageRef | str, *, max_pixels: int,
                container: int | None = None) -> ImageFacts:
-    """Read an image once, hash its bytes and fully decode them; raises ImageProblem if bad.
+    """Read an image once, hash its bytes and check that they decode (`check_decodes`);
+    raises ImageProblem if bad.
     `container`: an open descriptor of the container holding `ref` (see read_member)."""
     if isinstance(ref, str):
         ref = ImageRef(ref)
     data, stat = _read_for_probe(ref, max_pixels, container)
-    image = decode_rgb(data, max_pixels=max_pixels)
+    width, height = check_decodes(data, max_pixels=max_pixels)
     return ImageFacts(path=ref.path, size_bytes=len(data) if ref.member else stat.st_size,
                       mtime_ns=stat.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(),
-                      width=image.width, height=image.height, format=_format_name(data),
+                      width=width, height=height, format=_format_name(data),
                       member=ref.member, offset=ref.offset)
 
 

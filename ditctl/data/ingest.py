@@ -62,7 +62,7 @@ from .datasets import Dataset, dataset_caption, resolve_datasets
 from .images import ImageFacts, ProbeResult
 from .manifest import (ManifestRow, MaskRef, PreviousManifest, SampleScan, attached_manifest,
                        count_changes_by_sql, duplicate_groups, read_meta, read_previous,
-                       scan_samples, select_rows, write_manifest_by_sql)
+                       select_rows, write_manifest_by_sql)
 from .containers import ContainerCache
 from .images import ImageRef
 from .ingest_stage import Stage, staged
@@ -248,9 +248,8 @@ def _ingest_staged(ws: Workspace, config: Config, stage: Stage, datasets: tuple[
     stage.end_transaction()  # the manifest tables are attached to the staging database
     if (strict and bad.rows) or not stage.has_split("train"):
         with attached_manifest(stage.db) as name:  # a temporary file: counted, never kept
-            stage.fill_manifest(name, mask_files)
-            summary = summarise(Tally.count(stage.db, name, scan_samples(stage.db, name),
-                                            previous))
+            scan = stage.fill_manifest(name, mask_files)
+            summary = summarise(Tally.count(stage.db, name, scan, previous))
         if strict and bad.rows:
             refusal: DataError = StrictIngestError(summary)
         else:
@@ -769,13 +768,13 @@ def _plan(stage: Stage, bad: Rejects, data: DataConfig, batch_sizes: dict[str, i
     for d in datasets:
         groups.setdefault((d.resolution, d.use_resolution_buckets, d.max_upscale), []).append(
             d.index)
-    plan_of: list[tuple[str, tuple, list[int] | None]] = [
+    plan_of: list[tuple[str, tuple, list[int]]] = [
         ("train" if len(groups) == 1 else
          "train: " + ", ".join(datasets[i].name for i in members), settings, members)
         for settings, members in groups.items()]
     if stage.has_split("val"):
         plan_of.append(("val", (data.resolution, data.use_resolution_buckets, data.max_upscale),
-                        None))
+                        [0]))  # validation rows have dataset 0
     plans = {}
     dropped: dict[int, str] = {}  # row -> why its plan cannot use it
     for name, (resolution, use_buckets, max_upscale), members in plan_of:

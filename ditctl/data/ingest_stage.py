@@ -7,20 +7,26 @@ written from here by SQL (`fill_manifest`, into manifest tables attached to this
 no sample becomes a Python object on the way. Memory stays flat as the dataset grows: SQLite
 keeps a bounded page cache and spills the rest to the file.
 
-The file is SQLite's private temporary database (`sqlite3.connect("")`): on Unix it is deleted
-as soon as it is opened, so a killed ingest leaves nothing behind, and the next run starts over
-(the previous manifest, untouched, still lets it skip every unchanged image).
+The file is deleted as soon as it is opened (as SQLite does with its own temporary files), so
+a killed ingest leaves nothing behind, and the next run starts over (the previous manifest,
+untouched, still lets it skip every unchanged image). Two connections hold it open: the one
+that writes, and a read-only one with which the fingerprint pass reads the samples in a thread
+while the first writes them into the manifest (`fill_manifest`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sqlite3
+import tempfile
+import threading
+import urllib.parse
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .images import ImageFacts
-from .manifest import MaskRef
+from .manifest import MaskRef, SampleScan, scan_sample_rows
 from .sources import SourceRow
 
 _SCHEMA = """
@@ -50,13 +56,30 @@ CREATE TABLE good (                -- rows that passed validation
     caption TEXT NOT NULL,         -- after the dataset's caption tools
     fact INTEGER NOT NULL          -- the rowid of its image's facts (joined by integer)
 );
-CREATE TABLE buckets (seq INTEGER PRIMARY KEY, w INTEGER NOT NULL, h INTEGER NOT NULL);
+CREATE TABLE targets (             -- each bucket plan's target size per image size
+    split TEXT NOT NULL, dataset INTEGER NOT NULL, width INTEGER NOT NULL,
+    height INTEGER NOT NULL, w INTEGER, h INTEGER,  -- NULL: the plan drops that size
+    PRIMARY KEY (split, dataset, width, height)
+) WITHOUT ROWID;
 CREATE TABLE masks (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, path TEXT NOT NULL,
                     sha256 TEXT NOT NULL, size_bytes INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
 """
 _ROW_COLUMNS = ("seq", "dataset", "origin", "split", "source", "listed_path", "path", "caption",
                 "problem_code", "problem_message", "member", "offset", "size", "mask_listed",
                 "mask_path")
+SPLITS = ("train", "val")  # the manifest's samples: training rows first
+# a good row's bucket: its plan's target for its image size (plans are per split and dataset)
+_TARGET_JOIN = ("LEFT JOIN targets t ON t.split = r.split AND t.dataset = r.dataset "
+                "AND t.width = f.width AND t.height = f.height")
+# a manifest sample from the staged tables, in the samples table's column order
+_SAMPLE_COLUMNS = ("r.split, r.source, r.path, g.caption, f.sha256, f.size_bytes, f.mtime_ns, "
+                   "f.width, f.height, f.format, COALESCE(t.w, 0), COALESCE(t.h, 0), f.member, "
+                   "f.offset, r.dataset, "
+                   "CASE WHEN g.caption = r.caption THEN NULL ELSE r.caption END")
+# what `manifest.scan_sample_rows` reads of each sample (see manifest.SCAN_COLUMNS)
+_SCAN_COLUMNS = ("r.split, r.source, g.caption, f.sha256, f.width, f.height, COALESCE(t.w, 0), "
+                 "COALESCE(t.h, 0), CASE m.kind WHEN 'file' THEN 'file:' || m.sha256 "
+                 "WHEN 'alpha' THEN 'alpha' END, r.dataset, m.kind")
 FACT_COLUMNS = ("path", "size_bytes", "mtime_ns", "sha256", "width", "height", "format",
                 "member", "offset")
 # SQLite's page cache for the staging file, in KiB: what staging may hold in memory at most
@@ -76,12 +99,23 @@ class Stage:
     """The staging database of one ingest run (see the module doc)."""
 
     def __init__(self) -> None:
-        # "": a private temporary file; autocommit, no journal, no syncs (nothing here must
-        # survive a crash)
-        self.db = sqlite3.connect("", isolation_level=None)
+        descriptor, path = tempfile.mkstemp(prefix="ditctl-ingest-", suffix=".sqlite")
+        os.close(descriptor)
+        self._path: str | None = path
+        try:
+            # autocommit, no journal, no syncs (nothing here must survive a crash)
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self._reader = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro",
+                                           uri=True, isolation_level=None,
+                                           check_same_thread=False)
+        finally:
+            with contextlib.suppress(OSError):  # not where open files cannot be deleted
+                os.unlink(path)
+                self._path = None
         self.db.execute("PRAGMA journal_mode = OFF")
         self.db.execute("PRAGMA synchronous = OFF")
         self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self._reader.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.executescript(_SCHEMA)
         # One transaction for the whole run, never committed: in autocommit mode every row of
         # an executemany would be a transaction of its own (measured: ~40x slower). Pages that
@@ -92,7 +126,11 @@ class Stage:
         self._rows_seen = 0  # rows `new_images` has looked at
 
     def close(self) -> None:
+        self._reader.close()
         self.db.close()
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
 
     # --- rows --------------------------------------------------------------------------------
 
@@ -218,76 +256,100 @@ class Stage:
 
     # --- bucket planning ---------------------------------------------------------------------
 
-    def _plan_rows(self, split: str, datasets: Sequence[int] | None,
-                   join: str = "") -> tuple[str, list]:
+    def _plan_rows(self, split: str, datasets: Sequence[int], join: str = "",
+                   ) -> tuple[str, list]:
         """The FROM and WHERE clauses (and parameters) of one plan's good rows: `g` joined
         with their row `r`, image facts `f` (and `join`)."""
-        where, params = "r.split = ?", [split]
-        if datasets is not None:
-            where += f" AND r.dataset IN ({', '.join('?' * len(datasets))})"
-            params += list(datasets)
         return ("FROM good g CROSS JOIN rows r ON r.seq = g.seq JOIN facts f "
-                f"ON f.rowid = g.fact {join} WHERE {where}", params)
+                f"ON f.rowid = g.fact {join} WHERE r.split = ? AND r.dataset IN "
+                f"({', '.join('?' * len(datasets))})", [split, *datasets])
 
-    def size_counts(self, split: str, datasets: Sequence[int] | None,
-                    ) -> dict[tuple[int, int], int]:
-        """(width, height) -> how many good rows of `split` (and of `datasets`, for
-        training) have an image of that size: the input of one bucket plan."""
+    def size_counts(self, split: str, datasets: Sequence[int]) -> dict[tuple[int, int], int]:
+        """(width, height) -> how many good rows of `split` and of `datasets` (validation
+        rows: dataset 0) have an image of that size: the input of one bucket plan."""
         rows, params = self._plan_rows(split, datasets)
         return {(w, h): n for w, h, n in self.db.execute(
             f"SELECT f.width, f.height, COUNT(*) {rows} GROUP BY f.width, f.height", params)}
 
-    def set_targets(self, split: str, datasets: Sequence[int] | None,
+    def set_targets(self, split: str, datasets: Sequence[int],
                     targets: dict[tuple[int, int], tuple[int, int]],
                     dropped: Iterable[tuple[int, int]]) -> list[tuple[int, tuple[int, int]]]:
-        """Stage the bucket of each of the plan's rows from its image size (`targets`);
-        returns (seq, size) of the rows whose size the plan `dropped`, in source order."""
-        rows, params = self._plan_rows(
-            split, datasets, "JOIN size_targets t ON t.width = f.width AND t.height = f.height")
-        self.db.execute("CREATE TEMP TABLE size_targets (width INTEGER, height INTEGER, "
-                        "w INTEGER, h INTEGER, PRIMARY KEY (width, height))")
-        try:
-            self.db.executemany("INSERT INTO size_targets VALUES (?, ?, ?, ?)",
-                                [(*size, *target) for size, target in targets.items()]
-                                + [(*size, None, None) for size in dropped])
-            # in seq order: appending to `buckets` is cheaper than updating `good` per row
-            self.db.execute(f"INSERT INTO buckets SELECT g.seq, t.w, t.h {rows} "
-                            "AND t.w IS NOT NULL ORDER BY g.seq", params)
-            return [(seq, (w, h)) for seq, w, h in self.db.execute(
-                f"SELECT g.seq, f.width, f.height {rows} AND t.w IS NULL ORDER BY g.seq",
-                params)]
-        finally:
-            self.db.execute("DROP TABLE size_targets")
+        """Stage a plan's target size (bucket) per image size (`targets`; the manifest's rows
+        join them by size); returns (seq, size) of the rows whose size the plan `dropped`,
+        in source order."""
+        dropped = list(dropped)
+        self.db.executemany("INSERT INTO targets VALUES (?, ?, ?, ?, ?, ?)",
+                            [(split, dataset, *size, *target) for dataset in datasets
+                             for size, target in targets.items()]
+                            + [(split, dataset, *size, None, None) for dataset in datasets
+                               for size in dropped])
+        if not dropped:
+            return []
+        rows, params = self._plan_rows(split, datasets, _TARGET_JOIN)
+        return [(seq, (w, h)) for seq, w, h in self.db.execute(
+            f"SELECT g.seq, f.width, f.height {rows} AND t.w IS NULL ORDER BY g.seq", params)]
 
     # --- the samples -------------------------------------------------------------------------
 
-    def fill_manifest(self, name: str, extra_files: Iterable[ImageFacts] = ()) -> None:
+    def _samples(self, split: str, columns: str) -> str:
+        """The SELECT of the manifest samples of `split` (`columns` of the good rows `g`, their
+        row `r`, facts `f`, target `t` and mask `m`), in the manifest's order."""
+        return (f"SELECT {columns} FROM good g CROSS JOIN rows r ON r.seq = g.seq "
+                f"JOIN facts f ON f.rowid = g.fact {_TARGET_JOIN} "
+                f"LEFT JOIN masks m ON m.seq = g.seq WHERE r.split = '{split}' ORDER BY g.seq")
+
+    def _scan(self) -> SampleScan:
+        """`manifest.scan_samples` of the manifest `fill_manifest` writes, read from here."""
+        def batches() -> Iterator[list[tuple]]:
+            for split in SPLITS:
+                found = self._reader.execute(self._samples(split, _SCAN_COLUMNS))
+                while rows := found.fetchmany(BATCH):
+                    yield rows
+        return scan_sample_rows(batches())
+
+    def fill_manifest(self, name: str, extra_files: Iterable[ImageFacts] = ()) -> SampleScan:
         """Insert the manifest's rows into the manifest tables attached as `name`, by SQL
-        (no Python object per row): the samples (training rows
-        before validation rows, each in source order, ids from 1), their masks, and the
-        facts of every image validated, then `extra_files` (mask files) not among them.
-        Call `end_transaction` before attaching."""
-        columns = ("r.split, r.source, r.path, g.caption, f.sha256, f.size_bytes, f.mtime_ns, "
-                   "f.width, f.height, f.format, COALESCE(b.w, 0), COALESCE(b.h, 0), f.member, "
-                   "f.offset, r.dataset, "
-                   "CASE WHEN g.caption = r.caption THEN NULL ELSE r.caption END")
-        joins = "FROM good g CROSS JOIN rows r ON r.seq = g.seq JOIN facts f ON f.rowid = g.fact"
+        (no Python object per row): the samples (training rows before validation rows, each
+        in source order, ids from 1), their masks, and the facts of every image validated,
+        then `extra_files` (mask files) not among them. Returns the scan of the samples
+        (fingerprint, counts, duplicate candidates), made meanwhile in a thread from the
+        staged rows: the inserts run inside SQLite, without Python's lock, so the two take
+        two cores. Call `end_transaction` before attaching."""
+        scanned: list[SampleScan] = []
+        failed: list[BaseException] = []
+
+        def scan() -> None:
+            try:
+                scanned.append(self._scan())
+            except BaseException as exc:  # re-raised on the calling thread
+                failed.append(exc)
+
+        scanner = threading.Thread(target=scan, name="ditctl-ingest-scan", daemon=True)
+        scanner.start()
+        try:
+            self._fill(name, extra_files)
+        finally:
+            scanner.join()
+        if failed:
+            raise failed[0]
+        return scanned[0]
+
+    def _fill(self, name: str, extra_files: Iterable[ImageFacts]) -> None:
         has_masks = self.db.execute("SELECT 1 FROM masks LIMIT 1").fetchone() is not None
-        for split in ("train", "val"):
+        for split in SPLITS:
             first = self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {name}.samples"
                                     ).fetchone()[0]
             # ids are given in scan order (good's seq order): no sort
             self.db.execute(f"INSERT INTO {name}.samples (split, source, path, caption, sha256, "
                             "size_bytes, mtime_ns, width, height, format, bucket_w, bucket_h, "
-                            f"member, offset, dataset, raw_caption) SELECT {columns} {joins} "
-                            "LEFT JOIN buckets b ON b.seq = g.seq "
-                            "WHERE r.split = ? ORDER BY g.seq", (split,))
+                            "member, offset, dataset, raw_caption) "
+                            + self._samples(split, _SAMPLE_COLUMNS))
             if has_masks:
                 self.db.execute(
                     f"INSERT INTO {name}.masks SELECT x.id, m.kind, m.path, m.sha256, "
                     "m.size_bytes, m.mtime_ns FROM (SELECT g.seq, ? + ROW_NUMBER() OVER "
-                    f"(ORDER BY g.seq) AS id {joins} WHERE r.split = ?) x "
-                    "JOIN masks m ON m.seq = x.seq", (first, split))
+                    "(ORDER BY g.seq) AS id FROM good g CROSS JOIN rows r ON r.seq = g.seq "
+                    "WHERE r.split = ?) x JOIN masks m ON m.seq = x.seq", (first, split))
         # in key order (facts' own index): the files table's key grows as rows are appended
         self.db.execute(f"INSERT INTO {name}.files ({', '.join(FACT_COLUMNS)}) SELECT "
                         f"{', '.join(FACT_COLUMNS)} FROM facts ORDER BY path, member")

@@ -311,16 +311,23 @@ _PREFIX = 15  # hex digits of a content hash kept per sample while scanning: 60 
 
 def scan_samples(db: sqlite3.Connection, name: str) -> SampleScan:
     """Fingerprint (see Fingerprint) and count the samples of the attached manifest `name`."""
-    import numpy as np  # here: reading a manifest (every command's start-up) needs no numpy
-
-    fingerprint, kinds, prefixes = Fingerprint(), Counter(), array.array("q")
-    line = Fingerprint.line
     found = db.execute(
         "SELECT s.split, s.source, s.caption, s.sha256, s.width, s.height, s.bucket_w, "
         "s.bucket_h, CASE m.kind WHEN 'file' THEN 'file:' || m.sha256 WHEN 'alpha' THEN "
         f"'alpha' END, s.dataset, m.kind FROM {name}.samples s LEFT JOIN {name}.masks m "
         "ON m.sample_id = s.id ORDER BY s.id")
-    while rows := found.fetchmany(_INSERT_BATCH):
+    return scan_sample_rows(iter(lambda: found.fetchmany(_INSERT_BATCH), []))
+
+
+def scan_sample_rows(batches: Iterable[list[tuple]]) -> SampleScan:
+    """The SampleScan of samples given in manifest order, in batches of tuples: (split,
+    source, caption, sha256, width, height, bucket_w, bucket_h, mask identity or None,
+    dataset, mask kind or None)."""
+    import numpy as np  # here: reading a manifest (every command's start-up) needs no numpy
+
+    fingerprint, kinds, prefixes = Fingerprint(), Counter(), array.array("q")
+    line = Fingerprint.line
+    for rows in batches:
         fingerprint.add_lines([line(*row[:10]) for row in rows])
         kinds.update((row[0], row[9], row[10], not row[2]) for row in rows)
         # 8 bytes per sample, sorted once at the end: no set of a million hashes, no SQL sort
@@ -350,18 +357,18 @@ def duplicate_groups(db: sqlite3.Connection, name: str,
 
 
 def write_manifest_by_sql(path: Path, db: sqlite3.Connection,
-                          fill: Callable[[str], None],
+                          fill: Callable[[str], SampleScan],
                           meta: Callable[[str, SampleScan], dict[str, Any]]) -> str:
     """Replace the manifest at `path` atomically, its tables filled by SQL on `db` (a
     connection without an open transaction): `fill(name)` inserts the samples, masks and files
-    into the attached manifest `name`, then `meta(name, scan)` returns the meta table (it may
-    count the samples just written). Returns the fingerprint it records."""
+    into the attached manifest `name` and returns their scan (`scan_samples`), then
+    `meta(name, scan)` returns the meta table (it may count the samples just written).
+    Returns the fingerprint it records."""
     def build(tmp: str) -> str:
         with attached_manifest(db, tmp) as name:
             db.execute("BEGIN")
-            fill(name)
+            scan = fill(name)
             db.execute("COMMIT")
-            scan = scan_samples(db, name)
             fingerprint = scan.fingerprint
             all_meta = {**meta(name, scan), "schema_version": SCHEMA_VERSION,
                         "fingerprint": fingerprint}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ditctl.data.images import ImageProblem, decode_rgb, probe_chunk, probe_file, to_rgb
+from ditctl.data.images import (ImageProblem, check_decodes, decode_rgb, probe_chunk, probe_file,
+                                to_rgb)
 
 LIMIT = 10_000_000
 
@@ -156,3 +157,73 @@ def test_probe_chunk_collects_problems_without_raising(tmp_path):
                            str(tmp_path / "folder.jpg")], LIMIT)
     assert [(r.facts, r.code) for r in results] == [(None, "missing"), (None, "empty_file"),
                                                     (None, "not_image")]
+
+
+# --- validation (check_decodes) ---------------------------------------------------------------
+
+def outcome(check, data: bytes):
+    """The size an image decodes to, or the code of its problem."""
+    try:
+        result = check(data)
+    except ImageProblem as problem:
+        return problem.code
+    return result if isinstance(result, tuple) else result.size
+
+
+def photo(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Smooth colour plus grain: compresses like a photo (long entropy-coded data)."""
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size)
+    grain = rng.normal(0, 12, (size[1], size[0], 3))
+    pixels = np.clip(np.asarray(field, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize("encoded", [
+    pytest.param(lambda: jpeg_bytes(photo((96, 64))), id="jpeg"),
+    pytest.param(lambda: jpeg_bytes(photo((640, 480)), progressive=True), id="progressive"),
+    pytest.param(lambda: jpeg_bytes(photo((200, 120), "L")), id="grey-jpeg"),
+    pytest.param(lambda: jpeg_bytes(photo((120, 80), "CMYK")), id="cmyk-jpeg"),
+    pytest.param(lambda: png_bytes(photo((120, 80))), id="png"),
+])
+def test_validation_rejects_exactly_what_training_decode_rejects(encoded):
+    # ingest checks a JPEG at 1/8 scale: every cut and every damaged byte must fail (or pass)
+    # as the full decode of training does, and a good image must report the same size
+    data = encoded()
+    damaged = [data[:cut] for cut in np.linspace(0, len(data), 40, dtype=int)]
+    for at in np.linspace(2, len(data) - 3, 40, dtype=int):
+        changed = bytearray(data)
+        changed[at] ^= 0xFF
+        damaged.append(bytes(changed))
+    for sample in [data, *damaged]:
+        assert outcome(lambda d: check_decodes(d, max_pixels=LIMIT), sample) == \
+            outcome(lambda d: decode_rgb(d, max_pixels=LIMIT), sample)
+
+
+def test_validation_reports_the_upright_size_for_every_orientation():
+    stored = photo((40, 24))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = jpeg_bytes(stored, exif=exif.tobytes())
+        expected = decode_rgb(data, max_pixels=LIMIT).size
+        assert check_decodes(data, max_pixels=LIMIT) == expected
+        assert expected == ((24, 40) if orientation >= 5 else (40, 24))
+    # an orientation given by XMP instead of EXIF (PIL honours both)
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    data = jpeg_bytes(stored, xmp=xmp)
+    assert check_decodes(data, max_pixels=LIMIT) == decode_rgb(data, max_pixels=LIMIT).size
+
+
+def test_a_jpeg_is_validated_without_decoding_its_full_size_pixels(monkeypatch):
+    data = jpeg_bytes(photo((512, 384)))
+    loaded = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        loaded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    assert check_decodes(data, max_pixels=LIMIT) == (512, 384)
+    assert loaded == [(64, 48)]                                  # decoded at 1/8 scale

@@ -108,13 +108,13 @@ def corpus(tmp_path):
 
 def count_decodes(monkeypatch) -> list[int]:
     calls = []
-    real = images.decode_rgb
+    real = images.check_decodes
 
     def counting(data, *, max_pixels):
         calls.append(len(data))
         return real(data, max_pixels=max_pixels)
 
-    monkeypatch.setattr(images, "decode_rgb", counting)
+    monkeypatch.setattr(images, "check_decodes", counting)
     return calls
 
 

@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS containers (
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only by convention; frozen would make __init__ 4x dearer
 class Entry:
     name: str
     offset: int   # -1: `name` is a file path, not bytes inside the container

@@ -409,12 +409,17 @@ def probe_file(ref: ImageRef | str, *, max_pixels: int,
     `container`: an open descriptor of the container holding `ref` (see read_member)."""
     if isinstance(ref, str):
         ref = ImageRef(ref)
+    return ImageFacts(*_probe(ref, max_pixels, container))
+
+
+def _probe(ref: ImageRef, max_pixels: int, container: int | None) -> tuple:
+    """`probe_file`'s facts as a plain tuple, in `ImageFacts` field order (ingest probes a
+    million images: no object per image on the way)."""
     data, stat = _read_for_probe(ref, max_pixels, container)
     width, height = check_decodes(data, max_pixels=max_pixels)
-    return ImageFacts(path=ref.path, size_bytes=len(data) if ref.member else stat.st_size,
-                      mtime_ns=stat.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(),
-                      width=width, height=height, format=_format_name(data),
-                      member=ref.member, offset=ref.offset)
+    return (ref.path, len(data) if ref.member else stat.st_size, stat.st_mtime_ns,
+            hashlib.sha256(data).hexdigest(), width, height, _format_name(data), ref.member,
+            ref.offset)
 
 
 def _format_name(data: bytes) -> str:
@@ -434,48 +439,38 @@ def _format_name(data: bytes) -> str:
     return "?"
 
 
-def probe_chunk(refs: Sequence[ImageRef | str], max_pixels: int, masks: bool = False,
-                ) -> list[ProbeResult]:
-    """Probe several images (one unit of work for a pool process); never raises for bad ones.
-    Members of one container are read through one open descriptor. `masks`: they are mask
-    files (`probe_mask`)."""
+def probe_masks(paths: Sequence[str], max_pixels: int) -> list[ProbeResult]:
+    """`probe_mask` of several mask files (one unit of work for a pool process); never raises
+    for bad ones."""
     results = []
-    with contextlib.ExitStack() as open_containers:
-        descriptors: dict[str, int | None] = {}
-        for ref in refs:
-            if isinstance(ref, str):
-                ref = ImageRef(ref)
-            try:
-                if masks:
-                    facts = probe_mask(ref.path, max_pixels=max_pixels)
-                else:
-                    fd = None
-                    if ref.member:
-                        if ref.path not in descriptors:
-                            descriptors[ref.path] = _open_shared(ref.path, open_containers)
-                        fd = descriptors[ref.path]
-                    facts = probe_file(ref, max_pixels=max_pixels, container=fd)
-                results.append(ProbeResult(ref.key, facts))
-            except ImageProblem as problem:
-                results.append(ProbeResult(ref.key, None, problem.code, problem.message))
+    for path in paths:
+        try:
+            results.append(ProbeResult(path, probe_mask(path, max_pixels=max_pixels)))
+        except ImageProblem as problem:
+            results.append(ProbeResult(path, None, problem.code, problem.message))
     return results
 
 
 def probe_rows(refs: Sequence[tuple[str, str, int, int]], max_pixels: int,
                ) -> tuple[list[tuple], list[tuple[str, str, str, str]]]:
-    """`probe_chunk` in the shape of ingest's staging tables, as plain tuples (cheap to pass
-    between processes, inserted as they come): (path, member, offset, size) per image in;
-    out the facts of the good ones (in `ImageFacts` field order) and (path, member, code,
-    message) per bad one."""
+    """Probe several images (one unit of work for a pool process), in the shape of ingest's
+    staging tables: (path, member, offset, size) per image in; out the facts of the good ones
+    as tuples in `ImageFacts` field order and (path, member, code, message) per bad one (plain
+    tuples: cheap to pass between processes). Never raises for bad images; members of one
+    container are read through one open descriptor."""
     facts, problems = [], []
-    for result in probe_chunk([ImageRef(*ref) for ref in refs], max_pixels):
-        found = result.facts
-        if found is not None:
-            facts.append((found.path, found.size_bytes, found.mtime_ns, found.sha256,
-                          found.width, found.height, found.format, found.member, found.offset))
-        else:
-            path, _, member = result.key.partition("\0")
-            problems.append((path, member, result.code, result.message))
+    with contextlib.ExitStack() as open_containers:
+        descriptors: dict[str, int | None] = {}
+        for path, member, offset, size in refs:
+            fd = None
+            if member:
+                if path not in descriptors:
+                    descriptors[path] = _open_shared(path, open_containers)
+                fd = descriptors[path]
+            try:
+                facts.append(_probe(ImageRef(path, member, offset, size), max_pixels, fd))
+            except ImageProblem as problem:
+                problems.append((path, member, problem.code, problem.message))
     return facts, problems
 
 

@@ -578,7 +578,7 @@ def _probe_masks(paths: list[str], max_pixels: int,
     with console.progress("Validating masks", total=len(paths), unit="img") as bar:
         if workers <= 1 or len(paths) < POOL_MIN_FILES:
             for path in source:
-                yield from images.probe_chunk([path], max_pixels, True)
+                yield from images.probe_masks([path], max_pixels)
                 bar.advance()
             return
         # Chunks amortise the per-task overhead; several per worker keep the load balanced.
@@ -587,7 +587,7 @@ def _probe_masks(paths: list[str], max_pixels: int,
 
         def submit(count: int) -> set:
             chunks = (list(itertools.islice(source, size)) for _ in range(count))
-            return {pool.submit(images.probe_chunk, chunk, max_pixels, True)
+            return {pool.submit(images.probe_masks, chunk, max_pixels)
                     for chunk in itertools.takewhile(bool, chunks)}
 
         try:

@@ -54,7 +54,11 @@ CREATE TABLE images (               -- every image some row names, once (rowid: 
 CREATE TABLE good (                -- rows that passed validation
     seq INTEGER PRIMARY KEY,
     caption TEXT NOT NULL,         -- after the dataset's caption tools
-    fact INTEGER NOT NULL          -- the rowid of its image's facts (joined by integer)
+    fact INTEGER NOT NULL,         -- the rowid of its image's facts (joined by integer)
+    -- copies of its row's split and dataset and its image's size: bucket planning counts
+    -- the sizes from this table alone
+    split TEXT NOT NULL, dataset INTEGER NOT NULL, width INTEGER NOT NULL,
+    height INTEGER NOT NULL
 );
 CREATE TABLE targets (             -- each bucket plan's target size per image size
     split TEXT NOT NULL, dataset INTEGER NOT NULL, width INTEGER NOT NULL,
@@ -231,8 +235,9 @@ class Stage:
         expression of its caption after the caption tools (and its parameters)."""
         expression, params = caption
         self.db.execute(
-            "INSERT INTO good (seq, caption, fact) SELECT seq, caption, fact FROM ("
-            f"SELECT r.seq AS seq, {expression} AS caption, f.rowid AS fact FROM rows r "
+            "INSERT INTO good SELECT * FROM ("
+            f"SELECT r.seq AS seq, {expression} AS caption, f.rowid AS fact, r.split, "
+            "r.dataset, f.width, f.height FROM rows r "
             "JOIN facts f ON f.path = r.path AND f.member = r.member "
             "WHERE r.problem_code IS NULL AND f.width * f.height <= ? AND NOT EXISTS "
             "(SELECT 1 FROM problems p WHERE p.path = r.path AND p.member = r.member) "
@@ -246,8 +251,8 @@ class Stage:
             self.db.executemany("DELETE FROM masks WHERE seq = ?", chunk)
 
     def has_split(self, split: str) -> bool:
-        return self.db.execute("SELECT 1 FROM good JOIN rows USING (seq) WHERE split = ? "
-                               "LIMIT 1", (split,)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM good WHERE split = ? LIMIT 1",
+                               (split,)).fetchone() is not None
 
     def add_masks(self, masks: Iterable[tuple[int, MaskRef]]) -> None:
         self.db.executemany("INSERT INTO masks VALUES (?, ?, ?, ?, ?, ?)",
@@ -267,9 +272,9 @@ class Stage:
     def size_counts(self, split: str, datasets: Sequence[int]) -> dict[tuple[int, int], int]:
         """(width, height) -> how many good rows of `split` and of `datasets` (validation
         rows: dataset 0) have an image of that size: the input of one bucket plan."""
-        rows, params = self._plan_rows(split, datasets)
         return {(w, h): n for w, h, n in self.db.execute(
-            f"SELECT f.width, f.height, COUNT(*) {rows} GROUP BY f.width, f.height", params)}
+            "SELECT width, height, COUNT(*) FROM good WHERE split = ? AND dataset IN "
+            f"({', '.join('?' * len(datasets))}) GROUP BY width, height", [split, *datasets])}
 
     def set_targets(self, split: str, datasets: Sequence[int],
                     targets: dict[tuple[int, int], tuple[int, int]],

@@ -84,7 +84,7 @@ CREATE TABLE files (
     member TEXT NOT NULL DEFAULT '',
     offset INTEGER NOT NULL DEFAULT -1,
     PRIMARY KEY (path, member)
-);
+) WITHOUT ROWID;  -- one B-tree, in key order: ~25% smaller than a table plus its index
 """
 _SAMPLE_COLUMNS = ("split", "source", "path", "caption", "sha256", "size_bytes", "mtime_ns",
                    "width", "height", "format", "bucket_w", "bucket_h", "member", "offset",

@@ -48,7 +48,7 @@ from .webdataset import is_shard_spec, read_webdataset
 DEFAULT_IMAGE_COLUMN = "image_path"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ would cost 6x more (a million rows per ingest)
 class SourceRow:
     """One (image, caption) pair as the source lists it.
 
@@ -58,8 +58,8 @@ class SourceRow:
     image as written (for messages); `path` is the absolute, normalised path of the file that
     holds the image (a str: ingest handles millions of them). For an image inside a container
     (a tar shard, an Arrow file), `member`, `offset` and `size` say where (see ImageRef).
-    `problem` is a (code, message) found while reading the source itself. Slots: ingest holds
-    one per sample.
+    `problem` is a (code, message) found while reading the source itself. Treat as read-only
+    (`dataclasses.replace` makes a changed copy).
     """
 
     split: str

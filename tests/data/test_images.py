@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from ditctl.data.images import (ImageProblem, check_decodes, decode_rgb, probe_chunk, probe_file,
+from ditctl.data.images import (ImageProblem, check_decodes, decode_rgb, probe_file, probe_rows,
                                 to_rgb)
 
 LIMIT = 10_000_000
@@ -150,13 +150,24 @@ def test_probe_file_records_facts(tmp_path):
     assert facts.size_bytes == len(data) and facts.mtime_ns == os.stat(path).st_mtime_ns
 
 
-def test_probe_chunk_collects_problems_without_raising(tmp_path):
+def test_probe_rows_collects_problems_without_raising(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "folder.jpg").mkdir()
-    results = probe_chunk([str(tmp_path / "missing.jpg"), str(tmp_path / "empty.jpg"),
-                           str(tmp_path / "folder.jpg")], LIMIT)
-    assert [(r.facts, r.code) for r in results] == [(None, "missing"), (None, "empty_file"),
-                                                    (None, "not_image")]
+    good = png_bytes(Image.new("RGB", (20, 10)))
+    (tmp_path / "good.png").write_bytes(good)
+    # a container: the good image at offset 100, then a member past its end (cut short)
+    (tmp_path / "shard.tar").write_bytes(b"\0" * 100 + good)
+    container = str(tmp_path / "shard.tar")
+    refs = [(str(tmp_path / "missing.jpg"), "", -1, -1), (str(tmp_path / "empty.jpg"), "", -1, -1),
+            (str(tmp_path / "folder.jpg"), "", -1, -1), (str(tmp_path / "good.png"), "", -1, -1),
+            (container, "a.png", 100, len(good)), (container, "b.png", 100 + len(good), 50),
+            (str(tmp_path / "gone.tar"), "c.png", 0, 10)]
+    facts, problems = probe_rows(refs, LIMIT)
+    assert [(f[0], f[7], f[4], f[5], f[8]) for f in facts] == [
+        (str(tmp_path / "good.png"), "", 20, 10, -1), (container, "a.png", 20, 10, 100)]
+    assert [(p[1], p[2]) for p in problems] == [
+        ("", "missing"), ("", "empty_file"), ("", "not_image"), ("b.png", "truncated"),
+        ("c.png", "missing")]
 
 
 # --- validation (check_decodes) ---------------------------------------------------------------

@@ -80,7 +80,7 @@ _SAMPLE_COLUMNS = ("r.split, r.source, r.path, g.caption, f.sha256, f.size_bytes
                    "f.width, f.height, f.format, COALESCE(t.w, 0), COALESCE(t.h, 0), f.member, "
                    "f.offset, r.dataset, "
                    "CASE WHEN g.caption = r.caption THEN NULL ELSE r.caption END")
-# what `manifest.scan_sample_rows` reads of each sample (see manifest.SCAN_COLUMNS)
+# what `manifest.scan_sample_rows` reads of each sample, in its order
 _SCAN_COLUMNS = ("r.split, r.source, g.caption, f.sha256, f.width, f.height, COALESCE(t.w, 0), "
                  "COALESCE(t.h, 0), CASE m.kind WHEN 'file' THEN 'file:' || m.sha256 "
                  "WHEN 'alpha' THEN 'alpha' END, r.dataset, m.kind")

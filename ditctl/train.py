@@ -9,6 +9,9 @@ encoding); the denoiser with LoRA; the sampler and evaluator used during trainin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 
@@ -16,7 +19,9 @@ from . import __version__
 from .config import Config
 from .console import console
 from .data.datasets import dataset_plan, resolve_datasets
-from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
+from .data.manifest import (ManifestRow, manifest_counts, manifest_fingerprint,
+                            stale_manifest_reason)
+from .data.sample_table import SampleTable, bucket_keys, masked_count
 from .engine.attention import attention_context
 from .engine.context import TrainingContext, TrainingData
 from .engine.loop import TrainResult, train_loop
@@ -38,8 +43,9 @@ from .training_source import make_source
 from .workspace import Workspace
 
 
-def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
-    """The training rows; runs `ingest` first when there is no manifest or it is stale."""
+def ensure_manifest(ws: Workspace, config: Config) -> SampleTable:
+    """The training rows (a SampleTable: no Python object per sample until one is read); runs
+    `ingest` first when there is no manifest or it is stale."""
     from .data.ingest import run_ingest
 
     stale = stale_manifest_reason(ws, config)
@@ -50,16 +56,17 @@ def ensure_manifest(ws: Workspace, config: Config) -> list[ManifestRow]:
                                       "add [[data.datasets]] tables)")
         console.info(f"ingesting first ({stale})")
         run_ingest(ws, config)
-    rows = read_manifest(ws, "train")
+    rows = SampleTable.read(ws.manifest_db, "train")
     if not rows:
         raise DataError("the manifest has no training images", hint="check `ditctl ingest`'s report")
     return rows
 
 
-def training_rows(ws: Workspace, config: Config, rows: list[ManifestRow]) -> list[ManifestRow]:
+def training_rows(ws: Workspace, config: Config, rows: Sequence[ManifestRow],
+                  ) -> Sequence[ManifestRow]:
     """Without a validation split, the last [eval] holdout_fraction of the images is held out
     for validation (so `ditctl eval` measures images the model never trained on)."""
-    if read_manifest(ws, "val") or config.eval.holdout_fraction == 0:
+    if _val_images(ws) or config.eval.holdout_fraction == 0:
         return rows
     train, held = split_holdout(rows, config.eval.holdout_fraction)
     if not train:
@@ -71,16 +78,20 @@ def training_rows(ws: Workspace, config: Config, rows: list[ManifestRow]) -> lis
     return train
 
 
+def _val_images(ws: Workspace) -> int:
+    return (manifest_counts(ws) or {}).get("val", 0)
+
+
 def run_info(ws: Workspace, config: Config, family: ModelFamily, rows, seed: int,
              schedule) -> dict:
-    buckets: dict[str, int] = {}
-    for row in rows:
-        key = f"{row.bucket_w}x{row.bucket_h}"
-        buckets[key] = buckets.get(key, 0) + 1
+    # images per bucket, the buckets in the order the rows first use them
+    keys, first, counts = np.unique(bucket_keys(rows), return_index=True, return_counts=True)
+    buckets = {f"{key >> 32}x{key & 0xFFFFFFFF}": count for _, key, count in
+               sorted(zip(first.tolist(), keys.tolist(), counts.tolist()))}
     return {"family": family.name, "base_model": str(family.path),
             "base_identity": family.denoiser_identity(), "seed": seed,
             "manifest_fingerprint": manifest_fingerprint(ws), "train_images": len(rows),
-            "val_images": len(read_manifest(ws, "val")), "buckets": buckets,
+            "val_images": _val_images(ws), "buckets": buckets,
             "step_batch": schedule.step_batch, "total_steps": schedule.total_steps,
             "ditctl_version": __version__}
 
@@ -117,7 +128,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
             _clean_torn_checkpoints(runs_dir)
         ensure_manifest(ws, config)
     state.wait_for_everyone()
-    rows = training_rows(ws, config, read_manifest(ws, "train"))
+    rows = training_rows(ws, config, SampleTable.read(ws.manifest_db, "train"))
 
     seed = resolve_seed(config) if meta is None else meta["seed"]
     world = state.num_processes
@@ -140,7 +151,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
         skeleton = build_denoiser(family, config, device="meta")
         plan = training_plan(schedule, skeleton, family, config, info["buckets"], world)
         plan["objective"] = describe_objective(
-            config.train, sum(row.mask is not None for row in rows), len(rows))
+            config.train, masked_count(rows), len(rows))
         plan["datasets"] = dataset_plan(datasets, rows, schedule.step_batch)
         return TrainOutcome(plan=plan)
     if state.device.type == "cpu" and config.train.mixed_precision == "bf16" \

@@ -35,6 +35,7 @@ from ..models.base import Conditioning, LatentDist, ModelFamily
 from .datasets import of_row
 from .images import ImageProblem
 from .manifest import ManifestRow
+from .sample_table import bucket_keys
 from .transforms import (Crop, crop_offset_range, latent_mask, load_training_image,
                          load_training_mask)
 
@@ -85,9 +86,10 @@ def epoch_batches(rows: Sequence[ManifestRow], global_batch_size: int, seed: int
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size must be >= 1, not {global_batch_size}")
     rng = random.Random(f"{seed}:{epoch}:order")
-    by_bucket: dict[tuple[int, int], list[int]] = {}
+    keys = bucket_keys(rows).tolist()  # integers that sort as the (width, height) buckets
+    by_bucket: dict[int, list[int]] = {}
     for index in range(len(rows)) if slots is None else slots:
-        by_bucket.setdefault(rows[index].bucket, []).append(index)
+        by_bucket.setdefault(keys[index], []).append(index)
     batches: list[list[int]] = []
     for bucket in sorted(by_bucket):
         members = by_bucket[bucket]
@@ -366,12 +368,13 @@ def read_inputs(reader: SampleReader, rows: Sequence[ManifestRow], indices: Sequ
         raise ValueError(f"{len(indices)} indices but {len(flips)} flips")
     if not indices:
         raise ValueError("a batch needs at least one index")
-    buckets = {rows[i].bucket for i in indices}
+    picked = [rows[i] for i in indices]  # once: a SampleTable reads each from the manifest
+    buckets = {row.bucket for row in picked}
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one image size, got {sorted(buckets)}")
-    pairs = [reader.read_image(rows[i], bool(f), masks) for i, f in zip(indices, flips)]
+    pairs = [reader.read_image(row, bool(f), masks) for row, f in zip(picked, flips)]
     if captions is None:
-        captions = [rows[i].caption for i in indices]
+        captions = [row.caption for row in picked]
     return BatchInputs(tuple(int(i) for i in indices), tuple(image for image, _ in pairs),
                        tuple(mask for _, mask in pairs) if masks else None,
                        tuple(reader.read_caption(caption) for caption in captions))

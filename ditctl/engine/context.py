@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -19,6 +20,7 @@ from ..data.batches import (Batch, BatchInputs, SampleSource, encode_inputs, epo
                              flip_for, read_inputs)
 from ..data.datasets import Dataset, epoch_slots, of_row, training_caption
 from ..data.manifest import ManifestRow
+from ..data.sample_table import bucket_keys, masked_count, row_datasets
 from ..models.base import ModelFamily
 from .run import Run
 from .setup import Schedule
@@ -55,9 +57,12 @@ class TrainingData:
     `datasets` (ditctl.data.datasets; empty: one dataset with [data]'s settings) give each
     row's repeats and sampling weight (the epoch's slots), flips, caption tools, caption
     dropout and loss weight.
+
+    `rows`: a list, or (what training uses) a `SampleTable`, which holds only each row's
+    bucket and dataset and reads a row from the manifest when it is loaded.
     """
 
-    rows: list[ManifestRow]
+    rows: Sequence[ManifestRow]
     source: SampleSource | None  # CachedSource or OnTheFlySource; set once the run exists
     seed: int
     step_batch: int
@@ -65,11 +70,19 @@ class TrainingData:
     datasets: tuple[Dataset, ...] = ()
 
     def dataset(self, index: int) -> Dataset | None:
-        return of_row(self.datasets, self.rows[index].dataset) if self.datasets else None
+        return of_row(self.datasets, self._dataset_of[index]) if self.datasets else None
+
+    @functools.cached_property
+    def _dataset_of(self) -> "np.ndarray":
+        return row_datasets(self.rows)
+
+    @functools.cached_property
+    def _bucket_keys(self) -> "np.ndarray":
+        return bucket_keys(self.rows)
 
     @functools.lru_cache(maxsize=4)
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        slots = epoch_slots([row.dataset for row in self.rows], self.datasets, self.seed,
+        slots = epoch_slots(self._dataset_of.tolist(), self.datasets, self.seed,
                             epoch) if len(self.datasets) > 1 or any(
             d.repeats > 1 for d in self.datasets) else None
         batches = epoch_batches(self.rows, self.step_batch, self.seed, epoch, slots)
@@ -78,8 +91,8 @@ class TrainingData:
                 for batch in batches]
 
     def _fill(self, batch: list[int], rng: random.Random) -> list[int]:
-        bucket = self.rows[batch[0]].bucket
-        others = [i for i, row in enumerate(self.rows) if row.bucket == bucket and i not in batch]
+        keys = self._bucket_keys
+        others = [i for i in np.flatnonzero(keys == keys[batch[0]]).tolist() if i not in batch]
         rng.shuffle(others)
         pool = others + list(batch)
         return batch + [pool[k % len(pool)] for k in range(self.step_batch - len(batch))]
@@ -87,7 +100,7 @@ class TrainingData:
     @functools.cached_property
     def masked(self) -> bool:
         """Whether any row has a loss mask ([data] use_masks): then every batch carries masks."""
-        return any(row.mask is not None for row in self.rows)
+        return masked_count(self.rows) > 0
 
     def read(self, indices: list[int], epoch: int) -> BatchInputs:
         """The rows' inputs as the source's model-free reader gives them (decoded pixels or

@@ -15,6 +15,7 @@ from ..console import console
 from ..data.batches import CachedSource
 from ..data.cache import Cache, check_cache_complete
 from ..data.manifest import ManifestRow, read_manifest
+from ..data.sample_table import SampleTable, row_datasets, select
 from ..errors import CacheError, DataError
 from ..models.base import Conditioning, ModelFamily, unconditional_text
 from ..sampling import PromptEmbeddings
@@ -28,24 +29,24 @@ class ValidationSet:
     description: str
 
 
-def split_holdout(train: Sequence[ManifestRow], fraction: float) -> tuple[list[ManifestRow],
-                                                                         list[ManifestRow]]:
+def split_holdout(train: Sequence[ManifestRow], fraction: float,
+                  ) -> tuple[Sequence[ManifestRow], Sequence[ManifestRow]]:
     """(rows to train on, held-out rows): the last round(len * fraction) rows of each dataset
     are held out (so each dataset is measured, and a small one is not held out whole by a
-    large one's share).
+    large one's share). A `SampleTable` gives two tables, a list two lists.
 
     Training must use the first part when the workspace has no validation split, or the
     "held-out" loss is measured on images the model has trained on.
     """
-    by_dataset: dict[int, list[ManifestRow]] = {}
-    for row in train:
-        by_dataset.setdefault(row.dataset, []).append(row)
+    by_dataset: dict[int, list[int]] = {}  # in order of each dataset's first row
+    for index, dataset in enumerate(row_datasets(train).tolist()):
+        by_dataset.setdefault(dataset, []).append(index)
     keep, held = [], []
-    for rows in by_dataset.values():
-        count = round(len(rows) * fraction)
-        keep += rows[:len(rows) - count]
-        held += rows[len(rows) - count:]
-    return keep, held
+    for indices in by_dataset.values():
+        count = round(len(indices) * fraction)
+        keep += indices[:len(indices) - count]
+        held += indices[len(indices) - count:]
+    return select(train, keep), select(train, held)
 
 
 def validation_set(ws: Workspace, config: Config) -> ValidationSet:
@@ -53,8 +54,9 @@ def validation_set(ws: Workspace, config: Config) -> ValidationSet:
     val = read_manifest(ws, "val")
     if val:
         return ValidationSet(val, "val", f"validation split ({len(val)} images)")
-    train = read_manifest(ws, "train")
-    held = split_holdout(train, config.eval.holdout_fraction)[1]
+    # the training rows as a table: only the held-out ones become Python objects
+    train = SampleTable.read(ws.manifest_db, "train")
+    held = list(split_holdout(train, config.eval.holdout_fraction)[1])
     count = len(held)
     if not train or count == 0:
         raise DataError("no validation data: the manifest has no val split and [eval] "
@@ -62,7 +64,7 @@ def validation_set(ws: Workspace, config: Config) -> ValidationSet:
                         f"{len(train)} training images is none",
                         hint="set [data] val_data_path and run `ditctl ingest`, or raise "
                              "[eval] holdout_fraction")
-    if len({row.dataset for row in train}) > 1:
+    if len(set(train.datasets.tolist())) > 1:
         return ValidationSet(held, "holdout",
                              f"held-out slice of training data (the last {count} of "
                              f"{len(train)} training images: each dataset's last "

@@ -108,17 +108,31 @@ def timed_command(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def time_to_first_step(ws_root: Path) -> tuple[float, float]:
-    """(seconds to the first train_log.jsonl line, seconds of the whole process)."""
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's own high-water mark so far (VmHWM), in MB; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def time_to_first_step(ws_root: Path) -> tuple[float, float, float]:
+    """(seconds to the first train_log.jsonl line, seconds of the whole process, the training
+    process's peak RSS in MB: its VmHWM, read until it exits)."""
     log = ws_root / "runs" / "bench" / "train_log.jsonl"
     started = time.perf_counter()
     process = subprocess.Popen([*_ditctl(), "train", "--use-precomputed-data", "--max-steps", "1",
                                 "--run-name", "bench"], cwd=ws_root, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = None
+    first, peak = None, 0.0
     while process.poll() is None and time.perf_counter() - started < FIRST_STEP_LIMIT_S:
         if first is None and log.is_file() and log.read_text().strip():
             first = time.perf_counter() - started
+        peak = max(peak, _peak_rss_mb(process.pid) or 0.0)
         time.sleep(0.05)
     if process.poll() is None:
         process.kill()
@@ -128,7 +142,7 @@ def time_to_first_step(ws_root: Path) -> tuple[float, float]:
         raise RuntimeError(f"ditctl train failed ({process.returncode}): {stderr[-3000:]}")
     if first is None:  # the process ended between two polls
         first = total
-    return first, total
+    return first, total, peak
 
 
 def run(quick: bool) -> dict:
@@ -164,13 +178,14 @@ def run(quick: bool) -> dict:
         verify_s = timed_command(["precompute", "--verify"], ws.root)
         state = json.loads((ws.root / ".ditctl" / "state.json").read_text())["precompute"]
         assert state["verified"] == entries and not state["bad"], state
-        first_step_s, train_s = time_to_first_step(ws.root)
+        first_step_s, train_s, train_peak_mb = time_to_first_step(ws.root)
     return {
         "entries": entries, "latent_entries": latents, "text_entries": entries - latents,
         "images": images, "cache_files": files, "shards": shards,
         "files_per_entry_pct": round(100 * files / entries, 3),
         "precompute_verify_s": round(verify_s, 1),
         "train_first_step_s": round(first_step_s, 1), "train_process_s": round(train_s, 1),
+        "train_peak_rss_mb": round(train_peak_mb, 1),
         "setup_ingest_s": round(ingest_s, 1), "setup_fill_latents_s": round(fill_s, 1),
         "setup_encode_captions_s": round(captions_s, 1),
         "load_avg_1m_before": load_before, "load_avg_1m_after": _load(),

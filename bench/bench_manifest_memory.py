@@ -1,8 +1,12 @@
 """RSS of what `precompute` and `train` build at start-up from an N-row manifest (issue #20).
 
     .venv/bin/python bench/bench_manifest_memory.py N FOLDER make        # a synthetic manifest
-    .venv/bin/python bench/bench_manifest_memory.py N FOLDER train       # + epoch plan
-    .venv/bin/python bench/bench_manifest_memory.py N FOLDER precompute  # + cache plan
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER train       # table + epoch plan
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER train-rows  # rows + epoch plan
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER precompute  # rows + cache plan
+
+`train` reads the split as training does (a `SampleTable`: arrays, rows read on demand);
+`train-rows` as it did before (`read_manifest`: a ManifestRow per sample).
 
 The manifest is WebDataset-like (container path, member, 64-hex hash, short caption). Prints
 MB of RSS above a process that imported everything; run each measurement in its own process
@@ -23,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ditctl.data import batches  # noqa: E402
 from ditctl.data.cache import KeySpec, plan_entries  # noqa: E402
 from ditctl.data.manifest import ManifestRow, read_manifest, write_manifest  # noqa: E402
+from ditctl.data.sample_table import SampleTable  # noqa: E402
 from ditctl.workspace import Workspace  # noqa: E402
 
 PER_SHARD = 10_000
@@ -49,18 +54,19 @@ def measure(ws: Workspace, what: str) -> dict:
     gc.collect()
     base = rss_mb()
     started = time.perf_counter()
-    rows = read_manifest(ws, "train")
+    rows = (SampleTable.read(ws.manifest_db, "train") if what == "train"
+            else read_manifest(ws, "train"))
     after_rows = rss_mb()
     out = {"rows": len(rows), "read_manifest_mb": round(after_rows - base, 1),
            "read_s": round(time.perf_counter() - started, 2)}
     started = time.perf_counter()
-    if what == "train":
+    if what in ("train", "train-rows"):
         plan = batches.epoch_batches(rows, 8, 0, 0)
     else:
         spec = KeySpec(vae_identity="v" * 16, text_identity="t" * 16, text_max_length=77,
                        dtype="bf16", center_crop=False)
         plan = plan_entries(spec, rows, random_flip=True)
-    out[f"{what}_plan_mb"] = round(rss_mb() - after_rows, 1)
+    out[f"{what.split('-')[0]}_plan_mb"] = round(rss_mb() - after_rows, 1)
     out["plan_s"] = round(time.perf_counter() - started, 2)
     out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
     del plan

@@ -20,32 +20,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 
 from .config import Config
 from .console import console
-from .data.cache import Cache, CacheGap, cache_gap, check_cache_complete
+from .data.cache import Cache, count_cache_gap
 from .data.datasets import per_dataset, resolve_datasets
 from .data.manifest import ManifestRow
-from .errors import CacheError
 from .fsutil import format_bytes
 from .models.base import ModelFamily
 from .workspace import Workspace
 
 DISK_HEADROOM = 1.10  # the cache may take this much more than estimated (headers, index)
-
-
-def fill_bytes(gap: CacheGap, config: Config, family: ModelFamily) -> int:
-    """Estimated disk bytes of the entries `gap` lacks (mean + std latents and loss masks,
-    text states)."""
-    itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
-    latent = family.latent
-    latent_values = sum((2 * latent.channels + (job.row.mask is not None))  # mean, std, mask
-                        * (job.row.bucket_h // latent.spatial_factor)
-                        * (job.row.bucket_w // latent.spatial_factor)
-                        for job in gap.missing_latents)
-    text_values = len(gap.missing_texts) * family.text_tokens() * family.denoiser_shape().text_dim
-    return (latent_values + text_values) * itemsize
 
 
 def free_bytes(folder: Path) -> int:
@@ -71,7 +58,7 @@ def fill_decision(missing_latents: int, missing_texts: int, estimated_bytes: int
                   f"(about {format_bytes(estimated_bytes)})")
 
 
-def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow],
+def make_source(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence[ManifestRow],
                 encodes_on_the_fly: int = 0):
     """The run's data source: the cache (filled first when that pays off), else on-the-fly
     encoding (see the module doc). `encodes_on_the_fly`: image variants the whole run would
@@ -98,30 +85,30 @@ def _text_device(config: Config):
     return "cpu" if config.train.text_encoder_device == "cpu" else process_state().device
 
 
-def _image_source(ws: Workspace, config: Config, family: ModelFamily, rows: list[ManifestRow],
+def _image_source(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence[ManifestRow],
                   encodes_on_the_fly: int):
     from .data.batches import CachedSource, OnTheFlySource
 
     if config.train.use_precomputed_data:
-        gap = cache_gap(ws, config, family, rows)
+        # counted while streaming the rows: no cache plan of a million entries held
+        gap = count_cache_gap(ws, config, family, rows)
         if gap.complete:
             console.info("training from the precompute cache (complete for this run; the VAE "
                          "and text encoder are not loaded)")
             return CachedSource(Cache.open(ws, config, family))
-        fill, reason = fill_decision(len(gap.missing_latents), len(gap.missing_texts),
-                                     fill_bytes(gap, config, family), encodes_on_the_fly,
-                                     free_bytes(ws.cache_dir(config)))
+        fill, reason = fill_decision(gap.missing_latents, gap.missing_texts, gap.missing_bytes,
+                                     encodes_on_the_fly, free_bytes(ws.cache_dir(config)))
         if fill:
             console.info(f"filling the precompute cache before training: {reason} "
                          "(--no-use-precomputed-data encodes every step instead)")
             _fill_cache(ws, config)
-            try:
-                check_cache_complete(ws, config, family, rows)
-            except CacheError as exc:  # filled by another process's rules: say so, go on
-                console.warn(f"the cache is still incomplete after filling ({exc}); encoding "
-                             "on the fly")
-            else:
+            gap = count_cache_gap(ws, config, family, rows)
+            if gap.complete:
                 return CachedSource(Cache.open(ws, config, family))
+            # filled by another process's rules: say so, go on
+            console.warn(f"the cache is still incomplete after filling ({gap.missing_latents} "
+                         f"of {gap.latents} latents and {gap.missing_texts} of {gap.texts} "
+                         "captions missing or stale); encoding on the fly")
         else:
             console.info(f"encoding images and captions on the fly: {reason}")
     else:

@@ -45,6 +45,7 @@ Reading needs the models' identities (fingerprints of their files) but never the
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -238,6 +240,17 @@ def cache_plan_fingerprint(keys: Iterable[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def plan_variants(spec: KeySpec, rows: Iterable[ManifestRow], *,
+                  random_flip: bool | tuple[bool, ...],
+                  ) -> Iterator[tuple[str, ManifestRow, bool]]:
+    """(key, row, flip) of every image variant `rows` ask for (both flips of train rows with
+    random_flip), in manifest order, duplicates included."""
+    for row in rows:
+        crop = crop_offsets(row, spec.center_crop)  # one seeded draw per row, both flips
+        for flip in sample_variants(row, random_flip):
+            yield spec.latent_key(row, flip, crop), row, flip
+
+
 def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *,
                  random_flip: bool | tuple[bool, ...],
                  captions: Sequence[str] = ()) -> CachePlan:
@@ -246,14 +259,11 @@ def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *,
     latents: dict[str, LatentJob] = {}
     flipped: set[str] = set()
     variants = 0
-    for row in rows:
-        crop = crop_offsets(row, spec.center_crop)  # one seeded draw per row, both flips
-        for flip in sample_variants(row, random_flip):
-            key = spec.latent_key(row, flip, crop)
-            latents.setdefault(key, LatentJob(key, row, flip))
-            variants += 1
-            if flip:
-                flipped.add(key)
+    for key, row, flip in plan_variants(spec, rows, random_flip=random_flip):
+        latents.setdefault(key, LatentJob(key, row, flip))
+        variants += 1
+        if flip:
+            flipped.add(key)
     texts = {}
     for caption in [row.caption for row in rows] + list(captions):
         texts.setdefault(spec.text_key(caption), caption)
@@ -802,16 +812,22 @@ class CacheGap:
         return not self.missing_latents and not self.missing_texts
 
 
+def _needed_prompts(ws: Workspace, config: Config, family: ModelFamily) -> list[str]:
+    """What training needs cached besides the captions: the workspace's sample prompts (and
+    negative prompt) when it samples (`sample_every` > 0) and the family's unconditional
+    prompt when it drops captions."""
+    prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
+    return list(prompts) + training_texts(config, family)
+
+
 def cache_gap(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence[ManifestRow],
               *, prompts: Sequence[str] | None = None) -> CacheGap:
     """What the cache lacks for `rows` under `config`. `prompts`: extra texts that must be
-    cached too; None means what training needs besides the captions: the workspace's sample
-    prompts (and negative prompt) when it samples (`sample_every` > 0) and the family's
-    unconditional prompt when it drops captions. Loads no weights."""
+    cached too; None means what training needs besides the captions (`_needed_prompts`).
+    Loads no weights."""
     cache = Cache.open(ws, config, family)
     if prompts is None:
-        prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
-        prompts = list(prompts) + training_texts(config, family)
+        prompts = _needed_prompts(ws, config, family)
     plan = cache.plan(rows, random_flip=per_dataset(config, "random_flip"), captions=prompts)
     present: set[str] = set()
     if cache.index_path.is_file():
@@ -819,6 +835,78 @@ def cache_gap(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence
             present = present_keys(cache, index, plan)
     return CacheGap(cache.root, plan, [job for k, job in plan.latents.items() if k not in present],
                     [k for k in plan.texts if k not in present])
+
+
+@dataclass(frozen=True)
+class GapCount:
+    """`cache_gap` as counts, made while streaming the rows (nothing is kept per row, so a
+    million-sample run starts without holding its cache plan): distinct entries the run needs,
+    how many the cache lacks, and their estimated size on disk."""
+
+    latents: int
+    texts: int
+    missing_latents: int
+    missing_texts: int
+    missing_bytes: int
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_latents and not self.missing_texts
+
+
+_GAP_CHUNK = 2048  # keys looked up in the index per query
+
+
+def count_cache_gap(ws: Workspace, config: Config, family: ModelFamily,
+                    rows: Iterable[ManifestRow]) -> GapCount:
+    """`cache_gap` (with the prompts training needs) counted while streaming `rows`: the index
+    is asked about the keys a chunk at a time, and distinct entries are counted from 64-bit
+    key prefixes (8 bytes per variant)."""
+    cache = Cache.open(ws, config, family)
+    index = CacheIndex(cache.index_path) if cache.index_path.is_file() else None
+    shards = set(stored_shards(cache.root))
+    itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
+    latent = family.latent
+    text_bytes = family.text_tokens() * family.denoiser_shape().text_dim * itemsize
+
+    def present(keys: list[str]) -> set[str]:
+        if index is None:
+            return set()
+        found = index.db.execute(f"SELECT key, kind, shard FROM entries WHERE key IN "
+                                 f"({', '.join('?' * len(keys))})", keys)
+        return {key for key, kind, shard in found if (
+            shard in shards if shard is not None else cache.path(kind, key).is_file())}
+
+    def count(items: Iterable[tuple[str, int]]) -> tuple[int, int, int]:
+        """(distinct keys, distinct missing keys, their bytes) of (key, bytes) items."""
+        needed, missing, sizes = array.array("q"), array.array("q"), array.array("q")
+        for chunk in iter(lambda: list(itertools.islice(items, _GAP_CHUNK)), []):
+            there = present([key for key, _ in chunk])
+            for key, size in chunk:
+                prefix = int(key[:15], 16)
+                needed.append(prefix)
+                if key not in there:
+                    missing.append(prefix)
+                    sizes.append(size)
+        missing_keys, first = np.unique(np.frombuffer(missing, dtype=np.int64),
+                                        return_index=True)
+        return (len(np.unique(np.frombuffer(needed, dtype=np.int64))), len(missing_keys),
+                int(np.frombuffer(sizes, dtype=np.int64)[first].sum()))
+
+    try:
+        # mean and std latents (and the loss mask) of each variant at its bucket
+        latents = count(
+            (key, (2 * latent.channels + (row.mask is not None)) * itemsize
+             * (row.bucket_h // latent.spatial_factor) * (row.bucket_w // latent.spatial_factor))
+            for key, row, _ in plan_variants(cache.spec, rows,
+                                             random_flip=per_dataset(config, "random_flip")))
+        captions = itertools.chain((row.caption for row in rows),
+                                   _needed_prompts(ws, config, family))
+        texts = count((cache.spec.text_key(caption), text_bytes) for caption in captions)
+    finally:
+        if index is not None:
+            index.close()
+    return GapCount(latents[0], texts[0], latents[1], texts[1], latents[2] + texts[2])
 
 
 def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,

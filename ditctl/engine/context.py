@@ -80,7 +80,10 @@ class TrainingData:
     def _bucket_keys(self) -> "np.ndarray":
         return bucket_keys(self.rows)
 
-    @functools.lru_cache(maxsize=4)
+    # the epoch the loop trains and the next one (the data loader reads ahead into it); an
+    # older plan is made again if asked for (the same plan: it depends on seed and epoch only)
+    # - each holds an index per sample, ~60 MB at a million
+    @functools.lru_cache(maxsize=2)
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         slots = epoch_slots(self._dataset_of.tolist(), self.datasets, self.seed,
                             epoch) if len(self.datasets) > 1 or any(

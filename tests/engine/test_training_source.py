@@ -89,3 +89,57 @@ def test_a_single_pass_run_encodes_on_the_fly_and_says_why(tmp_path, tiny_model_
     err = capsys.readouterr().err
     assert "encoding images and captions on the fly" in err and "no gain" in err
     assert not (ws.root / "cache").exists()
+
+
+def _plan_bytes(gap, config, family) -> int:
+    """The disk estimate of `gap`'s missing entries, from the full cache plan."""
+    itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
+    latent, factor = family.latent, family.latent.spatial_factor
+    values = sum((2 * latent.channels + (job.row.mask is not None))
+                 * (job.row.bucket_h // factor) * (job.row.bucket_w // factor)
+                 for job in gap.missing_latents)
+    values += len(gap.missing_texts) * family.text_tokens() * family.denoiser_shape().text_dim
+    return values * itemsize
+
+
+def test_the_streamed_gap_count_agrees_with_the_full_cache_plan(tmp_path, tiny_model_dir):
+    """Training counts what the cache lacks while streaming the rows (nothing per row kept);
+    the counts and the size estimate equal those of the full plan (`cache_gap`): without a
+    cache, with a complete one, and with entries missing."""
+    from ditctl.data.cache import Cache, CacheIndex, cache_gap, count_cache_gap
+    from ditctl.data.sample_table import SampleTable
+    from ditctl.models.registry import load_family
+    from ditctl.precompute import run_precompute
+    from ditctl.train import ensure_manifest
+
+    ws = make_workspace(tmp_path / "ws", tiny_model_dir, n_train=4, n_val=0, lora=LORA,
+                        train={"max_steps": 1, "sample_every": 0})
+    config = ws.config({"eval.holdout_fraction": 0.0, "data.random_flip": True,
+                        "train.caption_dropout": 0.1})
+    ensure_manifest(ws, config)
+    family = load_family(tiny_model_dir)
+    rows = SampleTable.read(ws.manifest_db, "train")
+
+    def agree() -> None:
+        full, counted = cache_gap(ws, config, family, list(rows)), count_cache_gap(
+            ws, config, family, rows)
+        assert (counted.latents, counted.texts) == (len(full.plan.latents), len(full.plan.texts))
+        assert (counted.missing_latents, counted.missing_texts) == (
+            len(full.missing_latents), len(full.missing_texts))
+        assert counted.missing_bytes == _plan_bytes(full, config, family)
+        assert counted.complete == full.complete
+
+    agree()                                     # no cache: everything missing
+    assert count_cache_gap(ws, config, family, rows).missing_latents == 8  # 4 images x 2 flips
+    run_precompute(ws, config)
+    agree()                                     # complete
+    assert count_cache_gap(ws, config, family, rows).complete
+    cache = Cache.open(ws, config, family)
+    with CacheIndex(cache.index_path) as index:  # forget two latents and a caption
+        doomed = [key for key, kind, _ in index.locations() if kind == "latent"][:2]
+        doomed += [key for key, kind, _ in index.locations() if kind == "text"][:1]
+        with index.db:
+            index.db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in doomed])
+    agree()
+    gap = count_cache_gap(ws, config, family, rows)
+    assert (gap.missing_latents, gap.missing_texts) == (2, 1)

@@ -860,8 +860,9 @@ _GAP_CHUNK = 2048  # keys looked up in the index per query
 def count_cache_gap(ws: Workspace, config: Config, family: ModelFamily,
                     rows: Iterable[ManifestRow]) -> GapCount:
     """`cache_gap` (with the prompts training needs) counted while streaming `rows`: the index
-    is asked about the keys a chunk at a time, and distinct entries are counted from 64-bit
-    key prefixes (8 bytes per variant)."""
+    is asked about the keys a chunk at a time, and distinct entries are counted from 60-bit
+    key prefixes (8 bytes per variant; two keys of a run sharing one is a ~1e-6 chance at a
+    million, and would only make the count of distinct entries one lower)."""
     cache = Cache.open(ws, config, family)
     index = CacheIndex(cache.index_path) if cache.index_path.is_file() else None
     shards = set(stored_shards(cache.root))

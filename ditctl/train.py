@@ -46,6 +46,13 @@ from .workspace import Workspace
 def ensure_manifest(ws: Workspace, config: Config) -> SampleTable:
     """The training rows (a SampleTable: no Python object per sample until one is read); runs
     `ingest` first when there is no manifest or it is stale."""
+    ensure_ingested(ws, config)
+    return SampleTable.read(ws.manifest_db, "train")
+
+
+def ensure_ingested(ws: Workspace, config: Config) -> None:
+    """Run `ingest` when there is no manifest or it is stale; refuse one without training
+    images (counted, not read)."""
     from .data.ingest import run_ingest
 
     stale = stale_manifest_reason(ws, config)
@@ -56,10 +63,8 @@ def ensure_manifest(ws: Workspace, config: Config) -> SampleTable:
                                       "add [[data.datasets]] tables)")
         console.info(f"ingesting first ({stale})")
         run_ingest(ws, config)
-    rows = SampleTable.read(ws.manifest_db, "train")
-    if not rows:
+    if not (manifest_counts(ws) or {}).get("train"):
         raise DataError("the manifest has no training images", hint="check `ditctl ingest`'s report")
-    return rows
 
 
 def training_rows(ws: Workspace, config: Config, rows: Sequence[ManifestRow],
@@ -126,7 +131,7 @@ def run_training(ws: Workspace, config: Config, *, resume: str | None = None,
     if state.is_main_process:
         if not dry_run:
             _clean_torn_checkpoints(runs_dir)
-        ensure_manifest(ws, config)
+        ensure_ingested(ws, config)  # every process reads the table below
     state.wait_for_everyone()
     rows = training_rows(ws, config, SampleTable.read(ws.manifest_db, "train"))
 

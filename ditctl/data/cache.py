@@ -794,8 +794,14 @@ def present_keys(cache: Cache, index: CacheIndex, plan: CachePlan) -> set[str]:
     """Keys of the plan that the index records and whose shard (or own file) exists."""
     wanted = plan.keys()
     shards = set(stored_shards(cache.root))
-    return {key for key, kind, shard in index.locations() if key in wanted and (
-        shard in shards if shard is not None else cache.path(kind, key).is_file())}
+    return {key for key, kind, shard in index.locations()
+            if key in wanted and _stored(cache, shards, key, kind, shard)}
+
+
+def _stored(cache: Cache, shards: set[str], key: str, kind: str, shard: str | None) -> bool:
+    """Whether an indexed entry's bytes are there: its shard (one of `shards`, those on
+    disk), or its own file (caches written before shards)."""
+    return shard in shards if shard is not None else cache.path(kind, key).is_file()
 
 
 @dataclass(frozen=True)
@@ -875,8 +881,7 @@ def count_cache_gap(ws: Workspace, config: Config, family: ModelFamily,
             return set()
         found = index.db.execute(f"SELECT key, kind, shard FROM entries WHERE key IN "
                                  f"({', '.join('?' * len(keys))})", keys)
-        return {key for key, kind, shard in found if (
-            shard in shards if shard is not None else cache.path(kind, key).is_file())}
+        return {key for key, kind, shard in found if _stored(cache, shards, key, kind, shard)}
 
     def count(items: Iterable[tuple[str, int]]) -> tuple[int, int, int]:
         """(distinct keys, distinct missing keys, their bytes) of (key, bytes) items."""

@@ -428,19 +428,29 @@ def read_manifest(ws: Workspace, split: str = "train") -> list[ManifestRow]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     with _open(ws) as db:
-        masked = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                            "name = 'masks'").fetchone() is not None
-        return list(select_rows(db, "s.split = ?", (split,), masked=masked))
+        return list(select_rows(db, "s.split = ?", (split,), masked=has_masks_table(db)))
+
+
+def has_masks_table(db: sqlite3.Connection) -> bool:
+    """Whether the manifest has a masks table (manifests written before masks have none)."""
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                      "name = 'masks'").fetchone() is not None
+
+
+def sample_select(name: str = "main", masked: bool = True, first: str = "") -> str:
+    """`SELECT [first,] <a sample's columns, then its mask's> FROM samples s [LEFT JOIN
+    masks m]` of manifest `name`: each result row, past `first`, builds a row with `_row`."""
+    mask_columns = ("m.kind", "m.path", "m.sha256", "m.size_bytes", "m.mtime_ns")
+    columns = ([first] if first else []) + [f"s.{c}" for c in _SAMPLE_COLUMNS] + (
+        list(mask_columns) if masked else [])
+    return (f"SELECT {', '.join(columns)} FROM {name}.samples s "
+            + (f"LEFT JOIN {name}.masks m ON m.sample_id = s.id " if masked else ""))
 
 
 def select_rows(db: sqlite3.Connection, where: str, params: tuple = (), *,
                 name: str = "main", masked: bool = True) -> Iterator[ManifestRow]:
     """The samples (`s`) of manifest `name` that match `where`, in source order."""
-    mask_columns = ("m.kind", "m.path", "m.sha256", "m.size_bytes", "m.mtime_ns")
-    columns = [f"s.{c}" for c in _SAMPLE_COLUMNS] + (list(mask_columns) if masked else [])
-    found = db.execute(f"SELECT {', '.join(columns)} FROM {name}.samples s "
-                       + (f"LEFT JOIN {name}.masks m ON m.sample_id = s.id " if masked else "")
-                       + f"WHERE {where} ORDER BY s.id", params)
+    found = db.execute(f"{sample_select(name, masked)}WHERE {where} ORDER BY s.id", params)
     shared = _Shared()
     return (_row(values, shared) for values in found)
 

@@ -24,10 +24,9 @@ from typing import Iterator, Sequence, overload
 
 import numpy as np
 
-from .manifest import ManifestRow, SPLITS, _Shared, _row, _SAMPLE_COLUMNS
+from .manifest import SPLITS, ManifestRow, _row, _Shared, has_masks_table, sample_select
 
 _CHUNK = 1024  # rows per query while iterating
-_MASK_COLUMNS = "m.kind, m.path, m.sha256, m.size_bytes, m.mtime_ns"
 
 
 def bucket_key(width: int, height: int) -> int:
@@ -56,8 +55,7 @@ class SampleTable(Sequence[ManifestRow]):
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            has_masks = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                                   "name = 'masks'").fetchone() is not None
+            has_masks = has_masks_table(db)
             ids, buckets, datasets = array.array("q"), array.array("q"), array.array("i")
             masked = 0
             found = db.execute(
@@ -79,9 +77,8 @@ class SampleTable(Sequence[ManifestRow]):
     def subset(self, indices: Sequence[int]) -> "SampleTable":
         """The samples at `indices`, in that order."""
         picked = np.asarray(indices, dtype=np.int64)
-        has_masks = self._has_masks_table
         table = SampleTable(self.path, self.ids[picked], self.bucket_keys[picked],
-                            self.datasets[picked], 0, has_masks)
+                            self.datasets[picked], 0, self._has_masks_table)
         table.masked = self.masked and table._count_masked()
         return table
 
@@ -129,13 +126,9 @@ class SampleTable(Sequence[ManifestRow]):
         return local.db
 
     def _fetch(self, ids: list[int]) -> dict[int, ManifestRow]:
-        columns = ", ".join(f"s.{c}" for c in _SAMPLE_COLUMNS)
-        if self._has_masks_table:
-            columns += ", " + _MASK_COLUMNS
         found = self._connection().execute(
-            f"SELECT s.id, {columns} FROM samples s "
-            + ("LEFT JOIN masks m ON m.sample_id = s.id " if self._has_masks_table else "")
-            + f"WHERE s.id IN ({', '.join('?' * len(ids))})", ids)
+            f"{sample_select(masked=self._has_masks_table, first='s.id')}"
+            f"WHERE s.id IN ({', '.join('?' * len(ids))})", ids)
         return {values[0]: _row(values[1:], self._shared) for values in found}
 
     def _count_masked(self) -> int:

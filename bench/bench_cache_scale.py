@@ -12,7 +12,8 @@ cache complete. Measured, each command in a fresh process as a user runs it:
 
   files           every file under the cache folder (shards, index and its WAL) vs. entries
   verify          `ditctl precompute --verify`: re-reads and re-hashes every entry (in the
-                  default 2 worker processes)
+                  default 2 worker processes); its peak RSS (the main process's VmHWM:
+                  the plan, the checks' results and the imports)
   first step      `ditctl train --use-precomputed-data --max-steps 1`: from the process start
                   to its first line in train_log.jsonl (manifest, plan, cache check, model
                   load, the first batch read from the shards, one step); the whole process too
@@ -78,34 +79,34 @@ def fill_latents(ws, config) -> tuple[int, float]:
     Returns (entries written, seconds)."""
     import torch
 
-    from ditctl.data.cache import CacheIndex, cache_gap, entry_to_store, latent_tensors
+    from ditctl.data.cache import Cache, CacheIndex, entry_to_store, latent_tensors
+    from ditctl.data.cache_plan import PrecomputePlan
     from ditctl.data.cache_shards import ShardWriter
-    from ditctl.data.manifest import read_manifest
+    from ditctl.data.datasets import per_dataset
+    from ditctl.data.sample_table import SampleTable
     from ditctl.models.registry import load_family
 
     family = load_family(ws.model_path(config))
-    gap = cache_gap(ws, config, family, read_manifest(ws, "train"))
+    cache = Cache.open(ws, config, family)
+    table = SampleTable.read(ws.manifest_db, "train")
     generator = torch.Generator().manual_seed(0)
-    started = time.perf_counter()
-    with CacheIndex(gap.root / "index.sqlite") as index:
-        writer = ShardWriter(gap.root, index, "latent")
-        for job in gap.missing_latents:
-            shape = family.latent.latent_shape(job.row.bucket_w, job.row.bucket_h)
-            mean = torch.randn(shape, generator=generator)
-            std = torch.rand(shape, generator=generator) * 0.5 + 0.05
-            writer.add(*entry_to_store("latent", job.key, latent_tensors(mean, std, torch.float32),
-                                       shape, "fp32", job.flip, job.row.image_name))
+    with CacheIndex(cache.index_path) as index, PrecomputePlan.build(
+            cache.spec, [table], random_flip=per_dataset(config, "random_flip")) as plan:
+        missing, _ = plan.find_missing(cache, index)
+        started = time.perf_counter()
+        writer = ShardWriter(cache.root, index, "latent")
+        for batch in plan.latent_batches(256):
+            rows = table.reader.rows([sample for _, sample, _ in batch])
+            for key, sample, flip in batch:
+                row = rows[sample]
+                shape = family.latent.latent_shape(row.bucket_w, row.bucket_h)
+                mean = torch.randn(shape, generator=generator)
+                std = torch.rand(shape, generator=generator) * 0.5 + 0.05
+                writer.add(*entry_to_store("latent", key,
+                                           latent_tensors(mean, std, torch.float32), shape,
+                                           "fp32", flip, row.image_name))
         writer.flush()
-    return len(gap.missing_latents), time.perf_counter() - started
-
-
-def timed_command(args: list[str], cwd: Path) -> float:
-    started = time.perf_counter()
-    done = subprocess.run([*_ditctl(), *args], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ditctl {' '.join(args)} failed: {done.stderr[-3000:]}")
-    return time.perf_counter() - started
+    return missing, time.perf_counter() - started
 
 
 def _peak_rss_mb(pid: int) -> float | None:
@@ -118,6 +119,22 @@ def _peak_rss_mb(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+def timed_command(args: list[str], cwd: Path) -> tuple[float, float]:
+    """(seconds, the process's peak RSS in MB: its VmHWM, read until it exits) of one
+    ditctl command."""
+    started = time.perf_counter()
+    process = subprocess.Popen([*_ditctl(), *args], cwd=cwd, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0.0
+    while process.poll() is None:
+        peak = max(peak, _peak_rss_mb(process.pid) or 0.0)
+        time.sleep(0.05)
+    _, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"ditctl {' '.join(args)} failed: {stderr[-3000:]}")
+    return time.perf_counter() - started, peak
 
 
 def time_to_first_step(ws_root: Path) -> tuple[float, float, float]:
@@ -175,7 +192,7 @@ def run(quick: bool) -> dict:
             entries = len(index.keys())
             shards = len(index.shard_names())
         files = sum(1 for p in cache_dir.rglob("*") if p.is_file())
-        verify_s = timed_command(["precompute", "--verify"], ws.root)
+        verify_s, verify_peak_mb = timed_command(["precompute", "--verify"], ws.root)
         state = json.loads((ws.root / ".ditctl" / "state.json").read_text())["precompute"]
         assert state["verified"] == entries and not state["bad"], state
         first_step_s, train_s, train_peak_mb = time_to_first_step(ws.root)
@@ -184,6 +201,7 @@ def run(quick: bool) -> dict:
         "images": images, "cache_files": files, "shards": shards,
         "files_per_entry_pct": round(100 * files / entries, 3),
         "precompute_verify_s": round(verify_s, 1),
+        "verify_peak_rss_mb": round(verify_peak_mb, 1),
         "train_first_step_s": round(first_step_s, 1), "train_process_s": round(train_s, 1),
         "train_peak_rss_mb": round(train_peak_mb, 1),
         "setup_ingest_s": round(ingest_s, 1), "setup_fill_latents_s": round(fill_s, 1),

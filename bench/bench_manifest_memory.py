@@ -3,10 +3,13 @@
     .venv/bin/python bench/bench_manifest_memory.py N FOLDER make        # a synthetic manifest
     .venv/bin/python bench/bench_manifest_memory.py N FOLDER train       # table + epoch plan
     .venv/bin/python bench/bench_manifest_memory.py N FOLDER train-rows  # rows + epoch plan
-    .venv/bin/python bench/bench_manifest_memory.py N FOLDER precompute  # rows + cache plan
+    .venv/bin/python bench/bench_manifest_memory.py N FOLDER precompute  # table + cache plan
 
 `train` reads the split as training does (a `SampleTable`: arrays, rows read on demand);
-`train-rows` as it did before (`read_manifest`: a ManifestRow per sample).
+`train-rows` as it did before (`read_manifest`: a ManifestRow per sample). `precompute` reads
+the table and plans as `ditctl precompute` does (`PrecomputePlan`: the entries in a temporary
+SQLite file), then does what precompute does with the plan before encoding: its fingerprint,
+the gap against an empty cache index, and one pass over the batches to encode.
 
 The manifest is WebDataset-like (container path, member, 64-hex hash, short caption). Prints
 MB of RSS above a process that imported everything; run each measurement in its own process
@@ -25,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditctl.data import batches  # noqa: E402
-from ditctl.data.cache import KeySpec, plan_entries  # noqa: E402
+from ditctl.data.cache import Cache, CacheIndex, KeySpec  # noqa: E402
+from ditctl.data.cache_plan import PrecomputePlan  # noqa: E402
 from ditctl.data.manifest import ManifestRow, read_manifest, write_manifest  # noqa: E402
 from ditctl.data.sample_table import SampleTable  # noqa: E402
 from ditctl.workspace import Workspace  # noqa: E402
@@ -54,8 +58,8 @@ def measure(ws: Workspace, what: str) -> dict:
     gc.collect()
     base = rss_mb()
     started = time.perf_counter()
-    rows = (SampleTable.read(ws.manifest_db, "train") if what == "train"
-            else read_manifest(ws, "train"))
+    rows = (read_manifest(ws, "train") if what == "train-rows"
+            else SampleTable.read(ws.manifest_db, "train"))
     after_rows = rss_mb()
     out = {"rows": len(rows), "read_manifest_mb": round(after_rows - base, 1),
            "read_s": round(time.perf_counter() - started, 2)}
@@ -65,7 +69,14 @@ def measure(ws: Workspace, what: str) -> dict:
     else:
         spec = KeySpec(vae_identity="v" * 16, text_identity="t" * 16, text_max_length=77,
                        dtype="bf16", center_crop=False)
-        plan = plan_entries(spec, rows, random_flip=True)
+        folder = ws.root / "bench-cache"
+        folder.mkdir(exist_ok=True)
+        plan = PrecomputePlan.build(spec, [rows], random_flip=True, folder=folder)
+        out["build_s"] = round(time.perf_counter() - started, 2)
+        out["fingerprint"] = plan.fingerprint
+        with CacheIndex(folder / "index.sqlite") as index:
+            out["missing"] = plan.find_missing(Cache(folder, spec), index)
+        out["batches"] = sum(1 for _ in plan.latent_batches(8))
     out[f"{what.split('-')[0]}_plan_mb"] = round(rss_mb() - after_rows, 1)
     out["plan_s"] = round(time.perf_counter() - started, 2)
     out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)

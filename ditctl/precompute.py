@@ -35,7 +35,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator
 
 import torch
 from rich.markup import escape
@@ -45,13 +45,14 @@ from .config import Config
 from .console import console
 from .data.batches import crop_for, load_row_pixels, row_latent_mask, unreadable_image
 from .data.datasets import of_row, per_dataset
-from .data.cache import (FOLDERS, INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, CachePlan,
-                         IndexEntry, KeySpec, LatentJob, content_problem, entry_to_store,
-                         latent_tensors, present_keys, prompts_to_cache, read_entry,
+from .data.cache import (FOLDERS, INDEX_NAME, STORAGE_DTYPES, Cache, CacheIndex, IndexEntry,
+                         KeySpec, content_problem, entry_to_store, latent_tensors, read_entry,
                          tensor_bytes)
+from .data.cache_plan import LatentBatches, PrecomputePlan, prompts_to_cache
 from .data.cache_shards import ShardWriter, compact, remove_unindexed
 from .data.images import ImageProblem
-from .data.manifest import ManifestRow, manifest_fingerprint, read_manifest, stale_manifest_reason
+from .data.manifest import distinct_images, manifest_fingerprint, stale_manifest_reason
+from .data.sample_table import ManifestReader, SampleTable
 from .errors import DataError
 from .fsutil import check_free_space, clean_temp, folder_size
 from .models.base import ModelFamily
@@ -142,57 +143,59 @@ def run_precompute(ws: Workspace, config: Config, *, verify: bool = False, gc: b
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     notes: list[str] = []
     family = load_family(ws.model_path(config), config.model.family)
-    rows = _manifest_rows(ws, config, notes)
+    tables = _manifest_tables(ws, config, notes)
     prompts = prompts_to_cache(ws, config, family)
     cache_root = ws.cache_dir(config)
     _clean_leftovers(cache_root)
+    max_length = family.text_tokens()  # a family fact: the keys need no encoder
+    cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
 
-    with CacheIndex(cache_root / INDEX_NAME) as index:
+    with CacheIndex(cache_root / INDEX_NAME) as index, PrecomputePlan.build(
+            cache.spec, tables, random_flip=per_dataset(config, "random_flip"),
+            prompts=prompts, folder=cache_root) as plan:
         remove_unindexed(cache_root, index)
-        text_encoder = None
-        max_length = family.text_tokens()  # a family fact: the keys need no encoder
-        cache = Cache(cache_root, KeySpec.for_config(config, family, max_length))
-        plan = cache.plan(rows, random_flip=per_dataset(config, "random_flip"), captions=prompts)
+        counts = plan.counts
         summary = PrecomputeSummary(
-            cache_dir=cache_root, dtype=cache.spec.dtype, images=len(rows), variants=plan.variants,
-            latents=EntryCounts(total=len(plan.latents)), texts=EntryCounts(total=len(plan.texts)),
-            prompts=len(set(prompts) - {row.caption for row in rows}),
+            cache_dir=cache_root, dtype=cache.spec.dtype, images=counts.images,
+            variants=counts.variants, latents=EntryCounts(total=counts.latents),
+            texts=EntryCounts(total=counts.texts), prompts=counts.prompts,
             fingerprint=plan.fingerprint, notes=notes)
 
         summary.packed = _pack_one_file_entries(cache, index)
         if verify:
             summary.verified, summary.bad = _verify(cache, index,
                                                     config.precompute.num_workers)
-        present = present_keys(cache, index, plan)
-        missing_texts = [(k, c) for k, c in plan.texts.items() if k not in present]
-        missing_latents = [job for k, job in plan.latents.items() if k not in present]
-        summary.texts.reused = len(plan.texts) - len(missing_texts)
-        summary.latents.reused = len(plan.latents) - len(missing_latents)
+        missing_latents, missing_texts = plan.find_missing(cache, index)
+        summary.texts.reused = counts.texts - missing_texts
+        summary.latents.reused = counts.latents - missing_latents
 
         if missing_texts:
-            if text_encoder is None:
-                text_encoder = _load_text_encoder(family, config, device)
-            summary.texts.added = _encode_texts(family, text_encoder, cache, index, missing_texts,
+            text_encoder = _load_text_encoder(family, config, device)
+            summary.texts.added = _encode_texts(family, text_encoder, cache, index,
+                                                plan.missing_texts(), missing_texts,
                                                 config.precompute.batch_size)
-        if text_encoder is not None:  # free it before the VAE loads
-            text_encoder = None
+            text_encoder = None  # free it before the VAE loads
             _free_memory(device)
         if missing_latents:
             summary.latents.added, summary.encode_s = _encode_latents(
-                family, cache, index, missing_latents, config, device)
+                family, cache, index, plan.latent_batches(config.precompute.batch_size),
+                missing_latents, config, device, tables[0].reader)
         if gc:
-            summary.removed, summary.stray_files = _collect_garbage(cache, index, plan.keys())
+            summary.removed, summary.stray_files = _collect_garbage(cache, index, plan)
             summary.shards_deleted, summary.shards_rewritten = compact(cache_root, index)
 
-        _measure_disk(summary, index, plan, rows)
+        summary.latent_bytes, summary.flip_bytes, summary.text_bytes = plan.stored_bytes(index)
+    summary.unique_images, summary.source_bytes = distinct_images(ws)
+    summary.cache_bytes = folder_size(summary.cache_dir)
     summary.elapsed_s = time.perf_counter() - started
     ws.update_state("precompute", {**summary.counters(),
                                    "manifest_fingerprint": manifest_fingerprint(ws)})
     return summary
 
 
-def _manifest_rows(ws: Workspace, config: Config, notes: list[str]) -> list[ManifestRow]:
-    """Train + val rows of a manifest that matches config.data (ingesting first if needed)."""
+def _manifest_tables(ws: Workspace, config: Config, notes: list[str]) -> list[SampleTable]:
+    """Train and val samples of a manifest that matches config.data (ingesting first if
+    needed), as tables: rows are read from the manifest as the plan streams them."""
     reason = stale_manifest_reason(ws, config)
     if reason:
         from .data.ingest import run_ingest
@@ -202,11 +205,13 @@ def _manifest_rows(ws: Workspace, config: Config, notes: list[str]) -> list[Mani
         notes.append(f"ingested first ({reason}): {result.counts.get('train', 0)} train + "
                      f"{result.counts.get('val', 0)} val images, {len(result.bad)} bad row(s) "
                      f"skipped (report: {result.report_path})")
-    return read_manifest(ws, "train") + read_manifest(ws, "val")
+    return [SampleTable.read(ws.manifest_db, split) for split in ("train", "val")]
 
 
 def _clean_leftovers(cache_root: Path) -> None:
-    """Remove `.tmp-*` files of writes that a kill interrupted."""
+    """Remove `.tmp-*` files of writes (and plans) that a kill interrupted."""
+    if cache_root.is_dir():
+        clean_temp(cache_root)
     for folder in ("latents", "text"):
         top = cache_root / folder
         if top.is_dir():
@@ -278,12 +283,13 @@ class _EntryWriter:
 # --- captions ---------------------------------------------------------------------------------
 
 def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: CacheIndex,
-                  missing: list[tuple[str, str]], batch_size: int) -> int:
+                  missing: Iterator[tuple[str, str]], count: int, batch_size: int) -> int:
+    """Encode and store the `count` texts of `missing` ((key, caption) each)."""
     chunk = _encode_chunk(cache.spec, batch_size)
+    done = 0
     with _EntryWriter(cache, index, "text") as writer, \
-            console.progress("encoding captions", total=len(missing), unit="captions") as bar:
-        for start in range(0, len(missing), chunk):
-            part = missing[start:start + chunk]
+            console.progress("encoding captions", total=count, unit="captions") as bar:
+        while part := list(itertools.islice(missing, chunk)):
             conds = family.encode_prompts(text_encoder, [c for _, c in part]).cpu()
             items = []
             for i, (key, caption) in enumerate(part):
@@ -293,79 +299,71 @@ def _encode_texts(family: ModelFamily, text_encoder: Any, cache: Cache, index: C
                                             caption))
             writer.submit(items)
             bar.advance(len(part))
-    return len(missing)
+            done += len(part)
+    return done
 
 
 # --- images -----------------------------------------------------------------------------------
 
-class _ImageJobs(torch.utils.data.Dataset):
-    """Decodes one image variant per item (in DataLoader workers) with the one transform.
+class _ImageBatches(torch.utils.data.Dataset):
+    """Decodes one batch of image variants per item (in DataLoader workers), each with the one
+    transform; the item is the batch itself ((key, manifest sample id, flip) each, from
+    `LatentBatches`), and each worker reads the rows it decodes from the manifest.
 
-    Problems come back as values rather than exceptions, so that the main process can raise
-    them as DataError with the file's name (a worker's exception arrives as a traceback text).
+    Returns (keys, flips, image names, pixels [B, 3, H, W], loss masks (each [1, h, w] or
+    None), problem): one tensor per batch crosses to the main process. A problem comes back
+    as a value rather than an exception, so that the main process can raise it as DataError
+    with the file's name (a worker's exception arrives as a traceback text).
     """
 
-    def __init__(self, jobs: Sequence[LatentJob], center_crop: tuple[bool, ...], max_pixels: int,
+    def __init__(self, rows: ManifestReader, center_crop: tuple[bool, ...], max_pixels: int,
                  spatial_factor: int):
-        self.jobs, self.center_crop, self.max_pixels = list(jobs), center_crop, max_pixels
+        self.rows = rows
+        self.center_crop, self.max_pixels = center_crop, max_pixels
         self.spatial_factor = spatial_factor
 
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int):
-        row, flip = self.jobs[i].row, self.jobs[i].flip
-        crop = crop_for(row, of_row(self.center_crop, row.dataset))  # its dataset's crop
-        try:
-            pixels = load_row_pixels(row, crop, flip, self.max_pixels)
-            # the loss mask as training on the fly makes it (None: the row has none)
-            mask = row_latent_mask(row, crop, flip, self.max_pixels, self.spatial_factor) \
-                if row.mask is not None else None
-            return i, pixels, mask, None
-        except DataError as exc:
-            return i, None, None, (exc.message, exc.hint)
-        except (ImageProblem, OSError) as exc:
-            problem = unreadable_image(row.image_name, exc)
-            return i, None, None, (problem.message, problem.hint)
-
-
-def _stack_batch(items: list
-                 ) -> tuple[list[int], torch.Tensor | None, list, tuple[str, str] | None]:
-    """(job indices, pixels [B, 3, H, W], masks (each [1, h, w] or None), first problem). Runs
-    in the worker, so that one tensor per batch crosses to the main process rather than one per
-    image."""
-    indices = [i for i, _, _, _ in items]
-    problems = [problem for _, _, _, problem in items if problem is not None]
-    if problems:
-        return indices, None, [], problems[0]
-    return indices, torch.stack([pixels for _, pixels, _, _ in items]), \
-        [mask for _, _, mask, _ in items], None
+    def __getitem__(self, batch: list[tuple[str, int, bool]]):
+        rows = self.rows.rows([sample for _, sample, _ in batch])
+        keys, flips, names, pixels, masks = [], [], [], [], []
+        for key, sample, flip in batch:
+            row = rows[sample]
+            keys.append(key)
+            flips.append(flip)
+            names.append(row.image_name)
+            crop = crop_for(row, of_row(self.center_crop, row.dataset))  # its dataset's crop
+            try:
+                pixels.append(load_row_pixels(row, crop, flip, self.max_pixels))
+                # the loss mask as training on the fly makes it (None: the row has none)
+                masks.append(row_latent_mask(row, crop, flip, self.max_pixels,
+                                             self.spatial_factor)
+                             if row.mask is not None else None)
+            except DataError as exc:
+                return keys, flips, names, None, [], (exc.message, exc.hint)
+            except (ImageProblem, OSError) as exc:
+                problem = unreadable_image(row.image_name, exc)
+                return keys, flips, names, None, [], (problem.message, problem.hint)
+        return keys, flips, names, torch.stack(pixels), masks, None
 
 
-def bucket_batches(jobs: Sequence[LatentJob], batch_size: int) -> list[list[int]]:
-    """Job indices cut into batches of at most `batch_size`, one bucket per batch."""
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i, job in enumerate(jobs):
-        by_bucket.setdefault(job.row.bucket, []).append(i)
-    return [members[k:k + batch_size] for bucket in sorted(by_bucket)
-            for members in [by_bucket[bucket]] for k in range(0, len(members), batch_size)]
+def _as_is(item):
+    return item
 
 
 def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
-                    jobs: list[LatentJob], config: Config,
-                    device: torch.device) -> tuple[int, float]:
-    """Encode and store `jobs`; returns (images encoded, seconds of the encoding loop, from
-    the VAE being ready to the last commit)."""
+                    batches: LatentBatches, count: int, config: Config, device: torch.device,
+                    rows: ManifestReader) -> tuple[int, float]:
+    """Encode and store the `count` image variants of `batches`; returns (images encoded,
+    seconds of the encoding loop, from the VAE being ready to the last commit)."""
     settings = config.precompute
     workers = settings.num_workers
     loader = torch.utils.data.DataLoader(
-        _ImageJobs(jobs, per_dataset(config, "center_crop"), config.data.max_image_pixels,
-                   family.latent.spatial_factor),
-        batch_sampler=bucket_batches(jobs, settings.batch_size), num_workers=workers,
-        collate_fn=_stack_batch, persistent_workers=workers > 0,
+        _ImageBatches(rows, per_dataset(config, "center_crop"),
+                      config.data.max_image_pixels, family.latent.spatial_factor),
+        sampler=batches, batch_size=None, num_workers=workers, collate_fn=_as_is,
+        persistent_workers=workers > 0,
         worker_init_fn=worker_started,  # workers die with us and never keep the lock
         prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
-    batches = iter(loader)  # workers start, and decode ahead, while the VAE loads
+    decoded = iter(loader)  # workers start, and decode ahead, while the VAE loads
     try:
         with console.err.status("loading the VAE ..."):
             vae = family.load_vae(cache.spec.torch_dtype, device)
@@ -373,38 +371,39 @@ def _encode_latents(family: ModelFamily, cache: Cache, index: CacheIndex,
         done = 0
         started = time.perf_counter()
         with _EntryWriter(cache, index, "latent") as writer, \
-                console.progress("encoding images", total=len(jobs), unit="images") as bar:
-            for indices, pixels, masks, problem in batches:
+                console.progress("encoding images", total=count, unit="images") as bar:
+            for keys, flips, names, pixels, masks, problem in decoded:
                 if problem is not None:
                     raise DataError(problem[0], hint=problem[1])
-                written = _encode_batch(family, vae, cache, [jobs[i] for i in indices], pixels,
-                                        masks, chunk, device, writer)
+                written = _encode_batch(family, vae, cache, keys, flips, names, pixels, masks,
+                                        chunk, device, writer)
                 if done == 0:  # the first batch tells how large an entry is
-                    per_entry = written / len(indices)
-                    check_free_space(cache.root, int(per_entry * (len(jobs) - len(indices))),
+                    per_entry = written / len(keys)
+                    check_free_space(cache.root, int(per_entry * (count - len(keys))),
                                      "the latent cache")
-                done += len(indices)
-                bar.advance(len(indices))
+                done += len(keys)
+                bar.advance(len(keys))
         return done, time.perf_counter() - started  # the writer has drained: all committed
     finally:
-        del batches, loader  # stops the decoding workers now, also when an error unwinds
+        del decoded, loader  # stops the decoding workers now, also when an error unwinds
 
 
-def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[LatentJob],
-                  pixels: torch.Tensor, masks: list, chunk: int, device: torch.device,
-                  writer: _EntryWriter) -> int:
+def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, keys: list[str],
+                  flips: list[bool], names: list[str], pixels: torch.Tensor, masks: list,
+                  chunk: int, device: torch.device, writer: _EntryWriter) -> int:
     """Encode one bucket batch (pixels [B, 3, H, W]) and hand its entries, with each image's
     loss mask (or None), to the writer; returns the bytes queued."""
     means, stds = [], []
-    for start in range(0, len(jobs), chunk):
+    for start in range(0, len(keys), chunk):
         dist = family.encode_images(vae, pixels[start:start + chunk].to(device))
         means.append(dist.mean.cpu())  # [b, C, h, w]
         stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
-    items = [entry_to_store("latent", job.key,
-                            latent_tensors(job_mean, job_std, cache.spec.torch_dtype, mask),
-                            job_mean.shape, cache.spec.dtype, job.flip, job.row.image_name)
-             for job, job_mean, job_std, mask in zip(jobs, mean, std, masks)]
+    items = [entry_to_store("latent", key, latent_tensors(one_mean, one_std,
+                                                          cache.spec.torch_dtype, mask),
+                            one_mean.shape, cache.spec.dtype, flip, name)
+             for key, flip, name, one_mean, one_std, mask
+             in zip(keys, flips, names, mean, std, masks)]
     writer.submit(items)
     return sum(entry.bytes for entry, _ in items)
 
@@ -412,21 +411,21 @@ def _encode_batch(family: ModelFamily, vae: Any, cache: Cache, jobs: list[Latent
 # --- verify, gc, disk -------------------------------------------------------------------------
 
 class _EntryChecks(torch.utils.data.Dataset):
-    """Groups of entries (a shard's, or a slice of the one-file ones) checked in DataLoader
-    workers: [(key, why it is bad or None)] per group."""
+    """Groups of entries checked in DataLoader workers: a shard's (the worker reads its index
+    rows itself, so the main process never holds every entry), or a slice of the one-file
+    ones. Each item: (entries checked, [(entry, why it is bad)])."""
 
-    def __init__(self, cache: Cache, groups: list[list[IndexEntry]]):
+    def __init__(self, cache: Cache, groups: list[str | list[IndexEntry]]):
         self.cache, self.groups = cache, groups
 
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, i: int) -> list[tuple[str, str | None]]:
-        return [(entry.key, problem) for entry, problem in self.cache.check_all(self.groups[i])]
-
-
-def _as_is(item):
-    return item
+    def __getitem__(self, i: int) -> tuple[int, list[tuple[IndexEntry, str]]]:
+        group = self.groups[i]
+        entries = self.cache.shard_entries(group) if isinstance(group, str) else group
+        return len(entries), [(entry, problem) for entry, problem
+                              in self.cache.check_all(entries) if problem]
 
 
 def _verify(cache: Cache, index: CacheIndex, workers: int) -> tuple[int, list[tuple[str, str]]]:
@@ -434,21 +433,22 @@ def _verify(cache: Cache, index: CacheIndex, workers: int) -> tuple[int, list[tu
     num_workers); delete bad ones (the row; a one-file entry's file too; the dead bytes in a
     shard go with the next --gc). Returns (checked, bad): each bad one as (its image or
     caption, why and where)."""
-    entries = list(index.entries(by_location=True))
-    groups: list[list[IndexEntry]] = []
-    for shard, group in itertools.groupby(entries, key=lambda e: e.shard):
-        members = list(group)
-        step = len(members) if shard is not None else 1024  # one-file entries: in slices
-        groups += [members[k:k + step] for k in range(0, len(members), step)]
-    by_key = {entry.key: entry for entry in entries}
+    one_file = list(index.entries(by_location=True, one_file=True))  # older caches only
+    groups: list[str | list[IndexEntry]] = sorted(index.shard_names())
+    groups += [one_file[k:k + 1024] for k in range(0, len(one_file), 1024)]
     loader = torch.utils.data.DataLoader(
         _EntryChecks(cache, groups), batch_size=None, num_workers=workers, collate_fn=_as_is,
         worker_init_fn=worker_started)  # workers die with us and never keep the lock
     bad: list[tuple[IndexEntry, str]] = []
-    with console.progress("verifying cache", total=len(entries), unit="entries") as bar:
-        for results in loader:
-            bad += [(by_key[key], problem) for key, problem in results if problem]
-            bar.advance(len(results))
+    checked = 0
+    try:
+        with console.progress("verifying cache", total=index.count(), unit="entries") as bar:
+            for count, problems in loader:
+                bad += problems
+                checked += count
+                bar.advance(count)
+    finally:
+        cache.close()  # num_workers 0: the checks read the index in this process
     for entry, problem in bad:
         console.warn(f"bad cache entry for {entry.source} ({cache.location(entry)}): "
                      f"{problem}; re-encoding it")
@@ -456,8 +456,8 @@ def _verify(cache: Cache, index: CacheIndex, workers: int) -> tuple[int, list[tu
     for entry, _ in bad:
         if entry.shard is None:
             cache.path(entry.kind, entry.key).unlink(missing_ok=True)
-    return len(entries), [(entry.source, f"{problem} ({cache.location(entry)})")
-                          for entry, problem in bad]
+    return checked, [(entry.source, f"{problem} ({cache.location(entry)})")
+                     for entry, problem in bad]
 
 
 def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
@@ -510,15 +510,16 @@ def _remove_empty_folders(cache: Cache) -> None:
             top.rmdir()
 
 
-def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[int, int]:
-    """Delete entries outside `keep`, and one-file entries no row points to (their shards
-    are compacted by `compact`). Returns the counts."""
-    unused = [entry for entry in index.entries() if entry.key not in keep]
-    index.remove(entry.key for entry in unused)  # rows first: a kill leaves only stray files
-    for entry in unused:
-        if entry.shard is None:
-            cache.path(entry.kind, entry.key).unlink(missing_ok=True)
-    one_file = {key for key, _, shard in index.locations() if shard is None}
+def _collect_garbage(cache: Cache, index: CacheIndex, plan: PrecomputePlan) -> tuple[int, int]:
+    """Delete the entries the plan does not need, and one-file entries no row points to
+    (their shards are compacted by `compact`). Returns the counts."""
+    removed = plan.find_unused(index)
+    for chunk in plan.unused():  # rows first: a kill leaves only stray files
+        index.remove(key for key, _, _ in chunk)
+        for key, kind, shard in chunk:
+            if shard is None:
+                cache.path(kind, key).unlink(missing_ok=True)
+    one_file = {entry.key for entry in index.entries(one_file=True)}
     strays = 0
     for folder in FOLDERS.values():
         for path in sorted((cache.root / folder).glob("*/*.safetensors")):
@@ -526,19 +527,7 @@ def _collect_garbage(cache: Cache, index: CacheIndex, keep: set[str]) -> tuple[i
                 path.unlink(missing_ok=True)
                 strays += 1
     _remove_empty_folders(cache)
-    return len(unused), strays
-
-
-def _measure_disk(summary: PrecomputeSummary, index: CacheIndex, plan: CachePlan,
-                  rows: Sequence[ManifestRow]) -> None:
-    sizes = index.sizes()
-    summary.latent_bytes = sum(sizes.get(k, 0) for k in plan.latents)
-    summary.flip_bytes = sum(sizes.get(k, 0) for k in plan.flipped)
-    summary.text_bytes = sum(sizes.get(k, 0) for k in plan.texts)
-    sources = {row.sha256: row.size_bytes for row in rows}
-    summary.unique_images = len(sources)
-    summary.source_bytes = sum(sources.values())
-    summary.cache_bytes = folder_size(summary.cache_dir)
+    return removed, strays
 
 
 # --- output -----------------------------------------------------------------------------------

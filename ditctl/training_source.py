@@ -25,7 +25,8 @@ from typing import Sequence
 
 from .config import Config
 from .console import console
-from .data.cache import Cache, count_cache_gap
+from .data.cache import Cache
+from .data.cache_plan import count_cache_gap
 from .data.datasets import per_dataset, resolve_datasets
 from .data.manifest import ManifestRow
 from .fsutil import format_bytes

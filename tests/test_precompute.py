@@ -24,15 +24,15 @@ from ditctl.data import cache as cache_mod
 from ditctl.data import cache_shards as shards
 from ditctl.data.batches import (CachedSource, OnTheFlySource, collate, crop_for, epoch_batches,
                                  flip_for)
-from ditctl.data.cache import (Cache, CacheIndex, KeySpec, check_cache_complete, latent_key,
-                               prompts_to_cache, text_key)
+from ditctl.data.cache import Cache, CacheIndex, KeySpec, latent_key, text_key
+from ditctl.data.cache_plan import check_cache_complete, prompts_to_cache
 from ditctl.data.cache_shards import shard_path
 from ditctl.data.ingest import run_ingest
 from ditctl.data.manifest import ManifestRow, read_manifest
 from ditctl.demo.scenes import Scene, random_scenes, render, write_dataset
 from ditctl.errors import CacheError, DataError
 from ditctl.models.registry import load_family
-from ditctl.precompute import bucket_batches, run_precompute
+from ditctl.precompute import run_precompute
 from ditctl.workspace import Workspace
 from tests.cache_entries import (drop_entry, garble_in_shard, overwrite_in_shard, read_stored,
                                  stored, to_one_file_layout)
@@ -130,6 +130,30 @@ def test_keys_are_stable_across_versions():
     assert text_key(caption='ein "rotes" Kreis \u2014 \u00fc\n\t\u65e5\u672c',
                     text_identity="t5:1:2:L-8", max_length=None, dtype="bf16") == \
         "17f28a1ea19b6b3b71076c73fd62a076fa96f0e383fccf854796f6a94b538510"
+
+
+def test_keys_are_the_sha256_of_their_parts_as_sorted_json():
+    """The keys' JSON is written by templates (for speed); it must be, byte for byte, what
+    json.dumps(parts, sort_keys=True, ensure_ascii=False) gives, for any text."""
+    texts = ["", "plain", 'quote " back \\ slash', "tab\t newline\n nul\x00 bell\x07",
+             "\u00fc\u65e5\u672c \U0001f600 \u2028 \x7f"]
+    for text in texts:
+        for mask in (None, text, "file:" + "a" * 64):
+            for flip in (False, True):
+                parts = {"kind": "latent", "format": cache_mod.SCHEMA_VERSION,
+                         "transform": cache_mod.TRANSFORM_VERSION, "image": text or "c" * 64,
+                         "bucket": [1024, 48], "crop": [0, 17], "flip": flip, "vae": text,
+                         "dtype": "bf16"}
+                if mask is not None:
+                    parts["mask"] = mask
+                assert latent_key(image_sha256=text or "c" * 64, bucket=(1024, 48),
+                                  crop=(0, 17), flip=flip, vae_identity=text, dtype="bf16",
+                                  mask=mask) == cache_mod._digest(parts)
+        for max_length in (None, 77, 512):
+            assert text_key(caption=text, text_identity=text + "t5", max_length=max_length,
+                            dtype="fp32") == cache_mod._digest(
+                {"kind": "text", "format": cache_mod.SCHEMA_VERSION, "caption": text,
+                 "encoder": text + "t5", "max_length": max_length, "dtype": "fp32"})
 
 
 @pytest.mark.parametrize("change", [
@@ -612,7 +636,8 @@ def test_gc_removes_exactly_the_unreferenced_entries(tmp_path, tiny_model_dir):
     centred = ws.config({"data.center_crop": True})
     run_precompute(ws, centred)
     both = set(index_rows(ws))
-    keep = Cache.open(ws, centred, family).plan(rows, random_flip=False).keys()
+    spec = Cache.open(ws, centred, family).spec
+    keep = {spec.latent_key(r, False) for r in rows} | {spec.text_key(r.caption) for r in rows}
     assert keep < both and random_keys < both
     stale = both - keep
     # only images that actually get cropped (not 64x64 ones) differ between the crop modes
@@ -681,13 +706,6 @@ def test_image_changed_after_ingest_is_an_error(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="changed since ingest") as info:
         run_precompute(ws, ws.config())
     assert str(row.path) in str(info.value) and "ditctl ingest" in info.value.hint
-
-
-def test_bucket_batches_group_by_bucket():
-    rows = [manifest_row(bucket_w=w, bucket_h=h, sha256=f"{i:064x}")
-            for i, (w, h) in enumerate([(64, 64), (80, 48), (64, 64), (64, 64), (80, 48)])]
-    jobs = [cache_mod.LatentJob(str(i), r, False) for i, r in enumerate(rows)]
-    assert bucket_batches(jobs, 2) == [[0, 2], [3], [1, 4]]
 
 
 # --- the command ------------------------------------------------------------------------------

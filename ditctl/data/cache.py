@@ -45,7 +45,6 @@ Reading needs the models' identities (fingerprints of their files) but never the
 
 from __future__ import annotations
 
-import array
 import hashlib
 import itertools
 import json
@@ -55,21 +54,20 @@ import sqlite3
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..config import Config
-from ..errors import CacheError, DataError
-from ..models.base import Conditioning, LatentDist, ModelFamily, unconditional_text
+from ..errors import CacheError
+from ..models.base import Conditioning, LatentDist, ModelFamily
 from ..workspace import Workspace
-from .batches import crop_for, sample_variants
-from .cache_shards import ShardReader, shard_path, stored_shards
+from .batches import crop_for
+from .cache_shards import ShardReader, shard_path
 from .datasets import of_row, per_dataset
 from .manifest import ManifestRow
 from .transforms import center_crop_offset
@@ -130,32 +128,48 @@ _ENTRY_COLUMNS = "key, kind, shape, dtype, bytes, flip, source, shard, sha256"
 
 # --- keys -------------------------------------------------------------------------------------
 
-# json.dumps(parts, sort_keys=True, ensure_ascii=False), without building an encoder per call
-# (json.dumps does that for any non-default option; planning hashes millions of keys)
+# A key is the sha256 of json.dumps(parts, sort_keys=True, ensure_ascii=False). Planning a
+# million-sample dataset hashes ~3 million keys, so the JSON text is written by the templates
+# below (~5x faster than the encoder's sorting and dispatch); `_digest` is the definition they
+# are tested against, and it is what any other kind of key would use.
 _KEY_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+_json_text = json.encoder.encode_basestring  # type: ignore[attr-defined]  # ensure_ascii=False
 
 
 def _digest(parts: dict) -> str:
     return hashlib.sha256(_KEY_ENCODER.encode(parts).encode()).hexdigest()
 
 
+def _number(value: int) -> int:
+    """An int as JSON writes it (bools and floats are not key parts of these kinds)."""
+    if type(value) is not int:
+        value = int(value)  # numpy integers; json would refuse them
+    return value
+
+
 def latent_key(*, image_sha256: str, bucket: tuple[int, int], crop: tuple[int, int], flip: bool,
                vae_identity: str, dtype: str, mask: str | None = None) -> str:
     """Key of one image variant's posterior. `crop` is the (left, top) offset actually used;
     `mask` the identity of its loss mask (`MaskRef.identity`), None without one (the key is
-    then what it was before masks existed)."""
-    parts = {"kind": "latent", "format": SCHEMA_VERSION, "transform": TRANSFORM_VERSION,
-             "image": image_sha256, "bucket": list(bucket), "crop": list(crop),
-             "flip": bool(flip), "vae": vae_identity, "dtype": dtype}
-    if mask is not None:
-        parts["mask"] = mask
-    return _digest(parts)
+    then what it was before masks existed). The parts, in sorted order: bucket, crop, dtype,
+    flip, format, image, kind, mask, transform, vae."""
+    text = (f'{{"bucket": [{_number(bucket[0])}, {_number(bucket[1])}], '
+            f'"crop": [{_number(crop[0])}, {_number(crop[1])}], "dtype": {_json_text(dtype)}, '
+            f'"flip": {"true" if flip else "false"}, "format": {SCHEMA_VERSION}, '
+            f'"image": {_json_text(image_sha256)}, "kind": "latent", '
+            + (f'"mask": {_json_text(mask)}, ' if mask is not None else "")
+            + f'"transform": {TRANSFORM_VERSION}, "vae": {_json_text(vae_identity)}}}')
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def text_key(*, caption: str, text_identity: str, max_length: int | None, dtype: str) -> str:
-    """Key of one caption's embedding (max_length None: unknown yet, matches no entry)."""
-    return _digest({"kind": "text", "format": SCHEMA_VERSION, "caption": caption,
-                    "encoder": text_identity, "max_length": max_length, "dtype": dtype})
+    """Key of one caption's embedding (max_length None: unknown yet, matches no entry). The
+    parts, in sorted order: caption, dtype, encoder, format, kind, max_length."""
+    length = "null" if max_length is None else _number(max_length)
+    text = (f'{{"caption": {_json_text(caption)}, "dtype": {_json_text(dtype)}, '
+            f'"encoder": {_json_text(text_identity)}, "format": {SCHEMA_VERSION}, '
+            f'"kind": "text", "max_length": {length}}}')
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def crop_offsets(row: ManifestRow, center_crop: bool | tuple[bool, ...]) -> tuple[int, int]:
@@ -204,101 +218,6 @@ class KeySpec:
     def text_key(self, caption: str) -> str:
         return text_key(caption=caption, text_identity=self.text_identity,
                         max_length=self.text_max_length, dtype=self.dtype)
-
-
-# --- the plan: which entries a manifest + config needs ---------------------------------------
-
-@dataclass(frozen=True, slots=True)  # slots: one per image variant, a million at scale
-class LatentJob:
-    """One image variant to cache (the first row with this key stands for all duplicates)."""
-
-    key: str
-    row: ManifestRow
-    flip: bool
-
-
-@dataclass
-class CachePlan:
-    latents: dict[str, LatentJob]     # key -> job, in manifest order
-    texts: dict[str, str]             # key -> caption
-    variants: int                     # (row, flip) pairs asked for, duplicates included
-    flipped: set[str] = field(default_factory=set)  # keys of mirrored variants
-
-    def keys(self) -> set[str]:
-        return set(self.latents) | set(self.texts)
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes exactly when the set of entries training needs changes."""
-        return cache_plan_fingerprint(self.keys())
-
-
-def cache_plan_fingerprint(keys: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(keys):
-        digest.update(key.encode() + b"\n")
-    return digest.hexdigest()[:16]
-
-
-def plan_variants(spec: KeySpec, rows: Iterable[ManifestRow], *,
-                  random_flip: bool | tuple[bool, ...],
-                  ) -> Iterator[tuple[str, ManifestRow, bool]]:
-    """(key, row, flip) of every image variant `rows` ask for (both flips of train rows with
-    random_flip), in manifest order, duplicates included."""
-    for row in rows:
-        crop = crop_offsets(row, spec.center_crop)  # one seeded draw per row, both flips
-        for flip in sample_variants(row, random_flip):
-            yield spec.latent_key(row, flip, crop), row, flip
-
-
-def plan_entries(spec: KeySpec, rows: Sequence[ManifestRow], *,
-                 random_flip: bool | tuple[bool, ...],
-                 captions: Sequence[str] = ()) -> CachePlan:
-    """The entries needed for `rows` (both flips of train rows with random_flip), their
-    captions, and the extra `captions` (sample prompts)."""
-    latents: dict[str, LatentJob] = {}
-    flipped: set[str] = set()
-    variants = 0
-    for key, row, flip in plan_variants(spec, rows, random_flip=random_flip):
-        latents.setdefault(key, LatentJob(key, row, flip))
-        variants += 1
-        if flip:
-            flipped.add(key)
-    texts = {}
-    for caption in [row.caption for row in rows] + list(captions):
-        texts.setdefault(spec.text_key(caption), caption)
-    return CachePlan(latents, texts, variants, flipped)
-
-
-def prompts_to_cache(ws: Workspace, config: Config, family: ModelFamily) -> list[str]:
-    """Sample prompts (the prompts file, blank and # lines skipped), the negative prompt and the
-    family's unconditional prompt, cached so that training from the cache can sample and drop
-    captions without the text encoder."""
-    named = config.train.sample_prompts_file
-    path = ws.resolve(named or "prompts.txt")
-    prompts: list[str] = []
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not valid UTF-8",
-                            hint="save the prompts file as UTF-8") from None
-        prompts = [line.strip() for line in text.splitlines()
-                   if line.strip() and not line.strip().startswith("#")]
-    elif named:
-        raise DataError(f"{path}: no such file ([train] sample_prompts_file)",
-                        hint="create it (one prompt per line) or unset sample_prompts_file")
-    prompts += [text for text in (unconditional_text(family, config.sample.negative_prompt),
-                                  family.unconditional_prompt) if text is not None]
-    return list(dict.fromkeys(prompts))
-
-
-def training_texts(config: Config, family: ModelFamily) -> list[str]:
-    """Texts training encodes besides the captions: the unconditional prompt when captions
-    are dropped (families whose unconditional input is a prompt's encoding)."""
-    if config.train.caption_dropout > 0 and family.unconditional_prompt is not None:
-        return [family.unconditional_prompt]
-    return []
 
 
 # --- the index --------------------------------------------------------------------------------
@@ -401,9 +320,8 @@ class CacheIndex:
                 f"SELECT {_ENTRY_COLUMNS} FROM entries {where} ORDER BY {order}"):
             yield _entry(row)
 
-    def sizes(self) -> dict[str, int]:
-        """key -> bytes of every entry."""
-        return dict(self.db.execute("SELECT key, bytes FROM entries"))
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
     def locations(self) -> Iterator[tuple[str, str, str | None]]:
         """(key, kind, shard or None) of every entry."""
@@ -505,13 +423,10 @@ class Cache:
         """Where a one-file entry (the layout before shards) lives."""
         return self.root / FOLDERS[kind] / key[:2] / f"{key}.safetensors"
 
-    def plan(self, rows: Sequence[ManifestRow], *, random_flip: bool | tuple[bool, ...],
-             captions: Sequence[str] = ()) -> CachePlan:
-        return plan_entries(self.spec, rows, random_flip=random_flip, captions=captions)
-
     # where entries are
-    def lookup(self, key: str) -> IndexEntry | None:
-        """The index row of `key`, or None (not cached, or an index without shards)."""
+    def _query(self, sql: str, params: tuple) -> list[tuple] | None:
+        """The rows of a query on the index (None without an index, or one not yet upgraded
+        to shards), through this process's read-only connection."""
         with self._lock:
             if self._db is None or self._db_pid != os.getpid():
                 if not self.index_path.is_file():
@@ -520,11 +435,28 @@ class Cache:
                                            check_same_thread=False)
                 self._db_pid = os.getpid()
             try:
-                row = self._db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?",
-                                       (key,)).fetchone()
+                return self._db.execute(sql, params).fetchall()
             except sqlite3.OperationalError:  # an index not yet upgraded: one-file entries
                 return None
-        return _entry(row) if row else None
+
+    def close(self) -> None:
+        """Close this process's connection to the index (reopened when needed): the index's
+        writer, closing last, then folds its write-ahead log back into the file."""
+        with self._lock:
+            if self._db is not None and self._db_pid == os.getpid():
+                self._db.close()
+            self._db = None
+
+    def lookup(self, key: str) -> IndexEntry | None:
+        """The index row of `key`, or None (not cached, or an index without shards)."""
+        found = self._query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,))
+        return _entry(found[0]) if found else None
+
+    def shard_entries(self, name: str) -> list[IndexEntry]:
+        """The index rows of the entries in shard `name`, in the order they were written."""
+        found = self._query(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE shard = ? "
+                            "ORDER BY rowid", (name,))
+        return [_entry(row) for row in found or ()]
 
     def has(self, kind: str, key: str) -> bool:
         """Whether the entry can be read: indexed in a shard that exists, or its own file."""
@@ -788,142 +720,9 @@ def check_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     return problem
 
 
-# --- what training checks before it starts ---------------------------------------------------
+# --- whether an entry's bytes are there -------------------------------------------------------
 
-def present_keys(cache: Cache, index: CacheIndex, plan: CachePlan) -> set[str]:
-    """Keys of the plan that the index records and whose shard (or own file) exists."""
-    wanted = plan.keys()
-    shards = set(stored_shards(cache.root))
-    return {key for key, kind, shard in index.locations()
-            if key in wanted and _stored(cache, shards, key, kind, shard)}
-
-
-def _stored(cache: Cache, shards: set[str], key: str, kind: str, shard: str | None) -> bool:
+def is_stored(cache: Cache, shards: set[str], key: str, kind: str, shard: str | None) -> bool:
     """Whether an indexed entry's bytes are there: its shard (one of `shards`, those on
     disk), or its own file (caches written before shards)."""
     return shard in shards if shard is not None else cache.path(kind, key).is_file()
-
-
-@dataclass(frozen=True)
-class CacheGap:
-    """The entries a run needs (`plan`) and those of them the cache lacks."""
-
-    root: Path
-    plan: CachePlan
-    missing_latents: list[LatentJob]
-    missing_texts: list[str]  # keys
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_latents and not self.missing_texts
-
-
-def _needed_prompts(ws: Workspace, config: Config, family: ModelFamily) -> list[str]:
-    """What training needs cached besides the captions: the workspace's sample prompts (and
-    negative prompt) when it samples (`sample_every` > 0) and the family's unconditional
-    prompt when it drops captions."""
-    prompts = prompts_to_cache(ws, config, family) if config.train.sample_every > 0 else []
-    return list(prompts) + training_texts(config, family)
-
-
-def cache_gap(ws: Workspace, config: Config, family: ModelFamily, rows: Sequence[ManifestRow],
-              *, prompts: Sequence[str] | None = None) -> CacheGap:
-    """What the cache lacks for `rows` under `config`. `prompts`: extra texts that must be
-    cached too; None means what training needs besides the captions (`_needed_prompts`).
-    Loads no weights."""
-    cache = Cache.open(ws, config, family)
-    if prompts is None:
-        prompts = _needed_prompts(ws, config, family)
-    plan = cache.plan(rows, random_flip=per_dataset(config, "random_flip"), captions=prompts)
-    present: set[str] = set()
-    if cache.index_path.is_file():
-        with CacheIndex(cache.index_path) as index:
-            present = present_keys(cache, index, plan)
-    return CacheGap(cache.root, plan, [job for k, job in plan.latents.items() if k not in present],
-                    [k for k in plan.texts if k not in present])
-
-
-@dataclass(frozen=True)
-class GapCount:
-    """`cache_gap` as counts, made while streaming the rows (nothing is kept per row, so a
-    million-sample run starts without holding its cache plan): distinct entries the run needs,
-    how many the cache lacks, and their estimated size on disk."""
-
-    latents: int
-    texts: int
-    missing_latents: int
-    missing_texts: int
-    missing_bytes: int
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing_latents and not self.missing_texts
-
-
-_GAP_CHUNK = 2048  # keys looked up in the index per query
-
-
-def count_cache_gap(ws: Workspace, config: Config, family: ModelFamily,
-                    rows: Iterable[ManifestRow]) -> GapCount:
-    """`cache_gap` (with the prompts training needs) counted while streaming `rows`: the index
-    is asked about the keys a chunk at a time, and distinct entries are counted from 60-bit
-    key prefixes (8 bytes per variant; two keys of a run sharing one is a ~1e-6 chance at a
-    million, and would only make the count of distinct entries one lower)."""
-    cache = Cache.open(ws, config, family)
-    index = CacheIndex(cache.index_path) if cache.index_path.is_file() else None
-    shards = set(stored_shards(cache.root))
-    itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
-    latent = family.latent
-    text_bytes = family.text_tokens() * family.denoiser_shape().text_dim * itemsize
-
-    def present(keys: list[str]) -> set[str]:
-        if index is None:
-            return set()
-        found = index.db.execute(f"SELECT key, kind, shard FROM entries WHERE key IN "
-                                 f"({', '.join('?' * len(keys))})", keys)
-        return {key for key, kind, shard in found if _stored(cache, shards, key, kind, shard)}
-
-    def count(items: Iterable[tuple[str, int]]) -> tuple[int, int, int]:
-        """(distinct keys, distinct missing keys, their bytes) of (key, bytes) items."""
-        needed, missing, sizes = array.array("q"), array.array("q"), array.array("q")
-        for chunk in iter(lambda: list(itertools.islice(items, _GAP_CHUNK)), []):
-            there = present([key for key, _ in chunk])
-            for key, size in chunk:
-                prefix = int(key[:15], 16)
-                needed.append(prefix)
-                if key not in there:
-                    missing.append(prefix)
-                    sizes.append(size)
-        missing_keys, first = np.unique(np.frombuffer(missing, dtype=np.int64),
-                                        return_index=True)
-        return (len(np.unique(np.frombuffer(needed, dtype=np.int64))), len(missing_keys),
-                int(np.frombuffer(sizes, dtype=np.int64)[first].sum()))
-
-    try:
-        # mean and std latents (and the loss mask) of each variant at its bucket
-        latents = count(
-            (key, (2 * latent.channels + (row.mask is not None)) * itemsize
-             * (row.bucket_h // latent.spatial_factor) * (row.bucket_w // latent.spatial_factor))
-            for key, row, _ in plan_variants(cache.spec, rows,
-                                             random_flip=per_dataset(config, "random_flip")))
-        captions = itertools.chain((row.caption for row in rows),
-                                   _needed_prompts(ws, config, family))
-        texts = count((cache.spec.text_key(caption), text_bytes) for caption in captions)
-    finally:
-        if index is not None:
-            index.close()
-    return GapCount(latents[0], texts[0], latents[1], texts[1], latents[2] + texts[2])
-
-
-def check_cache_complete(ws: Workspace, config: Config, family: ModelFamily,
-                         rows: Sequence[ManifestRow], *,
-                         prompts: Sequence[str] | None = None) -> None:
-    """Raise CacheError unless every entry `rows` need under `config` is cached (`cache_gap`)."""
-    gap = cache_gap(ws, config, family, rows, prompts=prompts)
-    if not gap.complete:
-        raise CacheError(
-            f"{len(gap.missing_latents)} of {len(gap.plan.latents)} latents and "
-            f"{len(gap.missing_texts)} of {len(gap.plan.texts)} captions are missing or stale "
-            f"for the current config (cache {gap.root})",
-            hint="run `ditctl precompute`")
-

@@ -501,6 +501,15 @@ def manifest_counts(ws: Workspace) -> dict[str, int] | None:
     return {split: int(found.get(split, 0)) for split in SPLITS}
 
 
+def distinct_images(ws: Workspace) -> tuple[int, int]:
+    """(distinct image contents, their bytes: each content once) over both splits."""
+    with _open(ws) as db:
+        count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT "
+                                 "MAX(size_bytes) AS size FROM samples GROUP BY sha256)"
+                                 ).fetchone()
+    return int(count), int(size)
+
+
 def manifest_fingerprint(ws: Workspace) -> str:
     """The fingerprint of the current manifest (training checkpoints record it)."""
     with _open(ws) as db:

@@ -44,9 +44,7 @@ class SampleTable(Sequence[ManifestRow]):
         self.bucket_keys = buckets    # `bucket_key` of each sample, int64
         self.datasets = datasets      # each sample's dataset index, int32
         self.masked = masked          # how many samples have a loss mask
-        self._has_masks_table = has_masks_table
-        self._local = threading.local()  # a connection per thread (and per process)
-        self._shared = _Shared()
+        self.reader = ManifestReader(path, has_masks_table)  # rows by id
 
     @classmethod
     def read(cls, path: Path, split: str) -> "SampleTable":
@@ -78,7 +76,7 @@ class SampleTable(Sequence[ManifestRow]):
         """The samples at `indices`, in that order."""
         picked = np.asarray(indices, dtype=np.int64)
         table = SampleTable(self.path, self.ids[picked], self.bucket_keys[picked],
-                            self.datasets[picked], 0, self._has_masks_table)
+                            self.datasets[picked], 0, self.reader.has_masks_table)
         table.masked = self.masked and table._count_masked()
         return table
 
@@ -97,7 +95,7 @@ class SampleTable(Sequence[ManifestRow]):
         if isinstance(index, slice):
             return self.subset(range(*index.indices(len(self))))
         sample_id = int(self.ids[index])  # IndexError past the end, as a list
-        rows = self._fetch([sample_id])
+        rows = self.reader.rows([sample_id])
         if sample_id not in rows:
             raise LookupError(f"{self.path}: sample {sample_id} is gone (the manifest was "
                               "replaced while it was read)")
@@ -106,7 +104,7 @@ class SampleTable(Sequence[ManifestRow]):
     def __iter__(self) -> Iterator[ManifestRow]:
         for start in range(0, len(self), _CHUNK):
             ids = [int(i) for i in self.ids[start:start + _CHUNK]]
-            rows = self._fetch(ids)
+            rows = self.reader.rows(ids)
             for sample_id in ids:
                 yield rows[sample_id]
 
@@ -114,39 +112,49 @@ class SampleTable(Sequence[ManifestRow]):
         key = int(self.bucket_keys[index])
         return key >> 32, key & 0xFFFFFFFF
 
-    # --- reading -----------------------------------------------------------------------------
+    def _count_masked(self) -> int:
+        count = 0
+        for start in range(0, len(self), _CHUNK):
+            ids = [int(i) for i in self.ids[start:start + _CHUNK]]
+            count += self.reader.connection().execute(
+                f"SELECT COUNT(*) FROM masks WHERE sample_id IN ({', '.join('?' * len(ids))})",
+                ids).fetchone()[0]
+        return count
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection; a forked worker opens its own (a connection must not
-        cross a fork), and so does each thread (the prefetch thread reads rows too)."""
+
+class ManifestReader:
+    """Rows of the manifest at `path` by sample id. Each thread and process reads through a
+    read-only connection of its own, opened on first use: a connection must not cross a fork
+    (DataLoader workers) and the prefetch thread reads rows while the main thread does."""
+
+    def __init__(self, path: Path, has_masks_table: bool):
+        self.path = Path(path)
+        self.has_masks_table = has_masks_table
+        self._local = threading.local()
+
+    def connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
             local.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             local.pid = os.getpid()
         return local.db
 
-    def _fetch(self, ids: list[int]) -> dict[int, ManifestRow]:
-        found = self._connection().execute(
-            f"{sample_select(masked=self._has_masks_table, first='s.id')}"
-            f"WHERE s.id IN ({', '.join('?' * len(ids))})", ids)
-        return {values[0]: _row(values[1:], self._shared) for values in found}
-
-    def _count_masked(self) -> int:
-        count = 0
-        for start in range(0, len(self), _CHUNK):
-            ids = [int(i) for i in self.ids[start:start + _CHUNK]]
-            count += self._connection().execute(
-                f"SELECT COUNT(*) FROM masks WHERE sample_id IN ({', '.join('?' * len(ids))})",
-                ids).fetchone()[0]
-        return count
+    def rows(self, ids: Sequence[int]) -> dict[int, ManifestRow]:
+        """sample id -> its row, for those of `ids` the manifest has. (Values rows repeat are
+        shared within one call only: a table read row by row over a whole run would otherwise
+        keep every file's path.)"""
+        found = self.connection().execute(
+            f"{sample_select(masked=self.has_masks_table, first='s.id')}"
+            f"WHERE s.id IN ({', '.join('?' * len(ids))})", list(ids))
+        shared = _Shared()
+        return {values[0]: _row(values[1:], shared) for values in found}
 
     def __getstate__(self) -> dict:
         # connections cannot be pickled: a spawned process opens its own
-        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+        return {"path": self.path, "has_masks_table": self.has_masks_table}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
+        self.__init__(state["path"], state["has_masks_table"])
 
 
 # --- what the epoch plans read, from a SampleTable or a list of rows ---------------------------

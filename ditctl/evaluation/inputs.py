@@ -13,7 +13,8 @@ from typing import Any, Sequence
 from ..config import Config
 from ..console import console
 from ..data.batches import CachedSource
-from ..data.cache import Cache, check_cache_complete
+from ..data.cache import Cache
+from ..data.cache_plan import check_cache_complete
 from ..data.manifest import ManifestRow, read_manifest
 from ..data.sample_table import SampleTable, row_datasets, select
 from ..errors import CacheError, DataError

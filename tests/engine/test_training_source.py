@@ -58,7 +58,8 @@ def _lora_weights(outcome):
 @pytest.mark.slow
 def test_a_repeating_run_fills_the_cache_and_trains_as_on_the_fly(tmp_path, tiny_model_dir,
                                                                   capsys):
-    from ditctl.data.cache import Cache, check_cache_complete
+    from ditctl.data.cache import Cache
+    from ditctl.data.cache_plan import check_cache_complete
     from ditctl.models.registry import load_family
     from ditctl.train import run_training
 
@@ -91,22 +92,39 @@ def test_a_single_pass_run_encodes_on_the_fly_and_says_why(tmp_path, tiny_model_
     assert not (ws.root / "cache").exists()
 
 
-def _plan_bytes(gap, config, family) -> int:
-    """The disk estimate of `gap`'s missing entries, from the full cache plan."""
+def _plan_gap(ws, config, family, rows):
+    """(latents, texts, missing latents, missing texts, their bytes on disk) from precompute's
+    full plan of the same rows and prompts."""
+    from ditctl.data.cache import Cache, CacheIndex
+    from ditctl.data.cache_plan import PrecomputePlan, needed_prompts
+    from ditctl.data.datasets import per_dataset
+
+    cache = Cache.open(ws, config, family)
+    with PrecomputePlan.build(cache.spec, [rows], prompts=needed_prompts(ws, config, family),
+                              random_flip=per_dataset(config, "random_flip")) as plan:
+        with CacheIndex(ws.root / "scratch-index.sqlite" if not cache.index_path.is_file()
+                        else cache.index_path) as index:
+            missing_latents, missing_texts = plan.find_missing(cache, index)
+        batches = list(plan.latent_batches(8))
+        counts = plan.counts
     itemsize = 2 if config.precompute.mixed_precision == "bf16" else 4
     latent, factor = family.latent, family.latent.spatial_factor
-    values = sum((2 * latent.channels + (job.row.mask is not None))
-                 * (job.row.bucket_h // factor) * (job.row.bucket_w // factor)
-                 for job in gap.missing_latents)
-    values += len(gap.missing_texts) * family.text_tokens() * family.denoiser_shape().text_dim
-    return values * itemsize
+    values = 0
+    for batch in batches:
+        found = rows.reader.rows([sample for _, sample, _ in batch])
+        values += sum((2 * latent.channels + (found[sample].mask is not None))
+                      * (found[sample].bucket_h // factor) * (found[sample].bucket_w // factor)
+                      for _, sample, _ in batch)
+    values += missing_texts * family.text_tokens() * family.denoiser_shape().text_dim
+    return (counts.latents, counts.texts, missing_latents, missing_texts, values * itemsize)
 
 
 def test_the_streamed_gap_count_agrees_with_the_full_cache_plan(tmp_path, tiny_model_dir):
     """Training counts what the cache lacks while streaming the rows (nothing per row kept);
-    the counts and the size estimate equal those of the full plan (`cache_gap`): without a
-    cache, with a complete one, and with entries missing."""
-    from ditctl.data.cache import Cache, CacheIndex, cache_gap, count_cache_gap
+    the counts and the size estimate equal those of precompute's full plan: without a cache,
+    with a complete one, and with entries missing."""
+    from ditctl.data.cache import Cache, CacheIndex
+    from ditctl.data.cache_plan import count_cache_gap
     from ditctl.data.sample_table import SampleTable
     from ditctl.models.registry import load_family
     from ditctl.precompute import run_precompute
@@ -121,13 +139,9 @@ def test_the_streamed_gap_count_agrees_with_the_full_cache_plan(tmp_path, tiny_m
     rows = SampleTable.read(ws.manifest_db, "train")
 
     def agree() -> None:
-        full, counted = cache_gap(ws, config, family, list(rows)), count_cache_gap(
-            ws, config, family, rows)
-        assert (counted.latents, counted.texts) == (len(full.plan.latents), len(full.plan.texts))
-        assert (counted.missing_latents, counted.missing_texts) == (
-            len(full.missing_latents), len(full.missing_texts))
-        assert counted.missing_bytes == _plan_bytes(full, config, family)
-        assert counted.complete == full.complete
+        counted = count_cache_gap(ws, config, family, rows)
+        assert (counted.latents, counted.texts, counted.missing_latents, counted.missing_texts,
+                counted.missing_bytes) == _plan_gap(ws, config, family, rows)
 
     agree()                                     # no cache: everything missing
     assert count_cache_gap(ws, config, family, rows).missing_latents == 8  # 4 images x 2 flips

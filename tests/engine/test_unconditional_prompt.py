@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache_entries import drop_entry  # noqa: E402
 from conftest import family_class, make_workspace  # noqa: E402
-from ditctl.data.cache import check_cache_complete, prompts_to_cache  # noqa: E402
+from ditctl.data.cache_plan import check_cache_complete, prompts_to_cache  # noqa: E402
 from ditctl.errors import CacheError  # noqa: E402
 from ditctl.models.registry import load_family  # noqa: E402
 

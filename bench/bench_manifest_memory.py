@@ -9,7 +9,8 @@
 `train-rows` as it did before (`read_manifest`: a ManifestRow per sample). `precompute` reads
 the table and plans as `ditctl precompute` does (`PrecomputePlan`: the entries in a temporary
 SQLite file), then does what precompute does with the plan before encoding: its fingerprint,
-the gap against an empty cache index, and one pass over the batches to encode.
+the gap against an empty cache index, and one pass over the batches to encode (and reports
+the size of the plan's file on disk).
 
 The manifest is WebDataset-like (container path, member, 64-hex hash, short caption). Prints
 MB of RSS above a process that imported everything; run each measurement in its own process
@@ -18,8 +19,10 @@ MB of RSS above a process that imported everything; run each measurement in its 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import resource
 import sys
 import time
@@ -40,6 +43,15 @@ PER_SHARD = 10_000
 def rss_mb() -> float:
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(status["VmRSS"].split()[0]) / 1024
+
+
+def plan_file_bytes() -> int:
+    """Size of the plan's temporary file (deleted when opened, still open: found by fd)."""
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if ".tmp-plan-" in os.readlink(fd):
+                return os.stat(fd).st_size
+    return 0
 
 
 def make(ws: Workspace, rows: int) -> None:
@@ -77,6 +89,7 @@ def measure(ws: Workspace, what: str) -> dict:
         with CacheIndex(folder / "index.sqlite") as index:
             out["missing"] = plan.find_missing(Cache(folder, spec), index)
         out["batches"] = sum(1 for _ in plan.latent_batches(8))
+        out["plan_file_mb"] = round(plan_file_bytes() / 1e6, 1)
     out[f"{what.split('-')[0]}_plan_mb"] = round(rss_mb() - after_rows, 1)
     out["plan_s"] = round(time.perf_counter() - started, 2)
     out["peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)

@@ -466,8 +466,8 @@ def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
     hash to check, stays a one-file entry for --verify to judge. Each shard's rows are
     committed before the files they replace are deleted: a kill leaves at worst files no row
     points to, which --gc removes. Returns the entries packed."""
-    legacy = list(index.entries(one_file=True))
-    if not legacy:
+    total = index.count(one_file=True)
+    if not total:
         return 0
     packed = 0
     writers: dict[str, ShardWriter] = {}
@@ -476,9 +476,9 @@ def _pack_one_file_entries(cache: Cache, index: CacheIndex) -> int:
         for entry in entries:
             cache.path(entry.kind, entry.key).unlink(missing_ok=True)
 
-    with console.progress("packing cache entries into shards", total=len(legacy),
+    with console.progress("packing cache entries into shards", total=total,
                           unit="entries") as bar:
-        for entry in legacy:
+        for entry in index.one_file_entries():
             bar.advance()
             try:
                 tensors, metadata = read_entry(cache.path(entry.kind, entry.key))

@@ -320,8 +320,20 @@ class CacheIndex:
                 f"SELECT {_ENTRY_COLUMNS} FROM entries {where} ORDER BY {order}"):
             yield _entry(row)
 
-    def count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    def count(self, *, one_file: bool = False) -> int:
+        """How many entries (`one_file`: of those that are files of their own)."""
+        where = " WHERE shard IS NULL" if one_file else ""
+        return self.db.execute(f"SELECT COUNT(*) FROM entries{where}").fetchone()[0]
+
+    def one_file_entries(self, chunk: int = 4096) -> Iterator[IndexEntry]:
+        """The entries that are files of their own, by key, read a chunk at a time: the
+        caller may move them into shards (committing through this connection) as it goes."""
+        last = ""
+        while found := self.db.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE shard IS NULL AND key > ? "
+                "ORDER BY key LIMIT ?", (last, chunk)).fetchall():
+            yield from (_entry(row) for row in found)
+            last = found[-1][0]
 
     def locations(self) -> Iterator[tuple[str, str, str | None]]:
         """(key, kind, shard or None) of every entry."""

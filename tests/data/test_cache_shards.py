@@ -162,3 +162,22 @@ def test_shard_limits_are_read_when_a_writer_starts(tmp_path, monkeypatch):
     with CacheIndex(tmp_path / "index.sqlite") as index:
         _write(tmp_path, index, range(5))
     assert len(stored_shards(tmp_path)) == 3
+
+
+def test_one_file_entries_are_listed_a_chunk_at_a_time_while_they_move(tmp_path):
+    """Packing reads the one-file entries in chunks and moves them into shards as it goes
+    (commits between chunks): every entry is listed exactly once, and nothing is held for
+    the whole cache."""
+    with CacheIndex(tmp_path / "index.sqlite") as index:
+        index.add([_entry(i)[0] for i in range(7)])  # no shard: files of their own
+        _write(tmp_path, index, [100])
+        assert index.count() == 8 and index.count(one_file=True) == 7
+        writer = ShardWriter(tmp_path, index, "latent")
+        seen = []
+        for entry in index.one_file_entries(chunk=2):
+            seen.append(entry.key)
+            if len(seen) % 2:  # move every other one, as packing does (its rows are replaced)
+                writer.add(*_entry(int(entry.key, 16)))
+                writer.flush()
+        assert seen == [f"{i:064x}" for i in range(7)]
+        assert index.count(one_file=True) == 3

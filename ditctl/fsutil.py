@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -261,3 +263,14 @@ def check_free_space(folder: Path, needed: int, what: str) -> None:
             f"not enough disk space for {what}: needs about {needed / 1e6:.1f} MB, "
             f"{free / 1e6:.1f} MB free under {probe}",
             hint="free some space (e.g. lower checkpoints_total_limit, `ditctl precompute --gc`)")
+
+
+def read_only_uri(path: Path | str) -> str:
+    """The SQLite URI that opens `path` read-only. The path is percent-encoded: in a URI, `?`,
+    `#` and `%` in a folder name would otherwise end the path or start an escape."""
+    return f"file:{urllib.parse.quote(str(path))}?mode=ro"
+
+
+def connect_read_only(path: Path | str, **kwargs) -> sqlite3.Connection:
+    """A read-only SQLite connection to the database at `path` (`read_only_uri`)."""
+    return sqlite3.connect(read_only_uri(path), uri=True, **kwargs)

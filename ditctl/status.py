@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import Config
 from .errors import DitctlError
-from .fsutil import entry_size, folder_size, temp_leftovers
+from .fsutil import connect_read_only, entry_size, folder_size, temp_leftovers
 from .runs import list_checkpoints, list_runs, torn_temporaries
 from .workspace import Workspace
 
@@ -76,7 +76,7 @@ def _cache_entries(cache_dir: Path) -> int | None:
     if not index.is_file():
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(index)) as db:
             return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
     except sqlite3.DatabaseError:
         return None

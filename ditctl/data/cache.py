@@ -64,6 +64,7 @@ from safetensors.torch import load, save
 
 from ..config import Config
 from ..errors import CacheError
+from ..fsutil import connect_read_only
 from ..models.base import Conditioning, LatentDist, ModelFamily
 from ..workspace import Workspace
 from .batches import crop_for
@@ -443,8 +444,7 @@ class Cache:
             if self._db is None or self._db_pid != os.getpid():
                 if not self.index_path.is_file():
                     return None
-                self._db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True,
-                                           check_same_thread=False)
+                self._db = connect_read_only(self.index_path, check_same_thread=False)
                 self._db_pid = os.getpid()
             try:
                 return self._db.execute(sql, params).fetchall()

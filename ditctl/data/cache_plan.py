@@ -24,7 +24,6 @@ import itertools
 import os
 import sqlite3
 import tempfile
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -34,7 +33,7 @@ import numpy as np
 from ..config import Config
 from ..console import console
 from ..errors import CacheError, DataError
-from ..fsutil import TEMP_PREFIX
+from ..fsutil import TEMP_PREFIX, read_only_uri
 from ..models.base import ModelFamily, unconditional_text
 from ..workspace import Workspace
 from .batches import sample_variants
@@ -270,8 +269,7 @@ class PrecomputePlan:
         commit meanwhile; each statement here reads the last commit before it)."""
         if self._index == index.path:
             return
-        uri = f"file:{urllib.parse.quote(str(index.path))}?mode=ro"
-        self.db.execute("ATTACH DATABASE ? AS idx", (uri,))
+        self.db.execute("ATTACH DATABASE ? AS idx", (read_only_uri(index.path),))
         self._index = index.path
 
     def find_missing(self, cache: Cache, index: CacheIndex) -> tuple[int, int]:

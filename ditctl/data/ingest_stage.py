@@ -22,9 +22,9 @@ import os
 import sqlite3
 import tempfile
 import threading
-import urllib.parse
 from typing import Callable, Iterable, Iterator, Sequence
 
+from ..fsutil import connect_read_only
 from .images import ImageFacts
 from .manifest import MaskRef, SampleScan, scan_sample_rows
 from .sources import SourceRow
@@ -109,9 +109,8 @@ class Stage:
         try:
             # autocommit, no journal, no syncs (nothing here must survive a crash)
             self.db = sqlite3.connect(path, isolation_level=None)
-            self._reader = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro",
-                                           uri=True, isolation_level=None,
-                                           check_same_thread=False)
+            self._reader = connect_read_only(path, isolation_level=None,
+                                             check_same_thread=False)
         finally:
             with contextlib.suppress(OSError):  # not where open files cannot be deleted
                 os.unlink(path)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..config import Config
 from ..errors import DataError, WorkspaceError
-from ..fsutil import atomic_write_with
+from ..fsutil import atomic_write_with, connect_read_only
 from ..workspace import Workspace
 from .images import ImageFacts, ImageRef
 
@@ -390,7 +390,7 @@ def _open(ws: Workspace) -> Iterator[sqlite3.Connection]:
         raise WorkspaceError(f"no manifest in {ws.root}: the data has not been ingested",
                              hint="run `ditctl ingest`")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(path)) as db:
             version = _meta_value(db, "schema_version")
             if version != SCHEMA_VERSION:
                 raise DataError(f"{path}: manifest schema {version}, this ditctl reads "
@@ -407,7 +407,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     if not Path(path).is_file():
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(path)) as db:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
     except (sqlite3.DatabaseError, ValueError):
         return None
@@ -572,7 +572,7 @@ class PreviousManifest:
         self.problem = problem
         self._db: sqlite3.Connection | None = None
         if path is not None:
-            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            self._db = connect_read_only(path)
 
     def facts(self, path: str, member: str) -> ImageFacts | None:
         if self._db is None:
@@ -593,7 +593,7 @@ def read_previous(path: Path) -> PreviousManifest:
     if not path.is_file():
         return PreviousManifest(None)
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(path)) as db:
             # earlier schemas' files tables lack member/offset: every image is read again
             if _meta_value(db, "schema_version") != SCHEMA_VERSION:
                 return PreviousManifest(None, "written by another ditctl version")

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence, overload
 
 import numpy as np
 
+from ..fsutil import connect_read_only
 from .manifest import SPLITS, ManifestRow, _row, _Shared, has_masks_table, sample_select
 
 _CHUNK = 1024  # rows per query while iterating
@@ -51,7 +52,7 @@ class SampleTable(Sequence[ManifestRow]):
         """The samples of `split` in the manifest at `path`, in source order."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = connect_read_only(path)
         try:
             has_masks = has_masks_table(db)
             ids, buckets, datasets = array.array("q"), array.array("q"), array.array("i")
@@ -135,7 +136,7 @@ class ManifestReader:
     def connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            local.db = connect_read_only(self.path)
             local.pid = os.getpid()
         return local.db
 

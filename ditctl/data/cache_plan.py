@@ -102,8 +102,7 @@ CREATE TABLE needed (             -- every distinct entry the manifest + config 
     sample INTEGER,               -- latents: the first manifest sample asking for it
     flip INTEGER,
     bucket INTEGER,               -- latents: its `bucket_key`
-    caption TEXT,                 -- texts: the text
-    prompt INTEGER                -- texts: 1 when no caption asks for it, only the prompts
+    caption TEXT                  -- texts: the text
 ) WITHOUT ROWID;
 CREATE TABLE asked (              -- what each sample asks for, in asking order (`needed`
     seq INTEGER PRIMARY KEY,      -- is built from it by one sort: ~3x faster than inserting
@@ -174,7 +173,8 @@ class PrecomputePlan:
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # SQLite may have rolled back already
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -221,7 +221,7 @@ class PrecomputePlan:
             bar.advance(len(texts))
             # sorted by key, first asker first: OR IGNORE keeps the first sample of each key
             self.db.execute("INSERT OR IGNORE INTO needed SELECT key, is_text, seq, sample, "
-                            "flip, bucket, caption, 0 FROM asked ORDER BY key, seq")
+                            "flip, bucket, caption FROM asked ORDER BY key, seq")
             self.db.execute("DELETE FROM asked")
         counts.images = total
         counts.latents, = self.db.execute("SELECT COUNT(*) FROM needed WHERE NOT is_text").fetchone()
@@ -239,8 +239,7 @@ class PrecomputePlan:
         before = self.counts.texts
         with self._transaction():
             self.db.executemany(
-                "INSERT OR IGNORE INTO needed (key, is_text, seq, caption, prompt) "
-                "VALUES (?, 1, ?, ?, 1)",
+                "INSERT OR IGNORE INTO needed (key, is_text, seq, caption) VALUES (?, 1, ?, ?)",
                 ((self.spec.text_key(p), first + i, p) for i, p in enumerate(prompts)))
         self.counts.texts, = self.db.execute("SELECT COUNT(*) FROM needed WHERE is_text").fetchone()
         self.counts.prompts = self.counts.texts - before

@@ -2,12 +2,14 @@
 
     manifest (train + val); re-ingested first when missing or built from other [data] settings
     plan: a key per image variant (both flips of train images with random_flip), per unique
-          caption, per sample prompt and the negative prompt (see ditctl.data.cache)
+          caption, per sample prompt and the negative prompt, streamed from the manifest into
+          a temporary SQLite file (data/cache_plan.py: nothing per entry held in memory)
     --verify  re-read every entry (shard by shard, in [precompute] num_workers processes);
               delete bad ones (the steps below re-encode them)
     captions  the missing ones only, unique, through the text encoder
-    images    the missing ones only, one bucket per batch: DataLoader workers decode (the one
-              transform) while the VAE loads and encodes; a writer thread packs the entries
+    images    the missing ones only, one bucket per batch: DataLoader workers read the
+              batch's rows from the manifest and decode them (the one transform) while the
+              VAE loads and encodes; a writer thread packs the entries
               into shards and commits their index rows shard by shard
     --gc      delete entries and stray files the plan no longer references, and compact
               shards (data/cache_shards.py): delete dead ones, rewrite mostly-dead ones

@@ -52,7 +52,7 @@ from .. import __version__
 from ..config import Config, DataConfig
 from ..console import console
 from ..errors import DataError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, clean_temp
 from ..models.registry import size_multiple
 from ..procutil import worker_started
 from ..workspace import Workspace
@@ -186,7 +186,9 @@ def run_ingest(ws: Workspace, config: Config, *, strict: bool = False,
     if kept is not None:
         _finish(kept, started)
         return kept
-    with staged() as stage:
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    clean_temp(ws.state_dir)  # a staging file a kill left in the instant before its unlink
+    with staged(ws.state_dir) as stage:
         summary = _ingest_staged(ws, config, stage, datasets, batch_sizes, multiple, strict,
                                  workers, started)
     return summary

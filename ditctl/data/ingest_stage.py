@@ -7,8 +7,11 @@ written from here by SQL (`fill_manifest`, into manifest tables attached to this
 no sample becomes a Python object on the way. Memory stays flat as the dataset grows: SQLite
 keeps a bounded page cache and spills the rest to the file.
 
-The file is deleted as soon as it is opened (as SQLite does with its own temporary files), so
-a killed ingest leaves nothing behind, and the next run starts over (the previous manifest,
+The file lives in the workspace's `.ditctl/` (on the workspace's disk: a million records
+stage a few hundred MB, which a RAM-backed /tmp would hold in memory) and is deleted as soon
+as it is opened (as SQLite does with its own temporary files), so a killed ingest leaves
+nothing behind (killed in that instant: a `.tmp-*` file the next ingest removes), and the
+next run starts over (the previous manifest,
 untouched, still lets it skip every unchanged image). Two connections hold it open: the one
 that writes, and a read-only one with which the fingerprint pass reads the samples in a thread
 while the first writes them into the manifest (`fill_manifest`).
@@ -22,9 +25,10 @@ import os
 import sqlite3
 import tempfile
 import threading
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from ..fsutil import connect_read_only
+from ..fsutil import TEMP_PREFIX, connect_read_only
 from .images import ImageFacts
 from .manifest import MaskRef, SampleScan, scan_sample_rows
 from .sources import SourceRow
@@ -102,8 +106,9 @@ def batched(items: Iterable, size: int = BATCH) -> Iterator[list]:
 class Stage:
     """The staging database of one ingest run (see the module doc)."""
 
-    def __init__(self) -> None:
-        descriptor, path = tempfile.mkstemp(prefix="ditctl-ingest-", suffix=".sqlite")
+    def __init__(self, folder: Path | None = None) -> None:
+        descriptor, path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}ingest-", suffix=".sqlite",
+                                            dir=folder)
         os.close(descriptor)
         self._path: str | None = path
         try:
@@ -370,8 +375,10 @@ class Stage:
 
 
 @contextlib.contextmanager
-def staged() -> Iterator[Stage]:
-    stage = Stage()
+def staged(folder: Path | None = None) -> Iterator[Stage]:
+    """A Stage whose file is in `folder` (the workspace's state folder, so that it lands on
+    the workspace's disk rather than a RAM-backed /tmp; None: the system's temporary folder)."""
+    stage = Stage(folder)
     try:
         yield stage
     finally:

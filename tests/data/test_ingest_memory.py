@@ -88,7 +88,7 @@ def test_peak_rss_does_not_grow_with_the_records(tmp_path):
 
 
 _KILLED_CHILD = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from ditctl.config import build_config
     from ditctl.console import console
@@ -99,7 +99,16 @@ _KILLED_CHILD = textwrap.dedent("""
 
     def plan_then_hang(*args, **kwargs):  # everything is staged: stop here until killed
         found = real(*args, **kwargs)
-        print("staged", flush=True)
+        # where the (already unlinked) staging file is: the workspace's state folder
+        staging = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # the listing's own descriptor, closed by now
+                continue
+            if ".tmp-ingest-" in link:
+                staging.append(link)
+        print("staged", os.path.dirname(staging[0]) if staging else "nowhere", flush=True)
         time.sleep(60)
         return found
 
@@ -110,8 +119,9 @@ _KILLED_CHILD = textwrap.dedent("""
 
 
 def test_a_killed_ingest_leaves_the_manifest_and_a_rerun_continues(tmp_path):
-    """SIGKILL after every record is staged: the previous manifest stays as it was, nothing of
-    the staging file is left behind, and the next ingest runs to the end and reuses what the
+    """SIGKILL after every record is staged (in a file in the workspace's state folder, not a
+    RAM-backed /tmp): the previous manifest stays as it was, nothing of the staging file is
+    left behind, and the next ingest runs to the end and reuses what the
     previous manifest learned about each image."""
     from ditctl.config import build_config
     from ditctl.data.ingest import run_ingest
@@ -132,14 +142,19 @@ def test_a_killed_ingest_leaves_the_manifest_and_a_rerun_continues(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert child.stdout.readline().strip() == "staged", child.stderr.read()[-2000:]
+        line = child.stdout.readline().strip()
+        assert line == f"staged {ws.state_dir}", (line, child.stderr.read()[-2000:])
     finally:
         child.kill()
         child.wait()
     assert (manifest_fingerprint(ws), read_manifest(ws)) == (fingerprint, rows)
     assert sorted(p.name for p in ws.state_dir.iterdir()) == before  # no leftovers
 
+    # killed in the instant between creating the staging file and unlinking it
+    leftover = ws.state_dir / ".tmp-ingest-abc123.sqlite"
+    leftover.write_bytes(b"x" * 1000)
     again = run_ingest(ws, config, workers=1)
+    assert not leftover.exists()
     assert again.counts == {"train": 121} and first.counts == {"train": 120}
     assert (again.files_read, again.files_reused) == (1, 120)
     assert (again.changes.added, again.changes.unchanged) == (1, 120)

@@ -14,7 +14,8 @@ Two datasets, each measured the same way:
    pages it shares with ingest's main process). Targets: first >= 0.7 x bare, peak RSS
    <= 1 GiB, no-change re-ingest <= 5% of first. Also recorded, not a target: the bare loop
    with JPEGs decoded at 1/8 scale (`bare_scaled_s`), the floor for what ingest's check
-   (`images.check_decodes`) does.
+   (`images.check_decodes`) does, and the size of ingest's staging file (`staging_file_mb`,
+   disk in the workspace's .ditctl/ while ingest runs).
 
 Folder of JPEGs:
 Generates N random-content 512x512 JPEGs (1000; --quick: 100): smooth random colour fields plus
@@ -222,7 +223,7 @@ def bare_members(images: list[tuple], workers: int, scaled: bool = False) -> flo
 
 
 _CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, os, resource, sys, time
     from pathlib import Path
 
     def own_peak_rss():
@@ -241,8 +242,25 @@ _CHILD = textwrap.dedent("""
     from ditctl.config import build_config
     from ditctl.console import console
     from ditctl.data.ingest import run_ingest
+    from ditctl.data import ingest_stage
     from ditctl.workspace import Workspace
     console.quiet = True
+
+    # the staging file's size when ingest closes it (its largest: SQLite never shrinks it);
+    # it is unlinked as soon as it is opened, so it is found by its open descriptor
+    staging = {{"bytes": 0}}
+    close_stage = ingest_stage.Stage.close
+
+    def measured_close(stage):
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if ".tmp-ingest-" in os.readlink(f"/proc/self/fd/{{fd}}"):
+                    staging["bytes"] = max(staging["bytes"], os.fstat(int(fd)).st_size)
+            except OSError:
+                pass
+        close_stage(stage)
+
+    ingest_stage.Stage.close = measured_close
     ws = Workspace(Path({root!r}))
     config = build_config({{"data": {{"train_data_path": "captions.parquet"}}}})
     started = time.perf_counter()
@@ -252,7 +270,7 @@ _CHILD = textwrap.dedent("""
                       "bad": len(summary.bad), "files_read": summary.files_read,
                       "containers_read": summary.containers_read,
                       "phases_s": summary.phases_s,
-                      "main_peak_rss": own_peak_rss(),
+                      "main_peak_rss": own_peak_rss(), "staging_bytes": staging["bytes"],
                       "worker_peak_rss":
                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}}))
 """)
@@ -305,6 +323,7 @@ def run_webdataset(records: int) -> dict:
         "reingest_vs_first": round(again["elapsed_s"] / first["elapsed_s"], 4),
         "main_peak_rss_mb": round(peak / 2**20, 1),
         "worker_peak_rss_mb": round(first["worker_peak_rss"] / 2**20, 1),
+        "staging_file_mb": round(first["staging_bytes"] / 2**20, 1),
         "target_first_ge_0_7_bare": bare_s / first["elapsed_s"] >= 0.7,
         "target_peak_rss_le_1gib": peak <= 2**30,
         "target_reingest_le_5pct": again["elapsed_s"] / first["elapsed_s"] <= 0.05,

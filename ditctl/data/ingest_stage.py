@@ -8,7 +8,7 @@ no sample becomes a Python object on the way. Memory stays flat as the dataset g
 keeps a bounded page cache and spills the rest to the file.
 
 The file lives in the workspace's `.ditctl/` (on the workspace's disk: a million records
-stage a few hundred MB, which a RAM-backed /tmp would hold in memory) and is deleted as soon
+stage ~600 MB, which a RAM-backed /tmp would hold in memory) and is deleted as soon
 as it is opened (as SQLite does with its own temporary files), so a killed ingest leaves
 nothing behind (killed in that instant: a `.tmp-*` file the next ingest removes), and the
 next run starts over (the previous manifest,

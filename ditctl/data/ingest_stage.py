@@ -8,13 +8,13 @@ no sample becomes a Python object on the way. Memory stays flat as the dataset g
 keeps a bounded page cache and spills the rest to the file.
 
 The file lives in the workspace's `.ditctl/` (on the workspace's disk: a million records
-stage ~600 MB, which a RAM-backed /tmp would hold in memory) and is deleted as soon
-as it is opened (as SQLite does with its own temporary files), so a killed ingest leaves
-nothing behind (killed in that instant: a `.tmp-*` file the next ingest removes), and the
-next run starts over (the previous manifest,
-untouched, still lets it skip every unchanged image). Two connections hold it open: the one
-that writes, and a read-only one with which the fingerprint pass reads the samples in a thread
-while the first writes them into the manifest (`fill_manifest`).
+stage ~600 MB, which a RAM-backed /tmp would hold in memory) and is deleted as soon as it is
+opened (as SQLite does with its own temporary files), so a killed ingest leaves nothing
+behind (killed in that instant: a `.tmp-*` file the next ingest removes), and the next run
+starts over (the previous manifest, untouched, still lets it skip every unchanged image). Two
+connections hold it open: the one that writes, and a read-only one with which the
+fingerprint pass reads the samples in a thread while the first writes them into the manifest
+(`fill_manifest`).
 """
 
 from __future__ import annotations

@@ -274,3 +274,29 @@ def read_only_uri(path: Path | str) -> str:
 def connect_read_only(path: Path | str, **kwargs) -> sqlite3.Connection:
     """A read-only SQLite connection to the database at `path` (`read_only_uri`)."""
     return sqlite3.connect(read_only_uri(path), uri=True, **kwargs)
+
+
+@contextlib.contextmanager
+def scratch_database(folder: Path | None, name: str) -> Iterator[str]:
+    """The path of a new, empty SQLite scratch file `.tmp-<name>-*.sqlite` in `folder` (None:
+    the system's temporary folder), for the caller to open inside the block; the file is
+    deleted when the block ends, so only the open connections keep it (as SQLite does with
+    its own temporary files): a kill leaves nothing, and where open files cannot be deleted,
+    or killed within the block, a `.tmp-*` leftover that `clean_temp` removes."""
+    descriptor, path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}-", suffix=".sqlite",
+                                        dir=folder)
+    os.close(descriptor)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def scratch_settings(db: sqlite3.Connection, cache_kib: int) -> None:
+    """A scratch database's writer: no journal and no syncs (nothing in it must survive a
+    crash), and a page cache of `cache_kib` (the most it holds in memory; the rest spills to
+    the file)."""
+    db.execute("PRAGMA journal_mode = OFF")
+    db.execute("PRAGMA synchronous = OFF")
+    db.execute(f"PRAGMA cache_size = -{cache_kib}")

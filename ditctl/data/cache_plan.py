@@ -21,9 +21,7 @@ import array
 import contextlib
 import hashlib
 import itertools
-import os
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -33,7 +31,7 @@ import numpy as np
 from ..config import Config
 from ..console import console
 from ..errors import CacheError, DataError
-from ..fsutil import TEMP_PREFIX, read_only_uri
+from ..fsutil import read_only_uri, scratch_database, scratch_settings
 from ..models.base import ModelFamily, unconditional_text
 from ..workspace import Workspace
 from .batches import sample_variants
@@ -143,18 +141,10 @@ class PrecomputePlan:
     def __init__(self, spec: KeySpec, folder: Path | None = None):
         self.spec = spec
         self.counts = PlanCounts()
-        descriptor, path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}plan-", suffix=".sqlite",
-                                            dir=folder)
-        os.close(descriptor)
-        try:
+        with scratch_database(folder, "plan") as path:
             # autocommit (statements are their own transactions; `_transaction` groups many)
             self.db = sqlite3.connect(path, uri=True, isolation_level=None)
-        finally:
-            with contextlib.suppress(OSError):  # not where open files cannot be deleted
-                os.unlink(path)
-        self.db.execute("PRAGMA journal_mode = OFF")  # nothing here must survive a crash
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+        scratch_settings(self.db, _CACHE_KIB)
         self.db.executescript(_SCHEMA)
         self._index: Path | None = None  # the cache index attached as `idx`
 
@@ -251,15 +241,19 @@ class PrecomputePlan:
         """Changes exactly when the set of entries training needs changes (sha256 over the
         sorted keys, one per line)."""
         digest = hashlib.sha256()
-        found = self.db.execute("SELECT key FROM needed ORDER BY key")
-        while chunk := found.fetchmany(_INSERT_BATCH):
-            digest.update("".join(f"{key}\n" for key, in chunk).encode())
+        for chunk in self._key_chunks():
+            digest.update("".join(f"{key}\n" for key in chunk).encode())
         return digest.hexdigest()[:16]
 
     def keys(self) -> Iterator[str]:
         """Every needed key, in key order."""
-        for key, in self.db.execute("SELECT key FROM needed ORDER BY key"):
-            yield key
+        for chunk in self._key_chunks():
+            yield from chunk
+
+    def _key_chunks(self) -> Iterator[list[str]]:
+        found = self.db.execute("SELECT key FROM needed ORDER BY key")
+        while chunk := found.fetchmany(_INSERT_BATCH):
+            yield [key for key, in chunk]
 
     # --- against the cache -------------------------------------------------------------------
 

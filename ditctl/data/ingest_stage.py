@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sqlite3
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from ..fsutil import TEMP_PREFIX, connect_read_only
+from ..fsutil import connect_read_only, scratch_database, scratch_settings
 from .images import ImageFacts
 from .manifest import MaskRef, SampleScan, scan_sample_rows
 from .sources import SourceRow
@@ -107,22 +105,11 @@ class Stage:
     """The staging database of one ingest run (see the module doc)."""
 
     def __init__(self, folder: Path | None = None) -> None:
-        descriptor, path = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}ingest-", suffix=".sqlite",
-                                            dir=folder)
-        os.close(descriptor)
-        self._path: str | None = path
-        try:
-            # autocommit, no journal, no syncs (nothing here must survive a crash)
-            self.db = sqlite3.connect(path, isolation_level=None)
+        with scratch_database(folder, "ingest") as path:
+            self.db = sqlite3.connect(path, isolation_level=None)  # autocommit
             self._reader = connect_read_only(path, isolation_level=None,
                                              check_same_thread=False)
-        finally:
-            with contextlib.suppress(OSError):  # not where open files cannot be deleted
-                os.unlink(path)
-                self._path = None
-        self.db.execute("PRAGMA journal_mode = OFF")
-        self.db.execute("PRAGMA synchronous = OFF")
-        self.db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        scratch_settings(self.db, CACHE_KIB)
         self._reader.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.db.executescript(_SCHEMA)
         # One transaction for the whole run, never committed: in autocommit mode every row of
@@ -136,9 +123,6 @@ class Stage:
     def close(self) -> None:
         self._reader.close()
         self.db.close()
-        if self._path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)
 
     # --- rows --------------------------------------------------------------------------------
 
